@@ -1,0 +1,34 @@
+"""Flask-DBNotify: committed database changes as blinker signals."""
+
+from __future__ import annotations
+
+from .errors import DBNotifyError, ListenerError, WatchError
+from .events import ChangeEvent, Operation
+from .extension import DBNotify
+from .signals import (
+    listener_connected,
+    listener_disconnected,
+    notification_received,
+    receiver_failed,
+    row_changed,
+    row_deleted,
+    row_inserted,
+    row_updated,
+)
+
+__all__ = [
+    "ChangeEvent",
+    "DBNotify",
+    "DBNotifyError",
+    "ListenerError",
+    "Operation",
+    "WatchError",
+    "listener_connected",
+    "listener_disconnected",
+    "notification_received",
+    "receiver_failed",
+    "row_changed",
+    "row_deleted",
+    "row_inserted",
+    "row_updated",
+]

@@ -1,0 +1,114 @@
+"""The wire format of notifications, shared by every backend.
+
+A row batch, sent by a trigger for one statement::
+
+    {"v": 1, "t": "orders", "o": "I", "k": ["id"], "ts": 1700000000.5,
+     "s": 42, "r": [ROW, ...]}
+
+where ``ROW`` is the new row (INSERT), the old row (DELETE), or
+``[new, old, changed]`` (UPDATE). A row too large for one notification is
+stored in the payload table and stands in the batch as its integer id.
+``s`` is unique per batch: PostgreSQL folds identical notifications sent in
+one transaction.
+
+An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``.
+A message too large to send is stored and sent as ``{"v": 1, "ref": ID}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from .backends import Item, Notification
+from .events import ChangeEvent, Operation
+
+VERSION = 1
+_OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
+_EMPTY: frozenset[str] = frozenset()
+_counter = itertools.count()
+
+Fetch = Callable[[Iterable[int]], dict[int, str]]
+
+
+class PayloadError(ValueError):
+    """A notification on our channel that we cannot read."""
+
+
+def encode_message(channel: str, payload: Any) -> str:
+    """Encode an application message; raises ``TypeError`` for values JSON
+    cannot hold, before anything is sent."""
+    if not isinstance(channel, str) or not channel:
+        raise ValueError("channel must be a non-empty string")
+    # Unique within the process, so two equal messages in one transaction
+    # are not folded into one by PostgreSQL.
+    unique = f"{os.getpid():x}.{next(_counter):x}"
+    try:
+        return json.dumps(
+            {"v": VERSION, "m": channel, "u": unique, "p": payload},
+            ensure_ascii=False,
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"notify() payload is not JSON serialisable: {exc}") from None
+
+
+def decode(text: str, fetch: Fetch) -> list[Item]:
+    """Decode one notification payload into events or a message."""
+    try:
+        msg = json.loads(text)
+    except ValueError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict) or msg.get("v") != VERSION:
+        raise PayloadError("not a Flask-DBNotify payload")
+    try:
+        if "ref" in msg:
+            body = fetch([msg["ref"]]).get(msg["ref"])
+            if body is None:
+                raise PayloadError(f"stored payload {msg['ref']} is gone")
+            return decode(body, fetch)
+        if "m" in msg:
+            return [Notification(msg["m"], msg.get("p"))]
+        return decode_rows(msg, fetch)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        if isinstance(exc, PayloadError):
+            raise
+        raise PayloadError(f"malformed payload: {exc!r}") from None
+
+
+def decode_rows(msg: dict[str, Any], fetch: Fetch) -> list[Item]:
+    table = msg["t"]
+    op = _OPS[msg["o"]]
+    keys = msg["k"]
+    ts = datetime.fromtimestamp(msg["ts"], timezone.utc)
+    journal_id = msg.get("id")
+    rows = msg["r"]
+    refs = [r for r in rows if isinstance(r, int)]
+    if refs:
+        stored = fetch(refs)
+        missing = [r for r in refs if r not in stored]
+        if missing:
+            raise PayloadError(f"stored rows {missing} are gone")
+        rows = [json.loads(stored[r]) if isinstance(r, int) else r for r in rows]
+    single = keys[0] if len(keys) == 1 else None
+    events: list[Item] = []
+    append = events.append
+    for row in rows:
+        if op is Operation.INSERT:
+            new, old, changed = row, None, _EMPTY
+            pk_row = row
+        elif op is Operation.DELETE:
+            new, old, changed = None, row, _EMPTY
+            pk_row = row
+        else:
+            new, old, names = row
+            changed = frozenset(names)
+            pk_row = new
+        pk = pk_row[single] if single is not None else tuple(pk_row[k] for k in keys)
+        append(ChangeEvent(table, op, pk, new, old, changed, journal_id, ts))
+    return events

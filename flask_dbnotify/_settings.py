@@ -1,0 +1,76 @@
+"""Configuration keys, their defaults, and how they are read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+DEFAULTS: dict[str, Any] = {
+    "DBNOTIFY_DATABASE_URI": None,
+    "DBNOTIFY_LISTEN_URI": None,
+    "DBNOTIFY_AUTOSTART": True,
+    "DBNOTIFY_SCHEMA": "public",
+    "DBNOTIFY_CHECK_TRIGGERS": True,
+    "DBNOTIFY_CONNECT_TIMEOUT": 5.0,
+    "DBNOTIFY_RECONNECT_MAX_DELAY": 5.0,
+    "DBNOTIFY_PROBE_INTERVAL": 10.0,
+    "DBNOTIFY_KEEPALIVE_IDLE": 10,
+    "DBNOTIFY_PAYLOAD_RETENTION": 3600.0,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``DBNOTIFY_*`` keys of one app, read once by ``init_app``."""
+
+    database_uri: str
+    listen_uri: str
+    autostart: bool
+    schema: str
+    check_triggers: bool
+    connect_timeout: float
+    reconnect_max_delay: float
+    probe_interval: float
+    keepalive_idle: int
+    payload_retention: float
+
+    @classmethod
+    def from_app(cls, app: Flask) -> Settings:
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        config = app.config
+        uri = config["DBNOTIFY_DATABASE_URI"] or config.get("SQLALCHEMY_DATABASE_URI")
+        if not uri:
+            raise RuntimeError(
+                "Flask-DBNotify needs a database: set DBNOTIFY_DATABASE_URI "
+                "(or SQLALCHEMY_DATABASE_URI) before calling init_app()"
+            )
+        if not isinstance(uri, str):
+            uri = str(uri)
+        for key in (
+            "DBNOTIFY_CONNECT_TIMEOUT",
+            "DBNOTIFY_RECONNECT_MAX_DELAY",
+            "DBNOTIFY_PROBE_INTERVAL",
+            "DBNOTIFY_KEEPALIVE_IDLE",
+            "DBNOTIFY_PAYLOAD_RETENTION",
+        ):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
+        schema = config["DBNOTIFY_SCHEMA"]
+        if not isinstance(schema, str) or not schema:
+            raise ValueError(f"DBNOTIFY_SCHEMA must be a schema name, not {schema!r}")
+        return cls(
+            database_uri=uri,
+            listen_uri=str(config["DBNOTIFY_LISTEN_URI"] or uri),
+            autostart=bool(config["DBNOTIFY_AUTOSTART"]),
+            schema=schema,
+            check_triggers=bool(config["DBNOTIFY_CHECK_TRIGGERS"]),
+            connect_timeout=float(config["DBNOTIFY_CONNECT_TIMEOUT"]),
+            reconnect_max_delay=float(config["DBNOTIFY_RECONNECT_MAX_DELAY"]),
+            probe_interval=float(config["DBNOTIFY_PROBE_INTERVAL"]),
+            keepalive_idle=max(1, int(config["DBNOTIFY_KEEPALIVE_IDLE"])),
+            payload_retention=float(config["DBNOTIFY_PAYLOAD_RETENTION"]),
+        )

@@ -1,0 +1,122 @@
+"""Database backends: the DDL, the listening stream and ``notify``.
+
+A backend is chosen by the database URL's scheme. Every backend implements
+:class:`Backend`; the listener thread only talks to a :class:`Stream`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from .._watch import Watch
+from ..events import ChangeEvent
+
+WatchState = Literal["installed", "outdated", "missing", "error"]
+
+
+@dataclass(frozen=True)
+class Notification:
+    """An application message read from the database."""
+
+    channel: str
+    payload: Any
+
+
+Item = ChangeEvent | Notification
+
+
+@dataclass
+class Status:
+    """What the database holds compared with the watches."""
+
+    watches: dict[str, WatchState] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
+    orphaned: list[str] = field(default_factory=list)
+
+
+class Stream(abc.ABC):
+    """A listening connection, owned by the listener thread."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float, wake_fd: int) -> None:
+        """Block until items may be ready, ``wake_fd`` is readable, or
+        ``timeout`` seconds have passed."""
+
+    @abc.abstractmethod
+    def read(self) -> list[Item]:
+        """Return the items that arrived, in commit order, without blocking."""
+
+    @abc.abstractmethod
+    def probe(self) -> None:
+        """Raise if the connection is dead."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop a connection inherited across ``fork()`` without touching
+        the parent's session."""
+
+
+class Backend(abc.ABC):
+    """One database engine's way of doing things."""
+
+    #: Every change is journaled, so nothing is lost across reconnects.
+    durable_by_nature = False
+
+    def __init__(self, uri: str, listen_uri: str, schema: str, engine: sa.Engine) -> None:
+        self.uri = uri
+        self.listen_uri = listen_uri
+        self.schema = schema
+        self.engine = engine
+
+    @abc.abstractmethod
+    def install_sql(self, watches: Sequence[Watch]) -> list[str]:
+        """The statements that make the database match ``watches``."""
+
+    @abc.abstractmethod
+    def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
+        """The statements that remove what ``watches`` installed (or every
+        object of ours, with ``everything``)."""
+
+    @abc.abstractmethod
+    def status(self, watches: Sequence[Watch]) -> Status:
+        """Compare the database with ``watches``."""
+
+    @abc.abstractmethod
+    def notify(self, connection: Any, channel: str, payload: str) -> None:
+        """Send an encoded message through ``connection`` (a SQLAlchemy
+        connection or session), or at once when it is ``None``."""
+
+    @abc.abstractmethod
+    def open_stream(self, settings: Any) -> Stream:
+        """Connect, start listening, and return the stream."""
+
+    def execute_all(self, statements: Sequence[str]) -> None:
+        """Run ``statements`` in one transaction."""
+        with self.engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+
+
+def backend_for(uri: str, listen_uri: str | None, schema: str) -> Backend:
+    """Return the backend for a database URL."""
+    try:
+        url = sa.make_url(uri)
+    except sa.exc.ArgumentError as exc:
+        raise ValueError(f"cannot read database URL {uri!r}: {exc}") from None
+    if url.get_backend_name() == "postgresql":
+        from .postgresql import PostgreSQLBackend
+
+        return PostgreSQLBackend.from_url(url, listen_uri, schema)
+    raise ValueError(
+        f"unsupported database URL {url.render_as_string()!r}: "
+        "Flask-DBNotify works with postgresql:// URLs"
+    )

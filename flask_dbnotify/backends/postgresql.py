@@ -1,0 +1,684 @@
+"""PostgreSQL: statement-level triggers that NOTIFY, and a LISTENing socket.
+
+Each watched operation gets one ``AFTER ... FOR EACH STATEMENT`` trigger with
+a transition table. Its function turns the statement's rows into JSON, packs
+them into notifications under PostgreSQL's 8000-byte payload limit, and
+stores any row too large to fit in ``dbnotify_payload`` (the notification
+then carries its id), so a write never fails because of its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import sqlalchemy as sa
+from psycopg2 import sql
+
+from .. import _payload
+from .._watch import Watch
+from ..errors import WatchError
+from ..events import Operation
+from . import Backend, Item, Status, Stream
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "dbnotify"
+#: Bumped whenever the generated SQL changes shape; part of every hash.
+DDL_VERSION = 1
+#: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
+NOTIFY_LIMIT = 8000
+_OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
+_TRANSITIONS = {
+    Operation.INSERT: "REFERENCING NEW TABLE AS dbnotify_new",
+    Operation.UPDATE: "REFERENCING OLD TABLE AS dbnotify_old NEW TABLE AS dbnotify_new",
+    Operation.DELETE: "REFERENCING OLD TABLE AS dbnotify_old",
+}
+_LOCK_KEY = 0x64626E74  # "dbnt": serialises concurrent installs
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    #: The type has an ``=`` operator; otherwise compare the text forms.
+    comparable: bool
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A watch matched against the catalog."""
+
+    watch: Watch
+    oid: int
+    schema: str
+    table: str
+    columns: tuple[Column, ...]
+    pk: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Installed:
+    trigger: str
+    table_oid: int
+    schema: str
+    table: str
+    function_schema: str
+    function: str
+
+
+# -- catalog ----------------------------------------------------------------
+
+_FIND_TABLE = """
+SELECT c.oid, n.nspname, c.relname
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = %(table)s AND c.relkind IN ('r', 'p')
+  AND CASE WHEN %(schema)s::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
+           ELSE n.nspname = %(schema)s END
+"""
+_COLUMNS = """
+SELECT a.attname, EXISTS (
+    SELECT 1 FROM pg_catalog.pg_operator o
+    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid)
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+_PRIMARY_KEY = """
+SELECT a.attname
+FROM pg_catalog.pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s AND i.indisprimary
+ORDER BY k.ord
+"""
+_OUR_TRIGGERS = """
+SELECT t.tgname, c.oid, n.nspname, c.relname, pn.nspname, p.proname
+FROM pg_catalog.pg_trigger t
+JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
+WHERE NOT t.tgisinternal AND left(t.tgname, 9) = 'dbnotify_'
+ORDER BY n.nspname, c.relname, t.tgname
+"""
+_OUR_FUNCTIONS = """
+SELECT p.proname FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = %s AND left(p.proname, 9) = 'dbnotify_'
+"""
+_SHARED_FUNCTIONS = ("dbnotify_spill",)
+
+
+def _describe(watch: Watch) -> str:
+    return f"{watch.schema}.{watch.table}" if watch.schema else watch.table
+
+
+def resolve(cur: Any, watch: Watch) -> Resolved:
+    """Match ``watch`` against the catalog; raise :class:`WatchError` if the
+    table, a column or the primary key is missing."""
+    cur.execute(_FIND_TABLE, {"table": watch.table, "schema": watch.schema})
+    row = cur.fetchone()
+    if row is None:
+        where = f"schema {watch.schema!r}" if watch.schema else "the search_path"
+        raise WatchError(f"table {_describe(watch)!r} does not exist (looked in {where})")
+    oid, schema, table = row
+    cur.execute(_COLUMNS, (oid,))
+    columns = tuple(Column(name, comparable) for name, comparable in cur.fetchall())
+    names = {c.name for c in columns}
+    for col in (watch.columns or ()) + (watch.when_changed or ()):
+        if col not in names:
+            raise WatchError(
+                f"table {_describe(watch)!r} has no column {col!r} "
+                f"(columns: {', '.join(c.name for c in columns)})"
+            )
+    cur.execute(_PRIMARY_KEY, (oid,))
+    pk = tuple(name for (name,) in cur.fetchall())
+    if not pk:
+        raise WatchError(
+            f"table {_describe(watch)!r} has no primary key: events are identified "
+            "by it, so add one"
+        )
+    return Resolved(watch, oid, schema, table, columns, pk)
+
+
+# -- DDL --------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return slug[:36] or "t"
+
+
+class _Builder:
+    """Renders DDL for one schema of ours, with a cursor to quote against."""
+
+    def __init__(self, cur: Any, schema: str) -> None:
+        self.cur = cur
+        self.schema = schema
+
+    def render(self, composed: sql.Composable) -> str:
+        return composed.as_string(self.cur)  # type: ignore[no-any-return]
+
+    def ours(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name)
+
+    def shared(self) -> list[str]:
+        s = sql.Identifier(self.schema)
+        spill = sql.SQL(
+            "CREATE OR REPLACE FUNCTION {spill}(body text) RETURNS text "
+            "LANGUAGE sql VOLATILE AS {body}"
+        ).format(
+            spill=self.ours("dbnotify_spill"),
+            body=sql.Literal(
+                self.render(
+                    sql.SQL("INSERT INTO {t} (body) VALUES ($1) RETURNING id::text").format(
+                        t=self.ours("dbnotify_payload")
+                    )
+                )
+            ),
+        )
+        return [
+            self.render(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s)),
+            self.render(
+                sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(self.ours("dbnotify_seq"))
+            ),
+            self.render(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} ("
+                    "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                    "created_at timestamptz NOT NULL DEFAULT now(), "
+                    "body text NOT NULL)"
+                ).format(self.ours("dbnotify_payload"))
+            ),
+            self.render(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
+                    sql.Identifier("dbnotify_payload_created_at"),
+                    self.ours("dbnotify_payload"),
+                )
+            ),
+            self.render(spill),
+        ]
+
+    def row_json(self, r: Resolved, ref: sql.Composable) -> sql.Composable:
+        """JSON text of the row ``ref`` (a composite value), limited to the
+        carried columns."""
+        if r.watch.columns is None:
+            return sql.SQL("row_to_json({})::text").format(ref)
+        wanted = set(r.watch.columns) | set(r.pk)
+        fields = sql.SQL(", ").join(
+            sql.SQL("({}).{}").format(ref, sql.Identifier(c.name))
+            for c in r.columns
+            if c.name in wanted
+        )
+        return sql.SQL("(SELECT row_to_json(_c) FROM (SELECT {}) AS _c)::text").format(fields)
+
+    def rows_query(self, r: Resolved, op: Operation) -> sql.Composable:
+        """A query yielding ``(i, j)``: row order and the row's JSON."""
+        if op is not Operation.UPDATE:
+            table = "dbnotify_new" if op is Operation.INSERT else "dbnotify_old"
+            return sql.SQL("SELECT row_number() OVER () AS i, {j} AS j FROM {t} AS x").format(
+                j=self.row_json(r, sql.SQL("x")), t=sql.Identifier(table)
+            )
+        # Transition tables hold old and new rows in the same order, so pair
+        # them by position; joining on the key would lose rows whose key
+        # changed.
+        n, o = sql.SQL("z.n"), sql.SQL("z.o")
+        diffs = []
+        for col in r.columns:
+            ident = sql.Identifier(col.name)
+            if col.comparable:
+                test = sql.SQL("({n}).{c} IS DISTINCT FROM ({o}).{c}")
+            else:
+                test = sql.SQL("({n}).{c}::text IS DISTINCT FROM ({o}).{c}::text")
+            diffs.append(
+                sql.SQL("CASE WHEN {test} THEN {name} END").format(
+                    test=test.format(n=sql.SQL("nn.n"), o=sql.SQL("oo.o"), c=ident),
+                    name=sql.Literal(col.name),
+                )
+            )
+        condition = sql.SQL("cardinality(z.c) > 0")
+        if r.watch.when_changed:
+            condition = sql.SQL("z.c && {}::text[]").format(
+                sql.Literal(list(r.watch.when_changed))
+            )
+        return sql.SQL(
+            "SELECT z.i, '[' || {jn} || ',' || {jo} || ',' || array_to_json(z.c)::text || ']' AS j "
+            "FROM (SELECT nn.i, nn.n, oo.o, array_remove(ARRAY[{diffs}]::text[], NULL) AS c "
+            "FROM (SELECT row_number() OVER () AS i, n FROM dbnotify_new AS n) AS nn "
+            "JOIN (SELECT row_number() OVER () AS i, o FROM dbnotify_old AS o) AS oo "
+            "USING (i)) AS z WHERE {condition}"
+        ).format(
+            jn=self.row_json(r, n),
+            jo=self.row_json(r, o),
+            diffs=sql.SQL(", ").join(diffs),
+            condition=condition,
+        )
+
+    def function_body(self, r: Resolved, op: Operation) -> str:
+        head = json.dumps(
+            {"v": _payload.VERSION, "t": r.watch.name, "o": op.value[0], "k": list(r.pk)},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )[:-1]
+        head += ',"ts":'
+        # Rows are packed until a batch holds `budget` bytes; a row is at
+        # most `budget` bytes inline (else stored), so a batch plus its
+        # header stays under NOTIFY_LIMIT.
+        budget = (NOTIFY_LIMIT - len(head.encode()) - 120) // 2
+        if budget < 500:
+            raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
+        body = sql.SQL(
+            """
+DECLARE
+  head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s":';
+  batch text;
+BEGIN
+  FOR batch IN
+    SELECT string_agg(CASE WHEN octet_length(j) > {budget} THEN {spill}(j) ELSE j END, ','
+                      ORDER BY i)
+    FROM (SELECT i, j, sum(CASE WHEN octet_length(j) > {budget} THEN 24
+                                ELSE octet_length(j) + 1 END)
+                       OVER (ORDER BY i ROWS UNBOUNDED PRECEDING) / {budget} AS b
+          FROM ({rows}) AS r) AS r
+    GROUP BY b ORDER BY b
+  LOOP
+    PERFORM pg_notify({channel}, head || nextval({seq}::regclass) || ',"r":[' || batch || ']}}');
+  END LOOP;
+  RETURN NULL;
+END
+"""
+        ).format(
+            head=sql.Literal(head),
+            budget=sql.Literal(budget),
+            spill=self.ours("dbnotify_spill"),
+            rows=self.rows_query(r, op),
+            channel=sql.Literal(CHANNEL),
+            seq=sql.Literal(self.render(self.ours("dbnotify_seq"))),
+        )
+        return self.render(body)
+
+    def watch_objects(self, r: Resolved) -> dict[str, tuple[Operation, str]]:
+        """Trigger name -> (operation, function body). The name carries a
+        hash of everything the trigger does, so drift is visible."""
+        bodies = {op: self.function_body(r, op) for op in r.watch.operations}
+        digest = hashlib.sha256(
+            json.dumps(
+                [DDL_VERSION, self.schema, r.schema, r.table]
+                + [[op.value, bodies[op]] for op in r.watch.operations]
+            ).encode()
+        ).hexdigest()[:10]
+        slug = _slug(r.table)
+        return {
+            f"dbnotify_{slug}_{_OP_CODE[op]}_{digest}": (op, body) for op, body in bodies.items()
+        }
+
+    def create(self, r: Resolved, name: str, op: Operation, body: str) -> list[str]:
+        table = sql.Identifier(r.schema, r.table)
+        return [
+            self.render(
+                sql.SQL(
+                    "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS {b}"
+                ).format(f=self.ours(name), b=sql.Literal(body))
+            ),
+            self.render(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), table)
+            ),
+            self.render(
+                sql.SQL(
+                    "CREATE TRIGGER {t} AFTER {op} ON {table} {transitions} "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
+                ).format(
+                    t=sql.Identifier(name),
+                    op=sql.SQL(op.value),
+                    table=table,
+                    transitions=sql.SQL(_TRANSITIONS[op]),
+                    f=self.ours(name),
+                )
+            ),
+        ]
+
+    def drop(self, obj: Installed) -> list[str]:
+        return [
+            self.render(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                    sql.Identifier(obj.trigger), sql.Identifier(obj.schema, obj.table)
+                )
+            ),
+            *self.drop_function(obj.function_schema, obj.function),
+        ]
+
+    def drop_function(self, schema: str, name: str) -> list[str]:
+        return [
+            self.render(
+                sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(schema, name))
+            )
+        ]
+
+
+# -- the backend -------------------------------------------------------------
+
+
+class PostgreSQLBackend(Backend):
+    """LISTEN/NOTIFY with statement-level triggers."""
+
+    def __init__(
+        self,
+        uri: str,
+        listen_uri: str,
+        schema: str,
+        engine: sa.Engine,
+        connect_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__(uri, listen_uri, schema, engine)
+        self.connect_kwargs = connect_kwargs
+
+    @classmethod
+    def from_url(cls, url: sa.URL, listen_uri: str | None, schema: str) -> PostgreSQLBackend:
+        # Our own small engine for DDL and notify(); always psycopg2.
+        engine = sa.create_engine(
+            url.set(drivername="postgresql+psycopg2"), pool_size=2, max_overflow=4,
+            pool_pre_ping=True,
+        )
+        listen_url = sa.make_url(listen_uri) if listen_uri else url
+        if listen_url.get_backend_name() != "postgresql":
+            raise ValueError("DBNOTIFY_LISTEN_URI must be a postgresql:// URL")
+        return cls(
+            url.render_as_string(hide_password=False),
+            listen_url.render_as_string(hide_password=False),
+            schema,
+            engine,
+            _connect_kwargs(listen_url),
+        )
+
+    # -- DDL ----------------------------------------------------------------
+
+    def _cursor_do(self, work: Any) -> Any:
+        with self.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            with dbapi.cursor() as cur:
+                try:
+                    return work(cur)
+                finally:
+                    conn.rollback()
+
+    def _installed(self, cur: Any) -> list[Installed]:
+        cur.execute(_OUR_TRIGGERS)
+        return [Installed(*row) for row in cur.fetchall()]
+
+    def _resolve_all(self, cur: Any, watches: Sequence[Watch]) -> list[Resolved]:
+        resolved = [resolve(cur, w) for w in watches]
+        seen: dict[int, str] = {}
+        for r in resolved:
+            if r.oid in seen:
+                raise WatchError(
+                    f"{seen[r.oid]!r} and {r.watch.name!r} are the same table: watch it once"
+                )
+            seen[r.oid] = r.watch.name
+        return resolved
+
+    def _install_sql(self, cur: Any, watches: Sequence[Watch]) -> list[str]:
+        b = _Builder(cur, self.schema)
+        statements = b.shared()
+        installed = self._installed(cur)
+        created: set[str] = set()
+        for r in self._resolve_all(cur, watches):
+            wanted = b.watch_objects(r)
+            for obj in installed:
+                if obj.table_oid == r.oid and obj.trigger not in wanted:
+                    statements += b.drop(obj)
+            for name, (op, body) in wanted.items():
+                statements += b.create(r, name, op, body)
+            created |= set(wanted)
+        # Trigger functions whose table was dropped are of no use to anyone.
+        for name in self._unused_functions(cur, installed, created):
+            statements += b.drop_function(self.schema, name)
+        return statements
+
+    def _unused_functions(
+        self, cur: Any, installed: list[Installed], keep: set[str]
+    ) -> list[str]:
+        in_use = {o.function for o in installed if o.function_schema == self.schema} | keep
+        cur.execute(_OUR_FUNCTIONS, (self.schema,))
+        return [
+            name
+            for (name,) in cur.fetchall()
+            if name not in in_use and name not in _SHARED_FUNCTIONS
+        ]
+
+    def install_sql(self, watches: Sequence[Watch]) -> list[str]:
+        return self._cursor_do(lambda cur: self._install_sql(cur, watches))  # type: ignore[no-any-return]
+
+    def install(self, watches: Sequence[Watch]) -> None:
+        with self.engine.begin() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            with dbapi.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                for statement in self._install_sql(cur, watches):
+                    cur.execute(statement)
+
+    def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
+        def work(cur: Any) -> list[str]:
+            b = _Builder(cur, self.schema)
+            installed = self._installed(cur)
+            if everything:
+                statements: list[str] = []
+                for obj in installed:
+                    statements += b.drop(obj)
+                for name in self._unused_functions(cur, installed, set()):
+                    statements += b.drop_function(self.schema, name)
+                statements.append(
+                    b.render(sql.SQL("DROP FUNCTION IF EXISTS {}(text)").format(b.ours("dbnotify_spill")))
+                )
+                statements.append(
+                    b.render(sql.SQL("DROP TABLE IF EXISTS {}").format(b.ours("dbnotify_payload")))
+                )
+                statements.append(
+                    b.render(sql.SQL("DROP SEQUENCE IF EXISTS {}").format(b.ours("dbnotify_seq")))
+                )
+                return statements
+            oids = {r.oid for r in self._resolve_all(cur, watches)}
+            statements = []
+            for obj in installed:
+                if obj.table_oid in oids:
+                    statements += b.drop(obj)
+            return statements
+
+        return self._cursor_do(work)  # type: ignore[no-any-return]
+
+    def status(self, watches: Sequence[Watch]) -> Status:
+        def work(cur: Any) -> Status:
+            b = _Builder(cur, self.schema)
+            status = Status()
+            installed = self._installed(cur)
+            covered: set[int] = set()
+            expected_functions: set[str] = set()
+            for watch in watches:
+                try:
+                    r = resolve(cur, watch)
+                    wanted = set(b.watch_objects(r))
+                except WatchError as exc:
+                    status.watches[watch.name] = "error"
+                    status.details[watch.name] = str(exc)
+                    continue
+                covered.add(r.oid)
+                expected_functions |= wanted
+                present = {o.trigger for o in installed if o.table_oid == r.oid}
+                if present == wanted:
+                    status.watches[watch.name] = "installed"
+                elif present:
+                    status.watches[watch.name] = "outdated"
+                    status.details[watch.name] = (
+                        "the database's triggers differ from what watch() describes"
+                    )
+                else:
+                    status.watches[watch.name] = "missing"
+            for obj in installed:
+                if obj.table_oid not in covered:
+                    status.orphaned.append(f"trigger {obj.trigger} on {obj.schema}.{obj.table}")
+            for name in self._unused_functions(cur, installed, expected_functions):
+                status.orphaned.append(f"function {self.schema}.{name}()")
+            return status
+
+        return self._cursor_do(work)  # type: ignore[no-any-return]
+
+    def prune(self, retention: float) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "DELETE FROM {} WHERE created_at < now() - make_interval(secs => :age)".format(
+                        _quoted(self.schema, "dbnotify_payload")
+                    )
+                ),
+                {"age": retention},
+            )
+
+    # -- messages ----------------------------------------------------------
+
+    def notify(self, connection: Any, channel: str, payload: str) -> None:
+        if len(payload.encode()) < NOTIFY_LIMIT:
+            statement = "SELECT pg_notify(%(channel)s, %(payload)s)"
+        else:
+            statement = (
+                "SELECT pg_notify(%(channel)s, '{\"v\":1,\"ref\":' || "
+                + _quoted(self.schema, "dbnotify_spill")
+                + "(%(payload)s) || '}')"
+            )
+        params = {"channel": CHANNEL, "payload": payload}
+        if connection is None:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(statement, params)
+            return
+        _execute_on(connection, statement, params)
+
+    def open_stream(self, settings: Any) -> Stream:
+        return PostgreSQLStream(self, settings)
+
+    def after_fork(self) -> None:
+        # Connections in the pool belong to the parent; forget, don't close.
+        self.engine.dispose(close=False)
+
+
+def _quoted(schema: str, name: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
+
+
+def _execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:
+    """Run ``statement`` on a SQLAlchemy Connection or Session, or on a
+    DB-API connection, inside its current transaction."""
+    if isinstance(connection, sa.Connection):
+        connection.exec_driver_sql(statement, params)
+    elif hasattr(connection, "connection") and hasattr(connection, "get_bind"):
+        # A Session (or scoped_session): its Connection for this transaction.
+        connection.connection().exec_driver_sql(statement, params)
+    elif hasattr(connection, "cursor"):
+        with connection.cursor() as cur:
+            cur.execute(statement, params)
+    else:
+        raise TypeError(
+            "connection must be a SQLAlchemy Connection or Session, or a DB-API "
+            f"connection, not {type(connection).__name__}"
+        )
+
+
+def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
+    kwargs: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
+    for key, value in url.query.items():
+        kwargs[key] = value if isinstance(value, str) else value[-1]
+    return kwargs
+
+
+# -- the stream ----------------------------------------------------------------
+
+
+class PostgreSQLStream(Stream):
+    """A dedicated autocommit connection that LISTENs and nothing else."""
+
+    def __init__(self, backend: PostgreSQLBackend, settings: Any) -> None:
+        self.schema = backend.schema
+        kwargs = {
+            "application_name": "flask-dbnotify listener",
+            "connect_timeout": max(1, int(settings.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": settings.keepalive_idle,
+            "keepalives_interval": max(1, settings.keepalive_idle // 3),
+            "keepalives_count": 3,
+            # Abort sends that go unacknowledged (a vanished peer).
+            "tcp_user_timeout": int(settings.keepalive_idle * 2000),
+            **backend.connect_kwargs,
+        }
+        self.conn = psycopg2.connect(**kwargs)
+        try:
+            self.conn.autocommit = True
+            self.cur = self.conn.cursor()
+            self.cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.conn.fileno()  # type: ignore[no-any-return]
+
+    def wait(self, timeout: float, wake_fd: int) -> None:
+        if self.conn.notifies:
+            return
+        select.select([self.conn, wake_fd], [], [], timeout)
+
+    def read(self) -> list[Item]:
+        self.conn.poll()
+        notes = self.conn.notifies
+        if not notes:
+            return []
+        self.conn.notifies = []
+        items: list[Item] = []
+        for note in notes:
+            if note.channel != CHANNEL:
+                continue
+            try:
+                items += _payload.decode(note.payload, self._fetch)
+            except _payload.PayloadError as exc:
+                log.warning("skipped a notification on %r: %s", CHANNEL, exc)
+        return items
+
+    def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
+        self.cur.execute(
+            "SELECT id, body FROM {} WHERE id = ANY(%s)".format(
+                _quoted(self.schema, "dbnotify_payload")
+            ),
+            (list(ids),),
+        )
+        return dict(self.cur.fetchall())
+
+    def probe(self) -> None:
+        self.cur.execute("SELECT 1")
+        self.cur.fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def discard(self) -> None:
+        # The socket is shared with the parent: closing it would send a
+        # Terminate message and end the parent's session. Point the fd at
+        # /dev/null first, so whatever psycopg2 sends on free goes nowhere.
+        try:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(devnull, self.conn.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, psycopg2.Error):
+            pass
+        try:
+            self.conn.close()
+        except psycopg2.Error:
+            pass

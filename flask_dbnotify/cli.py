@@ -1,0 +1,133 @@
+"""``flask dbnotify ...`` commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .events import ChangeEvent
+from .signals import notification_received, row_changed
+
+dbnotify_cli = AppGroup("dbnotify", help="Manage Flask-DBNotify triggers and listen to events.")
+
+
+def _state() -> Any:
+    return current_app.extensions["dbnotify"]
+
+
+@dbnotify_cli.command("install-triggers")
+@click.option("--sql", "print_sql", is_flag=True, help="Print the DDL; change nothing.")
+def install_triggers(print_sql: bool) -> None:
+    """Create or update the triggers of every watch."""
+    ext = _state().ext
+    if print_sql:
+        for statement in ext.install_sql():
+            click.echo(statement + ";")
+        return
+    ext.install_triggers()
+    click.echo(f"installed triggers for {len(ext.watches)} watch(es)")
+
+
+@dbnotify_cli.command("uninstall-triggers")
+@click.option("--sql", "print_sql", is_flag=True, help="Print the DDL; change nothing.")
+@click.option(
+    "--all", "everything", is_flag=True,
+    help="Also drop objects no watch owns, the payload table and the sequence.",
+)
+def uninstall_triggers(print_sql: bool, everything: bool) -> None:
+    """Drop the triggers of every watch."""
+    ext = _state().ext
+    statements = ext.uninstall_sql(everything=everything)
+    if print_sql:
+        for statement in statements:
+            click.echo(statement + ";")
+        return
+    _state().backend.execute_all(statements)
+    click.echo("uninstalled triggers")
+
+
+@dbnotify_cli.command("status")
+def status() -> None:
+    """Show each watch as installed, outdated, missing or error, and
+    objects in the database that no watch owns. Exits 1 unless every watch
+    is installed."""
+    result = _state().ext.status()
+    for name, value in result.watches.items():
+        detail = result.details.get(name)
+        click.echo(f"{value:<10} {name}" + (f"  ({detail})" if detail else ""))
+    for obj in result.orphaned:
+        click.echo(f"{'orphaned':<10} {obj}")
+    if not result.watches:
+        click.echo("no watches")
+    if any(value != "installed" for value in result.watches.values()):
+        sys.exit(1)
+
+
+def _event_json(event: ChangeEvent) -> dict[str, Any]:
+    return {
+        "table": event.table,
+        "op": event.op.value,
+        "pk": event.pk,
+        "new": event.new,
+        "old": event.old,
+        "changed": sorted(event.changed),
+        "id": event.id,
+        "timestamp": event.timestamp.isoformat() if event.timestamp else None,
+    }
+
+
+@dbnotify_cli.command("listen")
+@click.option("--count", type=int, default=None, help="Exit after this many events.")
+def listen(count: int | None) -> None:
+    """Listen in the foreground; print one JSON object per event."""
+    state = _state()
+    done = threading.Event()
+    seen = 0
+    lock = threading.Lock()
+
+    def emit(obj: dict[str, Any]) -> None:
+        nonlocal seen
+        with lock:
+            click.echo(json.dumps(obj, ensure_ascii=False, default=str))
+            sys.stdout.flush()
+            seen += 1
+            if count is not None and seen >= count:
+                done.set()
+
+    def on_row(sender: str, event: ChangeEvent, **extra: Any) -> None:
+        if sender in state.ext.watches:
+            emit(_event_json(event))
+
+    def on_message(sender: str, payload: Any, **extra: Any) -> None:
+        emit({"channel": sender, "payload": payload})
+
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with row_changed.connected_to(on_row), notification_received.connected_to(on_message):
+        state.ext.start(app=state.app)
+        click.echo("listening; press Ctrl+C to stop", err=True)
+        try:
+            while not done.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            state.ext.stop(app=state.app)
+
+
+@dbnotify_cli.command("notify")
+@click.argument("channel")
+@click.argument("payload", required=False)
+def notify(channel: str, payload: str | None) -> None:
+    """Send one message on CHANNEL; PAYLOAD is JSON (default: null)."""
+    try:
+        value = json.loads(payload) if payload is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
+    _state().ext.notify(channel, value)

@@ -1,0 +1,78 @@
+"""The values receivers get: :class:`ChangeEvent` and :class:`Operation`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Operation(str, enum.Enum):
+    """The kind of row change. Members compare equal to their SQL names."""
+
+    INSERT = "INSERT"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def coerce(cls, value: str | Operation) -> Operation:
+        """Accept ``"insert"``, ``"INSERT"`` or an :class:`Operation`."""
+        if isinstance(value, Operation):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.upper())
+            except ValueError:
+                pass
+        raise ValueError(
+            f"unknown operation {value!r}: use 'insert', 'update' or 'delete'"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One committed row change.
+
+    :param table: the watched table name, as given to ``watch()``.
+    :param op: the operation.
+    :param pk: the primary key value; a tuple for composite keys.
+    :param new: the row after the change (``None`` for DELETE), column name to
+        JSON value, limited to the watch's ``columns`` (plus the primary key).
+    :param old: the row before the change (``None`` for INSERT).
+    :param changed: names of the columns whose value changed (UPDATE only;
+        empty for INSERT and DELETE).
+    :param id: journal id when the event was journaled, else ``None``.
+    :param timestamp: when the change happened, by the database clock.
+    """
+
+    table: str
+    op: Operation
+    pk: Any
+    new: dict[str, Any] | None
+    old: dict[str, Any] | None
+    changed: frozenset[str] = field(default_factory=frozenset)
+    id: int | None = None
+    timestamp: datetime | None = None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """``new``, or ``old`` for DELETE."""
+        row = self.new if self.new is not None else self.old
+        assert row is not None
+        return row
+
+    def instance(self, model: type[T]) -> T:
+        """Build a transient instance of the mapped class ``model`` from
+        :attr:`row`, with values converted to the columns' Python types
+        (``datetime``, ``Decimal``, ``UUID``, ...). Columns the event does not
+        carry are left unset. The instance belongs to no session.
+        """
+        from ._convert import build_instance
+
+        return build_instance(model, self.row)

@@ -1,0 +1,326 @@
+"""The Flask extension: :class:`DBNotify`."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import click
+import sqlalchemy as sa
+from flask import Flask, current_app, has_app_context
+from werkzeug.serving import is_running_from_reloader
+
+from . import _payload
+from ._settings import Settings
+from ._watch import Handler, Subscription, Target, Watch, resolve_target
+from .backends import Backend, Status, backend_for
+from .events import Operation
+from .listener import Listener, stop_all
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_states: weakref.WeakSet[_State] = weakref.WeakSet()
+
+
+class _State:
+    """Per-app state, kept in ``app.extensions["dbnotify"]``."""
+
+    def __init__(self, ext: DBNotify, app: Flask, settings: Settings) -> None:
+        self.ext = ext
+        self.app = app
+        self.settings = settings
+        self.backend: Backend = backend_for(
+            settings.database_uri, settings.listen_uri, settings.schema
+        )
+        self.listener = Listener(self)
+        # True when the listener should run in this process (or in its forks).
+        self.wanted = False
+
+
+class DBNotify:
+    """Deliver committed row changes and application messages as signals.
+
+    :param app: the application to register on; or call :meth:`init_app`.
+
+    Watches and ``on()`` receivers belong to this object and apply to every
+    app it is registered on; each app gets its own listener thread.
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        self.watches: dict[str, Watch] = {}
+        self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register on ``app``: read its ``DBNOTIFY_*`` config, add the
+        ``flask dbnotify`` commands, and start the listener unless
+        ``DBNOTIFY_AUTOSTART`` is false or this process does not serve."""
+        if "dbnotify" in app.extensions:
+            raise RuntimeError(
+                "Flask-DBNotify is already registered on this app: use "
+                "app.extensions['dbnotify'].ext, or create the app anew"
+            )
+        state = _State(self, app, Settings.from_app(app))
+        app.extensions["dbnotify"] = state
+        self._apps.add(app)
+        _states.add(state)
+        from .cli import dbnotify_cli
+
+        app.cli.add_command(dbnotify_cli)
+        if state.settings.autostart:
+            decision = _autostart_decision()
+            if decision == "now":
+                state.wanted = True
+                state.listener.start(
+                    timeout=state.settings.connect_timeout + 1, raise_on_failure=False
+                )
+            elif decision == "in-forks":
+                state.wanted = True
+
+    # -- app lookup ---------------------------------------------------------
+
+    def _state(self, app: Flask | None = None) -> _State:
+        if app is None:
+            if has_app_context():
+                app = current_app._get_current_object()  # type: ignore[attr-defined]
+            else:
+                apps = list(self._apps)
+                if len(apps) != 1:
+                    raise RuntimeError(
+                        "no app to use: pass app=..., or work inside an app context"
+                    )
+                app = apps[0]
+        state = app.extensions.get("dbnotify")
+        if state is None or state.ext is not self:
+            raise RuntimeError(
+                "this DBNotify is not registered on the app: call init_app(app) first"
+            )
+        return state  # type: ignore[no-any-return]
+
+    # -- listener -----------------------------------------------------------
+
+    def start(self, app: Flask | None = None, timeout: float | None = None) -> None:
+        """Start the app's listener; return once it is listening, so no
+        event committed afterwards can be missed. Raises
+        :class:`~flask_dbnotify.errors.ListenerError` if it cannot connect.
+        Does nothing if it is running."""
+        state = self._state(app)
+        state.wanted = True
+        if timeout is None:
+            timeout = state.settings.connect_timeout + 1
+        state.listener.start(timeout=timeout, raise_on_failure=True)
+
+    def stop(self, app: Flask | None = None) -> None:
+        """Stop the app's listener and close its connection. Idempotent."""
+        state = self._state(app)
+        state.wanted = False
+        state.listener.stop()
+
+    def is_running(self, app: Flask | None = None) -> bool:
+        """Whether the app's listener thread is alive."""
+        return self._state(app).listener.running
+
+    # -- what to watch ------------------------------------------------------
+
+    def watch(
+        self,
+        target: Target,
+        operations: str | Operation | Iterable[str | Operation] | None = None,
+        *,
+        columns: Iterable[str] | None = None,
+        when_changed: Iterable[str] | None = None,
+        durable: bool = False,
+    ) -> Watch:
+        """Deliver row changes of ``target``.
+
+        :param target: a table name, ``"schema.table"``, a
+            ``sqlalchemy.Table`` or a declarative model class. The name as
+            given (or the table's ``fullname``) is the sender of row signals.
+        :param operations: any of ``"insert"``, ``"update"``, ``"delete"``;
+            all three by default.
+        :param columns: the columns ``new`` and ``old`` carry (the primary
+            key is always carried); every column by default.
+        :param when_changed: UPDATEs are delivered only if one of these
+            columns changed. UPDATEs that change nothing are never delivered.
+        :param durable: journal each change so none is lost across
+            reconnects. Not available yet.
+
+        The triggers are created by ``flask dbnotify install-triggers``.
+        """
+        if durable:
+            raise NotImplementedError(
+                "durable=True is not available yet: use listener_connected(gap=True) "
+                "to learn when events may have been missed"
+            )
+        watch = Watch.create(target, operations, columns, when_changed, durable)
+        existing = self.watches.get(watch.name)
+        if existing is not None and not existing.implicit:
+            raise ValueError(
+                f"{watch.name!r} is already watched: pass all options in one watch() call"
+            )
+        for sub in self.subscriptions.get(watch.name, ()):
+            _check_subscription(watch, sub)
+        self.watches[watch.name] = watch
+        self._watches_changed()
+        return watch
+
+    def on(
+        self,
+        target: Target,
+        operations: str | Operation | Iterable[str | Operation] | None = None,
+        *,
+        where: Mapping[str, Any] | None = None,
+        once: bool = False,
+    ) -> Callable[[F], F]:
+        """Decorate a function ``f(event)`` to run for row changes of ``target``.
+
+        Unlike ``signal.connect``, the function is held by a strong reference.
+        ``where`` maps column names to values the row must have (``new``, or
+        ``old`` for DELETE). If ``target`` is not watched yet, it is watched
+        with the defaults.
+        """
+        if once:
+            raise NotImplementedError("once=True is not available yet")
+        name = resolve_target(target)[0]
+
+        def decorator(func: F) -> F:
+            sub = Subscription.create(func, operations, where)
+            watch = self.watches.get(name)
+            if watch is None:
+                watch = Watch.create(target, implicit=True)
+                self.watches[name] = watch
+                self._watches_changed()
+            _check_subscription(watch, sub)
+            self.subscriptions[name] = (*self.subscriptions.get(name, ()), sub)
+            return func
+
+        return decorator
+
+    def _watches_changed(self) -> None:
+        for app in list(self._apps):
+            state = app.extensions.get("dbnotify")
+            if state is not None:
+                state.listener.recheck_triggers()
+
+    # -- messages -----------------------------------------------------------
+
+    def notify(
+        self,
+        channel: str,
+        payload: Any = None,
+        *,
+        connection: Any = None,
+        app: Flask | None = None,
+    ) -> None:
+        """Send an application message to every listener.
+
+        :param channel: the sender of ``notification_received``.
+        :param payload: any JSON-serialisable value, of any size.
+        :param connection: a SQLAlchemy ``Connection`` or ``Session`` (or a
+            DB-API connection): the message is sent when its transaction
+            commits, and not at all if it rolls back. Without it the message
+            is sent at once.
+        """
+        text = _payload.encode_message(channel, payload)
+        self._state(app).backend.notify(connection, channel, text)
+
+    # -- triggers -----------------------------------------------------------
+
+    def install_sql(self, app: Flask | None = None) -> list[str]:
+        """The DDL that ``install_triggers()`` would run."""
+        return self._state(app).backend.install_sql(list(self.watches.values()))
+
+    def install_triggers(self, app: Flask | None = None) -> None:
+        """Create or update the triggers for every watch, in one
+        transaction; superseded ones are dropped."""
+        state = self._state(app)
+        state.backend.install(list(self.watches.values()))
+        state.listener.recheck_triggers()
+
+    def uninstall_sql(self, app: Flask | None = None, everything: bool = False) -> list[str]:
+        """The DDL that ``uninstall_triggers()`` would run."""
+        return self._state(app).backend.uninstall_sql(list(self.watches.values()), everything)
+
+    def uninstall_triggers(self, app: Flask | None = None, everything: bool = False) -> None:
+        """Drop the triggers of every watch (with ``everything``, every
+        object Flask-DBNotify created in the database)."""
+        state = self._state(app)
+        state.backend.execute_all(state.backend.uninstall_sql(list(self.watches.values()), everything))
+
+    def status(self, app: Flask | None = None) -> Status:
+        """Compare the database with the watches."""
+        return self._state(app).backend.status(list(self.watches.values()))
+
+
+def _check_subscription(watch: Watch, sub: Subscription) -> None:
+    missing = sub.operations - set(watch.operations)
+    if missing:
+        names = ", ".join(sorted(op.value.lower() for op in missing))
+        raise ValueError(
+            f"{watch.name!r} is not watched for {names}: add it to watch(operations=...)"
+        )
+    for col, _ in sub.where:
+        if watch.columns is not None and col not in watch.columns:
+            raise ValueError(
+                f"where= uses column {col!r}, which the watch of {watch.name!r} does not "
+                "carry: add it to watch(columns=...)"
+            )
+
+
+def _autostart_decision() -> str:
+    """``"now"``, ``"in-forks"`` (a gunicorn master), or ``"never"``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        # Inside a CLI command: only `flask run` serves, and with the
+        # reloader only its child process (the watcher just restarts it).
+        if ctx.command.name != "run":
+            return "never"
+        reload = ctx.params.get("reload")
+        if reload is None:
+            from flask.helpers import get_debug_flag
+
+            reload = get_debug_flag()
+        return "now" if not reload or is_running_from_reloader() else "never"
+    if _in_gunicorn_master():
+        return "in-forks"
+    return "now"
+
+
+def _in_gunicorn_master() -> bool:
+    # With --preload the arbiter imports the app before forking workers.
+    if "gunicorn.arbiter" not in sys.modules:
+        return False
+    frame = sys._getframe(1)
+    seen_arbiter = False
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("gunicorn.workers"):
+            return False
+        seen_arbiter = seen_arbiter or module == "gunicorn.arbiter"
+        frame = frame.f_back  # type: ignore[assignment]
+    return seen_arbiter
+
+
+def _after_fork_in_child() -> None:
+    for state in list(_states):
+        was_running = state.listener.running or state.wanted
+        state.listener.after_fork()
+        state.backend.after_fork()
+        if was_running:
+            state.listener.start(timeout=0, raise_on_failure=False)
+
+
+def _at_exit() -> None:
+    stop_all([state.listener for state in list(_states)])
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)
+
+__all__ = ["DBNotify"]

@@ -1,0 +1,216 @@
+"""Find, or start for the run, a PostgreSQL server for the test suite.
+
+Resolution order of :func:`find_or_start_postgres`:
+
+1. ``$DBNOTIFY_TEST_POSTGRES_URL``, used as is (an error if it does not answer);
+2. a server on 127.0.0.1:5432 as user ``postgres``, database ``postgres``;
+3. a throwaway server in a temporary directory on a free port, with the
+   binaries shipped by the ``pgserver`` wheel, else the system's
+   ``initdb``/``pg_ctl``.
+
+``DBNOTIFY_TEST_POSTGRES_SKIP_LOCAL=1`` skips step 2 (to exercise step 3).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg2
+
+logger = logging.getLogger(__name__)
+
+ENV_URL = "DBNOTIFY_TEST_POSTGRES_URL"
+ENV_SKIP_LOCAL = "DBNOTIFY_TEST_POSTGRES_SKIP_LOCAL"
+LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+START_TIMEOUT = 60.0
+FIX_HINT = (
+    f"Set {ENV_URL}=postgresql://USER@HOST:PORT/DBNAME to a server you run, "
+    "or `pip install pgserver` so a throwaway server can be started."
+)
+
+
+def _connect_error(url: str) -> str | None:
+    """None if ``url`` accepts a connection, else why not."""
+    try:
+        psycopg2.connect(url, connect_timeout=3).close()
+    except psycopg2.Error as exc:
+        return str(exc).strip() or type(exc).__name__
+    return None
+
+
+def _binary_dirs() -> list[tuple[str, Path]]:
+    """Candidate directories holding initdb, pg_ctl and postgres, best first."""
+    found: list[tuple[str, Path]] = []
+    # pgserver is used only as a distribution of binaries: its server API
+    # listens on a Unix socket only, and as root it runs `useradd pgserver`
+    # and chmods o+rx every parent directory of its data and install dirs.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.origin is not None:
+        found.append(("pgserver", Path(spec.origin).parent / "pginstall" / "bin"))
+    system = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.name)],
+        reverse=True,
+    )
+    on_path = shutil.which("initdb")
+    if on_path is not None:
+        system.append(Path(on_path).resolve().parent)
+    found += [("system", d) for d in dict.fromkeys(system)]
+    needed = ("initdb", "pg_ctl", "postgres")
+    return [(kind, d) for kind, d in found if all((d / n).is_file() for n in needed)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no server log)"
+
+
+def _start_throwaway(bindir: Path) -> tuple[str, Callable[[], None]]:
+    # PostgreSQL refuses to run as root, so as root run it as `nobody`.
+    user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+    tmp = Path(tempfile.mkdtemp(prefix="dbnotify-pg-"))
+    if user is not None:
+        os.chown(tmp, user.pw_uid, user.pw_gid)
+    data, log_file = tmp / "data", tmp / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args),
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=None if user is None else user.pw_uid,
+            group=None if user is None else user.pw_gid,
+            extra_groups=None if user is None else [],
+        )
+
+    def stop() -> None:
+        if not tmp.exists():
+            return
+        try:
+            if (data / "postmaster.pid").exists():
+                pg_ctl = str(bindir / "pg_ctl")
+                res = run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop", timeout=30)
+                if res.returncode != 0:
+                    logger.warning("pg_ctl stop failed: %s", res.stderr.strip())
+                    pid = int((data / "postmaster.pid").read_text().split()[0])
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
+            logger.warning("could not stop throwaway PostgreSQL in %s: %s", tmp, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(stop)  # safety net if the caller never runs cleanup
+    try:
+        try:
+            run(str(bindir / "postgres"), "--version", timeout=30)
+        except PermissionError:
+            # `nobody` cannot reach e.g. a venv under /root (mode 700): copy
+            # pgserver's tree, keeping the layout its RPATH
+            # ($ORIGIN/../../../pgserver.libs) expects.
+            site = bindir.parents[2]
+            if bindir != site / "pgserver" / "pginstall" / "bin":
+                raise RuntimeError(f"{bindir} is not executable by user nobody") from None
+            for sub in ("bin", "lib", "share"):
+                shutil.copytree(bindir.parent / sub, tmp / "pg/pgserver/pginstall" / sub)
+            if (site / "pgserver.libs").is_dir():
+                shutil.copytree(site / "pgserver.libs", tmp / "pg/pgserver.libs")
+            bindir = tmp / "pg/pgserver/pginstall/bin"
+        res = run(
+            str(bindir / "initdb"),
+            *("-D", str(data), "-U", "postgres", "-A", "trust"),
+            *("-E", "UTF8", "--locale=C", "--no-sync"),
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{res.stdout}{res.stderr}")
+        port = _free_port()
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
+                "unix_socket_directories = ''\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            res = run(
+                str(bindir / "pg_ctl"),
+                *("-D", str(data), "-l", str(log_file)),
+                *("-w", "-t", str(int(START_TIMEOUT)), "start"),
+                timeout=START_TIMEOUT + 10,
+            )
+        except subprocess.TimeoutExpired:
+            res = subprocess.CompletedProcess([], 1, "", "pg_ctl start hung")
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        error = _connect_error(url) if res.returncode == 0 else res.stderr.strip()
+        while error is not None and res.returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            error = _connect_error(url)
+        if error is not None:
+            raise RuntimeError(
+                f"throwaway PostgreSQL ({bindir}) did not come up (waited at most "
+                f"{START_TIMEOUT:.0f} s): {error}\nserver log tail:\n{_tail(log_file)}"
+            )
+    except BaseException:
+        stop()
+        raise
+    logger.info("started throwaway PostgreSQL from %s at %s (data in %s)", bindir, url, tmp)
+    return url, stop
+
+
+def find_or_start_postgres() -> tuple[str, Callable[[], None]]:
+    """Return ``(url, cleanup)`` for a usable server; ``cleanup`` stops what was started."""
+    url = os.environ.get(ENV_URL)
+    if url:
+        error = _connect_error(url)
+        if error is not None:
+            raise RuntimeError(f"{ENV_URL}={url} does not answer: {error}")
+        return url, lambda: None
+
+    tried: list[str] = [f"${ENV_URL}: not set"]
+    if os.environ.get(ENV_SKIP_LOCAL) == "1":
+        tried.append(f"{LOCAL_URL}: skipped ({ENV_SKIP_LOCAL}=1)")
+    else:
+        error = _connect_error(LOCAL_URL)
+        if error is None:
+            logger.info("using local PostgreSQL at %s", LOCAL_URL)
+            return LOCAL_URL, lambda: None
+        tried.append(f"{LOCAL_URL}: {error}")
+
+    candidates = _binary_dirs()
+    if not any(kind == "pgserver" for kind, _ in candidates):
+        tried.append("pgserver: not installed")
+    if not any(kind == "system" for kind, _ in candidates):
+        tried.append("system initdb/pg_ctl: none in /usr/lib/postgresql/*/bin or PATH")
+    for kind, bindir in candidates:
+        try:
+            return _start_throwaway(bindir)
+        except (RuntimeError, OSError, KeyError, subprocess.SubprocessError) as exc:
+            logger.warning("could not start PostgreSQL from %s: %s", bindir, exc)
+            tried.append(f"{kind} ({bindir}): {exc}")
+    tried_text = "\n  - ".join(tried)
+    raise RuntimeError(f"no PostgreSQL server for the tests. Tried:\n  - {tried_text}\n{FIX_HINT}")

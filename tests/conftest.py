@@ -1,0 +1,150 @@
+"""Fixtures: a real PostgreSQL database per test, apps, and recorders."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+from flask import Flask
+from sqlalchemy.engine import make_url
+
+from flask_dbnotify import DBNotify, notification_received, row_changed
+
+from ._postgres import find_or_start_postgres
+
+WAIT = 10.0  # seconds any single wait in a test may take
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """URL of a scratch database on a real server, dropped at the end."""
+    try:
+        url, cleanup = find_or_start_postgres()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"no PostgreSQL server for the tests: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL tests NOT RUN, no server: {exc}")
+    name = f"dbnotify_test_{os.getpid()}"
+    admin = psycopg2.connect(url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    test_url = make_url(url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield test_url
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+        cleanup()
+
+
+@pytest.fixture()
+def pg_url(pg_server: str) -> str:
+    """The scratch database, emptied: no schemas but a fresh ``public``."""
+    conn = psycopg2.connect(pg_server)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema)'"
+        )
+        for (schema,) in cur.fetchall():
+            cur.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        cur.execute("CREATE SCHEMA public")
+    conn.close()
+    return pg_server
+
+
+class SQL:
+    """Another writer: its own autocommit connection."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg2.connect(url)
+        self.conn.autocommit = True
+
+    def __call__(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture()
+def sql(pg_url: str) -> Iterator[SQL]:
+    runner = SQL(pg_url)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture()
+def make_app(pg_url: str) -> Iterator[Callable[..., tuple[Flask, DBNotify]]]:
+    """Build ``(app, dbnotify)``; autostart is off unless asked for."""
+    made: list[tuple[Flask, DBNotify]] = []
+
+    def factory(**config: Any) -> tuple[Flask, DBNotify]:
+        app = Flask(f"test_app_{len(made)}")
+        app.config["DBNOTIFY_DATABASE_URI"] = pg_url
+        app.config["DBNOTIFY_AUTOSTART"] = False
+        app.config.update(config)
+        ext = DBNotify(app)
+        made.append((app, ext))
+        return app, ext
+
+    yield factory
+    for app, ext in made:
+        ext.stop(app)
+        app.extensions["dbnotify"].backend.engine.dispose()
+
+
+class Recorder:
+    """Collects what a signal delivers; waits are bounded."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.threads: set[str] = set()
+        self._cond = threading.Condition()
+
+    def add(self, item: Any) -> None:
+        with self._cond:
+            self.items.append(item)
+            self.threads.add(threading.current_thread().name)
+            self._cond.notify_all()
+
+    def __call__(self, sender: Any, **kwargs: Any) -> None:
+        self.add(kwargs.get("event", kwargs.get("payload", kwargs)))
+
+    def wait_for(self, count: int, what: str = "events", timeout: float = WAIT) -> list[Any]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
+                raise AssertionError(
+                    f"expected {count} {what} within {timeout}s, got {len(self.items)}: "
+                    f"{self.items[:5]!r}"
+                )
+            return list(self.items)
+
+    def assert_no_more(self, count: int, marker: Callable[[], None] | None = None) -> None:
+        """Assert exactly ``count`` items arrived. ``marker`` sends something
+        that must arrive after anything pending, so waiting for it proves
+        nothing else is in flight."""
+        if marker is not None:
+            marker()
+            self.wait_for(count + 1, "items and the marker")
+            extra = self.items[count:-1]
+        else:
+            extra = self.items[count:]
+        assert not extra, f"unexpected extra items: {extra!r}"
+
+
+@pytest.fixture()
+def events() -> Iterator[Recorder]:
+    """Every row event, plus ``notification_received`` payloads."""
+    rec = Recorder()
+    with row_changed.connected_to(rec), notification_received.connected_to(rec):
+        yield rec
