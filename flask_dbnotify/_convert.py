@@ -6,7 +6,8 @@ import datetime as dt
 import decimal
 import enum
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import types as satypes

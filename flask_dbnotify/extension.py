@@ -10,13 +10,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import click
-import sqlalchemy as sa
 from flask import Flask, current_app, has_app_context
 from werkzeug.serving import is_running_from_reloader
 
 from . import _payload
 from ._settings import Settings
-from ._watch import Handler, Subscription, Target, Watch, resolve_target
+from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
 from .events import Operation
 from .listener import Listener, stop_all
@@ -250,8 +249,8 @@ class DBNotify:
     def uninstall_triggers(self, app: Flask | None = None, everything: bool = False) -> None:
         """Drop the triggers of every watch (with ``everything``, every
         object Flask-DBNotify created in the database)."""
-        state = self._state(app)
-        state.backend.execute_all(state.backend.uninstall_sql(list(self.watches.values()), everything))
+        backend = self._state(app).backend
+        backend.execute_all(backend.uninstall_sql(list(self.watches.values()), everything))
 
     def status(self, app: Flask | None = None) -> Status:
         """Compare the database with the watches."""

@@ -82,6 +82,10 @@ class Backend(abc.ABC):
         """The statements that make the database match ``watches``."""
 
     @abc.abstractmethod
+    def install(self, watches: Sequence[Watch]) -> None:
+        """Run :meth:`install_sql` in one transaction."""
+
+    @abc.abstractmethod
     def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
         """The statements that remove what ``watches`` installed (or every
         object of ours, with ``everything``)."""
@@ -91,6 +95,10 @@ class Backend(abc.ABC):
         """Compare the database with ``watches``."""
 
     @abc.abstractmethod
+    def prune(self, retention: float) -> None:
+        """Delete stored payloads older than ``retention`` seconds."""
+
+    @abc.abstractmethod
     def notify(self, connection: Any, channel: str, payload: str) -> None:
         """Send an encoded message through ``connection`` (a SQLAlchemy
         connection or session), or at once when it is ``None``."""
@@ -98,6 +106,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def open_stream(self, settings: Any) -> Stream:
         """Connect, start listening, and return the stream."""
+
+    def after_fork(self) -> None:
+        """In a forked child: forget pooled connections without closing them."""
+        self.engine.dispose(close=False)
 
     def execute_all(self, statements: Sequence[str]) -> None:
         """Run ``statements`` in one transaction."""

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "dbnotify"
 #: Bumped whenever the generated SQL changes shape; part of every hash.
-DDL_VERSION = 1
+DDL_VERSION = 2
 #: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
 NOTIFY_LIMIT = 8000
 _OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
@@ -166,16 +166,19 @@ class _Builder:
         self.schema = schema
 
     def render(self, composed: sql.Composable) -> str:
-        return composed.as_string(self.cur)  # type: ignore[no-any-return]
+        return composed.as_string(self.cur)
 
     def ours(self, name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, name)
 
     def shared(self) -> list[str]:
         s = sql.Identifier(self.schema)
+        # SECURITY DEFINER: any role that writes a watched table may need to
+        # store a large row, without being granted rights on our table.
         spill = sql.SQL(
             "CREATE OR REPLACE FUNCTION {spill}(body text) RETURNS text "
-            "LANGUAGE sql VOLATILE AS {body}"
+            "LANGUAGE sql VOLATILE SECURITY DEFINER "
+            "SET search_path = pg_catalog, pg_temp AS {body}"
         ).format(
             spill=self.ours("dbnotify_spill"),
             body=sql.Literal(
@@ -188,9 +191,6 @@ class _Builder:
         )
         return [
             self.render(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s)),
-            self.render(
-                sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(self.ours("dbnotify_seq"))
-            ),
             self.render(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} ("
@@ -245,7 +245,7 @@ class _Builder:
                     name=sql.Literal(col.name),
                 )
             )
-        condition = sql.SQL("cardinality(z.c) > 0")
+        condition: sql.Composable = sql.SQL("cardinality(z.c) > 0")
         if r.watch.when_changed:
             condition = sql.SQL("z.c && {}::text[]").format(
                 sql.Literal(list(r.watch.when_changed))
@@ -291,7 +291,11 @@ BEGIN
           FROM ({rows}) AS r) AS r
     GROUP BY b ORDER BY b
   LOOP
-    PERFORM pg_notify({channel}, head || nextval({seq}::regclass) || ',"r":[' || batch || ']}}');
+    -- A counter local to the transaction keeps equal batches from being
+    -- folded into one, and needs no privilege on any object.
+    PERFORM pg_notify({channel}, head || set_config('dbnotify.batch',
+      (coalesce(nullif(current_setting('dbnotify.batch', true), ''), '0')::bigint + 1)::text,
+      true) || ',"r":[' || batch || ']}}');
   END LOOP;
   RETURN NULL;
 END
@@ -302,7 +306,6 @@ END
             spill=self.ours("dbnotify_spill"),
             rows=self.rows_query(r, op),
             channel=sql.Literal(CHANNEL),
-            seq=sql.Literal(self.render(self.ours("dbnotify_seq"))),
         )
         return self.render(body)
 
@@ -403,13 +406,12 @@ class PostgreSQLBackend(Backend):
 
     def _cursor_do(self, work: Any) -> Any:
         with self.engine.connect() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            with dbapi.cursor() as cur:
-                try:
-                    return work(cur)
-                finally:
-                    conn.rollback()
+            cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                return work(cur)
+            finally:
+                cur.close()
+                conn.rollback()
 
     def _installed(self, cur: Any) -> list[Installed]:
         cur.execute(_OUR_TRIGGERS)
@@ -460,12 +462,13 @@ class PostgreSQLBackend(Backend):
 
     def install(self, watches: Sequence[Watch]) -> None:
         with self.engine.begin() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            with dbapi.cursor() as cur:
+            cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
                 for statement in self._install_sql(cur, watches):
                     cur.execute(statement)
+            finally:
+                cur.close()
 
     def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
         def work(cur: Any) -> list[str]:
@@ -477,15 +480,11 @@ class PostgreSQLBackend(Backend):
                     statements += b.drop(obj)
                 for name in self._unused_functions(cur, installed, set()):
                     statements += b.drop_function(self.schema, name)
-                statements.append(
-                    b.render(sql.SQL("DROP FUNCTION IF EXISTS {}(text)").format(b.ours("dbnotify_spill")))
-                )
-                statements.append(
-                    b.render(sql.SQL("DROP TABLE IF EXISTS {}").format(b.ours("dbnotify_payload")))
-                )
-                statements.append(
-                    b.render(sql.SQL("DROP SEQUENCE IF EXISTS {}").format(b.ours("dbnotify_seq")))
-                )
+                for kind, name, args in (
+                    ("FUNCTION", "dbnotify_spill", "(text)"),
+                    ("TABLE", "dbnotify_payload", ""),
+                ):
+                    statements.append(f"DROP {kind} IF EXISTS {_quoted(self.schema, name)}{args}")
                 return statements
             oids = {r.oid for r in self._resolve_all(cur, watches)}
             statements = []
@@ -563,10 +562,6 @@ class PostgreSQLBackend(Backend):
 
     def open_stream(self, settings: Any) -> Stream:
         return PostgreSQLStream(self, settings)
-
-    def after_fork(self) -> None:
-        # Connections in the pool belong to the parent; forget, don't close.
-        self.engine.dispose(close=False)
 
 
 def _quoted(schema: str, name: str) -> str:
