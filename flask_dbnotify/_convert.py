@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import sqlalchemy.orm
 from sqlalchemy import types as satypes
 
 T = TypeVar("T")
@@ -32,7 +33,11 @@ def _time(value: Any) -> Any:
 
 
 def _decimal(value: Any) -> Any:
-    # str() first: float repr is the shortest round-tripping form.
+    # ExactFloat keeps the digits a float cannot; otherwise str() gives the
+    # shortest form that round-trips.
+    text = getattr(value, "text", None)
+    if text is not None:
+        return decimal.Decimal(text)
     return decimal.Decimal(str(value)) if isinstance(value, (int, float, str)) else value
 
 
@@ -96,6 +101,10 @@ def build_instance(model: type[T], row: dict[str, Any]) -> T:
     mapper = sa.inspect(model, raiseerr=False)
     if mapper is None or not hasattr(mapper, "class_manager"):
         raise TypeError(f"{model!r} is not a mapped SQLAlchemy model class")
+    if not mapper.configured:
+        # Instrumentation is incomplete until mappers are configured, which
+        # SQLAlchemy otherwise does on first query or first instance.
+        sa.orm.configure_mappers()
     instance = mapper.class_manager.new_instance()
     for column in mapper.columns:
         if column.name not in row:

@@ -6,7 +6,8 @@ A row batch, sent by a trigger for one statement::
      "s": 42, "r": [ROW, ...]}
 
 where ``ROW`` is the new row (INSERT), the old row (DELETE), or
-``[new, old, changed]`` (UPDATE). A row too large for one notification is
+``[new, old]`` (UPDATE; ``[new, old, changed]`` when the watch carries only
+some columns, since ``changed`` covers them all). A row too large for one notification is
 stored in the payload table and stands in the batch as its integer id.
 ``s`` is unique per batch: PostgreSQL folds identical notifications sent in
 one transaction.
@@ -39,6 +40,28 @@ class PayloadError(ValueError):
     """A notification on our channel that we cannot read."""
 
 
+class ExactFloat(float):
+    """A JSON number with more digits than a float holds; ``text`` keeps them
+    (``event.instance()`` builds a ``Decimal`` from it)."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> ExactFloat:
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
+def _parse_float(text: str) -> float:
+    # Up to 15 significant digits survive a round trip through float.
+    return float(text) if len(text) <= 16 else ExactFloat(text)
+
+
+def loads(text: str) -> Any:
+    return json.loads(text, parse_float=_parse_float)
+
+
 def encode_message(channel: str, payload: Any) -> str:
     """Encode an application message; raises ``TypeError`` for values JSON
     cannot hold, before anything is sent."""
@@ -58,10 +81,11 @@ def encode_message(channel: str, payload: Any) -> str:
         raise TypeError(f"notify() payload is not JSON serialisable: {exc}") from None
 
 
-def decode(text: str, fetch: Fetch) -> list[Item]:
-    """Decode one notification payload into events or a message."""
+def decode(text: str, fetch: Fetch, journal_id: int | None = None) -> list[Item]:
+    """Decode one notification payload into events or a message.
+    ``journal_id`` becomes the events' ``id``."""
     try:
-        msg = json.loads(text)
+        msg = loads(text)
     except ValueError as exc:
         raise PayloadError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict) or msg.get("v") != VERSION:
@@ -71,22 +95,21 @@ def decode(text: str, fetch: Fetch) -> list[Item]:
             body = fetch([msg["ref"]]).get(msg["ref"])
             if body is None:
                 raise PayloadError(f"stored payload {msg['ref']} is gone")
-            return decode(body, fetch)
+            return decode(body, fetch, journal_id)
         if "m" in msg:
             return [Notification(msg["m"], msg.get("p"))]
-        return decode_rows(msg, fetch)
+        return decode_rows(msg, fetch, journal_id)
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         if isinstance(exc, PayloadError):
             raise
         raise PayloadError(f"malformed payload: {exc!r}") from None
 
 
-def decode_rows(msg: dict[str, Any], fetch: Fetch) -> list[Item]:
+def decode_rows(msg: dict[str, Any], fetch: Fetch, journal_id: int | None) -> list[Item]:
     table = msg["t"]
     op = _OPS[msg["o"]]
     keys = msg["k"]
     ts = datetime.fromtimestamp(msg["ts"], timezone.utc)
-    journal_id = msg.get("id")
     rows = msg["r"]
     refs = [r for r in rows if isinstance(r, int)]
     if refs:
@@ -94,7 +117,7 @@ def decode_rows(msg: dict[str, Any], fetch: Fetch) -> list[Item]:
         missing = [r for r in refs if r not in stored]
         if missing:
             raise PayloadError(f"stored rows {missing} are gone")
-        rows = [json.loads(stored[r]) if isinstance(r, int) else r for r in rows]
+        rows = [loads(stored[r]) if isinstance(r, int) else r for r in rows]
     single = keys[0] if len(keys) == 1 else None
     events: list[Item] = []
     append = events.append
@@ -105,6 +128,10 @@ def decode_rows(msg: dict[str, Any], fetch: Fetch) -> list[Item]:
         elif op is Operation.DELETE:
             new, old, changed = None, row, _EMPTY
             pk_row = row
+        elif len(row) == 2:
+            new, old = row
+            changed = frozenset([k for k, v in new.items() if k not in old or old[k] != v])
+            pk_row = new
         else:
             new, old, names = row
             changed = frozenset(names)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask
+from sqlalchemy.engine import URL
 
 DEFAULTS: dict[str, Any] = {
     "DBNOTIFY_DATABASE_URI": None,
@@ -47,8 +48,11 @@ class Settings:
                 "Flask-DBNotify needs a database: set DBNOTIFY_DATABASE_URI "
                 "(or SQLALCHEMY_DATABASE_URI) before calling init_app()"
             )
-        if not isinstance(uri, str):
-            uri = str(uri)
+        if isinstance(uri, URL):
+            uri = uri.render_as_string(hide_password=False)
+        listen_uri = config["DBNOTIFY_LISTEN_URI"]
+        if isinstance(listen_uri, URL):
+            listen_uri = listen_uri.render_as_string(hide_password=False)
         for key in (
             "DBNOTIFY_CONNECT_TIMEOUT",
             "DBNOTIFY_RECONNECT_MAX_DELAY",
@@ -64,7 +68,7 @@ class Settings:
             raise ValueError(f"DBNOTIFY_SCHEMA must be a schema name, not {schema!r}")
         return cls(
             database_uri=uri,
-            listen_uri=str(config["DBNOTIFY_LISTEN_URI"] or uri),
+            listen_uri=str(listen_uri or uri),
             autostart=bool(config["DBNOTIFY_AUTOSTART"]),
             schema=schema,
             check_triggers=bool(config["DBNOTIFY_CHECK_TRIGGERS"]),

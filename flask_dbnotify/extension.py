@@ -75,6 +75,7 @@ class DBNotify:
         if state.settings.autostart:
             decision = _autostart_decision()
             if decision == "now":
+                _guard_app_run(state)
                 state.wanted = True
                 state.listener.start(
                     timeout=state.settings.connect_timeout + 1, raise_on_failure=False
@@ -289,6 +290,28 @@ def _autostart_decision() -> str:
     if _in_gunicorn_master():
         return "in-forks"
     return "now"
+
+
+def _guard_app_run(state: _State) -> None:
+    """``app.run()`` with the reloader turns this process into the watcher,
+    which only restarts the serving child: stop listening there."""
+    app = state.app
+    original = app.run
+
+    def run(
+        host: str | None = None,
+        port: int | None = None,
+        debug: bool | None = None,
+        load_dotenv: bool = True,
+        **options: Any,
+    ) -> None:
+        use_reloader = options.get("use_reloader", app.debug if debug is None else debug)
+        if use_reloader and not is_running_from_reloader():
+            state.wanted = False
+            state.listener.stop()
+        original(host, port, debug, load_dotenv, **options)
+
+    app.run = run  # type: ignore[method-assign]
 
 
 def _in_gunicorn_master() -> bool:

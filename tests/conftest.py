@@ -10,6 +10,7 @@ from typing import Any
 import psycopg2
 import pytest
 from flask import Flask
+from psycopg2 import sql as pgsql
 from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify, notification_received, row_changed
@@ -54,7 +55,7 @@ def pg_url(pg_server: str) -> str:
             "SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema)'"
         )
         for (schema,) in cur.fetchall():
-            cur.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            cur.execute(pgsql.SQL("DROP SCHEMA {} CASCADE").format(pgsql.Identifier(schema)))
         cur.execute("CREATE SCHEMA public")
     conn.close()
     return pg_server

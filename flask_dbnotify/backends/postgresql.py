@@ -26,7 +26,7 @@ from psycopg2 import sql
 
 from .. import _payload
 from .._watch import Watch
-from ..errors import WatchError
+from ..errors import DBNotifyError, WatchError
 from ..events import Operation
 from . import Backend, Item, Status, Stream
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "dbnotify"
 #: Bumped whenever the generated SQL changes shape; part of every hash.
-DDL_VERSION = 2
+DDL_VERSION = 3
 #: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
 NOTIFY_LIMIT = 8000
 _OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
@@ -47,13 +47,6 @@ _LOCK_KEY = 0x64626E74  # "dbnt": serialises concurrent installs
 
 
 @dataclass(frozen=True)
-class Column:
-    name: str
-    #: The type has an ``=`` operator; otherwise compare the text forms.
-    comparable: bool
-
-
-@dataclass(frozen=True)
 class Resolved:
     """A watch matched against the catalog."""
 
@@ -61,7 +54,7 @@ class Resolved:
     oid: int
     schema: str
     table: str
-    columns: tuple[Column, ...]
+    columns: tuple[str, ...]
     pk: tuple[str, ...]
 
 
@@ -85,9 +78,7 @@ WHERE c.relname = %(table)s AND c.relkind IN ('r', 'p')
            ELSE n.nspname = %(schema)s END
 """
 _COLUMNS = """
-SELECT a.attname, EXISTS (
-    SELECT 1 FROM pg_catalog.pg_operator o
-    WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid)
+SELECT a.attname
 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
@@ -132,13 +123,12 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
         raise WatchError(f"table {_describe(watch)!r} does not exist (looked in {where})")
     oid, schema, table = row
     cur.execute(_COLUMNS, (oid,))
-    columns = tuple(Column(name, comparable) for name, comparable in cur.fetchall())
-    names = {c.name for c in columns}
+    columns = tuple(name for (name,) in cur.fetchall())
     for col in (watch.columns or ()) + (watch.when_changed or ()):
-        if col not in names:
+        if col not in columns:
             raise WatchError(
                 f"table {_describe(watch)!r} has no column {col!r} "
-                f"(columns: {', '.join(c.name for c in columns)})"
+                f"(columns: {', '.join(columns)})"
             )
     cur.execute(_PRIMARY_KEY, (oid,))
     pk = tuple(name for (name,) in cur.fetchall())
@@ -172,7 +162,14 @@ class _Builder:
         return sql.Identifier(self.schema, name)
 
     def shared(self) -> list[str]:
-        s = sql.Identifier(self.schema)
+        statements = []
+        self.cur.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (self.schema,))
+        if self.cur.fetchone() is None:
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS still demands
+            # the CREATE right on the database.
+            statements.append(
+                self.render(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
+            )
         # SECURITY DEFINER: any role that writes a watched table may need to
         # store a large row, without being granted rights on our table.
         spill = sql.SQL(
@@ -189,8 +186,7 @@ class _Builder:
                 )
             ),
         )
-        return [
-            self.render(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s)),
+        return statements + [
             self.render(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} ("
@@ -210,66 +206,70 @@ class _Builder:
 
     def row_json(self, r: Resolved, ref: sql.Composable) -> sql.Composable:
         """JSON text of the row ``ref`` (a composite value), limited to the
-        carried columns."""
+        carried columns. Columns are picked by name at run time, so dropping
+        or renaming one never makes a write fail."""
         if r.watch.columns is None:
             return sql.SQL("row_to_json({})::text").format(ref)
-        wanted = set(r.watch.columns) | set(r.pk)
-        fields = sql.SQL(", ").join(
-            sql.SQL("({}).{}").format(ref, sql.Identifier(c.name))
-            for c in r.columns
-            if c.name in wanted
-        )
-        return sql.SQL("(SELECT row_to_json(_c) FROM (SELECT {}) AS _c)::text").format(fields)
+        carried = [c for c in r.columns if c in r.watch.columns or c in r.pk]
+        return sql.SQL(
+            "(SELECT json_object_agg(e.key, e.value) FROM json_each(row_to_json({ref})) AS e "
+            "WHERE e.key = ANY({carried}::text[]))::text"
+        ).format(ref=ref, carried=sql.Literal(carried))
 
     def rows_query(self, r: Resolved, op: Operation) -> sql.Composable:
         """A query yielding ``(i, j)``: row order and the row's JSON."""
+        # The whole-row alias must not be the name of one of the columns.
+        alias = "dbnotify_row"
+        while alias in r.columns:
+            alias += "_"
+        row = sql.Identifier(alias)
         if op is not Operation.UPDATE:
             table = "dbnotify_new" if op is Operation.INSERT else "dbnotify_old"
-            return sql.SQL("SELECT row_number() OVER () AS i, {j} AS j FROM {t} AS x").format(
-                j=self.row_json(r, sql.SQL("x")), t=sql.Identifier(table)
+            return sql.SQL("SELECT row_number() OVER () AS i, {j} AS j FROM {t} AS {row}").format(
+                j=self.row_json(r, row), t=sql.Identifier(table), row=row
             )
         # Transition tables hold old and new rows in the same order, so pair
         # them by position; joining on the key would lose rows whose key
-        # changed.
-        n, o = sql.SQL("z.n"), sql.SQL("z.o")
-        diffs = []
-        for col in r.columns:
-            ident = sql.Identifier(col.name)
-            if col.comparable:
-                test = sql.SQL("({n}).{c} IS DISTINCT FROM ({o}).{c}")
-            else:
-                test = sql.SQL("({n}).{c}::text IS DISTINCT FROM ({o}).{c}::text")
-            diffs.append(
-                sql.SQL("CASE WHEN {test} THEN {name} END").format(
-                    test=test.format(n=sql.SQL("nn.n"), o=sql.SQL("oo.o"), c=ident),
-                    name=sql.Literal(col.name),
-                )
-            )
-        condition: sql.Composable = sql.SQL("cardinality(z.c) > 0")
+        # changed. `*<>` compares binary images: it needs no `=` operator
+        # for any column type, and filters UPDATEs that change nothing.
+        new, old = sql.SQL("nn.r"), sql.SQL("oo.r")
+        condition: sql.Composable = sql.SQL("nn.r *<> oo.r")
         if r.watch.when_changed:
-            condition = sql.SQL("z.c && {}::text[]").format(
-                sql.Literal(list(r.watch.when_changed))
+            condition = sql.SQL(
+                "{c} AND EXISTS (SELECT FROM unnest({cols}::text[]) AS w(k) "
+                "WHERE to_jsonb(nn.r) -> w.k IS DISTINCT FROM to_jsonb(oo.r) -> w.k)"
+            ).format(c=condition, cols=sql.Literal(list(r.watch.when_changed)))
+        # With every column carried, the listener works out `changed` from
+        # new and old; otherwise the trigger must.
+        changed: sql.Composable = sql.SQL("")
+        if r.watch.columns is not None:
+            changed = sql.SQL(
+                "|| ',' || (SELECT coalesce(json_agg(a.key), '[]') "
+                "FROM json_each(row_to_json(nn.r)) AS a JOIN json_each(row_to_json(oo.r)) AS b "
+                "USING (key) WHERE a.value::text IS DISTINCT FROM b.value::text)::text "
             )
         return sql.SQL(
-            "SELECT z.i, '[' || {jn} || ',' || {jo} || ',' || array_to_json(z.c)::text || ']' AS j "
-            "FROM (SELECT nn.i, nn.n, oo.o, array_remove(ARRAY[{diffs}]::text[], NULL) AS c "
-            "FROM (SELECT row_number() OVER () AS i, n FROM dbnotify_new AS n) AS nn "
-            "JOIN (SELECT row_number() OVER () AS i, o FROM dbnotify_old AS o) AS oo "
-            "USING (i)) AS z WHERE {condition}"
+            "SELECT nn.i, '[' || {jn} || ',' || {jo} {changed}|| ']' AS j "
+            "FROM (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_new AS {row}) AS nn "
+            "JOIN (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_old AS {row}) AS oo "
+            "USING (i) WHERE {condition}"
         ).format(
-            jn=self.row_json(r, n),
-            jo=self.row_json(r, o),
-            diffs=sql.SQL(", ").join(diffs),
+            jn=self.row_json(r, new),
+            jo=self.row_json(r, old),
+            changed=changed,
+            row=row,
             condition=condition,
         )
 
     def function_body(self, r: Resolved, op: Operation) -> str:
+        # ": " rather than ":" keeps the DDL free of ":name" sequences, which
+        # sqlalchemy.text() (Alembic's op.execute) would take for parameters.
         head = json.dumps(
             {"v": _payload.VERSION, "t": r.watch.name, "o": op.value[0], "k": list(r.pk)},
             ensure_ascii=False,
-            separators=(",", ":"),
+            separators=(",", ": "),
         )[:-1]
-        head += ',"ts":'
+        head += ',"ts": '
         # Rows are packed until a batch holds `budget` bytes; a row is at
         # most `budget` bytes inline (else stored), so a batch plus its
         # header stays under NOTIFY_LIMIT.
@@ -279,7 +279,7 @@ class _Builder:
         body = sql.SQL(
             """
 DECLARE
-  head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s":';
+  head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s": ';
   batch text;
 BEGIN
   FOR batch IN
@@ -295,7 +295,7 @@ BEGIN
     -- folded into one, and needs no privilege on any object.
     PERFORM pg_notify({channel}, head || set_config('dbnotify.batch',
       (coalesce(nullif(current_setting('dbnotify.batch', true), ''), '0')::bigint + 1)::text,
-      true) || ',"r":[' || batch || ']}}');
+      true) || ',"r": [' || batch || ']}}');
   END LOOP;
   RETURN NULL;
 END
@@ -328,8 +328,10 @@ END
         table = sql.Identifier(r.schema, r.table)
         return [
             self.render(
+                # SECURITY DEFINER: writers need no rights on our schema.
                 sql.SQL(
-                    "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS {b}"
+                    "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql "
+                    "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {b}"
                 ).format(f=self.ours(name), b=sql.Literal(body))
             ),
             self.render(
@@ -404,14 +406,33 @@ class PostgreSQLBackend(Backend):
 
     # -- DDL ----------------------------------------------------------------
 
-    def _cursor_do(self, work: Any) -> Any:
-        with self.engine.connect() as conn:
-            cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    def _cursor_do(self, work: Any, commit: bool = False) -> Any:
+        """Run ``work(cursor)`` in one transaction on a raw DB-API cursor
+        (no parameter parsing of our statements), rolled back unless
+        ``commit``. Database errors become :class:`DBNotifyError`."""
+        try:
+            conn = self.engine.raw_connection()
             try:
-                return work(cur)
+                cur: Any = conn.cursor()
+                try:
+                    result = work(cur)
+                finally:
+                    cur.close()
+                if commit:
+                    conn.commit()
+                return result
             finally:
-                cur.close()
                 conn.rollback()
+                conn.close()
+        except (psycopg2.Error, sa.exc.DBAPIError) as exc:
+            raise DBNotifyError(f"the database refused: {exc}".strip()) from exc
+
+    def execute_all(self, statements: Sequence[str]) -> None:
+        def work(cur: Any) -> None:
+            for statement in statements:
+                cur.execute(statement)
+
+        self._cursor_do(work, commit=True)
 
     def _installed(self, cur: Any) -> list[Installed]:
         cur.execute(_OUR_TRIGGERS)
@@ -461,14 +482,12 @@ class PostgreSQLBackend(Backend):
         return self._cursor_do(lambda cur: self._install_sql(cur, watches))  # type: ignore[no-any-return]
 
     def install(self, watches: Sequence[Watch]) -> None:
-        with self.engine.begin() as conn:
-            cur: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                for statement in self._install_sql(cur, watches):
-                    cur.execute(statement)
-            finally:
-                cur.close()
+        def work(cur: Any) -> None:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            for statement in self._install_sql(cur, watches):
+                cur.execute(statement)
+
+        self._cursor_do(work, commit=True)
 
     def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
         def work(cur: Any) -> list[str]:

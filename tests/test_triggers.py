@@ -1,0 +1,537 @@
+"""Installing, inspecting and removing triggers: API, CLI and the catalog."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from psycopg2 import sql as pgsql
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from flask_dbnotify import DBNotify, DBNotifyError, WatchError, notification_received, row_changed
+
+from .conftest import SQL, Recorder
+
+MakeApp = Callable[..., tuple[Flask, DBNotify]]
+
+ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
+
+
+def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:
+    """Something sent after the writes under test; it arrives after anything pending."""
+    return lambda: ext.notify("marker", "end", app=app)
+
+
+def triggers(sql: SQL) -> list[tuple[str, str]]:
+    """(trigger, table) of every dbnotify trigger in the database."""
+    return [
+        (name, table)
+        for name, table in sql(
+            "SELECT t.tgname, c.relname FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE NOT t.tgisinternal ORDER BY c.relname, t.tgname"
+        )
+        if name.startswith("dbnotify")
+    ]
+
+
+def our_objects(sql: SQL) -> list[str]:
+    """Every trigger, function, table, sequence or index whose name starts with dbnotify."""
+    rows = sql(
+        "SELECT 'trigger ' || tgname FROM pg_trigger WHERE NOT tgisinternal "
+        "UNION ALL SELECT 'function ' || proname FROM pg_proc "
+        "UNION ALL SELECT 'relation ' || relname FROM pg_class"
+    )
+    return sorted(name for (name,) in rows if name.split(" ", 1)[1].startswith("dbnotify"))
+
+
+def test_install_is_idempotent(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
+    """Installing twice leaves one set of working triggers."""
+    sql(ORDERS)
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    first = triggers(sql)
+    ext.install_triggers(app)
+    assert triggers(sql) == first
+    assert len(first) == 3
+    assert ext.status(app).watches == {"orders": "installed"}
+    ext.start(app)
+    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    assert [e.pk for e in events.wait_for(1)] == [1]
+    events.assert_no_more(1, marker(ext, app))
+
+
+def test_install_is_all_or_nothing(make_app: MakeApp, sql: SQL) -> None:
+    """If one watch cannot be installed, nothing is installed."""
+    sql(ORDERS)
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.watch("no_such_table")
+    with pytest.raises(WatchError, match="no_such_table"):
+        ext.install_triggers(app)
+    assert our_objects(sql) == []
+    assert ext.status(app).watches == {"orders": "missing", "no_such_table": "error"}
+
+
+@pytest.fixture()
+def limited_url(sql: SQL, pg_url: str) -> Iterator[str]:
+    """URL of the scratch database for a role that is not a superuser."""
+    role = f"dbnotify_limited_{uuid.uuid4().hex[:12]}"
+    ident = pgsql.Identifier(role).as_string(sql.conn)
+    try:
+        sql(f"CREATE ROLE {ident} LOGIN PASSWORD 'limited'")
+    except psycopg2.errors.InsufficientPrivilege:
+        pytest.skip("the test server's user cannot create roles")
+    database = pgsql.Identifier(make_url(pg_url).database or "").as_string(sql.conn)
+    sql(f"GRANT CREATE ON DATABASE {database} TO {ident}")
+    sql(f"GRANT USAGE, CREATE ON SCHEMA public TO {ident}")
+    yield make_url(pg_url).set(username=role, password="limited").render_as_string(
+        hide_password=False
+    )
+    sql(f"DROP OWNED BY {ident} CASCADE")
+    sql(f"DROP ROLE {ident}")
+
+
+def test_install_failing_midway_leaves_nothing(
+    limited_url: str, make_app: MakeApp, sql: SQL
+) -> None:
+    """When the database refuses a trigger after others were created, the
+    whole install is rolled back."""
+    app, ext = make_app(DBNOTIFY_DATABASE_URI=limited_url)
+    role = str(make_url(limited_url).username)
+    sql(ORDERS)
+    owner = pgsql.SQL("ALTER TABLE orders OWNER TO {}").format(pgsql.Identifier(role))
+    sql(owner.as_string(sql.conn))
+    sql("CREATE TABLE locked (id int PRIMARY KEY)")  # owned by someone else
+    ext.watch("orders")
+    ext.watch("locked")
+    with pytest.raises((DBNotifyError, psycopg2.Error, sa.exc.SQLAlchemyError)) as info:
+        ext.install_triggers(app)
+    assert "locked" in str(info.value)
+    assert our_objects(sql) == []
+    assert ext.status(app).watches == {"orders": "missing", "locked": "missing"}
+
+
+def test_install_sql_changes_nothing_and_works_when_run(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """install_sql() and `install-triggers --sql` only print; the printed
+    script, run as is, installs working triggers."""
+    sql(ORDERS)
+    app, ext = make_app()
+    ext.watch("orders", columns=["qty"], when_changed=["qty"])
+    statements = ext.install_sql(app)
+    assert statements and all(isinstance(s, str) for s in statements)
+    result = app.test_cli_runner().invoke(args=["dbnotify", "install-triggers", "--sql"])
+    assert result.exit_code == 0, result.output
+    assert all(s in result.output for s in statements)
+    assert our_objects(sql) == []
+    assert ext.status(app).watches == {"orders": "missing"}
+
+    sql(result.output)  # the whole script, as psql would run it
+    assert ext.status(app).watches == {"orders": "installed"}
+    ext.start(app)
+    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    sql("UPDATE orders SET item = 'b'")
+    sql("UPDATE orders SET qty = 2")
+    got = events.wait_for(2)
+    events.assert_no_more(2, marker(ext, app))
+    assert [(e.op.value, e.new) for e in got] == [
+        ("INSERT", {"id": 1, "qty": 1}),
+        ("UPDATE", {"id": 1, "qty": 2}),
+    ]
+
+
+def test_status_follows_the_watch_definition(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """missing -> installed -> outdated when the watch changes; installing
+    the new definition replaces the old triggers (no double events)."""
+    sql(ORDERS)
+    app, ext = make_app()
+    ext.watch("orders")
+    assert ext.status(app).watches == {"orders": "missing"}
+    ext.install_triggers(app)
+    status = ext.status(app)
+    assert status.watches == {"orders": "installed"}
+    assert status.orphaned == []
+
+    changes: list[dict[str, Any]] = [
+        {"columns": ["qty"]},
+        {"when_changed": ["qty"]},
+        {"operations": "insert"},
+    ]
+    for options in changes:
+        other_app, other = make_app()
+        other.watch("orders", **options)
+        status = other.status(other_app)
+        assert status.watches == {"orders": "outdated"}, options
+        assert status.details["orders"]
+
+    new_app, new = make_app()
+    new.watch("orders", columns=["qty"])
+    new.install_triggers(new_app)
+    assert new.status(new_app).watches == {"orders": "installed"}
+    assert ext.status(app).watches == {"orders": "outdated"}
+    assert len(triggers(sql)) == 3
+    new.start(new_app)
+    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    (event,) = events.wait_for(1)
+    events.assert_no_more(1, marker(new, new_app))
+    assert event.new == {"id": 1, "qty": 1}
+
+
+def test_status_reports_errors_with_details(make_app: MakeApp, sql: SQL) -> None:
+    """A watch the database cannot satisfy has status 'error' and says why."""
+    sql(ORDERS)
+    sql("CREATE TABLE nokey (a int)")
+    app, ext = make_app()
+    ext.watch("orders", columns=["ghost_column"])
+    ext.watch("missing_table")
+    ext.watch("nokey")
+    status = ext.status(app)
+    assert status.watches == {
+        "orders": "error",
+        "missing_table": "error",
+        "nokey": "error",
+    }
+    assert "ghost_column" in status.details["orders"]
+    assert "missing_table" in status.details["missing_table"]
+    assert "does not exist" in status.details["missing_table"]
+    assert "primary key" in status.details["nokey"]
+
+
+def test_status_lists_orphaned_objects(make_app: MakeApp, sql: SQL) -> None:
+    """Triggers on tables no watch covers, and functions left by a dropped
+    table, are listed as orphaned."""
+    sql("CREATE TABLE a (id int PRIMARY KEY)")
+    sql("CREATE TABLE b (id int PRIMARY KEY)")
+    old_app, old = make_app()
+    old.watch("a")
+    old.watch("b")
+    old.install_triggers(old_app)
+    b_triggers = [name for name, table in triggers(sql) if table == "b"]
+    assert len(b_triggers) == 3
+
+    app, ext = make_app()
+    ext.watch("a")
+    status = ext.status(app)
+    assert status.watches == {"a": "installed"}
+    assert len(status.orphaned) == 3
+    for name in b_triggers:
+        assert any(name in line for line in status.orphaned), status.orphaned
+
+    sql("DROP TABLE b")  # its triggers go, their functions stay
+    status = ext.status(app)
+    assert len(status.orphaned) == 3
+    for name in b_triggers:
+        assert any(name in line and "function" in line for line in status.orphaned)
+    ext.install_triggers(app)
+    assert ext.status(app).orphaned == []
+
+
+def test_uninstall_stops_delivery(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
+    """After uninstall_triggers(), writes deliver nothing and status is missing."""
+    sql(ORDERS)
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    ext.uninstall_triggers(app)
+    assert triggers(sql) == []
+    assert ext.status(app).watches == {"orders": "missing"}
+    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    sql("UPDATE orders SET qty = 2")
+    sql("DELETE FROM orders")
+    events.assert_no_more(0, marker(ext, app))
+
+
+def test_uninstall_everything_removes_every_object(make_app: MakeApp, sql: SQL) -> None:
+    """uninstall_triggers(everything=True) removes every dbnotify_* object,
+    including triggers no watch covers and the payload table."""
+    sql("CREATE TABLE a (id int PRIMARY KEY)")
+    sql("CREATE TABLE b (id int PRIMARY KEY)")
+    old_app, old = make_app()
+    old.watch("a")
+    old.watch("b")
+    old.install_triggers(old_app)
+    installed = our_objects(sql)
+    assert "relation dbnotify_payload" in installed
+    assert len([o for o in installed if o.startswith("trigger")]) == 6
+
+    app, ext = make_app()
+    ext.watch("a")
+    ext.uninstall_triggers(app, everything=True)
+    assert our_objects(sql) == []
+    assert ext.status(app).watches == {"a": "missing"}
+    assert ext.status(app).orphaned == []
+
+
+def test_object_names_are_prefixed_short_and_distinct(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """Names start with dbnotify_, fit PostgreSQL's 63 bytes even for 63-character
+    table names, and differ between tables and between watch definitions."""
+    long_a, long_b = "a" * 62 + "x", "a" * 62 + "y"
+    for name in (long_a, long_b):
+        sql(
+            pgsql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)")
+            .format(pgsql.Identifier(name))
+            .as_string(sql.conn)
+        )
+    app, ext = make_app()
+    ext.watch(long_a)
+    ext.watch(long_b)
+    ext.install_triggers(app)
+    names = [name for name, _ in triggers(sql)]
+    assert len(set(names)) == 6
+    for name in names:
+        assert name.startswith("dbnotify_")
+        assert len(name.encode()) <= 63
+    assert ext.status(app).watches == {long_a: "installed", long_b: "installed"}
+    ext.start(app)
+    sql(f'INSERT INTO "{long_a}" VALUES (1, 1)')
+    sql(f'INSERT INTO "{long_b}" VALUES (2, 2)')
+    got = events.wait_for(2)
+    events.assert_no_more(2, marker(ext, app))
+    assert [(e.table, e.pk) for e in got] == [(long_a, 1), (long_b, 2)]
+
+    other_app, other = make_app()
+    other.watch(long_a, columns=["id"])
+    other.watch(long_b)
+    other.install_triggers(other_app)
+    renamed = {name for name, table in triggers(sql) if table == long_a}
+    assert len(renamed) == 3
+    assert renamed.isdisjoint(names)
+    assert {name for name, table in triggers(sql) if table == long_b} <= set(names)
+
+
+def test_unknown_table_is_a_watch_error(make_app: MakeApp) -> None:
+    """Installing a watch on a missing table names the table."""
+    app, ext = make_app()
+    ext.watch("nowhere_table")
+    with pytest.raises(WatchError, match="nowhere_table"):
+        ext.install_triggers(app)
+
+
+@pytest.mark.parametrize("option", ["columns", "when_changed"])
+def test_unknown_column_is_a_watch_error(make_app: MakeApp, sql: SQL, option: str) -> None:
+    """A column the table does not have is named in the error."""
+    sql(ORDERS)
+    app, ext = make_app()
+    options: dict[str, Any] = {option: ["qty", "ghost_col"]}
+    ext.watch("orders", **options)
+    with pytest.raises(WatchError, match="ghost_col"):
+        ext.install_triggers(app)
+    with pytest.raises(WatchError, match="ghost_col"):
+        ext.install_sql(app)
+
+
+@pytest.mark.parametrize("option", ["columns", "when_changed"])
+def test_unknown_column_of_a_model_fails_at_watch(make_app: MakeApp, option: str) -> None:
+    """With a model target the typo is caught by watch() itself."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Order(Base):
+        __tablename__ = "orders"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        qty: Mapped[int]
+
+    app, ext = make_app()
+    options: dict[str, Any] = {option: ["ghost_col"]}
+    with pytest.raises(ValueError, match="ghost_col"):
+        ext.watch(Order, **options)
+    assert ext.watches == {}
+
+
+def test_table_without_primary_key_is_a_watch_error(make_app: MakeApp, sql: SQL) -> None:
+    """A table without a primary key cannot be watched, and the error says so."""
+    sql("CREATE TABLE logbook (at timestamptz, line text)")
+    app, ext = make_app()
+    ext.watch("logbook")
+    with pytest.raises(WatchError, match="primary key") as info:
+        ext.install_triggers(app)
+    assert "logbook" in str(info.value)
+
+
+def test_same_table_under_two_names_is_a_watch_error(make_app: MakeApp, sql: SQL) -> None:
+    """'orders' and 'public.orders' are one table: installing both fails."""
+    sql(ORDERS)
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.watch("public.orders")
+    with pytest.raises(WatchError, match="same table"):
+        ext.install_triggers(app)
+    assert triggers(sql) == []
+
+
+def cli_status(app: Flask) -> tuple[int, dict[str, str]]:
+    """Exit code of `flask dbnotify status`, and the state it shows per name."""
+    result = app.test_cli_runner().invoke(args=["dbnotify", "status"])
+    states = {}
+    for line in result.output.splitlines():
+        state, _, rest = line.partition(" ")
+        states[rest.strip().split("  (")[0]] = state
+    return result.exit_code, states
+
+
+def test_cli_install_status_uninstall(make_app: MakeApp, sql: SQL) -> None:
+    """`flask dbnotify status` names each watch and its state and exits 1
+    unless all are installed; install/uninstall change what it shows."""
+    sql(ORDERS)
+    sql("CREATE TABLE customers (id int PRIMARY KEY)")
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.watch("customers")
+    runner = app.test_cli_runner()
+    assert cli_status(app) == (1, {"orders": "missing", "customers": "missing"})
+
+    result = runner.invoke(args=["dbnotify", "install-triggers"])
+    assert result.exit_code == 0, result.output
+    assert len(triggers(sql)) == 6
+    assert cli_status(app) == (0, {"orders": "installed", "customers": "installed"})
+
+    result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--sql"])
+    assert result.exit_code == 0, result.output
+    assert "DROP TRIGGER" in result.output
+    assert len(triggers(sql)) == 6
+
+    result = runner.invoke(args=["dbnotify", "uninstall-triggers"])
+    assert result.exit_code == 0, result.output
+    assert triggers(sql) == []
+    assert cli_status(app) == (1, {"orders": "missing", "customers": "missing"})
+
+    result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--all"])
+    assert result.exit_code == 0, result.output
+    assert our_objects(sql) == []
+
+
+def test_cli_status_shows_errors_and_orphans(make_app: MakeApp, sql: SQL) -> None:
+    """Triggers no watch covers are listed; a watch in error is shown with
+    its reason and makes the exit code 1."""
+    sql(ORDERS)
+    sql("CREATE TABLE customers (id int PRIMARY KEY)")
+    old_app, old = make_app()
+    old.watch("customers")
+    old.install_triggers(old_app)
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    # Orphans are reported, but every watch is installed: exit code 0.
+    code, states = cli_status(app)
+    assert code == 0
+    assert states.pop("orders") == "installed"
+    customers = [name for name, table in triggers(sql) if table == "customers"]
+    assert len(customers) == 3
+    assert list(states.values()) == ["orphaned"] * 3
+    assert all(any(name in line for line in states) for name in customers), states
+    ext.watch("ghost_table")
+    code, states = cli_status(app)
+    assert code == 1
+    assert states["ghost_table"] == "error"
+    result = app.test_cli_runner().invoke(args=["dbnotify", "status"])
+    assert "does not exist" in result.output
+
+
+def test_cli_notify_reaches_a_running_listener(make_app: MakeApp) -> None:
+    """`flask dbnotify notify CHANNEL JSON` delivers; bad JSON is a usage error."""
+    app, ext = make_app()
+    ext.start(app)
+    runner = app.test_cli_runner()
+    received = Recorder()
+    with notification_received.connected_to(received, sender="cache"):
+        result = runner.invoke(args=["dbnotify", "notify", "cache", '{"a":1}'])
+        assert result.exit_code == 0, result.output
+        assert received.wait_for(1, "messages on 'cache'") == [{"a": 1}]
+
+        bad = runner.invoke(args=["dbnotify", "notify", "cache", "{a:1"])
+        assert bad.exit_code == 2
+        assert "JSON" in bad.output
+        received.assert_no_more(1, lambda: ext.notify("cache", "marker", app=app))
+
+
+def test_hostile_names_are_quoted_not_pasted(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """A table and column named like SQL injections install and deliver,
+    and nothing else in the database is touched."""
+    table = "x'; DROP TABLE victims; --"
+    column = "q'\"); DROP TABLE victims; --"
+    sql("CREATE TABLE victims (id int PRIMARY KEY)")
+    sql(
+        pgsql.SQL("CREATE TABLE {} (id int PRIMARY KEY, {} text, other int)")
+        .format(pgsql.Identifier(table), pgsql.Identifier(column))
+        .as_string(sql.conn)
+    )
+    app, ext = make_app()
+    ext.watch(table, columns=[column], when_changed=[column])
+    ext.install_triggers(app)
+    assert ext.status(app).watches == {table: "installed"}
+    ext.start(app)
+    quoted_table = pgsql.Identifier(table).as_string(sql.conn)
+    quoted_column = pgsql.Identifier(column).as_string(sql.conn)
+    own = Recorder()
+    with row_changed.connected_to(own, sender=table):
+        sql(f"INSERT INTO {quoted_table} VALUES (1, %s, 0)", ("'; DROP TABLE victims; --",))
+        sql(f"UPDATE {quoted_table} SET other = 1")
+        sql(f"UPDATE {quoted_table} SET {quoted_column} = 'safe'")
+        sql(f"DELETE FROM {quoted_table}")
+        got = own.wait_for(3)
+    events.assert_no_more(3, marker(ext, app))
+    assert [e.op.value for e in got] == ["INSERT", "UPDATE", "DELETE"]
+    assert got[0].new == {"id": 1, column: "'; DROP TABLE victims; --"}
+    assert got[1].changed == {column}
+    assert sql("SELECT to_regclass('victims') IS NOT NULL") == [(True,)]
+
+    on_channel = Recorder()
+    with notification_received.connected_to(on_channel, sender=table):
+        ext.notify(table, table, app=app)
+        assert on_channel.wait_for(1, "messages on the hostile channel") == [table]
+
+    ext.uninstall_triggers(app, everything=True)
+    assert our_objects(sql) == []
+    assert sql("SELECT to_regclass('victims') IS NOT NULL") == [(True,)]
+
+
+@pytest.mark.parametrize(
+    "migration",
+    ["ALTER TABLE orders DROP COLUMN item", "ALTER TABLE orders RENAME COLUMN item TO thing"],
+    ids=["drop-column", "rename-column"],
+)
+@pytest.mark.parametrize("columns", [None, ["item", "qty"]], ids=["all-columns", "columns="])
+def test_migrating_a_watched_table_does_not_break_writes(
+    make_app: MakeApp, sql: SQL, events: Recorder, migration: str, columns: list[str] | None
+) -> None:
+    """After a migration drops or renames a watched column, and before
+    install-triggers is run again, every write still succeeds and is
+    delivered with the table's new shape. The triggers name no column, so
+    status stays 'installed' unless the watch itself names the lost column."""
+    sql(ORDERS)
+    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    app, ext = make_app()
+    ext.watch("orders", columns=columns)
+    ext.install_triggers(app)
+    ext.start(app)
+    sql(migration)
+    state = ext.status(app).watches["orders"]
+    assert state == ("installed" if columns is None else "error")
+    sql("INSERT INTO orders (id, qty) VALUES (2, 2)")
+    sql("UPDATE orders SET qty = qty + 1")
+    sql("DELETE FROM orders")
+    assert sql("SELECT count(*) FROM orders") == [(0,)]
+    got = events.wait_for(5)
+    assert [(e.op.value, e.pk) for e in got] == [
+        ("INSERT", 2), ("UPDATE", 1), ("UPDATE", 2), ("DELETE", 1), ("DELETE", 2),
+    ]
+    assert all(e.changed == {"qty"} for e in got[1:3])
+    assert "item" not in got[0].new
