@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "DBNOTIFY_PROBE_INTERVAL": 10.0,
     "DBNOTIFY_KEEPALIVE_IDLE": 10,
     "DBNOTIFY_PAYLOAD_RETENTION": 3600.0,
+    "DBNOTIFY_POLL_INTERVAL": 0.05,
 }
 
 
@@ -36,6 +37,7 @@ class Settings:
     probe_interval: float
     keepalive_idle: int
     payload_retention: float
+    poll_interval: float
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -59,6 +61,7 @@ class Settings:
             "DBNOTIFY_PROBE_INTERVAL",
             "DBNOTIFY_KEEPALIVE_IDLE",
             "DBNOTIFY_PAYLOAD_RETENTION",
+            "DBNOTIFY_POLL_INTERVAL",
         ):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -77,4 +80,5 @@ class Settings:
             probe_interval=float(config["DBNOTIFY_PROBE_INTERVAL"]),
             keepalive_idle=max(1, int(config["DBNOTIFY_KEEPALIVE_IDLE"])),
             payload_retention=float(config["DBNOTIFY_PAYLOAD_RETENTION"]),
+            poll_interval=float(config["DBNOTIFY_POLL_INTERVAL"]),
         )

@@ -126,8 +126,7 @@ class Watch:
         changed = _names(when_changed, "when_changed")
         if changed is not None and Operation.UPDATE not in ops:
             raise ValueError(
-                f"when_changed only applies to UPDATE, but {name!r} is not "
-                "watched for 'update'"
+                f"when_changed only applies to UPDATE, but {name!r} is not watched for 'update'"
             )
         if table_obj is not None:
             # Catch typos now; the database check at install time is final.

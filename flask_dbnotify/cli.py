@@ -38,7 +38,9 @@ def install_triggers(print_sql: bool) -> None:
 @dbnotify_cli.command("uninstall-triggers")
 @click.option("--sql", "print_sql", is_flag=True, help="Print the DDL; change nothing.")
 @click.option(
-    "--all", "everything", is_flag=True,
+    "--all",
+    "everything",
+    is_flag=True,
     help="Also drop objects no watch owns, the payload table and the sequence.",
 )
 def uninstall_triggers(print_sql: bool, everything: bool) -> None:

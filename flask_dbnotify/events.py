@@ -30,9 +30,7 @@ class Operation(str, enum.Enum):
                 return cls(value.upper())
             except ValueError:
                 pass
-        raise ValueError(
-            f"unknown operation {value!r}: use 'insert', 'update' or 'delete'"
-        )
+        raise ValueError(f"unknown operation {value!r}: use 'insert', 'update' or 'delete'")
 
 
 @dataclass(frozen=True, slots=True)

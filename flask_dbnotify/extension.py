@@ -33,7 +33,7 @@ class _State:
         self.app = app
         self.settings = settings
         self.backend: Backend = backend_for(
-            settings.database_uri, settings.listen_uri, settings.schema
+            settings.database_uri, settings.listen_uri, settings.schema, app.instance_path
         )
         self.listener = Listener(self)
         # True when the listener should run in this process (or in its forks).
@@ -92,9 +92,7 @@ class DBNotify:
             else:
                 apps = list(self._apps)
                 if len(apps) != 1:
-                    raise RuntimeError(
-                        "no app to use: pass app=..., or work inside an app context"
-                    )
+                    raise RuntimeError("no app to use: pass app=..., or work inside an app context")
                 app = apps[0]
         state = app.extensions.get("dbnotify")
         if state is None or state.ext is not self:

@@ -118,17 +118,44 @@ class Backend(abc.ABC):
                 conn.exec_driver_sql(statement)
 
 
-def backend_for(uri: str, listen_uri: str | None, schema: str) -> Backend:
-    """Return the backend for a database URL."""
+def execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:
+    """Run ``statement`` on a SQLAlchemy Connection or Session, or on a
+    DB-API connection, inside its current transaction."""
+    if isinstance(connection, sa.Connection):
+        connection.exec_driver_sql(statement, params)
+    elif hasattr(connection, "connection") and hasattr(connection, "get_bind"):
+        # A Session (or scoped_session): its Connection for this transaction.
+        connection.connection().exec_driver_sql(statement, params)
+    elif hasattr(connection, "cursor"):
+        cur = connection.cursor()
+        try:
+            cur.execute(statement, params)
+        finally:
+            cur.close()
+    else:
+        raise TypeError(
+            "connection must be a SQLAlchemy Connection or Session, or a DB-API "
+            f"connection, not {type(connection).__name__}"
+        )
+
+
+def backend_for(uri: str, listen_uri: str | None, schema: str, root: str) -> Backend:
+    """Return the backend for a database URL; ``root`` anchors relative
+    SQLite paths (the app's instance folder)."""
     try:
         url = sa.make_url(uri)
     except sa.exc.ArgumentError as exc:
         raise ValueError(f"cannot read database URL {uri!r}: {exc}") from None
-    if url.get_backend_name() == "postgresql":
+    name = url.get_backend_name()
+    if name == "postgresql":
         from .postgresql import PostgreSQLBackend
 
         return PostgreSQLBackend.from_url(url, listen_uri, schema)
+    if name == "sqlite":
+        from .sqlite import SQLiteBackend
+
+        return SQLiteBackend.from_url(url, root)
     raise ValueError(
         f"unsupported database URL {url.render_as_string()!r}: "
-        "Flask-DBNotify works with postgresql:// URLs"
+        "Flask-DBNotify works with postgresql:// and sqlite:/// URLs"
     )

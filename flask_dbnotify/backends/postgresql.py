@@ -28,7 +28,7 @@ from .. import _payload
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
 from ..events import Operation
-from . import Backend, Item, Status, Stream
+from . import Backend, Item, Status, Stream, execute_on
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
     for col in (watch.columns or ()) + (watch.when_changed or ()):
         if col not in columns:
             raise WatchError(
-                f"table {_describe(watch)!r} has no column {col!r} "
-                f"(columns: {', '.join(columns)})"
+                f"table {_describe(watch)!r} has no column {col!r} (columns: {', '.join(columns)})"
             )
     cur.execute(_PRIMARY_KEY, (oid,))
     pk = tuple(name for (name,) in cur.fetchall())
@@ -390,7 +389,9 @@ class PostgreSQLBackend(Backend):
     def from_url(cls, url: sa.URL, listen_uri: str | None, schema: str) -> PostgreSQLBackend:
         # Our own small engine for DDL and notify(); always psycopg2.
         engine = sa.create_engine(
-            url.set(drivername="postgresql+psycopg2"), pool_size=2, max_overflow=4,
+            url.set(drivername="postgresql+psycopg2"),
+            pool_size=2,
+            max_overflow=4,
             pool_pre_ping=True,
         )
         listen_url = sa.make_url(listen_uri) if listen_uri else url
@@ -467,9 +468,7 @@ class PostgreSQLBackend(Backend):
             statements += b.drop_function(self.schema, name)
         return statements
 
-    def _unused_functions(
-        self, cur: Any, installed: list[Installed], keep: set[str]
-    ) -> list[str]:
+    def _unused_functions(self, cur: Any, installed: list[Installed], keep: set[str]) -> list[str]:
         in_use = {o.function for o in installed if o.function_schema == self.schema} | keep
         cur.execute(_OUR_FUNCTIONS, (self.schema,))
         return [
@@ -568,7 +567,7 @@ class PostgreSQLBackend(Backend):
             statement = "SELECT pg_notify(%(channel)s, %(payload)s)"
         else:
             statement = (
-                "SELECT pg_notify(%(channel)s, '{\"v\":1,\"ref\":' || "
+                'SELECT pg_notify(%(channel)s, \'{"v":1,"ref":\' || '
                 + _quoted(self.schema, "dbnotify_spill")
                 + "(%(payload)s) || '}')"
             )
@@ -577,7 +576,7 @@ class PostgreSQLBackend(Backend):
             with self.engine.begin() as conn:
                 conn.exec_driver_sql(statement, params)
             return
-        _execute_on(connection, statement, params)
+        execute_on(connection, statement, params)
 
     def open_stream(self, settings: Any) -> Stream:
         return PostgreSQLStream(self, settings)
@@ -585,24 +584,6 @@ class PostgreSQLBackend(Backend):
 
 def _quoted(schema: str, name: str) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
-
-
-def _execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:
-    """Run ``statement`` on a SQLAlchemy Connection or Session, or on a
-    DB-API connection, inside its current transaction."""
-    if isinstance(connection, sa.Connection):
-        connection.exec_driver_sql(statement, params)
-    elif hasattr(connection, "connection") and hasattr(connection, "get_bind"):
-        # A Session (or scoped_session): its Connection for this transaction.
-        connection.connection().exec_driver_sql(statement, params)
-    elif hasattr(connection, "cursor"):
-        with connection.cursor() as cur:
-            cur.execute(statement, params)
-    else:
-        raise TypeError(
-            "connection must be a SQLAlchemy Connection or Session, or a DB-API "
-            f"connection, not {type(connection).__name__}"
-        )
 
 
 def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
