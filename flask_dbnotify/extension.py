@@ -185,10 +185,16 @@ class DBNotify:
         """
         if once:
             raise NotImplementedError("once=True is not available yet")
-        name = resolve_target(target)[0]
+        name, _, _, table = resolve_target(target)
 
         def decorator(func: F) -> F:
             sub = Subscription.create(func, operations, where)
+            if table is not None:
+                for col, _ in sub.where:
+                    if col not in table.columns:
+                        raise ValueError(
+                            f"where= uses column {col!r}, which table {name!r} does not have"
+                        )
             watch = self.watches.get(name)
             if watch is None:
                 watch = Watch.create(target, implicit=True)

@@ -1,0 +1,1 @@
+"""Small applications the tests run in subprocesses."""
