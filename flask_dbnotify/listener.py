@@ -36,6 +36,7 @@ _OP_SIGNALS: dict[Operation, NamedSignal] = {
     Operation.UPDATE: row_updated,
     Operation.DELETE: row_deleted,
 }
+#: Housekeeping runs at most this often (and twice per retention period).
 _PRUNE_EVERY = 60.0
 
 
@@ -169,12 +170,13 @@ class Listener:
     def _serve(self, stream: Stream) -> None:
         settings = self._state.settings
         idle_limit = settings.probe_interval
+        prune_every = min(_PRUNE_EVERY, settings.payload_retention / 2)
         last_seen = last_prune = time.monotonic()
         while True:
             if self._check_pending:
                 self._check_pending = False
                 self._check_triggers()
-            stream.wait(idle_limit, self._wake_r)
+            stream.wait(min(idle_limit, prune_every), self._wake_r)
             self._drain_wake()
             if self._stop.is_set():
                 return
@@ -186,7 +188,7 @@ class Listener:
             elif now - last_seen >= idle_limit:
                 stream.probe()
                 last_seen = now
-            if now - last_prune >= _PRUNE_EVERY:
+            if now - last_prune >= prune_every:
                 last_prune = now
                 self._prune()
 

@@ -1,0 +1,136 @@
+"""A small shop whose order board updates live when orders change.
+
+Run it (from the repository root)::
+
+    flask --app example_app dbnotify install-triggers
+    flask --app example_app run
+
+then change orders from anywhere: the page, another terminal
+(``python -m example_app.add_order "tea"``), or ``sqlite3`` on
+``example_app/instance/example.db``. Set ``EXAMPLE_DATABASE_URL`` to run it on
+PostgreSQL instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Flask, Response, redirect, render_template, request, url_for
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from flask_dbnotify import ChangeEvent, DBNotify, row_changed
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+dbnotify = DBNotify()
+
+
+class Order(db.Model):  # type: ignore[name-defined,misc]
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item: Mapped[str]
+    status: Mapped[str] = mapped_column(default="new")
+    created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(timezone.utc))
+
+
+dbnotify.watch(Order)
+
+
+class Broadcast:
+    """Fans events out to every open page (one queue per browser tab)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queues: set[queue.Queue[str]] = set()
+
+    def publish(self, message: str) -> None:
+        with self.lock:
+            for q in self.queues:
+                q.put(message)
+
+    def stream(self) -> Iterator[str]:
+        q: queue.Queue[str] = queue.Queue()
+        with self.lock:
+            self.queues.add(q)
+        try:
+            yield ": connected\n\n"
+            while True:
+                try:
+                    yield f"data: {q.get(timeout=15)}\n\n"
+                except queue.Empty:
+                    yield ": keep-alive\n\n"
+        finally:
+            with self.lock:
+                self.queues.discard(q)
+
+
+board = Broadcast()
+
+
+@row_changed.connect_via(Order.__table__.fullname)
+def on_order_changed(sender: str, event: ChangeEvent, **extra: Any) -> None:
+    # Runs in the listener thread, for changes from any writer.
+    order = event.instance(Order)
+    board.publish(
+        json.dumps(
+            {
+                "op": event.op.value,
+                "id": event.pk,
+                "item": order.item,
+                "status": order.status,
+                "changed": sorted(event.changed),
+            }
+        )
+    )
+
+
+def create_app(**config: Any) -> Flask:
+    # Keep the database beside the example: example_app/instance/example.db.
+    app = Flask(__name__, instance_path=os.path.join(os.path.dirname(__file__), "instance"))
+    os.makedirs(app.instance_path, exist_ok=True)
+    url = make_url(os.environ.get("EXAMPLE_DATABASE_URL", "sqlite:///example.db"))
+    if url.drivername == "postgresql":
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; use the
+        # psycopg2 that Flask-DBNotify brings.
+        url = url.set(drivername="postgresql+psycopg2")
+    app.config["SQLALCHEMY_DATABASE_URI"] = url
+    app.config.update(config)
+    db.init_app(app)
+    with app.app_context():
+        db.create_all()
+    dbnotify.init_app(app)
+
+    @app.get("/")
+    def index() -> str:
+        orders = db.session.scalars(db.select(Order).order_by(Order.id.desc())).all()
+        return render_template("board.html", orders=orders)
+
+    @app.post("/orders")
+    def add() -> Any:
+        db.session.add(Order(item=request.form["item"] or "something"))
+        db.session.commit()
+        return redirect(url_for("index"))
+
+    @app.post("/orders/<int:order_id>/ship")
+    def ship(order_id: int) -> Any:
+        db.get_or_404(Order, order_id).status = "shipped"
+        db.session.commit()
+        return redirect(url_for("index"))
+
+    @app.get("/events")
+    def events() -> Response:
+        return Response(board.stream(), mimetype="text/event-stream")
+
+    return app
