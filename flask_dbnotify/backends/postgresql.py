@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import select
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -597,10 +598,18 @@ def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
 
 
 class PostgreSQLStream(Stream):
-    """A dedicated autocommit connection that LISTENs and nothing else."""
+    """A dedicated connection that LISTENs and runs nothing else but a
+    liveness probe and the read of stored payloads.
+
+    It is an asynchronous psycopg2 connection (always autocommit), so every
+    query waits in ``select()`` with a deadline: a peer that stops answering
+    without closing (a stalled proxy or load balancer) is noticed by the
+    probe's timeout, not only by TCP keepalives.
+    """
 
     def __init__(self, backend: PostgreSQLBackend, settings: Any) -> None:
         self.schema = backend.schema
+        self.timeout = settings.connect_timeout
         kwargs = {
             "application_name": "flask-dbnotify listener",
             "connect_timeout": max(1, int(settings.connect_timeout)),
@@ -612,14 +621,35 @@ class PostgreSQLStream(Stream):
             "tcp_user_timeout": int(settings.keepalive_idle * 2000),
             **backend.connect_kwargs,
         }
-        self.conn = psycopg2.connect(**kwargs)
+        self.conn = psycopg2.connect(**kwargs, async_=True)
         try:
-            self.conn.autocommit = True
+            self._wait("connecting")
             self.cur = self.conn.cursor()
-            self.cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            self._run(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         except BaseException:
             self.conn.close()
             raise
+
+    def _wait(self, what: str) -> None:
+        """Drive the connection until its current operation is done."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            state = self.conn.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise psycopg2.OperationalError(
+                    f"no answer from the server within {self.timeout:g}s while {what}"
+                )
+            if state == psycopg2.extensions.POLL_READ:
+                select.select([self.conn], [], [], left)
+            else:
+                select.select([], [self.conn], [], left)
+
+    def _run(self, statement: Any, params: Any = None) -> None:
+        self.cur.execute(statement, params)
+        self._wait("running a query")
 
     def fileno(self) -> int:
         return self.conn.fileno()  # type: ignore[no-any-return]
@@ -646,7 +676,7 @@ class PostgreSQLStream(Stream):
         return items
 
     def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
-        self.cur.execute(
+        self._run(
             "SELECT id, body FROM {} WHERE id = ANY(%s)".format(
                 _quoted(self.schema, "dbnotify_payload")
             ),
@@ -655,7 +685,7 @@ class PostgreSQLStream(Stream):
         return dict(self.cur.fetchall())
 
     def probe(self) -> None:
-        self.cur.execute("SELECT 1")
+        self._run("SELECT 1")
         self.cur.fetchall()
 
     def close(self) -> None:
