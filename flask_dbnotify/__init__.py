@@ -5,7 +5,9 @@ from __future__ import annotations
 from .errors import DBNotifyError, ListenerError, WatchError
 from .events import ChangeEvent, Operation
 from .extension import DBNotify
+from .listener import ListenerState
 from .signals import (
+    events_dropped,
     listener_connected,
     listener_disconnected,
     notification_received,
@@ -21,8 +23,10 @@ __all__ = [
     "DBNotify",
     "DBNotifyError",
     "ListenerError",
+    "ListenerState",
     "Operation",
     "WatchError",
+    "events_dropped",
     "listener_connected",
     "listener_disconnected",
     "notification_received",

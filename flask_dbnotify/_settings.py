@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "DBNOTIFY_KEEPALIVE_IDLE": 10,
     "DBNOTIFY_PAYLOAD_RETENTION": 3600.0,
     "DBNOTIFY_POLL_INTERVAL": 0.05,
+    "DBNOTIFY_QUEUE_SIZE": 10000,
 }
 
 
@@ -38,6 +39,7 @@ class Settings:
     keepalive_idle: int
     payload_retention: float
     poll_interval: float
+    queue_size: int
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -66,6 +68,9 @@ class Settings:
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
+        queue_size = config["DBNOTIFY_QUEUE_SIZE"]
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"DBNOTIFY_QUEUE_SIZE must be a positive integer, not {queue_size!r}")
         schema = config["DBNOTIFY_SCHEMA"]
         if not isinstance(schema, str) or not schema:
             raise ValueError(f"DBNOTIFY_SCHEMA must be a schema name, not {schema!r}")
@@ -81,4 +86,5 @@ class Settings:
             keepalive_idle=max(1, int(config["DBNOTIFY_KEEPALIVE_IDLE"])),
             payload_retention=float(config["DBNOTIFY_PAYLOAD_RETENTION"]),
             poll_interval=float(config["DBNOTIFY_POLL_INTERVAL"]),
+            queue_size=queue_size,
         )

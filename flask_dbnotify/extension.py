@@ -18,7 +18,7 @@ from ._settings import Settings
 from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
 from .events import Operation
-from .listener import Listener, stop_all
+from .listener import Listener, ListenerState, stop_all
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,6 +123,10 @@ class DBNotify:
     def is_running(self, app: Flask | None = None) -> bool:
         """Whether the app's listener thread is alive."""
         return self._state(app).listener.running
+
+    def listener_state(self, app: Flask | None = None) -> ListenerState:
+        """A snapshot of the app's listener: connection, counters, last error."""
+        return self._state(app).listener.snapshot()
 
     # -- what to watch ------------------------------------------------------
 

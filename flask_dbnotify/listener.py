@@ -1,4 +1,13 @@
-"""The listener thread: wait, read, dispatch, reconnect."""
+"""The listener: a reader thread, a bounded queue, a dispatcher thread.
+
+The reader waits on the database connection, decodes what arrives and
+queues it; it never runs receivers, so a slow receiver cannot stop it from
+draining the connection (on PostgreSQL a listener that stops reading holds
+back the server-wide notification queue, and when that fills every
+notifying commit fails). The dispatcher runs receivers with an app context
+pushed. When the queue is full, new events are dropped and reported with
+``events_dropped``, in order, where they would have been.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +16,19 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 
-from .backends import Item, Notification, Stream
+from .backends import Notification, Stream
 from .errors import ListenerError
 from .events import ChangeEvent, Operation
 from .signals import (
+    events_dropped,
     listener_connected,
     listener_disconnected,
     notification_received,
@@ -40,13 +53,51 @@ _OP_SIGNALS: dict[Operation, NamedSignal] = {
 _PRUNE_EVERY = 60.0
 
 
+@dataclass(frozen=True)
+class ListenerState:
+    """A snapshot of one app's listener, from :meth:`DBNotify.listener_state`."""
+
+    running: bool
+    connected: bool
+    #: When the current connection was made (``None`` while disconnected).
+    connected_since: datetime | None
+    #: Events and messages read from the database since the app started.
+    received: int
+    #: Events and messages whose receivers have all run.
+    dispatched: int
+    #: Waiting for the dispatcher now.
+    queued: int
+    #: Dropped because the queue was full.
+    dropped: int
+    reconnects: int
+    last_error: str | None
+
+
+class _Signal:
+    """A lifecycle signal queued between events, so receivers see it in order."""
+
+    __slots__ = ("signal", "kwargs")
+
+    def __init__(self, signal: NamedSignal, **kwargs: Any) -> None:
+        self.signal = signal
+        self.kwargs = kwargs
+
+
 class Listener:
-    """One app's listener: a daemon thread that owns a :class:`Stream`."""
+    """One app's listener threads and their queue."""
 
     def __init__(self, state: _State) -> None:
         self._state = state
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._reset()
+        self._received = self._dispatched = self._dropped = self._reconnects = 0
+        self._connected_since: datetime | None = None
+        self._last_error: str | None = None
+
+    def _reset(self) -> None:
+        """Fresh threads, pipe and queue (at init and after fork)."""
+        self._reader: threading.Thread | None = None
+        self._dispatcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -55,14 +106,30 @@ class Listener:
         self._check_pending = True
         self._first_attempt = threading.Event()
         self._first_error: BaseException | None = None
+        self._queue: deque[Any] = deque()
+        self._queued = 0
+        self._ready = threading.Condition(threading.Lock())
 
     @property
     def running(self) -> bool:
-        thread = self._thread
+        thread = self._reader
         return thread is not None and thread.is_alive()
 
+    def snapshot(self) -> ListenerState:
+        return ListenerState(
+            running=self.running,
+            connected=self._stream is not None,
+            connected_since=self._connected_since,
+            received=self._received,
+            dispatched=self._dispatched,
+            queued=self._queued,
+            dropped=self._dropped,
+            reconnects=self._reconnects,
+            last_error=self._last_error,
+        )
+
     def start(self, timeout: float | None, raise_on_failure: bool) -> None:
-        """Start the thread and wait for its first connection attempt."""
+        """Start the threads and wait for the first connection attempt."""
         with self._lock:
             if self.running:
                 return
@@ -70,13 +137,15 @@ class Listener:
             self._first_attempt = threading.Event()
             self._first_error = None
             self._check_pending = True
-            thread = threading.Thread(
-                target=self._run,
-                name=f"dbnotify-listener[{self._state.app.name}]",
-                daemon=True,
+            name = self._state.app.name
+            self._dispatcher = threading.Thread(
+                target=self._dispatch_loop, name=f"dbnotify-dispatch[{name}]", daemon=True
             )
-            self._thread = thread
-            thread.start()
+            self._reader = threading.Thread(
+                target=self._run, name=f"dbnotify-listener[{name}]", daemon=True
+            )
+            self._dispatcher.start()
+            self._reader.start()
         if timeout is None or timeout > 0:
             self._first_attempt.wait(timeout)
             error = self._first_error
@@ -85,22 +154,30 @@ class Listener:
                 raise ListenerError(f"the listener could not connect: {error}") from error
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the thread and close its connection; safe to call twice."""
+        """Stop both threads and close the connection; safe to call twice.
+
+        Receivers already running finish; events still queued are dropped
+        (they are counted in ``dropped``)."""
         with self._lock:
-            thread = self._thread
+            threads = [t for t in (self._reader, self._dispatcher) if t is not None]
             self._stop.set()
             self.wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            with self._ready:
+                self._ready.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is threading.current_thread():
+                continue  # stop() from a receiver: the thread ends on return
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                log.warning("listener thread still busy after %.1fs; left as daemon", timeout)
+                log.warning("%s still busy after %ss; left as a daemon", thread.name, timeout)
 
     def wake(self) -> None:
-        """Interrupt the thread's wait (to stop, or to re-check triggers)."""
+        """Interrupt the reader's wait (to stop, or to re-check triggers)."""
         try:
             os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # A full pipe wakes the thread just as well.
+        except OSError:
+            pass  # A full pipe wakes the reader just as well.
 
     def recheck_triggers(self) -> None:
         self._check_pending = True
@@ -108,30 +185,28 @@ class Listener:
             self.wake()
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's thread and connection."""
-        stream, self._stream = self._stream, None
+        """In a forked child: forget the parent's threads and connection."""
+        stream = self._stream
         if stream is not None:
             stream.discard()
-        self._lock = threading.Lock()
-        self._thread = None
-        self._stop = threading.Event()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()
+        self._reset()
+        self._received = self._dispatched = self._dropped = self._reconnects = 0
+        self._connected_since = None
 
-    # -- the thread ---------------------------------------------------------
+    # -- the reader ---------------------------------------------------------
 
     def _run(self) -> None:
         state = self._state
-        settings = state.settings
         connected_before = False
         failures = 0
         while not self._stop.is_set():
             try:
-                stream = state.backend.open_stream(settings)
+                stream = state.backend.open_stream(state.settings)
             except Exception as exc:  # noqa: BLE001 - any failure means retry
+                self._last_error = str(exc)
                 if not self._first_attempt.is_set():
                     self._first_error = exc
                     self._first_attempt.set()
@@ -140,22 +215,27 @@ class Listener:
                 self._backoff(failures)
                 continue
             self._stream = stream
+            self._connected_since = datetime.now(timezone.utc)
+            if connected_before:
+                self._reconnects += 1
             failures = 0
             gap = connected_before and not state.backend.durable_by_nature
+            self._put([_Signal(listener_connected, reconnect=connected_before, gap=gap)], 0)
             self._first_attempt.set()
-            self._send_lifecycle(listener_connected, reconnect=connected_before, gap=gap)
             connected_before = True
             try:
                 self._serve(stream)
             except Exception as exc:  # noqa: BLE001 - the connection is gone
                 if self._stop.is_set():
                     break
+                self._last_error = str(exc)
                 log.warning("listener lost its connection: %s", exc)
-                self._send_lifecycle(listener_disconnected, error=exc)
+                self._put([_Signal(listener_disconnected, error=exc)], 0)
                 failures += 1
                 self._backoff(failures)
             finally:
                 self._stream = None
+                self._connected_since = None
                 try:
                     stream.close()
                 except Exception:  # noqa: BLE001 - closing a dead connection
@@ -184,7 +264,8 @@ class Listener:
             now = time.monotonic()
             if items:
                 last_seen = now
-                self._dispatch(items)
+                self._received += len(items)
+                self._put(items, len(items))
             elif now - last_seen >= idle_limit:
                 stream.probe()
                 last_seen = now
@@ -192,11 +273,29 @@ class Listener:
                 last_prune = now
                 self._prune()
 
+    def _put(self, items: list[Any], count: int) -> None:
+        """Queue ``items`` (``count`` of them events); drop what does not fit."""
+        capacity = self._state.settings.queue_size
+        with self._ready:
+            room = capacity - self._queued
+            if count > room:
+                kept = items[: max(room, 0)]
+                lost = count - len(kept)
+                self._dropped += lost
+                log.warning("dispatch queue full (%d): dropped %d events", capacity, lost)
+                self._queue.append(kept)
+                self._queue.append([_Signal(events_dropped, count=lost)])
+                self._queued += len(kept)
+            else:
+                self._queue.append(items)
+                self._queued += count
+            self._ready.notify()
+
     def _drain_wake(self) -> None:
         try:
             while os.read(self._wake_r, 512):
                 pass
-        except (BlockingIOError, OSError):
+        except OSError:
             pass
 
     def _check_triggers(self) -> None:
@@ -224,26 +323,54 @@ class Listener:
         except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
             log.debug("could not prune stored payloads: %s", exc)
 
-    # -- dispatch -----------------------------------------------------------
+    # -- the dispatcher -----------------------------------------------------
 
-    def _dispatch(self, items: list[Item]) -> None:
+    def _dispatch_loop(self) -> None:
+        ready, queue = self._ready, self._queue
+        while True:
+            with ready:
+                while not queue and not self._stop.is_set():
+                    ready.wait()
+                if self._stop.is_set():
+                    if self._queued:
+                        log.info("listener stopped with %d events undelivered", self._queued)
+                        self._dropped += self._queued
+                    queue.clear()
+                    self._queued = 0
+                    return
+                batches = list(queue)
+                queue.clear()
+            self._dispatch(batches)
+
+    def _dispatch(self, batches: list[list[Any]]) -> None:
         app = self._state.app
         subscriptions = self._state.ext.subscriptions
         with app.app_context():
-            for item in items:
-                if isinstance(item, ChangeEvent):
-                    table = item.table
-                    for signal in (_OP_SIGNALS[item.op], row_changed):
-                        if signal.receivers:
-                            for receiver in signal.receivers_for(table):
-                                self._call(receiver, item, table, event=item)
-                    for sub in subscriptions.get(table, ()):
-                        if sub.matches(item):
-                            self._call(sub.func, item, item)
-                elif isinstance(item, Notification):
-                    if notification_received.receivers:
-                        for receiver in notification_received.receivers_for(item.channel):
-                            self._call(receiver, item.payload, item.channel, payload=item.payload)
+            for items in batches:
+                for item in items:
+                    if isinstance(item, ChangeEvent):
+                        table = item.table
+                        for signal in (_OP_SIGNALS[item.op], row_changed):
+                            if signal.receivers:
+                                for receiver in signal.receivers_for(table):
+                                    self._call(receiver, item, table, event=item)
+                        for sub in subscriptions.get(table, ()):
+                            if sub.matches(item):
+                                self._call(sub.func, item, item)
+                    elif isinstance(item, Notification):
+                        if notification_received.receivers:
+                            for receiver in notification_received.receivers_for(item.channel):
+                                self._call(
+                                    receiver, item.payload, item.channel, payload=item.payload
+                                )
+                    else:
+                        self._send_lifecycle(item)
+                        continue
+                    self._dispatched += 1
+                with self._ready:
+                    self._queued -= sum(1 for i in items if not isinstance(i, _Signal))
+                if self._stop.is_set():
+                    return
 
     def _call(
         self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any
@@ -259,14 +386,13 @@ class Listener:
                 except Exception:  # noqa: BLE001
                     log.exception("receiver_failed receiver %r failed", failed)
 
-    def _send_lifecycle(self, signal: NamedSignal, **kwargs: Any) -> None:
+    def _send_lifecycle(self, item: _Signal) -> None:
         app = self._state.app
-        with app.app_context():
-            for receiver in signal.receivers_for(app):
-                try:
-                    receiver(app, **kwargs)
-                except Exception:  # noqa: BLE001
-                    log.exception("%s receiver %r failed", signal.name, receiver)
+        for receiver in item.signal.receivers_for(app):
+            try:
+                receiver(app, **item.kwargs)
+            except Exception:  # noqa: BLE001
+                log.exception("%s receiver %r failed", item.signal.name, receiver)
 
 
 def stop_all(listeners: list[Listener]) -> None:
@@ -275,6 +401,3 @@ def stop_all(listeners: list[Listener]) -> None:
             listener.stop(timeout=2.0)
         except Exception:  # noqa: BLE001 - interpreter exit
             pass
-
-
-__all__ = ["Listener", "ListenerError"]

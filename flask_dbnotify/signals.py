@@ -40,6 +40,12 @@ listener_connected = _signals.signal("dbnotify.listener-connected")
 listener_disconnected = _signals.signal("dbnotify.listener-disconnected")
 """The listener lost its connection. Sender: the app. Kwargs: ``error``."""
 
+events_dropped = _signals.signal("dbnotify.events-dropped")
+"""Events were dropped because receivers fell more than
+``DBNOTIFY_QUEUE_SIZE`` events behind (or the listener stopped with events
+queued). Sender: the app. Kwargs: ``count``. Sent in order, between the
+events before and after the loss."""
+
 receiver_failed = _signals.signal("dbnotify.receiver-failed")
 """A receiver raised. Sender: the app. Kwargs: ``receiver``, ``event`` (the
 :class:`~flask_dbnotify.ChangeEvent`, or the payload of a notification) and
