@@ -68,6 +68,8 @@ def status() -> None:
         click.echo(f"{'orphaned':<10} {obj}")
     if not result.watches:
         click.echo("no watches")
+    for label, value in result.health.items():
+        click.echo(f"{label}: {value}")
     if any(value != "installed" for value in result.watches.values()):
         sys.exit(1)
 

@@ -379,9 +379,14 @@ def cli_status(app: Flask) -> tuple[int, dict[str, str]]:
     """Exit code of `flask dbnotify status`, and the state it shows per name."""
     result = app.test_cli_runner().invoke(args=["dbnotify", "status"])
     states = {}
-    for line in result.output.splitlines():
+    lines = result.output.splitlines()
+    for line in lines:
         state, _, rest = line.partition(" ")
-        states[rest.strip().split("  (")[0]] = state
+        if state in ("installed", "outdated", "missing", "error", "orphaned"):
+            states[rest.strip().split("  (")[0]] = state
+    # After the watches: the database side's health, one "label: value" a line.
+    assert any(line.startswith("notification queue: ") for line in lines), result.output
+    assert "listeners: " in result.output, result.output
     return result.exit_code, states
 
 

@@ -37,6 +37,9 @@ class Status:
     watches: dict[str, WatchState] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)
     orphaned: list[str] = field(default_factory=list)
+    #: Health of the database side: queue usage, listener sessions, journal
+    #: size; label to value, for people to read.
+    health: dict[str, str] = field(default_factory=dict)
 
 
 class Stream(abc.ABC):

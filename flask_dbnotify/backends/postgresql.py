@@ -34,6 +34,8 @@ from . import Backend, Item, Status, Stream, execute_on
 log = logging.getLogger(__name__)
 
 CHANNEL = "dbnotify"
+#: application_name of listener sessions, as pg_stat_activity shows them.
+LISTENER_NAME = "flask-dbnotify listener"
 #: Bumped whenever the generated SQL changes shape; part of every hash.
 DDL_VERSION = 3
 #: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
@@ -546,9 +548,35 @@ class PostgreSQLBackend(Backend):
                     status.orphaned.append(f"trigger {obj.trigger} on {obj.schema}.{obj.table}")
             for name in self._unused_functions(cur, installed, expected_functions):
                 status.orphaned.append(f"function {self.schema}.{name}()")
+            self._health(cur, status.health)
             return status
 
         return self._cursor_do(work)  # type: ignore[no-any-return]
+
+    def _health(self, cur: Any, health: dict[str, str]) -> None:
+        cur.execute("SELECT pg_notification_queue_usage()")
+        health["notification queue"] = f"{cur.fetchone()[0]:.2%} used"
+        cur.execute(
+            "SELECT pid, coalesce(host(client_addr), 'local'), backend_start, state "
+            "FROM pg_stat_activity WHERE application_name = %s "
+            "AND datname = current_database() ORDER BY backend_start",
+            (LISTENER_NAME,),
+        )
+        rows = cur.fetchall()
+        health["listeners"] = str(len(rows))
+        for pid, client, since, state in rows:
+            health[f"listener {pid}"] = f"from {client}, since {since:%Y-%m-%d %H:%M:%S%z}, {state}"
+        cur.execute("SELECT to_regclass(%s)", (_quoted(self.schema, "dbnotify_payload"),))
+        if cur.fetchone()[0] is not None:
+            cur.execute(
+                "SELECT count(*), min(created_at) FROM {}".format(
+                    _quoted(self.schema, "dbnotify_payload")
+                )
+            )
+            count, oldest = cur.fetchone()
+            health["stored payloads"] = str(count) + (
+                f", oldest {oldest:%Y-%m-%d %H:%M:%S%z}" if oldest else ""
+            )
 
     def prune(self, retention: float) -> None:
         with self.engine.begin() as conn:
@@ -611,7 +639,7 @@ class PostgreSQLStream(Stream):
         self.schema = backend.schema
         self.timeout = settings.connect_timeout
         kwargs = {
-            "application_name": "flask-dbnotify listener",
+            "application_name": LISTENER_NAME,
             "connect_timeout": max(1, int(settings.connect_timeout)),
             "keepalives": 1,
             "keepalives_idle": settings.keepalive_idle,

@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -302,9 +303,28 @@ class SQLiteBackend(Backend):
             for name, tbl in installed:
                 if tbl.lower() not in covered:
                     status.orphaned.append(f"trigger {name} on {tbl}")
+            self._health(conn, status.health)
             return status
 
         return self._with_conn(work)  # type: ignore[no-any-return]
+
+    def _health(self, conn: sqlite3.Connection, health: dict[str, str]) -> None:
+        health["journal mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        try:
+            count, last, oldest = conn.execute(
+                "SELECT count(*), max(id), min(created_at) FROM dbnotify_journal"
+            ).fetchone()
+            listeners = conn.execute(
+                "SELECT name, position, seen_at FROM dbnotify_listeners ORDER BY name"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return  # Not installed.
+        health["journal"] = f"{count} rows, last id {last or 0}" + (
+            f", oldest {_iso(oldest)}" if oldest else ""
+        )
+        health["listeners"] = str(len(listeners))
+        for name, position, seen_at in listeners:
+            health[f"listener {name}"] = f"read to id {position}, seen {_iso(seen_at)}"
 
     # -- journal housekeeping ------------------------------------------------
 
@@ -353,6 +373,10 @@ class SQLiteBackend(Backend):
 
     def open_stream(self, settings: Any) -> Stream:
         return SQLiteStream(self, settings)
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z")
 
 
 def _autocommit(conn: sqlite3.Connection, statement: str, params: dict[str, Any]) -> None:
