@@ -1,12 +1,17 @@
 """The listener: a reader thread, a bounded queue, a dispatcher thread.
 
-The reader waits on the database connection, decodes what arrives and
-queues it; it never runs receivers, so a slow receiver cannot stop it from
-draining the connection (on PostgreSQL a listener that stops reading holds
-back the server-wide notification queue, and when that fills every
-notifying commit fails). The dispatcher runs receivers with an app context
-pushed. When the queue is full, new events are dropped and reported with
-``events_dropped``, in order, where they would have been.
+The reader waits on the database connection and queues what arrives,
+undecoded, so it stays cheap and leaves the CPU to the dispatcher, which
+decodes and runs receivers with an app context pushed. A slow receiver
+therefore never stops the reader from draining the connection: on
+PostgreSQL a listener that stops reading holds back the server-wide
+notification queue, and when that fills every notifying commit fails.
+
+The queue holds ``DBNOTIFY_QUEUE_SIZE`` messages (PostgreSQL notifications
+of up to ~8 kB of rows each, or SQLite journal rows). When it is full a
+journaled backend simply stops reading (nothing is lost: the rows wait in
+the journal); otherwise new messages are dropped and ``events_dropped``
+reports how many events they held, in order, where they would have been.
 """
 
 from __future__ import annotations
@@ -61,13 +66,13 @@ class ListenerState:
     connected: bool
     #: When the current connection was made (``None`` while disconnected).
     connected_since: datetime | None
-    #: Events and messages read from the database since the app started.
+    #: Raw messages read from the database (a notification may hold many rows).
     received: int
-    #: Events and messages whose receivers have all run.
+    #: Events and application messages whose receivers have all run.
     dispatched: int
-    #: Waiting for the dispatcher now.
+    #: Raw messages waiting for the dispatcher now.
     queued: int
-    #: Dropped because the queue was full.
+    #: Events dropped because the queue was full.
     dropped: int
     reconnects: int
     last_error: str | None
@@ -156,8 +161,8 @@ class Listener:
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop both threads and close the connection; safe to call twice.
 
-        Receivers already running finish; events still queued are dropped
-        (they are counted in ``dropped``)."""
+        Receivers already running finish; what is still queued is not
+        delivered."""
         with self._lock:
             threads = [t for t in (self._reader, self._dispatcher) if t is not None]
             self._stop.set()
@@ -260,12 +265,12 @@ class Listener:
             self._drain_wake()
             if self._stop.is_set():
                 return
-            items = stream.read()
+            raw = stream.read()
             now = time.monotonic()
-            if items:
+            if raw:
                 last_seen = now
-                self._received += len(items)
-                self._put(items, len(items))
+                self._received += len(raw)
+                self._put(raw, len(raw))
             elif now - last_seen >= idle_limit:
                 stream.probe()
                 last_seen = now
@@ -274,21 +279,28 @@ class Listener:
                 self._prune()
 
     def _put(self, items: list[Any], count: int) -> None:
-        """Queue ``items`` (``count`` of them events); drop what does not fit."""
+        """Queue ``items`` (``count`` of them raw messages, the rest signals)."""
         capacity = self._state.settings.queue_size
+        durable = self._state.backend.durable_by_nature
         with self._ready:
+            while durable and count and self._queued >= capacity and not self._stop.is_set():
+                # Journaled: stop reading until there is room; nothing is lost.
+                self._ready.wait(0.5)
             room = capacity - self._queued
-            if count > room:
-                kept = items[: max(room, 0)]
-                lost = count - len(kept)
-                self._dropped += lost
-                log.warning("dispatch queue full (%d): dropped %d events", capacity, lost)
-                self._queue.append(kept)
-                self._queue.append([_Signal(events_dropped, count=lost)])
-                self._queued += len(kept)
-            else:
+            if count <= room or durable:
                 self._queue.append(items)
                 self._queued += count
+                self._ready.notify()
+                return
+            kept, lost = items[: max(room, 0)], items[max(room, 0) :]
+            self._queue.append(kept)
+            self._queued += len(kept)
+            self._ready.notify()
+        events = sum(len(self._state.backend.decode(raw)) for raw in lost)
+        self._dropped += events
+        log.warning("dispatch queue full (%d messages): dropped %d events", capacity, events)
+        with self._ready:
+            self._queue.append([_Signal(events_dropped, count=events)])
             self._ready.notify()
 
     def _drain_wake(self) -> None:
@@ -333,8 +345,7 @@ class Listener:
                     ready.wait()
                 if self._stop.is_set():
                     if self._queued:
-                        log.info("listener stopped with %d events undelivered", self._queued)
-                        self._dropped += self._queued
+                        log.info("listener stopped with %d messages undelivered", self._queued)
                     queue.clear()
                     self._queued = 0
                     return
@@ -345,32 +356,36 @@ class Listener:
     def _dispatch(self, batches: list[list[Any]]) -> None:
         app = self._state.app
         subscriptions = self._state.ext.subscriptions
+        decode = self._state.backend.decode
         with app.app_context():
-            for items in batches:
-                for item in items:
-                    if isinstance(item, ChangeEvent):
-                        table = item.table
-                        for signal in (_OP_SIGNALS[item.op], row_changed):
-                            if signal.receivers:
-                                for receiver in signal.receivers_for(table):
-                                    self._call(receiver, item, table, event=item)
-                        for sub in subscriptions.get(table, ()):
-                            if sub.matches(item):
-                                self._call(sub.func, item, item)
-                    elif isinstance(item, Notification):
-                        if notification_received.receivers:
-                            for receiver in notification_received.receivers_for(item.channel):
-                                self._call(
-                                    receiver, item.payload, item.channel, payload=item.payload
-                                )
-                    else:
-                        self._send_lifecycle(item)
+            for batch in batches:
+                for raw in batch:
+                    if isinstance(raw, _Signal):
+                        self._send_lifecycle(raw)
                         continue
-                    self._dispatched += 1
+                    self._deliver(decode(raw), subscriptions)
                 with self._ready:
-                    self._queued -= sum(1 for i in items if not isinstance(i, _Signal))
+                    self._queued -= sum(1 for raw in batch if not isinstance(raw, _Signal))
+                    self._ready.notify()
                 if self._stop.is_set():
                     return
+
+    def _deliver(self, items: list[Any], subscriptions: dict[str, Any]) -> None:
+        for item in items:
+            if isinstance(item, ChangeEvent):
+                table = item.table
+                for signal in (_OP_SIGNALS[item.op], row_changed):
+                    if signal.receivers:
+                        for receiver in signal.receivers_for(table):
+                            self._call(receiver, item, table, event=item)
+                for sub in subscriptions.get(table, ()):
+                    if sub.matches(item):
+                        self._call(sub.func, item, item)
+            elif isinstance(item, Notification):
+                if notification_received.receivers:
+                    for receiver in notification_received.receivers_for(item.channel):
+                        self._call(receiver, item.payload, item.channel, payload=item.payload)
+            self._dispatched += 1
 
     def _call(
         self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any

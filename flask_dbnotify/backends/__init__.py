@@ -51,8 +51,9 @@ class Stream(abc.ABC):
         ``timeout`` seconds have passed."""
 
     @abc.abstractmethod
-    def read(self) -> list[Item]:
-        """Return the items that arrived, in commit order, without blocking."""
+    def read(self) -> list[Any]:
+        """Return what arrived, in commit order, without blocking: raw
+        messages for :meth:`Backend.decode`, so the reader stays cheap."""
 
     @abc.abstractmethod
     def probe(self) -> None:
@@ -105,6 +106,12 @@ class Backend(abc.ABC):
     def notify(self, connection: Any, channel: str, payload: str) -> None:
         """Send an encoded message through ``connection`` (a SQLAlchemy
         connection or session), or at once when it is ``None``."""
+
+    @abc.abstractmethod
+    def decode(self, raw: Any) -> list[Item]:
+        """Turn one raw message from :meth:`Stream.read` into events or a
+        message; malformed input is logged and skipped. Runs on the
+        dispatcher thread."""
 
     @abc.abstractmethod
     def open_stream(self, settings: Any) -> Stream:

@@ -610,6 +610,28 @@ class PostgreSQLBackend(Backend):
     def open_stream(self, settings: Any) -> Stream:
         return PostgreSQLStream(self, settings)
 
+    def decode(self, raw: Any) -> list[Item]:
+        try:
+            return _payload.decode(raw, self._fetch)
+        except _payload.PayloadError as exc:
+            log.warning("skipped a notification on %r: %s", CHANNEL, exc)
+            return []
+
+    def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
+        """Stored payloads, read on a pooled connection (not the listener's,
+        which belongs to the reader thread)."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT id, body FROM {} WHERE id = ANY(%(ids)s)".format(
+                        _quoted(self.schema, "dbnotify_payload")
+                    ),
+                    {"ids": list(ids)},
+                ).all()
+        except sa.exc.DBAPIError as exc:
+            raise _payload.PayloadError(f"cannot read stored payloads: {exc}") from exc
+        return {row[0]: row[1] for row in rows}
+
 
 def _quoted(schema: str, name: str) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
@@ -687,30 +709,13 @@ class PostgreSQLStream(Stream):
             return
         select.select([self.conn, wake_fd], [], [], timeout)
 
-    def read(self) -> list[Item]:
+    def read(self) -> list[Any]:
         self.conn.poll()
         notes = self.conn.notifies
         if not notes:
             return []
         self.conn.notifies = []
-        items: list[Item] = []
-        for note in notes:
-            if note.channel != CHANNEL:
-                continue
-            try:
-                items += _payload.decode(note.payload, self._fetch)
-            except _payload.PayloadError as exc:
-                log.warning("skipped a notification on %r: %s", CHANNEL, exc)
-        return items
-
-    def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
-        self._run(
-            "SELECT id, body FROM {} WHERE id = ANY(%s)".format(
-                _quoted(self.schema, "dbnotify_payload")
-            ),
-            (list(ids),),
-        )
-        return dict(self.cur.fetchall())
+        return [note.payload for note in notes if note.channel == CHANNEL]
 
     def probe(self) -> None:
         self._run("SELECT 1")

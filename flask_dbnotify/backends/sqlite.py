@@ -374,6 +374,14 @@ class SQLiteBackend(Backend):
     def open_stream(self, settings: Any) -> Stream:
         return SQLiteStream(self, settings)
 
+    def decode(self, raw: Any) -> list[Item]:
+        journal_id, body = raw
+        try:
+            return _payload.decode(body, _no_fetch, journal_id)
+        except _payload.PayloadError as exc:
+            log.warning("skipped journal row %s: %s", journal_id, exc)
+            return []
+
 
 def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z")
@@ -447,32 +455,25 @@ class SQLiteStream(Stream):
             self.watch.drain()
             self.settle_until = time.monotonic() + _SETTLE
 
-    def read(self) -> list[Item]:
+    def read(self) -> list[Any]:
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if version == self.version and not self.more:
             return []
         self.version = version
-        position = self.backend.position or 0
         try:
             rows = self.conn.execute(
                 "SELECT id, body FROM dbnotify_journal WHERE id > ? ORDER BY id LIMIT ?",
-                (position, _READ_LIMIT),
+                (self.backend.position or 0, _READ_LIMIT),
             ).fetchall()
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return []
             raise
         self.more = len(rows) == _READ_LIMIT
-        items: list[Item] = []
-        for journal_id, body in rows:
-            try:
-                items += _payload.decode(body, _no_fetch, journal_id)
-            except _payload.PayloadError as exc:
-                log.warning("skipped journal row %s: %s", journal_id, exc)
         if rows:
             self.backend.position = rows[-1][0]
             self.settle_until = 0.0
-        return items
+        return rows
 
     def probe(self) -> None:
         self.conn.execute("SELECT 1").fetchone()
