@@ -29,16 +29,21 @@ import sqlalchemy as sa
 from .. import _payload
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
-from ..events import Operation
+from ..events import ChangeEvent, Operation
 from . import Backend, Item, Status, Stream, execute_on
 from ._inotify import open_watch
 
 log = logging.getLogger(__name__)
 
-DDL_VERSION = 1
+DDL_VERSION = 2
 _OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
-#: Unix time with milliseconds, from SQLite's clock.
-_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
+#: SQLite's clock, in Julian days (what the journal stores).
+_NOW = "julianday('now')"
+_UNIX_EPOCH_JD = 2440587.5
+#: SQLite functions take at most 127 arguments: rows are arrays of chunks.
+_CHUNK = 100
+_EMPTY: frozenset[str] = frozenset()
 #: How long after a wake-up without news the stream keeps looking: a WAL
 #: write wakes us just before the commit becomes visible.
 _SETTLE = 0.05
@@ -54,14 +59,40 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _json_key(name: str, prefix: str = "", suffix: str = "") -> str:
-    """A SQL literal holding ``name`` as a JSON string."""
-    return quote_literal(prefix + json.dumps(name, ensure_ascii=False) + suffix)
+def _json_value(ref: str, declared: str) -> str:
+    """The JSON form of a column value. BLOBs (any column may hold one)
+    become hex; REALs keep all 17 digits (json_array writes 15); text in a
+    column declared JSON is embedded as JSON when it is valid."""
+    cases = [
+        # The shortest of 15, 16 or 17 digits that reads back as the same
+        # double (Python's repr does the same).
+        f"WHEN 'real' THEN CASE WHEN abs({ref}) > 1.7976931348623157e308 "
+        f"THEN CASE WHEN {ref} > 0 THEN 'Infinity' ELSE '-Infinity' END "
+        f"WHEN CAST(printf('%!.15g', {ref}) AS REAL) = {ref} THEN json(printf('%!.15g', {ref})) "
+        f"WHEN CAST(printf('%!.16g', {ref}) AS REAL) = {ref} THEN json(printf('%!.16g', {ref})) "
+        f"ELSE json(printf('%!.17g', {ref})) END",
+        f"WHEN 'blob' THEN hex({ref})",
+    ]
+    if declared.strip().upper() in ("JSON", "JSONB"):
+        cases.append(
+            f"WHEN 'text' THEN CASE WHEN json_valid({ref}) THEN json({ref}) ELSE {ref} END"
+        )
+    return f"CASE typeof({ref}) {' '.join(cases)} ELSE {ref} END"
 
 
-def _json_value(ref: str) -> str:
-    # json_quote() rejects BLOBs, and any column may hold one in SQLite.
-    return f"json_quote(CASE WHEN typeof({ref}) = 'blob' THEN hex({ref}) ELSE {ref} END)"
+def _row_array(ref: str, columns: list[tuple[str, str]]) -> str:
+    """``json_array(json_array(c1..c100), json_array(c101..), ...)``."""
+    chunks = [
+        "json_array("
+        + ", ".join(_json_value(f"{ref}.{quote_ident(name)}", declared) for name, declared in part)
+        + ")"
+        for part in (columns[i : i + _CHUNK] for i in range(0, len(columns), _CHUNK))
+    ]
+    return f"json_array({', '.join(chunks)})"
+
+
+def _flatten(chunks: list[list[Any]]) -> list[Any]:
+    return chunks[0] if len(chunks) == 1 else [v for chunk in chunks for v in chunk]
 
 
 class SQLiteBackend(Backend):
@@ -73,6 +104,7 @@ class SQLiteBackend(Backend):
         super().__init__(uri, uri, "main", engine)
         self.path = path
         self.position: int | None = None
+        self._shapes: dict[str, dict[str, Any]] = {}
         self.listener_name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
     @classmethod
@@ -95,8 +127,11 @@ class SQLiteBackend(Backend):
 
     # -- catalog -----------------------------------------------------------
 
-    def _resolve(self, conn: sqlite3.Connection, watch: Watch) -> tuple[str, list[str], list[str]]:
-        """``(table, columns, primary key)`` as the database has them."""
+    def _resolve(
+        self, conn: sqlite3.Connection, watch: Watch
+    ) -> tuple[str, list[tuple[str, str]], list[str]]:
+        """``(table, [(column, declared type)], primary key)`` as the
+        database has them."""
         if watch.schema not in (None, "main"):
             raise WatchError(
                 f"{watch.name!r}: only tables of the main database can be watched in SQLite"
@@ -108,13 +143,14 @@ class SQLiteBackend(Backend):
         if row is None:
             raise WatchError(f"table {watch.table!r} does not exist")
         table = row[0]
-        info = conn.execute("SELECT name, pk FROM pragma_table_info(?)", (table,)).fetchall()
-        columns = [name for name, _ in info]
-        pk = [name for name, position in sorted(info, key=lambda r: r[1]) if position]
+        info = conn.execute("SELECT name, type, pk FROM pragma_table_info(?)", (table,)).fetchall()
+        columns = [(name, declared) for name, declared, _ in info]
+        names = [name for name, _ in columns]
+        pk = [name for name, _, position in sorted(info, key=lambda r: r[2]) if position]
         for col in (watch.columns or ()) + (watch.when_changed or ()):
-            if col not in columns:
+            if col not in names:
                 raise WatchError(
-                    f"table {watch.table!r} has no column {col!r} (columns: {', '.join(columns)})"
+                    f"table {watch.table!r} has no column {col!r} (columns: {', '.join(names)})"
                 )
         if not pk:
             raise WatchError(
@@ -133,66 +169,78 @@ class SQLiteBackend(Backend):
 
     # -- DDL ----------------------------------------------------------------
 
-    def _row_json(self, ref: str, columns: list[str], keep: set[str] | None) -> str:
-        parts = [
-            _json_key(c, suffix=": ") + " || " + _json_value(f"{ref}.{quote_ident(c)}")
-            for c in columns
-            if keep is None or c in keep
-        ]
-        return "'{' || " + " || ', ' || ".join(parts) + " || '}'"
-
     def _trigger_sql(
-        self, watch: Watch, table: str, columns: list[str], pk: list[str], op: Operation
+        self, watch: Watch, table: str, columns: list[tuple[str, str]], op: Operation, key: str
     ) -> str:
-        keep = None if watch.columns is None else set(watch.columns) | set(pk)
-        head = (
-            json.dumps(
-                {"v": _payload.VERSION, "t": watch.name, "o": op.value[0], "k": pk},
-                ensure_ascii=False,
-                separators=(",", ": "),
-            )[:-1]
-            + ',"ts": '
-        )
+        """A row trigger appending ``(time, shape key, values)`` to the
+        journal; the shape (names, keys) is stored once in dbnotify_shapes."""
         when = ""
         if op is Operation.INSERT:
-            row = self._row_json("NEW", columns, keep)
+            body = _row_array("NEW", columns)
         elif op is Operation.DELETE:
-            row = self._row_json("OLD", columns, keep)
+            body = _row_array("OLD", columns)
         else:
-            tests = {c: f"NEW.{quote_ident(c)} IS NOT OLD.{quote_ident(c)}" for c in columns}
-            when = " OR ".join(tests[c] for c in (watch.when_changed or columns))
-            when = f" WHEN {when}"
-            changed = " || ".join(
-                f"CASE WHEN {tests[c]} THEN {_json_key(c, ',')} ELSE '' END" for c in columns
-            )
-            row = (
-                "'[' || "
-                + self._row_json("NEW", columns, keep)
-                + " || ', ' || "
-                + self._row_json("OLD", columns, keep)
-                + f" || ', [' || substr({changed}, 2) || ']]'"
-            )
+            # Row values: one comparison, however many columns.
+            watched = watch.when_changed or [name for name, _ in columns]
+            new = ", ".join(f"NEW.{quote_ident(c)}" for c in watched)
+            old = ", ".join(f"OLD.{quote_ident(c)}" for c in watched)
+            when = f" WHEN ({new}) IS NOT ({old})"
+            body = f"json_array({_row_array('NEW', columns)}, {_row_array('OLD', columns)})"
         return (
             f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN "
-            f"INSERT INTO dbnotify_journal (created_at, body) VALUES ({_NOW}, "
-            f"{quote_literal(head)} || {_NOW} || ', \"r\": [' || {row} || ']}}'); END"
+            f"INSERT INTO dbnotify_journal (created_at, shape, body) "
+            f"VALUES ({_NOW}, {quote_literal(key)}, {body}); END"
         )
 
-    def _watch_triggers(self, conn: sqlite3.Connection, watch: Watch) -> tuple[str, dict[str, str]]:
+    def _watch_triggers(
+        self, conn: sqlite3.Connection, watch: Watch
+    ) -> tuple[str, dict[str, tuple[str, str]]]:
+        """``(table, {trigger name: (trigger body, shape header)})``."""
         table, columns, pk = self._resolve(conn, watch)
-        bodies = {op: self._trigger_sql(watch, table, columns, pk, op) for op in watch.operations}
+        names = [name for name, _ in columns]
+        headers = {
+            op: json.dumps(
+                {
+                    "t": watch.name,
+                    "o": op.value[0],
+                    "k": pk,
+                    "c": names,
+                    "keep": None
+                    if watch.columns is None
+                    else [c for c in names if c in watch.columns or c in pk],
+                },
+                ensure_ascii=False,
+            )
+            for op in watch.operations
+        }
+        # The name (and shape key) hashes everything the trigger does.
         digest = hashlib.sha256(
-            json.dumps([DDL_VERSION, [[op.value, b] for op, b in bodies.items()]]).encode()
+            json.dumps(
+                [
+                    DDL_VERSION,
+                    [
+                        [op.value, headers[op], self._trigger_sql(watch, table, columns, op, "")]
+                        for op in watch.operations
+                    ],
+                ]
+            ).encode()
         ).hexdigest()[:10]
         slug = re.sub(r"[^a-z0-9]+", "_", table.lower()).strip("_")[:36] or "t"
-        return table, {
-            f"dbnotify_{slug}_{_OP_CODE[op]}_{digest}": body for op, body in bodies.items()
-        }
+        result = {}
+        for op in watch.operations:
+            name = f"dbnotify_{slug}_{_OP_CODE[op]}_{digest}"
+            result[name] = (self._trigger_sql(watch, table, columns, op, name), headers[op])
+        return table, result
 
     def _shared_sql(self) -> list[str]:
+        # AUTOINCREMENT: ids are never reused, even after pruning empties
+        # the journal, so a listener's position stays meaningful.
         return [
             "CREATE TABLE IF NOT EXISTS dbnotify_journal ("
-            "id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, body TEXT NOT NULL)",
+            "id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, "
+            "shape TEXT, body TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS dbnotify_shapes ("
+            "key TEXT PRIMARY KEY, header TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS dbnotify_listeners ("
             "name TEXT PRIMARY KEY, position INTEGER NOT NULL, seen_at REAL NOT NULL)",
         ]
@@ -211,7 +259,11 @@ class SQLiteBackend(Backend):
             for name, tbl in installed:
                 if tbl.lower() == table.lower() and name not in wanted:
                     statements.append(f"DROP TRIGGER IF EXISTS {quote_ident(name)}")
-            for name, body in wanted.items():
+            for name, (body, header) in wanted.items():
+                statements.append(
+                    f"INSERT OR REPLACE INTO dbnotify_shapes (key, header) "
+                    f"VALUES ({quote_literal(name)}, {quote_literal(header)})"
+                )
                 statements.append(f"CREATE TRIGGER IF NOT EXISTS {quote_ident(name)} {body}")
         return statements
 
@@ -263,14 +315,13 @@ class SQLiteBackend(Backend):
             if everything:
                 drops = [name for name, _ in installed]
             else:
-                tables = set()
-                for watch in watches:
-                    tables.add(self._resolve(conn, watch)[0].lower())
+                tables = {self._resolve(conn, watch)[0].lower() for watch in watches}
                 drops = [name for name, tbl in installed if tbl.lower() in tables]
             statements = [f"DROP TRIGGER IF EXISTS {quote_ident(n)}" for n in drops]
             if everything:
                 statements += [
                     "DROP TABLE IF EXISTS dbnotify_journal",
+                    "DROP TABLE IF EXISTS dbnotify_shapes",
                     "DROP TABLE IF EXISTS dbnotify_listeners",
                 ]
             return statements
@@ -320,7 +371,7 @@ class SQLiteBackend(Backend):
         except sqlite3.OperationalError:
             return  # Not installed.
         health["journal"] = f"{count} rows, last id {last or 0}" + (
-            f", oldest {_iso(oldest)}" if oldest else ""
+            f", oldest {_iso(_unix(oldest))}" if oldest else ""
         )
         health["listeners"] = str(len(listeners))
         for name, position, seen_at in listeners:
@@ -352,7 +403,7 @@ class SQLiteBackend(Backend):
                     "DELETE FROM dbnotify_journal WHERE created_at < ? AND id <= coalesce("
                     "(SELECT min(position) FROM dbnotify_listeners), "
                     "(SELECT max(id) FROM dbnotify_journal))",
-                    (now - retention,),
+                    ((now - retention) / 86400.0 + _UNIX_EPOCH_JD,),
                 )
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -375,16 +426,65 @@ class SQLiteBackend(Backend):
         return SQLiteStream(self, settings)
 
     def decode(self, raw: Any) -> list[Item]:
-        journal_id, body = raw
+        journal_id, created_at, shape, body = raw
         try:
-            return _payload.decode(body, _no_fetch, journal_id)
-        except _payload.PayloadError as exc:
+            if shape is None:
+                return _payload.decode(body, _no_fetch, journal_id)
+            return [self._event(journal_id, created_at, self._shape(shape), body)]
+        except (_payload.PayloadError, KeyError, ValueError, TypeError, IndexError) as exc:
             log.warning("skipped journal row %s: %s", journal_id, exc)
             return []
+
+    def _shape(self, key: str) -> dict[str, Any]:
+        shape = self._shapes.get(key)
+        if shape is None:
+            row = self._with_conn(
+                lambda conn: conn.execute(
+                    "SELECT header FROM dbnotify_shapes WHERE key = ?", (key,)
+                ).fetchone()
+            )
+            if row is None:
+                raise _payload.PayloadError(f"unknown shape {key!r}")
+            shape = json.loads(row[0])
+            shape["op"] = _OPS[shape["o"]]
+            self._shapes[key] = shape
+        return shape
+
+    def _event(
+        self, journal_id: int, created_at: float, shape: dict[str, Any], body: str
+    ) -> ChangeEvent:
+        columns, keep, keys = shape["c"], shape["keep"], shape["k"]
+        values = _payload.loads(body)
+        op = shape["op"]
+        old = new = None
+        changed = _EMPTY
+        if op is Operation.UPDATE:
+            new_values, old_values = _flatten(values[0]), _flatten(values[1])
+            pairs = zip(columns, new_values, old_values, strict=True)
+            changed = frozenset([c for c, a, b in pairs if a != b])
+            new = dict(zip(columns, new_values, strict=True))
+            old = dict(zip(columns, old_values, strict=True))
+            row = new
+        else:
+            row = dict(zip(columns, _flatten(values), strict=True))
+            if op is Operation.INSERT:
+                new = row
+            else:
+                old = row
+        pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+        if keep is not None:
+            new = None if new is None else {c: new[c] for c in keep}
+            old = None if old is None else {c: old[c] for c in keep}
+        timestamp = datetime.fromtimestamp(_unix(created_at), timezone.utc)
+        return ChangeEvent(shape["t"], op, pk, new, old, changed, journal_id, timestamp)
 
 
 def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z")
+
+
+def _unix(julian_day: float) -> float:
+    return (julian_day - _UNIX_EPOCH_JD) * 86400.0
 
 
 def _autocommit(conn: sqlite3.Connection, statement: str, params: dict[str, Any]) -> None:
@@ -461,9 +561,18 @@ class SQLiteStream(Stream):
             return []
         self.version = version
         try:
+            position = self.backend.position or 0
+            last = self.conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'dbnotify_journal'"
+            ).fetchone()
+            if last is not None and last[0] < position:
+                # The journal was dropped and made anew: its ids restarted.
+                log.info("the journal was recreated; reading it from the start")
+                position = self.backend.position = 0
             rows = self.conn.execute(
-                "SELECT id, body FROM dbnotify_journal WHERE id > ? ORDER BY id LIMIT ?",
-                (self.backend.position or 0, _READ_LIMIT),
+                "SELECT id, created_at, shape, body FROM dbnotify_journal "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (position, _READ_LIMIT),
             ).fetchall()
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):

@@ -1,0 +1,1 @@
+"""Helper programs that tests/test_sqlite.py runs in separate processes."""
