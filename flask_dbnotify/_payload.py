@@ -22,7 +22,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .backends import Item, Notification
@@ -41,8 +41,10 @@ class PayloadError(ValueError):
 
 
 class ExactFloat(float):
-    """A JSON number with more digits than a float holds; ``text`` keeps them
-    (``event.instance()`` builds a ``Decimal`` from it)."""
+    """A JSON number whose text a float does not reproduce (more digits than
+    a float holds, or a scale such as ``1.50``); ``text`` keeps it, so
+    ``event.instance()`` builds the exact ``Decimal`` and ``changed`` sees
+    ``1.0`` -> ``1.00``."""
 
     __slots__ = ("text",)
     text: str
@@ -54,8 +56,13 @@ class ExactFloat(float):
 
 
 def _parse_float(text: str) -> float:
-    # Up to 15 significant digits survive a round trip through float.
-    return float(text) if len(text) <= 16 else ExactFloat(text)
+    value = float(text)
+    return value if repr(value) == text else ExactFloat(text)
+
+
+def differs(a: Any, b: Any) -> bool:
+    """Whether two JSON values differ, exact numbers by their text."""
+    return a != b or getattr(a, "text", None) != getattr(b, "text", None)
 
 
 def loads(text: str) -> Any:
@@ -109,7 +116,7 @@ def decode_rows(msg: dict[str, Any], fetch: Fetch, journal_id: int | None) -> li
     table = msg["t"]
     op = _OPS[msg["o"]]
     keys = msg["k"]
-    ts = datetime.fromtimestamp(msg["ts"], timezone.utc)
+    ts = datetime.fromtimestamp(msg["ts"], UTC)
     rows = msg["r"]
     refs = [r for r in rows if isinstance(r, int)]
     if refs:
@@ -130,7 +137,7 @@ def decode_rows(msg: dict[str, Any], fetch: Fetch, journal_id: int | None) -> li
             pk_row = row
         elif len(row) == 2:
             new, old = row
-            changed = frozenset([k for k, v in new.items() if k not in old or old[k] != v])
+            changed = frozenset([k for k, v in new.items() if k not in old or differs(old[k], v)])
             pk_row = new
         else:
             new, old, names = row

@@ -41,7 +41,7 @@ def install_triggers(print_sql: bool) -> None:
     "--all",
     "everything",
     is_flag=True,
-    help="Also drop objects no watch owns, the payload table and the sequence.",
+    help="Also drop objects no watch owns, and the tables Flask-DBNotify keeps.",
 )
 def uninstall_triggers(print_sql: bool, everything: bool) -> None:
     """Drop the triggers of every watch."""

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class Operation(str, enum.Enum):
+class Operation(enum.StrEnum):
     """The kind of row change. Members compare equal to their SQL names."""
 
     INSERT = "INSERT"

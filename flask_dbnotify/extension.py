@@ -46,7 +46,7 @@ class DBNotify:
     :param app: the application to register on; or call :meth:`init_app`.
 
     Watches and ``on()`` receivers belong to this object and apply to every
-    app it is registered on; each app gets its own listener thread.
+    app it is registered on; each app gets its own listener.
     """
 
     def __init__(self, app: Flask | None = None) -> None:

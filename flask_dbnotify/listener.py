@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
@@ -138,6 +138,7 @@ class Listener:
         with self._lock:
             if self.running:
                 return
+            self._discard_queue()
             self._stop.clear()
             self._first_attempt = threading.Event()
             self._first_error = None
@@ -161,8 +162,9 @@ class Listener:
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop both threads and close the connection; safe to call twice.
 
-        Receivers already running finish; what is still queued is not
-        delivered."""
+        The batch being delivered finishes; what is still queued is not
+        delivered (a journaled backend, SQLite, delivers it after the next
+        ``start()``)."""
         with self._lock:
             threads = [t for t in (self._reader, self._dispatcher) if t is not None]
             self._stop.set()
@@ -220,7 +222,7 @@ class Listener:
                 self._backoff(failures)
                 continue
             self._stream = stream
-            self._connected_since = datetime.now(timezone.utc)
+            self._connected_since = datetime.now(UTC)
             if connected_before:
                 self._reconnects += 1
             failures = 0
@@ -323,7 +325,7 @@ class Listener:
             if value != "installed":
                 detail = status.details.get(name, "")
                 log.warning(
-                    "triggers for %r are %s%s: run `flask dbnotify install-triggers`",
+                    "triggers for %r: %s%s; run `flask dbnotify install-triggers`",
                     name,
                     value,
                     f" ({detail})" if detail else "",
@@ -333,7 +335,7 @@ class Listener:
         try:
             self._state.backend.prune(self._state.settings.payload_retention)
         except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
-            log.debug("could not prune stored payloads: %s", exc)
+            log.warning("could not prune old payloads or journal rows: %s", exc)
 
     # -- the dispatcher -----------------------------------------------------
 
@@ -344,14 +346,21 @@ class Listener:
                 while not queue and not self._stop.is_set():
                     ready.wait()
                 if self._stop.is_set():
-                    if self._queued:
-                        log.info("listener stopped with %d messages undelivered", self._queued)
-                    queue.clear()
-                    self._queued = 0
-                    return
-                batches = list(queue)
-                queue.clear()
+                    break
+                batches = [queue.popleft()]
             self._dispatch(batches)
+        self._discard_queue()
+
+    def _discard_queue(self) -> None:
+        """Forget what was read but not delivered; a journaled backend will
+        read it again after the next start."""
+        with self._ready:
+            raw = [r for batch in self._queue for r in batch if not isinstance(r, _Signal)]
+            self._queue.clear()
+            self._queued = 0
+        if raw:
+            log.info("listener stopped with %d messages undelivered", len(raw))
+            self._state.backend.rewind(raw)
 
     def _dispatch(self, batches: list[list[Any]]) -> None:
         app = self._state.app

@@ -42,9 +42,10 @@ listener_disconnected = _signals.signal("dbnotify.listener-disconnected")
 
 events_dropped = _signals.signal("dbnotify.events-dropped")
 """Events were dropped because receivers fell more than
-``DBNOTIFY_QUEUE_SIZE`` events behind (or the listener stopped with events
-queued). Sender: the app. Kwargs: ``count``. Sent in order, between the
-events before and after the loss."""
+``DBNOTIFY_QUEUE_SIZE`` notifications behind (PostgreSQL only: SQLite stops
+reading instead, losing nothing). Sender: the app. Kwargs: ``count``, the
+number of events lost. Sent in order, between the events before and after
+the loss."""
 
 receiver_failed = _signals.signal("dbnotify.receiver-failed")
 """A receiver raised. Sender: the app. Kwargs: ``receiver``, ``event`` (the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -411,7 +411,7 @@ def test_column_types_arrive_as_json_and_build_typed_instances(
     sa.orm.configure_mappers()  # as in any app that has used its models
     app, ext = listening(make_app, Thing)
     ref = uuid.UUID("12345678-1234-5678-1234-567812345678")
-    at = datetime(2024, 5, 1, 12, 34, 56, 123456, tzinfo=timezone.utc)
+    at = datetime(2024, 5, 1, 12, 34, 56, 123456, tzinfo=UTC)
     doc = {"a": [1, 2, {"b": None}], "s": "it's \"q\" \\ ü"}
     sql(
         "INSERT INTO things VALUES (1, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL)",
@@ -476,6 +476,26 @@ def test_numeric_keeps_its_exact_value(
     sql("INSERT INTO ledger VALUES (1, %s)", (exact,))
     (event,) = events.wait_for(1)
     assert event.instance(Ledger).amount == exact
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("1.0", "1.00"), ("12345678901234567.1", "12345678901234567.2")],
+    ids=["scale", "beyond-float-digits"],
+)
+def test_numeric_changes_a_float_cannot_see_are_in_changed(
+    make_app: MakeApp, sql: SQL, events: Recorder, before: str, after: str
+) -> None:
+    """An UPDATE of a numeric that floats would call equal still names the
+    column in ``changed``, and new/old keep the exact digits."""
+    sql("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)")
+    sql("INSERT INTO ledger VALUES (1, %s)", (Decimal(before),))
+    listening(make_app, "ledger")
+    sql("UPDATE ledger SET amount = %s", (Decimal(after),))
+    (event,) = events.wait_for(1)
+    assert event.changed == {"amount"}
+    digits = [getattr(v, "text", repr(v)) for v in (event.old["amount"], event.new["amount"])]
+    assert digits == [before, after]
 
 
 def test_instance_works_before_the_models_are_first_used(

@@ -603,11 +603,11 @@ def test_insert_update_delete_deliver_change_events(
         row_deleted.connected_to(deleted, sender="orders"),
         row_inserted.connected_to(other, sender="other_table"),
     ):
-        before = dt.datetime.now(dt.timezone.utc)
+        before = dt.datetime.now(dt.UTC)
         db("INSERT INTO orders (item, qty) VALUES ('apple', 1)")
         db("UPDATE orders SET qty = 5 WHERE id = 1")
         db("DELETE FROM orders WHERE id = 1")
-        after = dt.datetime.now(dt.timezone.utc)
+        after = dt.datetime.now(dt.UTC)
         ins, upd, dele = events.wait_for(3)
         assert inserted.wait_for(1, "row_inserted") == [ins]
         assert updated.wait_for(1, "row_updated") == [upd]
@@ -1581,3 +1581,51 @@ def test_relative_url_is_the_file_flask_sqlalchemy_uses(tmp_path: Path, events: 
         backend.engine.dispose()
         with app.app_context():
             fsa.engine.dispose()
+
+
+def test_events_queued_at_stop_are_delivered_after_start(
+    sqlite_app: SqliteApp, db: DB, events: Recorder
+) -> None:
+    """On SQLite, rows read but not yet delivered when stop() is called are
+    delivered after the next start(): the journal keeps them."""
+    db(ORDERS)
+    app, ext = listening(sqlite_app, "orders")
+    entered, release = threading.Event(), threading.Event()
+
+    @ext.on("orders", "insert", where={"item": "first"})
+    def slow(event: Any) -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    db("INSERT INTO orders VALUES (1, 'first', 1)")
+    assert entered.wait(WAIT), "the first event did not reach its receiver"
+    for n in range(2, 7):
+        db("INSERT INTO orders VALUES (?, 'later', 1)", (n,))
+    poll_until(
+        lambda: ext.listener_state(app).queued > 0,
+        "the later rows were read while the receiver was busy",
+    )
+    stopper = threading.Thread(target=ext.stop, args=(app,))
+    stopper.start()
+    poll_until(lambda: not ext.is_running(app) or stopper.is_alive(), "stop() began")
+    release.set()
+    stopper.join(WAIT)
+    assert not stopper.is_alive(), "stop() did not return"
+    assert [e.pk for e in events.items] == [1]
+    ext.start(app)
+    got = events.wait_for(6)
+    assert [e.pk for e in got] == [1, 2, 3, 4, 5, 6]
+    events.assert_no_more(6, marker(ext, app))
+
+
+def test_printing_the_ddl_does_not_create_the_database(tmp_path: Path) -> None:
+    """install_sql() for a database file that does not exist fails clearly
+    and leaves no empty file behind (only install_triggers() creates one)."""
+    missing = tmp_path / "nowhere.db"
+    app = Flask("missing_db")
+    app.config.update(DBNOTIFY_DATABASE_URI=f"sqlite:///{missing}", DBNOTIFY_AUTOSTART=False)
+    ext = DBNotify(app)
+    ext.watch("orders")
+    with pytest.raises(DBNotifyError, match="cannot open"):
+        ext.install_sql(app)
+    assert not missing.exists()

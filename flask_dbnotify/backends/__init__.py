@@ -117,6 +117,10 @@ class Backend(abc.ABC):
     def open_stream(self, settings: Any) -> Stream:
         """Connect, start listening, and return the stream."""
 
+    def rewind(self, raw: list[Any]) -> None:  # noqa: B027 - optional hook
+        """Make these undelivered raw messages be read again after a restart
+        (a journaled backend); others cannot and do nothing."""
+
     def after_fork(self) -> None:
         """In a forked child: forget pooled connections without closing them."""
         self.engine.dispose(close=False)

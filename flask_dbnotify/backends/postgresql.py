@@ -565,7 +565,9 @@ class PostgreSQLBackend(Backend):
         rows = cur.fetchall()
         health["listeners"] = str(len(rows))
         for pid, client, since, state in rows:
-            health[f"listener {pid}"] = f"from {client}, since {since:%Y-%m-%d %H:%M:%S%z}, {state}"
+            # Without pg_read_all_stats, other roles' sessions show NULLs.
+            started = f"{since:%Y-%m-%d %H:%M:%S%z}" if since else "unknown"
+            health[f"listener {pid}"] = f"from {client}, since {started}, {state or 'unknown'}"
         cur.execute("SELECT to_regclass(%s)", (_quoted(self.schema, "dbnotify_payload"),))
         if cur.fetchone()[0] is not None:
             cur.execute(

@@ -20,8 +20,9 @@ import select
 import socket
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -158,9 +159,6 @@ class SQLiteBackend(Backend):
             )
         return table, columns, pk
 
-    def _connect(self) -> sqlite3.Connection:
-        return _connect(self.path)
-
     def _our_triggers(self, conn: sqlite3.Connection) -> list[tuple[str, str]]:
         return conn.execute(
             "SELECT name, tbl_name FROM sqlite_schema WHERE type = 'trigger' "
@@ -267,9 +265,9 @@ class SQLiteBackend(Backend):
                 statements.append(f"CREATE TRIGGER IF NOT EXISTS {quote_ident(name)} {body}")
         return statements
 
-    def _with_conn(self, work: Any) -> Any:
+    def _with_conn(self, work: Any, create: bool = False) -> Any:
         try:
-            conn = self._connect()
+            conn = _connect(self.path, create)
         except sqlite3.Error as exc:
             raise DBNotifyError(f"cannot open {self.path}: {exc}") from exc
         try:
@@ -294,7 +292,7 @@ class SQLiteBackend(Backend):
                 raise
             conn.execute("COMMIT")
 
-        self._with_conn(work)
+        self._with_conn(work, create=True)
 
     def execute_all(self, statements: Sequence[str]) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -425,6 +423,17 @@ class SQLiteBackend(Backend):
     def open_stream(self, settings: Any) -> Stream:
         return SQLiteStream(self, settings)
 
+    def after_fork(self) -> None:
+        super().after_fork()
+        # A forked child is a new listener: its own row in
+        # dbnotify_listeners, reading from now on.
+        self.listener_name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.position = None
+
+    def rewind(self, raw: list[Any]) -> None:
+        if raw:
+            self.position = min(journal_id for journal_id, *_ in raw) - 1
+
     def decode(self, raw: Any) -> list[Item]:
         journal_id, created_at, shape, body = raw
         try:
@@ -461,7 +470,7 @@ class SQLiteBackend(Backend):
         if op is Operation.UPDATE:
             new_values, old_values = _flatten(values[0]), _flatten(values[1])
             pairs = zip(columns, new_values, old_values, strict=True)
-            changed = frozenset([c for c, a, b in pairs if a != b])
+            changed = frozenset([c for c, a, b in pairs if _payload.differs(a, b)])
             new = dict(zip(columns, new_values, strict=True))
             old = dict(zip(columns, old_values, strict=True))
             row = new
@@ -475,12 +484,12 @@ class SQLiteBackend(Backend):
         if keep is not None:
             new = None if new is None else {c: new[c] for c in keep}
             old = None if old is None else {c: old[c] for c in keep}
-        timestamp = datetime.fromtimestamp(_unix(created_at), timezone.utc)
+        timestamp = datetime.fromtimestamp(_unix(created_at), UTC)
         return ChangeEvent(shape["t"], op, pk, new, old, changed, journal_id, timestamp)
 
 
 def _iso(unix: float) -> str:
-    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z")
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S%z")
 
 
 def _unix(julian_day: float) -> float:
@@ -498,9 +507,17 @@ def _autocommit(conn: sqlite3.Connection, statement: str, params: dict[str, Any]
         raise
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, create: bool = False) -> sqlite3.Connection:
     # Autocommit: nothing here holds a read transaction open between polls.
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    # mode=rw unless installing: a mistyped path is an error, not a new
+    # empty database.
+    conn = sqlite3.connect(
+        f"file:{urllib.parse.quote(path)}?mode={'rwc' if create else 'rw'}",
+        uri=True,
+        timeout=30,
+        isolation_level=None,
+        check_same_thread=False,
+    )
     conn.execute("PRAGMA busy_timeout = 30000")
     return conn
 
