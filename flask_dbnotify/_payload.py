@@ -88,6 +88,17 @@ def encode_message(channel: str, payload: Any) -> str:
         raise TypeError(f"notify() payload is not JSON serialisable: {exc}") from None
 
 
+def count(text: str) -> int:
+    """How many events or messages a payload holds (0 if unreadable)."""
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        return 0
+    if isinstance(msg, dict) and isinstance(msg.get("r"), list):
+        return len(msg["r"])
+    return 1
+
+
 def decode(text: str, fetch: Fetch, journal_id: int | None = None) -> list[Item]:
     """Decode one notification payload into events or a message.
     ``journal_id`` becomes the events' ``id``."""

@@ -114,11 +114,14 @@ class DBNotify:
             timeout = state.settings.connect_timeout + 1
         state.listener.start(timeout=timeout, raise_on_failure=True)
 
-    def stop(self, app: Flask | None = None) -> None:
-        """Stop the app's listener and close its connection. Idempotent."""
+    def stop(self, app: Flask | None = None, timeout: float | None = 10.0) -> None:
+        """Stop the app's listener and close its connection. Idempotent.
+
+        Waits up to ``timeout`` seconds for a receiver that is running to
+        return; past that its thread is left to finish on its own."""
         state = self._state(app)
         state.wanted = False
-        state.listener.stop()
+        state.listener.stop(timeout)
 
     def is_running(self, app: Flask | None = None) -> bool:
         """Whether the app's listener thread is alive."""

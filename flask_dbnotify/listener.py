@@ -88,6 +88,18 @@ class _Signal:
         self.kwargs = kwargs
 
 
+class _Run:
+    """What one start() shares between its two threads. A thread left
+    behind by a stop() that gave up keeps its own run, so it can neither
+    touch the next run's queue nor be revived by the next start()."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.queue: deque[list[Any]] = deque()
+        self.queued = 0
+        self.ready = threading.Condition(threading.Lock())
+
+
 class Listener:
     """One app's listener threads and their queue."""
 
@@ -103,7 +115,8 @@ class Listener:
         """Fresh threads, pipe and queue (at init and after fork)."""
         self._reader: threading.Thread | None = None
         self._dispatcher: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._current = _Run()
+        self._current.stop.set()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -111,9 +124,6 @@ class Listener:
         self._check_pending = True
         self._first_attempt = threading.Event()
         self._first_error: BaseException | None = None
-        self._queue: deque[Any] = deque()
-        self._queued = 0
-        self._ready = threading.Condition(threading.Lock())
 
     @property
     def running(self) -> bool:
@@ -127,7 +137,7 @@ class Listener:
             connected_since=self._connected_since,
             received=self._received,
             dispatched=self._dispatched,
-            queued=self._queued,
+            queued=self._current.queued,
             dropped=self._dropped,
             reconnects=self._reconnects,
             last_error=self._last_error,
@@ -138,17 +148,20 @@ class Listener:
         with self._lock:
             if self.running:
                 return
-            self._discard_queue()
-            self._stop.clear()
+            self._discard_queue(self._current)
+            run = self._current = _Run()
             self._first_attempt = threading.Event()
             self._first_error = None
             self._check_pending = True
             name = self._state.app.name
             self._dispatcher = threading.Thread(
-                target=self._dispatch_loop, name=f"dbnotify-dispatch[{name}]", daemon=True
+                target=self._dispatch_loop,
+                args=(run,),
+                name=f"dbnotify-dispatch[{name}]",
+                daemon=True,
             )
             self._reader = threading.Thread(
-                target=self._run, name=f"dbnotify-listener[{name}]", daemon=True
+                target=self._run, args=(run,), name=f"dbnotify-listener[{name}]", daemon=True
             )
             self._dispatcher.start()
             self._reader.start()
@@ -167,10 +180,11 @@ class Listener:
         ``start()``)."""
         with self._lock:
             threads = [t for t in (self._reader, self._dispatcher) if t is not None]
-            self._stop.set()
+            run = self._current
+            run.stop.set()
             self.wake()
-            with self._ready:
-                self._ready.notify_all()
+            with run.ready:
+                run.ready.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
             if thread is threading.current_thread():
@@ -205,11 +219,11 @@ class Listener:
 
     # -- the reader ---------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, run: _Run) -> None:
         state = self._state
         connected_before = False
         failures = 0
-        while not self._stop.is_set():
+        while not run.stop.is_set():
             try:
                 stream = state.backend.open_stream(state.settings)
             except Exception as exc:  # noqa: BLE001 - any failure means retry
@@ -219,7 +233,7 @@ class Listener:
                     self._first_attempt.set()
                 log.warning("listener could not connect: %s", exc)
                 failures += 1
-                self._backoff(failures)
+                self._backoff(run, failures)
                 continue
             self._stream = stream
             self._connected_since = datetime.now(UTC)
@@ -227,34 +241,35 @@ class Listener:
                 self._reconnects += 1
             failures = 0
             gap = connected_before and not state.backend.durable_by_nature
-            self._put([_Signal(listener_connected, reconnect=connected_before, gap=gap)], 0)
+            self._put(run, [_Signal(listener_connected, reconnect=connected_before, gap=gap)], 0)
             self._first_attempt.set()
             connected_before = True
             try:
-                self._serve(stream)
+                self._serve(run, stream)
             except Exception as exc:  # noqa: BLE001 - the connection is gone
-                if self._stop.is_set():
+                if run.stop.is_set():
                     break
                 self._last_error = str(exc)
                 log.warning("listener lost its connection: %s", exc)
-                self._put([_Signal(listener_disconnected, error=exc)], 0)
+                self._put(run, [_Signal(listener_disconnected, error=exc)], 0)
                 failures += 1
-                self._backoff(failures)
+                self._backoff(run, failures)
             finally:
-                self._stream = None
-                self._connected_since = None
+                if self._stream is stream:
+                    self._stream = None
+                    self._connected_since = None
                 try:
                     stream.close()
                 except Exception:  # noqa: BLE001 - closing a dead connection
                     pass
         self._first_attempt.set()
 
-    def _backoff(self, failures: int) -> None:
+    def _backoff(self, run: _Run, failures: int) -> None:
         cap = self._state.settings.reconnect_max_delay
         delay = min(cap, 0.05 * 2 ** min(failures, 16))
-        self._stop.wait(delay * random.uniform(0.5, 1.0))
+        run.stop.wait(delay * random.uniform(0.5, 1.0))
 
-    def _serve(self, stream: Stream) -> None:
+    def _serve(self, run: _Run, stream: Stream) -> None:
         settings = self._state.settings
         idle_limit = settings.probe_interval
         prune_every = min(_PRUNE_EVERY, settings.payload_retention / 2)
@@ -265,14 +280,14 @@ class Listener:
                 self._check_triggers()
             stream.wait(min(idle_limit, prune_every), self._wake_r)
             self._drain_wake()
-            if self._stop.is_set():
+            if run.stop.is_set():
                 return
             raw = stream.read()
             now = time.monotonic()
             if raw:
                 last_seen = now
                 self._received += len(raw)
-                self._put(raw, len(raw))
+                self._put(run, raw, len(raw))
             elif now - last_seen >= idle_limit:
                 stream.probe()
                 last_seen = now
@@ -280,30 +295,35 @@ class Listener:
                 last_prune = now
                 self._prune()
 
-    def _put(self, items: list[Any], count: int) -> None:
+    def _put(self, run: _Run, items: list[Any], count: int) -> None:
         """Queue ``items`` (``count`` of them raw messages, the rest signals)."""
         capacity = self._state.settings.queue_size
         durable = self._state.backend.durable_by_nature
-        with self._ready:
-            while durable and count and self._queued >= capacity and not self._stop.is_set():
+        with run.ready:
+            while durable and count and run.queued >= capacity and not run.stop.is_set():
                 # Journaled: stop reading until there is room; nothing is lost.
-                self._ready.wait(0.5)
-            room = capacity - self._queued
+                run.ready.wait(0.5)
+            room = capacity - run.queued
             if count <= room or durable:
-                self._queue.append(items)
-                self._queued += count
-                self._ready.notify()
+                run.queue.append(items)
+                run.queued += count
+                run.ready.notify()
                 return
             kept, lost = items[: max(room, 0)], items[max(room, 0) :]
-            self._queue.append(kept)
-            self._queued += len(kept)
-            self._ready.notify()
-        events = sum(len(self._state.backend.decode(raw)) for raw in lost)
+            if kept:
+                run.queue.append(kept)
+                run.queued += len(kept)
+        events = sum(self._state.backend.count(raw) for raw in lost)
         self._dropped += events
-        log.warning("dispatch queue full (%d messages): dropped %d events", capacity, events)
-        with self._ready:
-            self._queue.append([_Signal(events_dropped, count=events)])
-            self._ready.notify()
+        with run.ready:
+            last = run.queue[-1] if run.queue else None
+            if last and isinstance(last[-1], _Signal) and last[-1].signal is events_dropped:
+                # Still overflowing: one report for the whole loss.
+                last[-1].kwargs["count"] += events
+            else:
+                log.warning("dispatch queue full (%d messages): dropping events", capacity)
+                run.queue.append([_Signal(events_dropped, count=events)])
+            run.ready.notify()
 
     def _drain_wake(self) -> None:
         try:
@@ -339,45 +359,41 @@ class Listener:
 
     # -- the dispatcher -----------------------------------------------------
 
-    def _dispatch_loop(self) -> None:
-        ready, queue = self._ready, self._queue
+    def _dispatch_loop(self, run: _Run) -> None:
+        ready, queue = run.ready, run.queue
         while True:
             with ready:
-                while not queue and not self._stop.is_set():
+                while not queue and not run.stop.is_set():
                     ready.wait()
-                if self._stop.is_set():
+                if run.stop.is_set():
                     break
-                batches = [queue.popleft()]
-            self._dispatch(batches)
-        self._discard_queue()
+                batch = queue.popleft()
+            self._dispatch(run, batch)
+        self._discard_queue(run)
 
-    def _discard_queue(self) -> None:
+    def _discard_queue(self, run: _Run) -> None:
         """Forget what was read but not delivered; a journaled backend will
         read it again after the next start."""
-        with self._ready:
-            raw = [r for batch in self._queue for r in batch if not isinstance(r, _Signal)]
-            self._queue.clear()
-            self._queued = 0
+        with run.ready:
+            raw = [r for batch in run.queue for r in batch if not isinstance(r, _Signal)]
+            run.queue.clear()
+            run.queued = 0
         if raw:
             log.info("listener stopped with %d messages undelivered", len(raw))
             self._state.backend.rewind(raw)
 
-    def _dispatch(self, batches: list[list[Any]]) -> None:
-        app = self._state.app
+    def _dispatch(self, run: _Run, batch: list[Any]) -> None:
         subscriptions = self._state.ext.subscriptions
         decode = self._state.backend.decode
-        with app.app_context():
-            for batch in batches:
-                for raw in batch:
-                    if isinstance(raw, _Signal):
-                        self._send_lifecycle(raw)
-                        continue
+        with self._state.app.app_context():
+            for raw in batch:
+                if isinstance(raw, _Signal):
+                    self._send_lifecycle(raw)
+                else:
                     self._deliver(decode(raw), subscriptions)
-                with self._ready:
-                    self._queued -= sum(1 for raw in batch if not isinstance(raw, _Signal))
-                    self._ready.notify()
-                if self._stop.is_set():
-                    return
+        with run.ready:
+            run.queued -= sum(1 for raw in batch if not isinstance(raw, _Signal))
+            run.ready.notify()
 
     def _deliver(self, items: list[Any], subscriptions: dict[str, Any]) -> None:
         for item in items:

@@ -9,6 +9,9 @@ Resolution order of :func:`find_or_start_postgres`:
    ``initdb``/``pg_ctl``.
 
 ``DBNOTIFY_TEST_POSTGRES_SKIP_LOCAL=1`` skips step 2 (to exercise step 3).
+
+:func:`start_private_postgres` starts a :class:`ThrowawayServer` that a test
+may stop and start again (the shared server is never stopped).
 """
 
 from __future__ import annotations
@@ -87,20 +90,43 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no server log)"
 
 
-def _start_throwaway(bindir: Path) -> tuple[str, Callable[[], None]]:
-    # PostgreSQL refuses to run as root, so as root run it as `nobody`.
-    user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
-    tmp = Path(tempfile.mkdtemp(prefix="dbnotify-pg-"))
-    if user is not None:
-        os.chown(tmp, user.pw_uid, user.pw_gid)
-    data, log_file = tmp / "data", tmp / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+class ThrowawayServer:
+    """A PostgreSQL server of our own, in a temporary directory, on a free
+    port of 127.0.0.1 (as ``nobody`` when run as root).
 
-    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    It can be stopped and started again on the same port with the same data
+    (to take the database away from a client and give it back);
+    :meth:`destroy` stops it for good and removes its files.
+    """
+
+    def __init__(self, bindir: Path) -> None:
+        # PostgreSQL refuses to run as root, so as root run it as `nobody`.
+        self.user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+        self.tmp = Path(tempfile.mkdtemp(prefix="dbnotify-pg-"))
+        if self.user is not None:
+            os.chown(self.tmp, self.user.pw_uid, self.user.pw_gid)
+        self.data, self.log_file = self.tmp / "data", self.tmp / "server.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        self.bindir = bindir
+        self.port = 0
+        self.url = ""
+        atexit.register(self.destroy)  # safety net if the caller never runs cleanup
+        try:
+            self._init(bindir)
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+        logger.info(
+            "started throwaway PostgreSQL from %s at %s (data in %s)", bindir, self.url, self.tmp
+        )
+
+    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        user = self.user
         return subprocess.run(
             list(args),
-            cwd=tmp,
-            env=env,
+            cwd=self.tmp,
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -110,25 +136,10 @@ def _start_throwaway(bindir: Path) -> tuple[str, Callable[[], None]]:
             extra_groups=None if user is None else [],
         )
 
-    def stop() -> None:
-        if not tmp.exists():
-            return
+    def _init(self, bindir: Path) -> None:
+        tmp = self.tmp
         try:
-            if (data / "postmaster.pid").exists():
-                pg_ctl = str(bindir / "pg_ctl")
-                res = run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop", timeout=30)
-                if res.returncode != 0:
-                    logger.warning("pg_ctl stop failed: %s", res.stderr.strip())
-                    pid = int((data / "postmaster.pid").read_text().split()[0])
-                    os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
-            logger.warning("could not stop throwaway PostgreSQL in %s: %s", tmp, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    atexit.register(stop)  # safety net if the caller never runs cleanup
-    try:
-        try:
-            run(str(bindir / "postgres"), "--version", timeout=30)
+            self._run(str(bindir / "postgres"), "--version", timeout=30)
         except PermissionError:
             # `nobody` cannot reach e.g. a venv under /root (mode 700): copy
             # pgserver's tree, keeping the layout its RPATH
@@ -141,45 +152,95 @@ def _start_throwaway(bindir: Path) -> tuple[str, Callable[[], None]]:
             if (site / "pgserver.libs").is_dir():
                 shutil.copytree(site / "pgserver.libs", tmp / "pg/pgserver.libs")
             bindir = tmp / "pg/pgserver/pginstall/bin"
-        res = run(
+        self.bindir = bindir
+        res = self._run(
             str(bindir / "initdb"),
-            *("-D", str(data), "-U", "postgres", "-A", "trust"),
+            *("-D", str(self.data), "-U", "postgres", "-A", "trust"),
             *("-E", "UTF8", "--locale=C", "--no-sync"),
         )
         if res.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{res.stdout}{res.stderr}")
-        port = _free_port()
-        with open(data / "postgresql.conf", "a") as conf:
+        self.port = _free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
-                f"\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
+                f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                 "unix_socket_directories = ''\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
             )
+
+    @property
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def start(self) -> None:
+        """Start the server; return once it accepts connections."""
         deadline = time.monotonic() + START_TIMEOUT
         try:
-            res = run(
-                str(bindir / "pg_ctl"),
-                *("-D", str(data), "-l", str(log_file)),
+            res = self._run(
+                str(self.bindir / "pg_ctl"),
+                *("-D", str(self.data), "-l", str(self.log_file)),
                 *("-w", "-t", str(int(START_TIMEOUT)), "start"),
                 timeout=START_TIMEOUT + 10,
             )
         except subprocess.TimeoutExpired:
             res = subprocess.CompletedProcess([], 1, "", "pg_ctl start hung")
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        error = _connect_error(url) if res.returncode == 0 else res.stderr.strip()
+        error = _connect_error(self.url) if res.returncode == 0 else res.stderr.strip()
         while error is not None and res.returncode == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-            error = _connect_error(url)
+            error = _connect_error(self.url)
         if error is not None:
             raise RuntimeError(
-                f"throwaway PostgreSQL ({bindir}) did not come up (waited at most "
-                f"{START_TIMEOUT:.0f} s): {error}\nserver log tail:\n{_tail(log_file)}"
+                f"throwaway PostgreSQL ({self.bindir}) did not come up (waited at most "
+                f"{START_TIMEOUT:.0f} s): {error}\nserver log tail:\n{_tail(self.log_file)}"
             )
-    except BaseException:
-        stop()
-        raise
-    logger.info("started throwaway PostgreSQL from %s at %s (data in %s)", bindir, url, tmp)
-    return url, stop
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl -m MODE``: ``fast`` ends every session
+        with an error, ``immediate`` kills the server as a crash would)."""
+        res = self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", timeout=30
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop -m {mode} failed: {res.stderr.strip()}")
+
+    def destroy(self) -> None:
+        """Stop the server if it runs, and remove its directory."""
+        if not self.tmp.exists():
+            return
+        try:
+            if self.running:
+                res = self._run(
+                    str(self.bindir / "pg_ctl"),
+                    *("-D", str(self.data), "-m", "fast", "-w", "stop"),
+                    timeout=30,
+                )
+                if res.returncode != 0:
+                    logger.warning("pg_ctl stop failed: %s", res.stderr.strip())
+                    pid = int((self.data / "postmaster.pid").read_text().split()[0])
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as exc:
+            logger.warning("could not stop throwaway PostgreSQL in %s: %s", self.tmp, exc)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _start_throwaway(bindir: Path) -> tuple[str, Callable[[], None]]:
+    server = ThrowawayServer(bindir)
+    return server.url, server.destroy
+
+
+def start_private_postgres() -> ThrowawayServer:
+    """Start a throwaway server for one test module to stop and start at
+    will (never the shared server); raise RuntimeError if none can start."""
+    tried: list[str] = []
+    for kind, bindir in _binary_dirs():
+        try:
+            return ThrowawayServer(bindir)
+        except (RuntimeError, OSError, KeyError, subprocess.SubprocessError) as exc:
+            tried.append(f"{kind} ({bindir}): {exc}")
+    if not tried:
+        tried.append("no initdb/pg_ctl/postgres: neither pgserver nor the system's")
+    raise RuntimeError("could not start a private PostgreSQL:\n  - " + "\n  - ".join(tried))
 
 
 def find_or_start_postgres() -> tuple[str, Callable[[], None]]:

@@ -117,6 +117,10 @@ class Backend(abc.ABC):
     def open_stream(self, settings: Any) -> Stream:
         """Connect, start listening, and return the stream."""
 
+    def count(self, raw: Any) -> int:
+        """How many events a raw message holds, without building them."""
+        return 1
+
     def rewind(self, raw: list[Any]) -> None:  # noqa: B027 - optional hook
         """Make these undelivered raw messages be read again after a restart
         (a journaled backend); others cannot and do nothing."""

@@ -619,6 +619,9 @@ class PostgreSQLBackend(Backend):
             log.warning("skipped a notification on %r: %s", CHANNEL, exc)
             return []
 
+    def count(self, raw: Any) -> int:
+        return _payload.count(raw)
+
     def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
         """Stored payloads, read on a pooled connection (not the listener's,
         which belongs to the reader thread)."""

@@ -1,0 +1,346 @@
+"""Under a real gunicorn (-w 2, with and without --preload): one listener per
+worker and none in the master, started without any request; each committed
+row reaches each worker exactly once; a killed worker's replacement gets its
+own listener. And `flask shell` / `flask routes` never start one.
+
+The app is tests/apps/workers_app.py (autostart on): each process writes a
+line on stdout when it imports the module, when its listener connects and
+for each row event, with its pid.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from flask_dbnotify import DBNotify
+
+from .conftest import SQL, WAIT
+from .test_cli_listen import Lines, free_port, listener_count, wait_for_listeners
+from .test_listener import orders_app
+
+MakeApp = Callable[..., tuple[Flask, DBNotify]]
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+APP = "tests.apps.workers_app"
+LISTENER_NAME = "flask-dbnotify listener"
+LINE = re.compile(r"workers_app: (?P<what>.+) pid=(?P<pid>\d+)")
+
+
+def local_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets that process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def session_owners(sql: SQL, pids: list[int]) -> dict[int, list[int]]:
+    """For each listener session on the test database (by its client
+    port): which of ``pids`` holds its socket."""
+    ports = [
+        port
+        for (port,) in sql(
+            "SELECT client_port FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s",
+            (LISTENER_NAME,),
+        )
+    ]
+    held = {pid: local_ports(pid) for pid in pids}
+    return {port: [pid for pid in pids if port in held[pid]] for port in ports}
+
+
+class Gunicorn:
+    """A gunicorn subprocess in its own process group, and its stdout."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, stderr: Path) -> None:
+        self.proc = proc
+        self.master = proc.pid
+        self.port = port
+        self.stderr_path = stderr
+        self.out = Lines(proc.stdout, "gunicorn's stdout")
+        #: (what, pid) of every workers_app line read so far.
+        self.lines: list[tuple[str, int]] = []
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-3000:]
+
+    def wait(self, check: Callable[[list[tuple[str, int]]], bool], what: str) -> None:
+        """Read stdout until ``check(self.lines)`` holds (bounded)."""
+        deadline = time.monotonic() + WAIT
+        while not check(self.lines):
+            left = deadline - time.monotonic()
+            try:
+                line = self.out.readline(what, max(left, 0.0))
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\ngunicorn's stderr:\n{self.stderr()}") from None
+            match = LINE.fullmatch(line)
+            assert match, f"unexpected line on stdout: {line!r}"
+            self.lines.append((match["what"], int(match["pid"])))
+
+    def pids(self, what: str) -> list[int]:
+        return [pid for w, pid in self.lines if w == what]
+
+    def received(self) -> dict[int, list[int]]:
+        """pid -> primary keys of the rows it received, in order."""
+        got: dict[int, list[int]] = {}
+        for what, pid in self.lines:
+            if what.startswith("received orders "):
+                got.setdefault(pid, []).append(int(what.rsplit(" ", 1)[1]))
+        return got
+
+    def wait_received(self, pids: set[int], pk: int) -> None:
+        """Until each of ``pids`` has printed row ``pk``."""
+        self.wait(
+            lambda _: all(pk in self.received().get(pid, []) for pid in pids),
+            f"row {pk} in workers {sorted(pids)}",
+        )
+
+    def get(self, path: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as conn:
+            conn.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _no_control_socket() -> list[str]:
+    """gunicorn >= 24 opens a control socket in ~/.gunicorn by default,
+    shared by every gunicorn of the user: turn it off where it exists."""
+    config = importlib.import_module("gunicorn.config")
+    names = {setting.name for setting in config.KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in names else []
+
+
+@pytest.fixture()
+def env(pg_url: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PYTHON"))}
+    environ.update(
+        DBNOTIFY_TEST_APP_DATABASE_URL=pg_url,
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    return environ
+
+
+@pytest.fixture()
+def gunicorn(
+    env: dict[str, str], sql: SQL, tmp_path: Path, make_app: MakeApp
+) -> Iterator[Callable[[bool], Gunicorn]]:
+    """Start ``gunicorn -w 2 [--preload]`` serving workers_app (the orders
+    table and its triggers exist); afterwards its whole process group is
+    killed and its listener sessions are gone."""
+    if not (BIN / "gunicorn").exists():
+        if os.environ.get("CI"):
+            pytest.fail("gunicorn is not installed", pytrace=False)
+        pytest.skip("gunicorn tests NOT RUN: gunicorn is not installed")
+    orders_app(make_app, sql)
+    started: list[Gunicorn] = []
+
+    def start(preload: bool) -> Gunicorn:
+        port = free_port()
+        stderr = tmp_path / f"gunicorn-{len(started)}.err"
+        with open(stderr, "wb") as err:
+            proc = subprocess.Popen(
+                [str(BIN / "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}"]
+                + (["--preload"] if preload else [])
+                + _no_control_socket()
+                + ["--graceful-timeout", "5", f"{APP}:app"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        server = Gunicorn(proc, port, stderr)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        proc = server.proc
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=WAIT)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # workers left behind by a master that died first
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=WAIT)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    wait_for_listeners(sql, 0, "after gunicorn ended")
+
+
+def _two_listeners(server: Gunicorn) -> set[int]:
+    server.wait(lambda _: len(server.pids("listener connected")) >= 2, "two listeners connected")
+    workers = set(server.pids("listener connected"))
+    assert len(workers) == 2, f"one worker connected twice: {server.lines}"
+    assert server.master not in workers, "the gunicorn master started a listener"
+    return workers
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_each_worker_listens_and_receives_each_row_once(
+    gunicorn: Callable[[bool], Gunicorn], sql: SQL, preload: bool
+) -> None:
+    """Each of the two workers has its own listener session, the master
+    none, before any request; each row reaches each worker exactly once
+    and the master never. With --preload the master imported the app (and
+    did not listen); without it each worker imported it."""
+    t0 = time.monotonic()
+    server = gunicorn(preload)
+    workers = _two_listeners(server)
+    wait_for_listeners(sql, 2, "with two workers")
+    t_listening = time.monotonic() - t0
+    owners = session_owners(sql, [server.master, *workers])
+    assert sorted(pid for pids in owners.values() for pid in pids) == sorted(workers), (
+        f"listener sessions (client port -> holder) {owners}; master {server.master}, "
+        f"workers {sorted(workers)}"
+    )
+    imported = server.pids("imported")
+    if preload:
+        assert imported == [server.master], server.lines
+    else:
+        assert sorted(imported) == sorted(workers), server.lines
+
+    for pk in (1, 2, 3):
+        sql("INSERT INTO orders VALUES (%s, 'x')", (pk,))
+    # Row 4 is a marker: once each worker has printed it, it has printed
+    # everything before it.
+    sql("INSERT INTO orders VALUES (4, 'marker')")
+    server.wait_received(workers, 4)
+    got = server.received()
+    assert got == {pid: [1, 2, 3, 4] for pid in workers}, got
+    print(
+        f"\ngunicorn {'--preload' if preload else '(no --preload)'}: master {server.master}, "
+        f"workers {sorted(workers)} listening {t_listening:.3f}s after start"
+    )
+
+    # Only now the first request: the listeners did not need one.
+    response = server.get("/")
+    assert response.startswith(b"HTTP/1.1 200") or response.startswith(b"HTTP/1.0 200")
+    assert int(response.rsplit(b"ok ", 1)[1]) in workers
+    assert listener_count(sql) == 2
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_a_killed_worker_is_replaced_with_its_own_listener(
+    gunicorn: Callable[[bool], Gunicorn], sql: SQL, preload: bool
+) -> None:
+    """SIGKILL one worker: gunicorn forks a replacement, which starts its
+    own listener; the dead worker's session goes away; each row then
+    reaches the survivor and the replacement once each."""
+    server = gunicorn(preload)
+    workers = _two_listeners(server)
+    wait_for_listeners(sql, 2, "with two workers")
+    victim = min(workers)
+    t_kill = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    server.wait(
+        lambda _: any(pid not in workers for pid in server.pids("listener connected")),
+        "the replacement worker's listener",
+    )
+    t_replaced = time.monotonic() - t_kill
+    (replacement,) = [p for p in server.pids("listener connected") if p not in workers]
+    assert replacement != server.master
+    survivors = (workers - {victim}) | {replacement}
+    deadline = time.monotonic() + WAIT
+    while True:
+        owners = session_owners(sql, [server.master, *survivors])
+        if sorted(pid for pids in owners.values() for pid in pids) == sorted(survivors):
+            if len(owners) == 2:
+                break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"listener sessions {owners}, expected one each for {survivors}")
+        time.sleep(0.05)
+    print(f"\nworker {victim} killed: replacement {replacement} listening after {t_replaced:.3f}s")
+
+    sql("INSERT INTO orders VALUES (1, 'x')")
+    sql("INSERT INTO orders VALUES (2, 'marker')")
+    server.wait_received(survivors, 2)
+    got = server.received()
+    assert got == {pid: [1, 2] for pid in survivors}, got
+    assert server.pids("listener connected").count(replacement) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "expected"),
+    [(("shell",), b"exit()\n", "App: tests.apps.workers_app"), (("routes",), b"", "index")],
+    ids=["shell", "routes"],
+)
+def test_flask_shell_and_routes_start_no_listener(
+    env: dict[str, str], sql: SQL, args: tuple[str, ...], stdin: bytes, expected: str
+) -> None:
+    """`flask shell` (leaving at once) and `flask routes` load the autostart
+    app, start no listener, and exit promptly."""
+    sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [str(BIN / "flask"), "--app", APP, *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(stdin)
+    proc.stdin.close()
+    out, err = Lines(proc.stdout, "stdout"), Lines(proc.stderr, "stderr")
+    sessions = 0
+    try:
+        # Watch pg_stat_activity for as long as it runs (draining its pipes).
+        while proc.poll() is None:
+            sessions = max(sessions, listener_count(sql))
+            out.drain()
+            err.drain()
+            if time.monotonic() - t0 > WAIT:
+                raise AssertionError(f"`flask {args[0]}` still running after {WAIT}s")
+        took = time.monotonic() - t0
+        stdout, stderr = out.rest(), err.rest()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=WAIT)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    print(f"\nflask {args[0]}: exited after {took:.3f}s")
+    assert proc.returncode == 0, stderr
+    assert f"workers_app: imported pid={proc.pid}" in stdout, "the app was not loaded"
+    assert expected in "\n".join(stdout + stderr)
+    assert not [line for line in stdout if "listener connected" in line], stdout
+    assert sessions == 0, "a listener session was open while the command ran"
