@@ -604,8 +604,11 @@ class PostgreSQLBackend(Backend):
             )
         params = {"channel": CHANNEL, "payload": payload}
         if connection is None:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(statement, params)
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(statement, params)
+            except sa.exc.DBAPIError as exc:
+                raise DBNotifyError(f"notify() failed: {exc.orig}") from exc
             return
         execute_on(connection, statement, params)
 
