@@ -34,6 +34,8 @@ _EMPTY: frozenset[str] = frozenset()
 _counter = itertools.count()
 
 Fetch = Callable[[Iterable[int]], dict[int, str]]
+#: Reads journal rows ``lo..hi`` written by transaction ``xid``: (id, body).
+ReadJournal = Callable[[int, int, int], list[tuple[int, str]]]
 
 
 class PayloadError(ValueError):
@@ -96,12 +98,20 @@ def count(text: str) -> int:
         return 0
     if isinstance(msg, dict) and isinstance(msg.get("r"), list):
         return len(msg["r"])
+    if isinstance(msg, dict) and "J" in msg:
+        return 0  # Journaled: read again from the journal, not lost.
     return 1
 
 
-def decode(text: str, fetch: Fetch, journal_id: int | None = None) -> list[Item]:
+def decode(
+    text: str,
+    fetch: Fetch,
+    journal_id: int | None = None,
+    read_journal: ReadJournal | None = None,
+) -> list[Item]:
     """Decode one notification payload into events or a message.
-    ``journal_id`` becomes the events' ``id``."""
+    ``journal_id`` becomes the events' ``id``. A durable notification
+    (``{"v": 1, "J": [lo, hi], "x": xid}``) is read with ``read_journal``."""
     try:
         msg = loads(text)
     except ValueError as exc:
@@ -114,6 +124,14 @@ def decode(text: str, fetch: Fetch, journal_id: int | None = None) -> list[Item]
             if body is None:
                 raise PayloadError(f"stored payload {msg['ref']} is gone")
             return decode(body, fetch, journal_id)
+        if "J" in msg:
+            if read_journal is None:
+                raise PayloadError("a journal reference where none is expected")
+            lo, hi = msg["J"]
+            items: list[Item] = []
+            for row_id, body in read_journal(lo, hi, msg["x"]):
+                items += decode(body, fetch, row_id)
+            return items
         if "m" in msg:
             return [Notification(msg["m"], msg.get("p"))]
         return decode_rows(msg, fetch, journal_id)

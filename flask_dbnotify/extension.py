@@ -153,16 +153,12 @@ class DBNotify:
             key is always carried); every column by default.
         :param when_changed: UPDATEs are delivered only if one of these
             columns changed. UPDATEs that change nothing are never delivered.
-        :param durable: journal each change so none is lost across
-            reconnects. Not available yet.
+        :param durable: journal each change in the writer's transaction, so
+            a listener that reconnects replays what it missed (``event.id``
+            is the journal id). SQLite journals every watch anyway.
 
         The triggers are created by ``flask dbnotify install-triggers``.
         """
-        if durable:
-            raise NotImplementedError(
-                "durable=True is not available yet: use listener_connected(gap=True) "
-                "to learn when events may have been missed"
-            )
         watch = Watch.create(target, operations, columns, when_changed, durable)
         existing = self.watches.get(watch.name)
         if existing is not None and not existing.implicit:

@@ -56,6 +56,8 @@ _OP_SIGNALS: dict[Operation, NamedSignal] = {
 }
 #: Housekeeping runs at most this often (and twice per retention period).
 _PRUNE_EVERY = 60.0
+#: With durable watches, an idle dispatcher checks the journal this often.
+_CATCH_UP_EVERY = 5.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class _Run:
         self.queue: deque[list[Any]] = deque()
         self.queued = 0
         self.ready = threading.Condition(threading.Lock())
+
+
+#: A queue item that only asks the dispatcher to catch up with the journal.
+_CATCH_UP = _Signal(listener_connected)
 
 
 class Listener:
@@ -240,7 +246,7 @@ class Listener:
             if connected_before:
                 self._reconnects += 1
             failures = 0
-            gap = connected_before and not state.backend.durable_by_nature
+            gap = connected_before and not (state.backend.durable_by_nature or self._all_durable())
             self._put(run, [_Signal(listener_connected, reconnect=connected_before, gap=gap)], 0)
             self._first_attempt.set()
             connected_before = True
@@ -359,15 +365,23 @@ class Listener:
 
     # -- the dispatcher -----------------------------------------------------
 
+    def _all_durable(self) -> bool:
+        watches = self._state.ext.watches.values()
+        return bool(watches) and all(w.durable for w in watches)
+
+    def _durable_in_use(self) -> bool:
+        return any(w.durable for w in self._state.ext.watches.values())
+
     def _dispatch_loop(self, run: _Run) -> None:
         ready, queue = run.ready, run.queue
         while True:
             with ready:
                 while not queue and not run.stop.is_set():
-                    ready.wait()
+                    if not ready.wait(_CATCH_UP_EVERY) and self._durable_in_use():
+                        break  # Idle: catch up below, then wait again.
                 if run.stop.is_set():
                     break
-                batch = queue.popleft()
+                batch = queue.popleft() if queue else [_CATCH_UP]
             self._dispatch(run, batch)
         self._discard_queue(run)
 
@@ -388,12 +402,27 @@ class Listener:
         with self._state.app.app_context():
             for raw in batch:
                 if isinstance(raw, _Signal):
-                    self._send_lifecycle(raw)
+                    # Replay what the journal has and we missed before saying
+                    # we are (re)connected or that events were dropped.
+                    if raw.signal is not listener_disconnected and self._durable_in_use():
+                        self._catch_up(subscriptions)
+                    if raw is not _CATCH_UP:
+                        self._send_lifecycle(raw)
                 else:
                     self._deliver(decode(raw), subscriptions)
         with run.ready:
             run.queued -= sum(1 for raw in batch if not isinstance(raw, _Signal))
             run.ready.notify()
+
+    def _catch_up(self, subscriptions: dict[str, Any]) -> None:
+        try:
+            items = self._state.backend.catch_up()
+        except Exception as exc:  # noqa: BLE001 - retried at the next chance
+            log.warning("could not replay the journal: %s", exc)
+            return
+        if items:
+            log.info("replayed %d journaled events", len(items))
+            self._deliver(items, subscriptions)
 
     def _deliver(self, items: list[Any], subscriptions: dict[str, Any]) -> None:
         for item in items:

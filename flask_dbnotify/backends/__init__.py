@@ -117,6 +117,12 @@ class Backend(abc.ABC):
     def open_stream(self, settings: Any) -> Stream:
         """Connect, start listening, and return the stream."""
 
+    def catch_up(self) -> list[Item]:
+        """Journaled events this listener has not seen (after a reconnect or
+        a drop); the first call sets where "now" is. Runs on the dispatcher
+        thread."""
+        return []
+
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""
         return 1
