@@ -223,6 +223,7 @@ class DBNotify:
         payload: Any = None,
         *,
         connection: Any = None,
+        durable: bool = False,
         app: Flask | None = None,
     ) -> None:
         """Send an application message to every listener.
@@ -233,9 +234,12 @@ class DBNotify:
             DB-API connection): the message is sent when its transaction
             commits, and not at all if it rolls back. Without it the message
             is sent at once.
+        :param durable: journal the message like a durable row change, so
+            listeners of apps with durable watches replay it after a
+            reconnect. (SQLite journals every message.)
         """
         text = _payload.encode_message(channel, payload)
-        self._state(app).backend.notify(connection, channel, text)
+        self._state(app).backend.notify(connection, channel, text, durable)
 
     # -- triggers -----------------------------------------------------------
 

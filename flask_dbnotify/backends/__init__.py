@@ -103,9 +103,10 @@ class Backend(abc.ABC):
         """Delete stored payloads older than ``retention`` seconds."""
 
     @abc.abstractmethod
-    def notify(self, connection: Any, channel: str, payload: str) -> None:
+    def notify(self, connection: Any, channel: str, payload: str, durable: bool = False) -> None:
         """Send an encoded message through ``connection`` (a SQLAlchemy
-        connection or session), or at once when it is ``None``."""
+        connection or session), or at once when it is ``None``; journal it
+        when ``durable``."""
 
     @abc.abstractmethod
     def decode(self, raw: Any) -> list[Item]:

@@ -658,8 +658,15 @@ class PostgreSQLBackend(Backend):
 
     # -- messages ----------------------------------------------------------
 
-    def notify(self, connection: Any, channel: str, payload: str) -> None:
-        if len(payload.encode()) < NOTIFY_LIMIT:
+    def notify(self, connection: Any, channel: str, payload: str, durable: bool = False) -> None:
+        if durable:
+            # Journaled like a durable row event; listeners read it back.
+            statement = (
+                "WITH ins AS (INSERT INTO {} (body) VALUES (%(payload)s) RETURNING id, xid) "
+                "SELECT pg_notify(%(channel)s, '{{\"v\": 1, \"J\": [' || id || ', ' || id "
+                "|| '], \"x\": ' || xid || '}}') FROM ins"
+            ).format(_quoted(self.schema, "dbnotify_journal"))
+        elif len(payload.encode()) < NOTIFY_LIMIT:
             statement = "SELECT pg_notify(%(channel)s, %(payload)s)"
         else:
             statement = (

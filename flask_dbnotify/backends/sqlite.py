@@ -412,7 +412,8 @@ class SQLiteBackend(Backend):
 
     # -- messages ----------------------------------------------------------
 
-    def notify(self, connection: Any, channel: str, payload: str) -> None:
+    def notify(self, connection: Any, channel: str, payload: str, durable: bool = False) -> None:
+        # Every message is journaled on SQLite: durable or not, same path.
         statement = f"INSERT INTO dbnotify_journal (created_at, body) VALUES ({_NOW}, :payload)"
         params = {"payload": payload}
         if connection is None:
