@@ -21,6 +21,9 @@ DEFAULTS: dict[str, Any] = {
     "DBNOTIFY_PAYLOAD_RETENTION": 3600.0,
     "DBNOTIFY_POLL_INTERVAL": 0.05,
     "DBNOTIFY_QUEUE_SIZE": 10000,
+    "DBNOTIFY_ONCE_ATTEMPTS": 5,
+    "DBNOTIFY_ONCE_RETRY_DELAY": 1.0,
+    "DBNOTIFY_ONCE_LEASE": 300.0,
 }
 
 
@@ -40,6 +43,9 @@ class Settings:
     payload_retention: float
     poll_interval: float
     queue_size: int
+    once_attempts: int
+    once_retry_delay: float
+    once_lease: float
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -64,13 +70,16 @@ class Settings:
             "DBNOTIFY_KEEPALIVE_IDLE",
             "DBNOTIFY_PAYLOAD_RETENTION",
             "DBNOTIFY_POLL_INTERVAL",
+            "DBNOTIFY_ONCE_RETRY_DELAY",
+            "DBNOTIFY_ONCE_LEASE",
         ):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
-        queue_size = config["DBNOTIFY_QUEUE_SIZE"]
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"DBNOTIFY_QUEUE_SIZE must be a positive integer, not {queue_size!r}")
+        for key in ("DBNOTIFY_QUEUE_SIZE", "DBNOTIFY_ONCE_ATTEMPTS"):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, not {value!r}")
         schema = config["DBNOTIFY_SCHEMA"]
         if not isinstance(schema, str) or not schema:
             raise ValueError(f"DBNOTIFY_SCHEMA must be a schema name, not {schema!r}")
@@ -86,5 +95,8 @@ class Settings:
             keepalive_idle=max(1, int(config["DBNOTIFY_KEEPALIVE_IDLE"])),
             payload_retention=float(config["DBNOTIFY_PAYLOAD_RETENTION"]),
             poll_interval=float(config["DBNOTIFY_POLL_INTERVAL"]),
-            queue_size=queue_size,
+            queue_size=config["DBNOTIFY_QUEUE_SIZE"],
+            once_attempts=config["DBNOTIFY_ONCE_ATTEMPTS"],
+            once_retry_delay=float(config["DBNOTIFY_ONCE_RETRY_DELAY"]),
+            once_lease=float(config["DBNOTIFY_ONCE_LEASE"]),
         )

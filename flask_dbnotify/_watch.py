@@ -153,6 +153,10 @@ class Subscription:
     func: Handler
     operations: frozenset[Operation]
     where: tuple[tuple[str, Any], ...]
+    #: Exactly one process runs it per durable event (``once=True``).
+    once: bool = False
+    #: The receiver's identity across processes: its qualified name.
+    name: str = ""
 
     def matches(self, event: ChangeEvent) -> bool:
         if event.op not in self.operations:
@@ -164,7 +168,7 @@ class Subscription:
 
     @classmethod
     def create(
-        cls, func: Handler, operations: Any, where: Mapping[str, Any] | None
+        cls, func: Handler, operations: Any, where: Mapping[str, Any] | None, once: bool = False
     ) -> Subscription:
         if not callable(func):
             raise TypeError(f"on() decorates a callable, not {func!r}")
@@ -172,4 +176,5 @@ class Subscription:
         for col, _ in items:
             if not isinstance(col, str):
                 raise TypeError(f"where keys are column names, not {col!r}")
-        return cls(func, frozenset(coerce_operations(operations)), items)
+        name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+        return cls(func, frozenset(coerce_operations(operations)), items, once, name)

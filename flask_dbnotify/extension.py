@@ -185,13 +185,29 @@ class DBNotify:
         ``where`` maps column names to values the row must have (``new``, or
         ``old`` for DELETE). If ``target`` is not watched yet, it is watched
         with the defaults.
+
+        With ``once=True`` (the watch must be durable), exactly one process
+        of all that run the app handles each event, even events committed
+        while no process ran; a receiver that raises is retried with
+        backoff, then reported with ``receiver_failed`` and kept failed.
+        Processes recognise the receiver by its qualified name.
         """
-        if once:
-            raise NotImplementedError("once=True is not available yet")
         name, _, _, table = resolve_target(target)
 
         def decorator(func: F) -> F:
-            sub = Subscription.create(func, operations, where)
+            sub = Subscription.create(func, operations, where, once)
+            if once:
+                if "<lambda>" in sub.name:
+                    raise ValueError(
+                        "once=True needs a named function: processes recognise a "
+                        "receiver by its qualified name"
+                    )
+                taken = [s.name for subs in self.subscriptions.values() for s in subs if s.once]
+                if sub.name in taken:
+                    raise ValueError(
+                        f"a once receiver named {sub.name!r} exists already: processes "
+                        "recognise a receiver by its qualified name, so give it another"
+                    )
             if table is not None:
                 for col, _ in sub.where:
                     if col not in table.columns:
@@ -200,8 +216,15 @@ class DBNotify:
                         )
             watch = self.watches.get(name)
             if watch is None:
-                watch = Watch.create(target, implicit=True)
+                watch = Watch.create(target, durable=once, implicit=True)
                 self.watches[name] = watch
+                self._watches_changed()
+            elif once and not watch.durable:
+                if not watch.implicit:
+                    raise ValueError(
+                        f"once=True needs a durable watch: watch({name!r}, durable=True)"
+                    )
+                watch = self.watches[name] = Watch.create(target, durable=True, implicit=True)
                 self._watches_changed()
             _check_subscription(watch, sub)
             self.subscriptions[name] = (*self.subscriptions.get(name, ()), sub)
@@ -252,6 +275,10 @@ class DBNotify:
         transaction; superseded ones are dropped."""
         state = self._state(app)
         state.backend.install(list(self.watches.values()))
+        # From now on, events for once receivers wait for them in the journal.
+        once = sorted({s.name for subs in self.subscriptions.values() for s in subs if s.once})
+        if once:
+            state.backend.once_register(once)
         state.listener.recheck_triggers()
 
     def uninstall_sql(self, app: Flask | None = None, everything: bool = False) -> list[str]:
@@ -270,6 +297,8 @@ class DBNotify:
 
 
 def _check_subscription(watch: Watch, sub: Subscription) -> None:
+    if sub.once and not watch.durable:
+        raise ValueError(f"once=True needs a durable watch: watch({watch.name!r}, durable=True)")
     missing = sub.operations - set(watch.operations)
     if missing:
         names = ", ".join(sorted(op.value.lower() for op in missing))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 
+from ._once import OnceRunner
 from .backends import Notification, Stream
 from .errors import ListenerError
 from .events import ChangeEvent, Operation
@@ -56,8 +57,10 @@ _OP_SIGNALS: dict[Operation, NamedSignal] = {
 }
 #: Housekeeping runs at most this often (and twice per retention period).
 _PRUNE_EVERY = 60.0
-#: With durable watches, an idle dispatcher checks the journal this often.
+#: With durable watches, an idle dispatcher checks the journal this often;
+#: with once receivers (retries are due on time), this often.
 _CATCH_UP_EVERY = 5.0
+_ONCE_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class Listener:
     def __init__(self, state: _State) -> None:
         self._state = state
         self._lock = threading.Lock()
+        self._once = OnceRunner(state)
         self._reset()
         self._received = self._dispatched = self._dropped = self._reconnects = 0
         self._connected_since: datetime | None = None
@@ -377,7 +381,8 @@ class Listener:
         while True:
             with ready:
                 while not queue and not run.stop.is_set():
-                    if not ready.wait(_CATCH_UP_EVERY) and self._durable_in_use():
+                    tick = _ONCE_EVERY if self._once.receivers() else _CATCH_UP_EVERY
+                    if not ready.wait(tick) and self._durable_in_use():
                         break  # Idle: catch up below, then wait again.
                 if run.stop.is_set():
                     break
@@ -410,6 +415,11 @@ class Listener:
                         self._send_lifecycle(raw)
                 else:
                     self._deliver(decode(raw), subscriptions)
+            if self._once.receivers():
+                try:
+                    self._once.run()
+                except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                    log.warning("could not run once receivers: %s", exc)
         with run.ready:
             run.queued -= sum(1 for raw in batch if not isinstance(raw, _Signal))
             run.ready.notify()
@@ -433,7 +443,7 @@ class Listener:
                         for receiver in signal.receivers_for(table):
                             self._call(receiver, item, table, event=item)
                 for sub in subscriptions.get(table, ()):
-                    if sub.matches(item):
+                    if not sub.once and sub.matches(item):
                         self._call(sub.func, item, item)
             elif isinstance(item, Notification):
                 if notification_received.receivers:

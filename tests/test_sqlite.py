@@ -503,7 +503,13 @@ def test_uninstall_everything_drops_journal_and_listeners(sqlite_app: SqliteApp,
         "the listener records its position in dbnotify_listeners",
     )
     tables = {name for kind, name in db.objects() if kind == "table"}
-    assert tables == {"dbnotify_journal", "dbnotify_shapes", "dbnotify_listeners"}
+    assert tables == {
+        "dbnotify_journal",
+        "dbnotify_shapes",
+        "dbnotify_listeners",
+        "dbnotify_receivers",
+        "dbnotify_claims",
+    }
     ext.stop(app)
     ext.uninstall_triggers(app, everything=True)
     assert db.objects() == []

@@ -124,6 +124,46 @@ class Backend(abc.ABC):
         thread."""
         return []
 
+    # -- exactly-once receivers (all run on the dispatcher thread) ----------
+    #
+    # A receiver's watermark says how far it has claimed: every journal row
+    # of its watches up to there has a claim (receiver, event id), made by
+    # exactly one process. ``cursor`` values are opaque to callers.
+
+    @abc.abstractmethod
+    def once_register(self, receivers: Sequence[str]) -> None:
+        """Give receivers without a watermark one at "now"."""
+
+    @abc.abstractmethod
+    def once_scan(
+        self, receiver: str, watches: Sequence[str], limit: int
+    ) -> tuple[list[ChangeEvent], Any]:
+        """Journaled events of ``watches`` past the receiver's watermark, in
+        order, and the cursor to advance it to once they are claimed."""
+
+    @abc.abstractmethod
+    def once_claim(self, receiver: str, ids: Sequence[int], worker: str) -> set[int]:
+        """Claim events; return the ids this call won."""
+
+    @abc.abstractmethod
+    def once_advance(self, receiver: str, cursor: Any) -> None:
+        """Move the watermark forward to ``cursor`` (never back)."""
+
+    @abc.abstractmethod
+    def once_finish(
+        self, receiver: str, event_id: int, error: str | None, retry_in: float | None
+    ) -> None:
+        """Record the outcome: done (no error), retry after ``retry_in``
+        seconds, or failed for good (error and no retry)."""
+
+    @abc.abstractmethod
+    def once_due(
+        self, receiver: str, worker: str, lease: float, limit: int
+    ) -> list[tuple[int, int, ChangeEvent | None]]:
+        """Claim events due for another attempt (retry time reached, or a
+        claim older than ``lease`` whose process died): ``(id, attempt,
+        event)``; the event is None if its journal row is gone."""
+
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""
         return 1

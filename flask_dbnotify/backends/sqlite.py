@@ -241,6 +241,14 @@ class SQLiteBackend(Backend):
             "key TEXT PRIMARY KEY, header TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS dbnotify_listeners ("
             "name TEXT PRIMARY KEY, position INTEGER NOT NULL, seen_at REAL NOT NULL)",
+            # Exactly-once receivers: how far each has claimed, and claims.
+            "CREATE TABLE IF NOT EXISTS dbnotify_receivers ("
+            "receiver TEXT PRIMARY KEY, id INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS dbnotify_claims ("
+            "receiver TEXT NOT NULL, event_id INTEGER NOT NULL, "
+            "state TEXT NOT NULL DEFAULT 'running', attempts INTEGER NOT NULL DEFAULT 1, "
+            "claimed_by TEXT, claimed_at REAL NOT NULL, next_attempt_at REAL, last_error TEXT, "
+            "PRIMARY KEY (receiver, event_id))",
         ]
 
     def _install_sql(self, conn: sqlite3.Connection, watches: Sequence[Watch]) -> list[str]:
@@ -321,6 +329,8 @@ class SQLiteBackend(Backend):
                     "DROP TABLE IF EXISTS dbnotify_journal",
                     "DROP TABLE IF EXISTS dbnotify_shapes",
                     "DROP TABLE IF EXISTS dbnotify_listeners",
+                    "DROP TABLE IF EXISTS dbnotify_receivers",
+                    "DROP TABLE IF EXISTS dbnotify_claims",
                 ]
             return statements
 
@@ -430,6 +440,107 @@ class SQLiteBackend(Backend):
         # dbnotify_listeners, reading from now on.
         self.listener_name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.position = None
+
+    # -- exactly-once receivers ------------------------------------------------
+
+    def _write(self, statement: str, params: Any) -> list[Any]:
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(statement, params).fetchall()
+
+        return self._with_conn(work)  # type: ignore[no-any-return]
+
+    def once_register(self, receivers: Sequence[str]) -> None:
+        self._write(
+            "INSERT OR IGNORE INTO dbnotify_receivers (receiver, id) "
+            "SELECT value, coalesce((SELECT max(id) FROM dbnotify_journal), 0) "
+            "FROM json_each(?)",
+            (json.dumps(list(receivers)),),
+        )
+
+    def once_scan(
+        self, receiver: str, watches: Sequence[str], limit: int
+    ) -> tuple[list[ChangeEvent], Any]:
+        # Writers are serialised, so ids follow commit order: whatever is
+        # visible below the newest id is all there will ever be.
+        def work(conn: sqlite3.Connection) -> tuple[list[Any], Any]:
+            conn.execute("BEGIN")  # one snapshot for the rows and the newest id
+            try:
+                return scan(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        def scan(conn: sqlite3.Connection) -> tuple[list[Any], Any]:
+            mark = conn.execute(
+                "SELECT id FROM dbnotify_receivers WHERE receiver = ?", (receiver,)
+            ).fetchone()
+            if mark is None:
+                return [], None
+            rows = conn.execute(
+                "SELECT id, created_at, shape, body FROM dbnotify_journal WHERE id > ? "
+                "AND shape IN (SELECT key FROM dbnotify_shapes "
+                "  WHERE json_extract(header, '$.t') IN (SELECT value FROM json_each(?))) "
+                "ORDER BY id LIMIT ?",
+                (mark[0], json.dumps(list(watches)), limit),
+            ).fetchall()
+            if len(rows) == limit:
+                return rows, rows[-1][0]
+            last = conn.execute("SELECT max(id) FROM dbnotify_journal").fetchone()[0]
+            return rows, last
+
+        rows, cursor = self._with_conn(work)
+        events = [e for raw in rows for e in self.decode(raw) if isinstance(e, ChangeEvent)]
+        return events, cursor
+
+    def once_claim(self, receiver: str, ids: Sequence[int], worker: str) -> set[int]:
+        if not ids:
+            return set()
+        rows = self._write(
+            "INSERT OR IGNORE INTO dbnotify_claims (receiver, event_id, claimed_by, claimed_at) "
+            "SELECT ?, value, ?, ? FROM json_each(?) RETURNING event_id",
+            (receiver, worker, time.time(), json.dumps(list(ids))),
+        )
+        return {row[0] for row in rows}
+
+    def once_advance(self, receiver: str, cursor: Any) -> None:
+        if cursor is not None:
+            self._write(
+                "UPDATE dbnotify_receivers SET id = ? WHERE receiver = ? AND id < ?",
+                (cursor, receiver, cursor),
+            )
+
+    def once_finish(
+        self, receiver: str, event_id: int, error: str | None, retry_in: float | None
+    ) -> None:
+        state = "done" if error is None else ("retry" if retry_in is not None else "failed")
+        self._write(
+            "UPDATE dbnotify_claims SET state = ?, last_error = ?, claimed_by = NULL, "
+            "next_attempt_at = ? WHERE receiver = ? AND event_id = ?",
+            (state, error, time.time() + (retry_in or 0), receiver, event_id),
+        )
+
+    def once_due(
+        self, receiver: str, worker: str, lease: float, limit: int
+    ) -> list[tuple[int, int, ChangeEvent | None]]:
+        now = time.time()
+        rows = self._write(
+            "UPDATE dbnotify_claims SET state = 'running', attempts = attempts + 1, "
+            "claimed_by = ?, claimed_at = ? WHERE rowid IN (SELECT rowid FROM dbnotify_claims "
+            "  WHERE receiver = ? AND ((state = 'retry' AND next_attempt_at <= ?) "
+            "  OR (state = 'running' AND claimed_at < ?)) ORDER BY event_id LIMIT ?) "
+            "RETURNING event_id, attempts",
+            (worker, now, receiver, now, now - lease, limit),
+        )
+        result: list[tuple[int, int, ChangeEvent | None]] = []
+        for event_id, attempts in sorted(rows):
+            raw = self._with_conn(
+                lambda conn, i=event_id: conn.execute(
+                    "SELECT id, created_at, shape, body FROM dbnotify_journal WHERE id = ?", (i,)
+                ).fetchone()
+            )
+            items = self.decode(raw) if raw is not None else []
+            event = items[0] if items and isinstance(items[0], ChangeEvent) else None
+            result.append((event_id, attempts, event))
+        return result
 
     def rewind(self, raw: list[Any]) -> None:
         if raw:

@@ -1,0 +1,112 @@
+"""Exactly-once receivers: ``DBNotify.on(..., once=True)``.
+
+Each process's dispatcher runs :meth:`OnceRunner.run` after deliveries and
+on an idle tick. For every once-receiver it reads the journal past the
+receiver's watermark, claims the events in one statement (the primary key
+(receiver, event id) lets exactly one process win each), moves the
+watermark, then runs the events it won. A receiver that raises is retried
+with exponential backoff up to ``DBNOTIFY_ONCE_ATTEMPTS`` times, then
+marked failed (kept for inspection) and reported with ``receiver_failed``.
+A claim whose process died is taken over after ``DBNOTIFY_ONCE_LEASE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from .events import ChangeEvent
+from .signals import receiver_failed
+
+if TYPE_CHECKING:
+    from ._watch import Subscription
+    from .extension import _State
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500
+_MAX_RETRY_DELAY = 300.0
+
+
+class OnceRunner:
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.registered: set[str] = set()
+
+    def receivers(self) -> list[tuple[str, Subscription]]:
+        return [
+            (name, sub)
+            for name, subs in self.state.ext.subscriptions.items()
+            for sub in subs
+            if sub.once
+        ]
+
+    def run(self) -> None:
+        """Claim and run whatever is due; called on the dispatcher thread
+        with an app context pushed."""
+        receivers = self.receivers()
+        if not receivers:
+            return
+        backend = self.state.backend
+        names = {sub.name for _, sub in receivers}
+        if not names <= self.registered:
+            backend.once_register(sorted(names - self.registered))
+            self.registered |= names
+        for watch, sub in receivers:
+            while True:
+                events, cursor = backend.once_scan(sub.name, [watch], _BATCH)
+                wanted = [e for e in events if sub.matches(e)]
+                won = backend.once_claim(sub.name, [e.id for e in wanted if e.id], self.worker)
+                backend.once_advance(sub.name, cursor)
+                for event in wanted:
+                    if event.id in won:
+                        self.attempt(sub, event, 1)
+                if len(events) < _BATCH:
+                    break
+            settings = self.state.settings
+            for event_id, attempt, due in backend.once_due(
+                sub.name, self.worker, settings.once_lease, _BATCH
+            ):
+                if due is None:
+                    backend.once_finish(sub.name, event_id, "journal row is gone", None)
+                else:
+                    self.attempt(sub, due, attempt)
+
+    def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:
+        assert event.id is not None
+        backend, settings = self.state.backend, self.state.settings
+        try:
+            sub.func(event)
+        except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt < settings.once_attempts:
+                delay = min(settings.once_retry_delay * 2 ** (attempt - 1), _MAX_RETRY_DELAY)
+                log.warning(
+                    "once receiver %s failed on event %s (attempt %d); retrying in %.1fs: %s",
+                    sub.name,
+                    event.id,
+                    attempt,
+                    delay,
+                    error,
+                )
+                backend.once_finish(sub.name, event.id, error, delay)
+                return
+            log.error(
+                "once receiver %s failed on event %s after %d attempts: %s",
+                sub.name,
+                event.id,
+                attempt,
+                error,
+            )
+            backend.once_finish(sub.name, event.id, error, None)
+            app = self.state.app
+            for failed in receiver_failed.receivers_for(app):
+                try:
+                    failed(app, receiver=sub.func, event=event, error=exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("receiver_failed receiver %r failed", failed)
+            return
+        backend.once_finish(sub.name, event.id, None, None)
