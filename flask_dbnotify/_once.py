@@ -75,6 +75,13 @@ class OnceRunner:
                 else:
                     self.attempt(sub, due, attempt)
 
+    def claim_and_attempt(self, sub: Subscription, event: ChangeEvent) -> None:
+        """Run a once receiver for an operator's replay: claim the event if
+        nobody has, then attempt it whatever its claim said."""
+        assert event.id is not None
+        self.state.backend.once_claim(sub.name, [event.id], self.worker)
+        self.attempt(sub, event, 1)
+
     def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:
         assert event.id is not None
         backend, settings = self.state.backend, self.state.settings

@@ -125,6 +125,19 @@ def listen(count: int | None) -> None:
             state.ext.stop(app=state.app)
 
 
+@dbnotify_cli.command("replay")
+@click.option("--since", type=int, required=True, help="First journal id to replay.")
+@click.option("--until", type=int, default=None, help="Last journal id to replay.")
+@click.option("--receiver", default=None, help="Only this on() receiver (qualified name).")
+def replay(since: int, until: int | None, receiver: str | None) -> None:
+    """Dispatch journaled events again, in this process."""
+    try:
+        count = _state().ext.replay(since, until, receiver)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--receiver") from None
+    click.echo(f"replayed {count} event(s)")
+
+
 @dbnotify_cli.command("notify")
 @click.argument("channel")
 @click.argument("payload", required=False)

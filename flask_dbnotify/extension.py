@@ -17,7 +17,7 @@ from . import _payload
 from ._settings import Settings
 from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
-from .events import Operation
+from .events import ChangeEvent, Operation
 from .listener import Listener, ListenerState, stop_all
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -263,6 +263,42 @@ class DBNotify:
         """
         text = _payload.encode_message(channel, payload)
         self._state(app).backend.notify(connection, channel, text, durable)
+
+    def replay(
+        self,
+        since: int,
+        until: int | None = None,
+        receiver: str | None = None,
+        app: Flask | None = None,
+    ) -> int:
+        """Dispatch journaled events again, in this thread, for operators:
+        ids from ``since`` (to ``until``). Signals and every ``on()``
+        receiver get them, or only the receiver whose qualified name is
+        ``receiver``; a once receiver that succeeds has its claim marked
+        done. Returns how many events were replayed."""
+        state = self._state(app)
+        subs = [s for subs in self.subscriptions.values() for s in subs]
+        if receiver is not None and receiver not in {s.name for s in subs}:
+            raise ValueError(
+                f"no on() receiver is named {receiver!r}: known are "
+                + ", ".join(sorted({s.name for s in subs}))
+            )
+        replayed = 0
+        with state.app.app_context():
+            while True:
+                items = [
+                    i
+                    for i in state.backend.journal(since, 500)
+                    if isinstance(i, ChangeEvent)
+                    and i.id is not None
+                    and (until is None or i.id <= until)
+                ]
+                if not items:
+                    return replayed
+                for event in items:
+                    state.listener.redeliver(event, receiver)
+                    replayed += 1
+                since = max(e.id or 0 for e in items) + 1
 
     # -- triggers -----------------------------------------------------------
 

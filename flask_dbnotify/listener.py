@@ -451,6 +451,19 @@ class Listener:
                         self._call(receiver, item.payload, item.channel, payload=item.payload)
             self._dispatched += 1
 
+    def redeliver(self, event: ChangeEvent, receiver: str | None) -> None:
+        """Deliver a journaled event again (``DBNotify.replay``): to signals
+        and every on() receiver, or to the one named ``receiver``."""
+        if receiver is None:
+            self._deliver([event], {event.table: ()})
+        for sub in self._state.ext.subscriptions.get(event.table, ()):
+            if (receiver is None or sub.name == receiver) and sub.matches(event):
+                if sub.once:
+                    assert event.id is not None
+                    self._once.claim_and_attempt(sub, event)
+                else:
+                    self._call(sub.func, event, event)
+
     def _call(
         self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any
     ) -> None:

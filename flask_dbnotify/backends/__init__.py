@@ -164,6 +164,10 @@ class Backend(abc.ABC):
         claim older than ``lease`` whose process died): ``(id, attempt,
         event)``; the event is None if its journal row is gone."""
 
+    @abc.abstractmethod
+    def journal(self, since: int, limit: int) -> list[Item]:
+        """Journaled events and messages with ids from ``since``, in id order."""
+
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""
         return 1
@@ -181,6 +185,14 @@ class Backend(abc.ABC):
         with self.engine.begin() as conn:
             for statement in statements:
                 conn.exec_driver_sql(statement)
+
+
+def once_line(pending: int, oldest: int | None, failed: int) -> str:
+    """A status line for one once receiver."""
+    line = f"{pending} in progress or to retry"
+    if oldest is not None:
+        line += f" (oldest event {oldest})"
+    return line + f", {failed} failed"
 
 
 def execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from .. import _payload
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Status, Stream, execute_on
+from . import Backend, Item, Status, Stream, execute_on, once_line
 
 log = logging.getLogger(__name__)
 
@@ -670,17 +670,53 @@ class PostgreSQLBackend(Backend):
             health["stored payloads"] = str(count) + (
                 f", oldest {oldest:%Y-%m-%d %H:%M:%S%z}" if oldest else ""
             )
+        cur.execute("SELECT to_regclass(%s)", (_quoted(self.schema, "dbnotify_claims"),))
+        if cur.fetchone()[0] is None:
+            return
+        names = {
+            n: _quoted(self.schema, f"dbnotify_{n}") for n in ("journal", "receivers", "claims")
+        }
+        cur.execute("SELECT count(*), min(id), max(id) FROM {journal}".format(**names))
+        count, first, last = cur.fetchone()
+        health["journal"] = f"{count} rows" + (f", ids {first}..{last}" if count else "")
+        cur.execute(
+            "SELECT r.receiver, "
+            " (SELECT count(*) FROM {claims} c WHERE c.receiver = r.receiver "
+            "   AND c.state IN ('running', 'retry')), "
+            " (SELECT min(event_id) FROM {claims} c WHERE c.receiver = r.receiver "
+            "   AND c.state IN ('running', 'retry')), "
+            " (SELECT count(*) FROM {claims} c WHERE c.receiver = r.receiver "
+            "   AND c.state = 'failed') "
+            "FROM {receivers} r ORDER BY r.receiver".format(**names)
+        )
+        for receiver, pending, oldest_id, failed in cur.fetchall():
+            health[f"once {receiver}"] = once_line(pending, oldest_id, failed)
+        cur.execute(
+            "SELECT receiver, event_id, attempts, last_error FROM {claims} "
+            "WHERE state = 'failed' ORDER BY event_id DESC LIMIT 10".format(**names)
+        )
+        for receiver, event_id, attempts, error in cur.fetchall():
+            health[f"failed {receiver} #{event_id}"] = f"after {attempts} attempts: {error}"
 
     def prune(self, retention: float) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "DELETE FROM {} WHERE created_at < now() - make_interval(secs => :age)".format(
-                        _quoted(self.schema, "dbnotify_payload")
-                    )
-                ),
-                {"age": retention},
-            )
+        self._once(
+            "DELETE FROM {payload} WHERE created_at < now() - make_interval(secs => %(age)s)",
+            {"age": retention},
+        )
+        self._once(
+            "DELETE FROM {claims} WHERE state = 'done' "
+            "AND claimed_at < now() - make_interval(secs => %(age)s)",
+            {"age": retention},
+        )
+        # Old rows that no once receiver still has to claim and no claim
+        # still needs (failed ones are kept for inspection).
+        self._once(
+            "DELETE FROM {journal} AS j WHERE created_at < now() - make_interval(secs => %(age)s) "
+            "AND NOT EXISTS (SELECT 1 FROM {receivers} AS r WHERE (j.xid, j.id) > (r.xid, r.id)) "
+            "AND NOT EXISTS (SELECT 1 FROM {claims} AS c "
+            "  WHERE c.event_id = j.id AND c.state <> 'done')",
+            {"age": retention},
+        )
 
     # -- messages ----------------------------------------------------------
 
@@ -781,7 +817,8 @@ class PostgreSQLBackend(Backend):
     def _once(self, statement: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement of ours, in its own transaction."""
         names = {
-            n: _quoted(self.schema, f"dbnotify_{n}") for n in ("journal", "receivers", "claims")
+            n: _quoted(self.schema, f"dbnotify_{n}")
+            for n in ("journal", "receivers", "claims", "payload")
         }
         try:
             with self.engine.begin() as conn:
@@ -789,6 +826,19 @@ class PostgreSQLBackend(Backend):
                 return list(result.all()) if result.returns_rows else []
         except sa.exc.DBAPIError as exc:
             raise DBNotifyError(f"the database refused: {exc.orig}") from exc
+
+    def journal(self, since: int, limit: int) -> list[Item]:
+        rows = self._once(
+            "SELECT id, body FROM {journal} WHERE id >= %(since)s ORDER BY id LIMIT %(n)s",
+            {"since": since, "n": limit},
+        )
+        items: list[Item] = []
+        for row_id, body in rows:
+            try:
+                items += _payload.decode(body, self._fetch, row_id)
+            except _payload.PayloadError as exc:
+                log.warning("skipped journal row %s: %s", row_id, exc)
+        return items
 
     def once_register(self, receivers: Sequence[str]) -> None:
         self._once(

@@ -31,7 +31,7 @@ from .. import _payload
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Status, Stream, execute_on
+from . import Backend, Item, Status, Stream, execute_on, once_line
 from ._inotify import open_watch
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,27 @@ class SQLiteBackend(Backend):
         health["listeners"] = str(len(listeners))
         for name, position, seen_at in listeners:
             health[f"listener {name}"] = f"read to id {position}, seen {_iso(seen_at)}"
+        try:
+            receivers = conn.execute(
+                "SELECT r.receiver, "
+                " (SELECT count(*) FROM dbnotify_claims c WHERE c.receiver = r.receiver "
+                "   AND c.state IN ('running', 'retry')), "
+                " (SELECT min(event_id) FROM dbnotify_claims c WHERE c.receiver = r.receiver "
+                "   AND c.state IN ('running', 'retry')), "
+                " (SELECT count(*) FROM dbnotify_claims c WHERE c.receiver = r.receiver "
+                "   AND c.state = 'failed') "
+                "FROM dbnotify_receivers r ORDER BY r.receiver"
+            ).fetchall()
+            failures = conn.execute(
+                "SELECT receiver, event_id, attempts, last_error FROM dbnotify_claims "
+                "WHERE state = 'failed' ORDER BY event_id DESC LIMIT 10"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return  # Installed by an earlier version.
+        for receiver, pending, oldest_id, failed in receivers:
+            health[f"once {receiver}"] = once_line(pending, oldest_id, failed)
+        for receiver, event_id, attempts, error in failures:
+            health[f"failed {receiver} #{event_id}"] = f"after {attempts} attempts: {error}"
 
     # -- journal housekeeping ------------------------------------------------
 
@@ -408,9 +429,19 @@ class SQLiteBackend(Backend):
                     (now - max(retention, 600.0),),
                 )
                 conn.execute(
+                    "DELETE FROM dbnotify_claims WHERE state = 'done' AND claimed_at < ?",
+                    (now - retention,),
+                )
+                # Old rows every live listener has read, that no once
+                # receiver still has to claim, and that no claim still
+                # needs (failed ones are kept for inspection).
+                conn.execute(
                     "DELETE FROM dbnotify_journal WHERE created_at < ? AND id <= coalesce("
                     "(SELECT min(position) FROM dbnotify_listeners), "
-                    "(SELECT max(id) FROM dbnotify_journal))",
+                    "(SELECT max(id) FROM dbnotify_journal)) "
+                    "AND id <= coalesce((SELECT min(id) FROM dbnotify_receivers), id) "
+                    "AND NOT EXISTS (SELECT 1 FROM dbnotify_claims AS c "
+                    "  WHERE c.event_id = dbnotify_journal.id AND c.state <> 'done')",
                     ((now - retention) / 86400.0 + _UNIX_EPOCH_JD,),
                 )
             except BaseException:
@@ -448,6 +479,14 @@ class SQLiteBackend(Backend):
             return conn.execute(statement, params).fetchall()
 
         return self._with_conn(work)  # type: ignore[no-any-return]
+
+    def journal(self, since: int, limit: int) -> list[Item]:
+        rows = self._write(
+            "SELECT id, created_at, shape, body FROM dbnotify_journal WHERE id >= ? "
+            "ORDER BY id LIMIT ?",
+            (since, limit),
+        )
+        return [item for raw in rows for item in self.decode(raw)]
 
     def once_register(self, receivers: Sequence[str]) -> None:
         self._write(
