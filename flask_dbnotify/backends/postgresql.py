@@ -789,7 +789,7 @@ class PostgreSQLBackend(Backend):
         items: list[Item] = []
         while True:
             rows = self._query(
-                f"SELECT xid::text, id, body FROM {journal} "
+                f"SELECT xid::text AS xid_text, id, body FROM {journal} "
                 "WHERE (xid, id) > (%(x)s::xid8, %(id)s) "
                 "AND xid < pg_snapshot_xmin(pg_current_snapshot()) "
                 "ORDER BY xid, id LIMIT %(n)s",
