@@ -7,7 +7,7 @@ A backend is chosen by the database URL's scheme. Every backend implements
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +40,47 @@ class Status:
     #: Health of the database side: queue usage, listener sessions, journal
     #: size; label to value, for people to read.
     health: dict[str, str] = field(default_factory=dict)
+
+    def compare(self, name: str, present: set[str], wanted: set[str]) -> None:
+        """Record a watch's state from the trigger names it has and needs."""
+        if present == wanted:
+            self.watches[name] = "installed"
+        elif present:
+            self.watches[name] = "outdated"
+            self.details[name] = "the database's triggers differ from what watch() describes"
+        else:
+            self.watches[name] = "missing"
+
+    def error(self, name: str, error: Exception) -> None:
+        self.watches[name] = "error"
+        self.details[name] = str(error)
+
+    def once_health(self, query: Callable[[str], list[Any]], claims: str, receivers: str) -> None:
+        """Add each once receiver's backlog and the last failures, read with
+        ``query`` from the ``claims`` and ``receivers`` tables (as quoted)."""
+        counts = "(SELECT {what} FROM {claims} c WHERE c.receiver = r.receiver AND c.state {cond})"
+        rows = query(
+            "SELECT r.receiver, "
+            + ", ".join(
+                counts.format(what=what, claims=claims, cond=cond)
+                for what, cond in (
+                    ("count(*)", "IN ('running', 'retry')"),
+                    ("min(event_id)", "IN ('running', 'retry')"),
+                    ("count(*)", "= 'failed'"),
+                )
+            )
+            + f" FROM {receivers} r ORDER BY r.receiver"
+        )
+        for receiver, pending, oldest, failed in rows:
+            line = f"{pending} in progress or to retry"
+            if oldest is not None:
+                line += f" (oldest event {oldest})"
+            self.health[f"once {receiver}"] = line + f", {failed} failed"
+        for receiver, event_id, attempts, error in query(
+            f"SELECT receiver, event_id, attempts, last_error FROM {claims} "
+            "WHERE state = 'failed' ORDER BY event_id DESC LIMIT 10"
+        ):
+            self.health[f"failed {receiver} #{event_id}"] = f"after {attempts} attempts: {error}"
 
 
 class Stream(abc.ABC):
@@ -185,14 +226,6 @@ class Backend(abc.ABC):
         with self.engine.begin() as conn:
             for statement in statements:
                 conn.exec_driver_sql(statement)
-
-
-def once_line(pending: int, oldest: int | None, failed: int) -> str:
-    """A status line for one once receiver."""
-    line = f"{pending} in progress or to retry"
-    if oldest is not None:
-        line += f" (oldest event {oldest})"
-    return line + f", {failed} failed"
 
 
 def execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from .. import _payload
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Status, Stream, execute_on, once_line
+from . import Backend, Item, Status, Stream, execute_on
 
 log = logging.getLogger(__name__)
 
@@ -619,32 +619,25 @@ class PostgreSQLBackend(Backend):
                     r = resolve(cur, watch)
                     wanted = set(b.watch_objects(r))
                 except WatchError as exc:
-                    status.watches[watch.name] = "error"
-                    status.details[watch.name] = str(exc)
+                    status.error(watch.name, exc)
                     continue
                 covered.add(r.oid)
                 expected_functions |= wanted
-                present = {o.trigger for o in installed if o.table_oid == r.oid}
-                if present == wanted:
-                    status.watches[watch.name] = "installed"
-                elif present:
-                    status.watches[watch.name] = "outdated"
-                    status.details[watch.name] = (
-                        "the database's triggers differ from what watch() describes"
-                    )
-                else:
-                    status.watches[watch.name] = "missing"
+                status.compare(
+                    watch.name, {o.trigger for o in installed if o.table_oid == r.oid}, wanted
+                )
             for obj in installed:
                 if obj.table_oid not in covered:
                     status.orphaned.append(f"trigger {obj.trigger} on {obj.schema}.{obj.table}")
             for name in self._unused_functions(cur, installed, expected_functions):
                 status.orphaned.append(f"function {self.schema}.{name}()")
-            self._health(cur, status.health)
+            self._health(cur, status)
             return status
 
         return self._cursor_do(work)  # type: ignore[no-any-return]
 
-    def _health(self, cur: Any, health: dict[str, str]) -> None:
+    def _health(self, cur: Any, status: Status) -> None:
+        health = status.health
         cur.execute("SELECT pg_notification_queue_usage()")
         health["notification queue"] = f"{cur.fetchone()[0]:.2%} used"
         cur.execute(
@@ -673,30 +666,20 @@ class PostgreSQLBackend(Backend):
         cur.execute("SELECT to_regclass(%s)", (_quoted(self.schema, "dbnotify_claims"),))
         if cur.fetchone()[0] is None:
             return
-        names = {
-            n: _quoted(self.schema, f"dbnotify_{n}") for n in ("journal", "receivers", "claims")
-        }
-        cur.execute("SELECT count(*), min(id), max(id) FROM {journal}".format(**names))
+        journal = _quoted(self.schema, "dbnotify_journal")
+        cur.execute(f"SELECT count(*), min(id), max(id) FROM {journal}")
         count, first, last = cur.fetchone()
         health["journal"] = f"{count} rows" + (f", ids {first}..{last}" if count else "")
-        cur.execute(
-            "SELECT r.receiver, "
-            " (SELECT count(*) FROM {claims} c WHERE c.receiver = r.receiver "
-            "   AND c.state IN ('running', 'retry')), "
-            " (SELECT min(event_id) FROM {claims} c WHERE c.receiver = r.receiver "
-            "   AND c.state IN ('running', 'retry')), "
-            " (SELECT count(*) FROM {claims} c WHERE c.receiver = r.receiver "
-            "   AND c.state = 'failed') "
-            "FROM {receivers} r ORDER BY r.receiver".format(**names)
+
+        def query(statement: str) -> list[Any]:
+            cur.execute(statement)
+            return cur.fetchall()  # type: ignore[no-any-return]
+
+        status.once_health(
+            query,
+            _quoted(self.schema, "dbnotify_claims"),
+            _quoted(self.schema, "dbnotify_receivers"),
         )
-        for receiver, pending, oldest_id, failed in cur.fetchall():
-            health[f"once {receiver}"] = once_line(pending, oldest_id, failed)
-        cur.execute(
-            "SELECT receiver, event_id, attempts, last_error FROM {claims} "
-            "WHERE state = 'failed' ORDER BY event_id DESC LIMIT 10".format(**names)
-        )
-        for receiver, event_id, attempts, error in cur.fetchall():
-            health[f"failed {receiver} #{event_id}"] = f"after {attempts} attempts: {error}"
 
     def prune(self, retention: float) -> None:
         self._once(

@@ -31,7 +31,7 @@ from .. import _payload
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Status, Stream, execute_on, once_line
+from . import Backend, Item, Status, Stream, execute_on
 from ._inotify import open_watch
 
 log = logging.getLogger(__name__)
@@ -345,29 +345,24 @@ class SQLiteBackend(Backend):
                 try:
                     table, wanted = self._watch_triggers(conn, watch)
                 except WatchError as exc:
-                    status.watches[watch.name] = "error"
-                    status.details[watch.name] = str(exc)
+                    status.error(watch.name, exc)
                     continue
                 covered.add(table.lower())
-                present = {n for n, tbl in installed if tbl.lower() == table.lower()}
-                if present == set(wanted):
-                    status.watches[watch.name] = "installed"
-                elif present:
-                    status.watches[watch.name] = "outdated"
-                    status.details[watch.name] = (
-                        "the database's triggers differ from what watch() describes"
-                    )
-                else:
-                    status.watches[watch.name] = "missing"
+                status.compare(
+                    watch.name,
+                    {n for n, tbl in installed if tbl.lower() == table.lower()},
+                    set(wanted),
+                )
             for name, tbl in installed:
                 if tbl.lower() not in covered:
                     status.orphaned.append(f"trigger {name} on {tbl}")
-            self._health(conn, status.health)
+            self._health(conn, status)
             return status
 
         return self._with_conn(work)  # type: ignore[no-any-return]
 
-    def _health(self, conn: sqlite3.Connection, health: dict[str, str]) -> None:
+    def _health(self, conn: sqlite3.Connection, status: Status) -> None:
+        health = status.health
         health["journal mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
         try:
             count, last, oldest = conn.execute(
@@ -385,26 +380,13 @@ class SQLiteBackend(Backend):
         for name, position, seen_at in listeners:
             health[f"listener {name}"] = f"read to id {position}, seen {_iso(seen_at)}"
         try:
-            receivers = conn.execute(
-                "SELECT r.receiver, "
-                " (SELECT count(*) FROM dbnotify_claims c WHERE c.receiver = r.receiver "
-                "   AND c.state IN ('running', 'retry')), "
-                " (SELECT min(event_id) FROM dbnotify_claims c WHERE c.receiver = r.receiver "
-                "   AND c.state IN ('running', 'retry')), "
-                " (SELECT count(*) FROM dbnotify_claims c WHERE c.receiver = r.receiver "
-                "   AND c.state = 'failed') "
-                "FROM dbnotify_receivers r ORDER BY r.receiver"
-            ).fetchall()
-            failures = conn.execute(
-                "SELECT receiver, event_id, attempts, last_error FROM dbnotify_claims "
-                "WHERE state = 'failed' ORDER BY event_id DESC LIMIT 10"
-            ).fetchall()
+            status.once_health(
+                lambda statement: conn.execute(statement).fetchall(),
+                "dbnotify_claims",
+                "dbnotify_receivers",
+            )
         except sqlite3.OperationalError:
             return  # Installed by an earlier version.
-        for receiver, pending, oldest_id, failed in receivers:
-            health[f"once {receiver}"] = once_line(pending, oldest_id, failed)
-        for receiver, event_id, attempts, error in failures:
-            health[f"failed {receiver} #{event_id}"] = f"after {attempts} attempts: {error}"
 
     # -- journal housekeeping ------------------------------------------------
 
