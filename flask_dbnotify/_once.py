@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING
 
 from .events import ChangeEvent
@@ -35,6 +36,13 @@ class OnceRunner:
         self.state = state
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.registered: set[str] = set()
+        # Events that arrived live since the last run(): claimed first, so
+        # a long transaction elsewhere (which holds back the journal scan)
+        # does not hold them back.
+        self.offered: list[tuple[Subscription, ChangeEvent]] = []
+
+    def offer(self, sub: Subscription, event: ChangeEvent) -> None:
+        self.offered.append((sub, event))
 
     def receivers(self) -> list[tuple[str, Subscription]]:
         return [
@@ -44,9 +52,10 @@ class OnceRunner:
             if sub.once
         ]
 
-    def run(self) -> None:
+    def run(self, stop: threading.Event) -> None:
         """Claim and run whatever is due; called on the dispatcher thread
-        with an app context pushed."""
+        with an app context pushed. When ``stop`` is set, claims not yet
+        run are given back, so another process takes them at once."""
         receivers = self.receivers()
         if not receivers:
             return
@@ -55,31 +64,54 @@ class OnceRunner:
         if not names <= self.registered:
             backend.once_register(sorted(names - self.registered))
             self.registered |= names
+        offered, self.offered = self.offered, []
+        by_receiver: dict[str, list[ChangeEvent]] = {}
+        subs = {sub.name: sub for _, sub in receivers}
+        for sub, event in offered:
+            by_receiver.setdefault(sub.name, []).append(event)
+        for name, events in by_receiver.items():
+            won = backend.once_claim(name, [e.id for e in events if e.id], self.worker)
+            mine = [e for e in events if e.id in won]
+            if not self.attempt_all(subs[name], mine, stop):
+                return
         for watch, sub in receivers:
             while True:
                 events, cursor = backend.once_scan(sub.name, [watch], _BATCH)
                 wanted = [e for e in events if sub.matches(e)]
                 won = backend.once_claim(sub.name, [e.id for e in wanted if e.id], self.worker)
                 backend.once_advance(sub.name, cursor)
-                for event in wanted:
-                    if event.id in won:
-                        self.attempt(sub, event, 1)
+                if not self.attempt_all(sub, [e for e in wanted if e.id in won], stop):
+                    return
                 if len(events) < _BATCH:
                     break
             settings = self.state.settings
-            for event_id, attempt, due in backend.once_due(
-                sub.name, self.worker, settings.once_lease, _BATCH
-            ):
+            due_now = backend.once_due(sub.name, self.worker, settings.once_lease, _BATCH)
+            for n, (event_id, attempt, due) in enumerate(due_now):
+                if stop.is_set():
+                    backend.once_release(sub.name, [i for i, _, _ in due_now[n:]])
+                    return
                 if due is None:
                     backend.once_finish(sub.name, event_id, "journal row is gone", None)
                 else:
                     self.attempt(sub, due, attempt)
 
+    def attempt_all(
+        self, sub: Subscription, events: list[ChangeEvent], stop: threading.Event
+    ) -> bool:
+        """First attempts of events this process claimed; False (with the
+        rest given back) if ``stop`` is set meanwhile."""
+        for n, event in enumerate(events):
+            if stop.is_set():
+                self.state.backend.once_release(sub.name, [e.id for e in events[n:] if e.id])
+                return False
+            self.attempt(sub, event, 1)
+        return True
+
     def claim_and_attempt(self, sub: Subscription, event: ChangeEvent) -> None:
         """Run a once receiver for an operator's replay: claim the event if
         nobody has, then attempt it whatever its claim said."""
         assert event.id is not None
-        self.state.backend.once_claim(sub.name, [event.id], self.worker)
+        self.state.backend.once_reset(sub.name, event.id, self.worker)
         self.attempt(sub, event, 1)
 
     def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:

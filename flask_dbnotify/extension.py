@@ -197,7 +197,7 @@ class DBNotify:
         def decorator(func: F) -> F:
             sub = Subscription.create(func, operations, where, once)
             if once:
-                if "<lambda>" in sub.name:
+                if "<lambda>" in sub.name or not hasattr(func, "__qualname__"):
                     raise ValueError(
                         "once=True needs a named function: processes recognise a "
                         "receiver by its qualified name"
@@ -285,20 +285,23 @@ class DBNotify:
             )
         replayed = 0
         with state.app.app_context():
-            while True:
-                items = [
-                    i
-                    for i in state.backend.journal(since, 500)
-                    if isinstance(i, ChangeEvent)
-                    and i.id is not None
-                    and (until is None or i.id <= until)
-                ]
-                if not items:
-                    return replayed
+            while until is None or since <= until:
+                items, last = state.backend.journal(since, 500)
+                if last is None:
+                    break
                 for event in items:
-                    state.listener.redeliver(event, receiver)
-                    replayed += 1
-                since = max(e.id or 0 for e in items) + 1
+                    if not isinstance(event, ChangeEvent) or event.id is None:
+                        continue
+                    if until is None or event.id <= until:
+                        state.listener.redeliver(event, receiver)
+                        replayed += 1
+                since = last + 1
+        return replayed
+
+    def forget_receiver(self, name: str, app: Flask | None = None) -> None:
+        """Drop a retired once receiver's watermark and claims, so the
+        journal can be pruned past it."""
+        self._state(app).backend.once_forget(name)
 
     # -- triggers -----------------------------------------------------------
 

@@ -81,6 +81,9 @@ class ListenerState:
     dropped: int
     reconnects: int
     last_error: str | None
+    #: Events delivered from the journal rather than from a notification
+    #: (durable watches, after a reconnect or a full queue).
+    replayed: int = 0
 
 
 class _Signal:
@@ -118,6 +121,7 @@ class Listener:
         self._once = OnceRunner(state)
         self._reset()
         self._received = self._dispatched = self._dropped = self._reconnects = 0
+        self._replayed = 0
         self._connected_since: datetime | None = None
         self._last_error: str | None = None
 
@@ -151,6 +155,7 @@ class Listener:
             dropped=self._dropped,
             reconnects=self._reconnects,
             last_error=self._last_error,
+            replayed=self._replayed,
         )
 
     def start(self, timeout: float | None, raise_on_failure: bool) -> None:
@@ -225,6 +230,7 @@ class Listener:
         self._lock = threading.Lock()
         self._reset()
         self._received = self._dispatched = self._dropped = self._reconnects = 0
+        self._replayed = 0
         self._connected_since = None
 
     # -- the reader ---------------------------------------------------------
@@ -330,9 +336,12 @@ class Listener:
             if last and isinstance(last[-1], _Signal) and last[-1].signal is events_dropped:
                 # Still overflowing: one report for the whole loss.
                 last[-1].kwargs["count"] += events
-            else:
+            elif events:
                 log.warning("dispatch queue full (%d messages): dropping events", capacity)
                 run.queue.append([_Signal(events_dropped, count=events)])
+            else:
+                # Only durable notifications: replayed from the journal.
+                run.queue.append([_CATCH_UP])
             run.ready.notify()
 
     def _drain_wake(self) -> None:
@@ -403,9 +412,16 @@ class Listener:
 
     def _dispatch(self, run: _Run, batch: list[Any]) -> None:
         subscriptions = self._state.ext.subscriptions
-        decode = self._state.backend.decode
+        backend = self._state.backend
+        decode = backend.decode
+        backend.tracking = self._durable_in_use()
         with self._state.app.app_context():
-            for raw in batch:
+            for n, raw in enumerate(batch):
+                if run.stop.is_set():
+                    # Left for the next start (a journaled backend reads it
+                    # again; durable rows are replayed).
+                    self._state.backend.rewind([r for r in batch[n:] if not isinstance(r, _Signal)])
+                    break
                 if isinstance(raw, _Signal):
                     # Replay what the journal has and we missed before saying
                     # we are (re)connected or that events were dropped.
@@ -417,7 +433,7 @@ class Listener:
                     self._deliver(decode(raw), subscriptions)
             if self._once.receivers():
                 try:
-                    self._once.run()
+                    self._once.run(run.stop)
                 except Exception as exc:  # noqa: BLE001 - retried at the next tick
                     log.warning("could not run once receivers: %s", exc)
         with run.ready:
@@ -431,6 +447,7 @@ class Listener:
             log.warning("could not replay the journal: %s", exc)
             return
         if items:
+            self._replayed += len(items)
             log.info("replayed %d journaled events", len(items))
             self._deliver(items, subscriptions)
 
@@ -443,8 +460,11 @@ class Listener:
                         for receiver in signal.receivers_for(table):
                             self._call(receiver, item, table, event=item)
                 for sub in subscriptions.get(table, ()):
-                    if not sub.once and sub.matches(item):
-                        self._call(sub.func, item, item)
+                    if sub.matches(item):
+                        if not sub.once:
+                            self._call(sub.func, item, item)
+                        elif item.id is not None:
+                            self._once.offer(sub, item)
             elif isinstance(item, Notification):
                 if notification_received.receivers:
                     for receiver in notification_received.receivers_for(item.channel):

@@ -115,6 +115,9 @@ class Backend(abc.ABC):
 
     #: Every change is journaled, so nothing is lost across reconnects.
     durable_by_nature = False
+    #: Set by the listener when a watch is durable: remember delivered
+    #: journal rows so :meth:`catch_up` can tell what it missed.
+    tracking = False
 
     def __init__(self, uri: str, listen_uri: str, schema: str, engine: sa.Engine) -> None:
         self.uri = uri
@@ -198,6 +201,20 @@ class Backend(abc.ABC):
         seconds, or failed for good (error and no retry)."""
 
     @abc.abstractmethod
+    def once_release(self, receiver: str, ids: Sequence[int]) -> None:
+        """Give back claims this process made but will not run (it is
+        stopping): they are due again at once, for any process."""
+
+    @abc.abstractmethod
+    def once_reset(self, receiver: str, event_id: int, worker: str) -> None:
+        """Claim an event for an operator's replay, whatever its claim said:
+        running, first attempt."""
+
+    @abc.abstractmethod
+    def once_forget(self, receiver: str) -> None:
+        """Drop a retired receiver's watermark and claims."""
+
+    @abc.abstractmethod
     def once_due(
         self, receiver: str, worker: str, lease: float, limit: int
     ) -> list[tuple[int, int, ChangeEvent | None]]:
@@ -206,8 +223,9 @@ class Backend(abc.ABC):
         event)``; the event is None if its journal row is gone."""
 
     @abc.abstractmethod
-    def journal(self, since: int, limit: int) -> list[Item]:
-        """Journaled events and messages with ids from ``since``, in id order."""
+    def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
+        """Journaled events and messages of up to ``limit`` journal rows with
+        ids from ``since``, in id order, and the last id read."""
 
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""

@@ -475,6 +475,9 @@ class PostgreSQLBackend(Backend):
         # past it (id -> transaction id).
         self._cursor: tuple[int, int] | None = None
         self._seen: dict[int, int] = {}
+        # (xmax, running xids) of the first snapshot: older transactions
+        # not running then had committed before we listened.
+        self._before: tuple[int, set[int]] | None = None
 
     @classmethod
     def from_url(cls, url: sa.URL, listen_uri: str | None, schema: str) -> PostgreSQLBackend:
@@ -730,7 +733,17 @@ class PostgreSQLBackend(Backend):
         execute_on(connection, statement, params)
 
     def open_stream(self, settings: Any) -> Stream:
-        return PostgreSQLStream(self, settings)
+        stream = PostgreSQLStream(self, settings)
+        if self._cursor is None:
+            # What had committed once we listen is not ours to replay. Read
+            # on a pooled connection: the listener's runs LISTEN only.
+            try:
+                ((snapshot,),) = self._query("SELECT pg_current_snapshot()::text", {})
+            except BaseException:
+                stream.close()
+                raise
+            self.started(snapshot)
+        return stream
 
     def decode(self, raw: Any) -> list[Item]:
         try:
@@ -747,6 +760,9 @@ class PostgreSQLBackend(Backend):
             raise _payload.PayloadError(f"cannot read the journal: {exc.orig}") from exc
 
     def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
+        cursor = self._cursor
+        if cursor is not None and (xid, hi) <= cursor:
+            return []  # Replayed already by catch_up().
         rows = self._query(
             "SELECT id, body FROM {} WHERE id BETWEEN %(lo)s AND %(hi)s "
             "AND xid = %(x)s::text::xid8 ORDER BY id".format(
@@ -754,21 +770,32 @@ class PostgreSQLBackend(Backend):
             ),
             {"lo": lo, "hi": hi, "x": str(xid)},
         )
-        for row_id, _ in rows:
-            self._seen[row_id] = xid
+        if cursor is not None:
+            rows = [row for row in rows if (xid, row[0]) > cursor]
+        if self.tracking:
+            for row_id, _ in rows:
+                self._seen[row_id] = xid
         return [(row_id, body) for row_id, body in rows]
+
+    def started(self, snapshot: str) -> None:
+        """Called with the listener's first snapshot, taken right after
+        LISTEN: what had committed by then is not ours to replay."""
+        if self._cursor is not None:
+            return
+        xmin, xmax, xip = snapshot.split(":")
+        self._cursor = (int(xmin), 0)
+        self._before = (int(xmax), {int(x) for x in xip.split(",") if x})
 
     def catch_up(self) -> list[Item]:
         """Replay journal rows past the cursor that no notification brought.
 
         Rows are read in (transaction id, id) order and only from
         transactions older than every one still running, so a transaction
-        that commits later can never land behind the cursor."""
-        journal = _quoted(self.schema, "dbnotify_journal")
+        that commits later can never land behind the cursor; rows of
+        transactions that had committed before the first LISTEN are skipped."""
         if self._cursor is None:
-            ((xmin,),) = self._query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", {})
-            self._cursor = (int(xmin), 0)
             return []
+        journal = _quoted(self.schema, "dbnotify_journal")
         items: list[Item] = []
         while True:
             rows = self._query(
@@ -779,18 +806,27 @@ class PostgreSQLBackend(Backend):
                 {"x": str(self._cursor[0]), "id": self._cursor[1], "n": _CATCH_UP_BATCH},
             )
             for xid_text, row_id, body in rows:
-                if self._seen.pop(row_id, None) is None:
+                xid = int(xid_text)
+                if self._seen.pop(row_id, None) is None and not self._committed_before(xid):
                     try:
                         items += _payload.decode(body, self._fetch, row_id)
                     except _payload.PayloadError as exc:
                         log.warning("skipped journal row %s: %s", row_id, exc)
-                self._cursor = (int(xid_text), row_id)
+                self._cursor = (xid, row_id)
             if len(rows) < _CATCH_UP_BATCH:
                 break
         # Anything seen below the cursor was journaled and is accounted for.
         floor = self._cursor[0]
         self._seen = {k: v for k, v in self._seen.items() if v >= floor}
+        if self._before is not None and floor >= self._before[0]:
+            self._before = None
         return items
+
+    def _committed_before(self, xid: int) -> bool:
+        if self._before is None:
+            return False
+        xmax, running = self._before
+        return xid < xmax and xid not in running
 
     def count(self, raw: Any) -> int:
         return _payload.count(raw)
@@ -810,7 +846,7 @@ class PostgreSQLBackend(Backend):
         except sa.exc.DBAPIError as exc:
             raise DBNotifyError(f"the database refused: {exc.orig}") from exc
 
-    def journal(self, since: int, limit: int) -> list[Item]:
+    def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         rows = self._once(
             "SELECT id, body FROM {journal} WHERE id >= %(since)s ORDER BY id LIMIT %(n)s",
             {"since": since, "n": limit},
@@ -821,7 +857,7 @@ class PostgreSQLBackend(Backend):
                 items += _payload.decode(body, self._fetch, row_id)
             except _payload.PayloadError as exc:
                 log.warning("skipped journal row %s: %s", row_id, exc)
-        return items
+        return items, (rows[-1][0] if rows else None)
 
     def once_register(self, receivers: Sequence[str]) -> None:
         self._once(
@@ -898,6 +934,27 @@ class PostgreSQLBackend(Backend):
             {"s": state, "e": error, "d": retry_in or 0, "r": receiver, "id": event_id},
         )
 
+    def once_release(self, receiver: str, ids: Sequence[int]) -> None:
+        if ids:
+            self._once(
+                "UPDATE {claims} SET state = 'retry', attempts = attempts - 1, "
+                "claimed_by = NULL, next_attempt_at = now() "
+                "WHERE receiver = %(r)s AND event_id = ANY(%(ids)s) AND state = 'running'",
+                {"r": receiver, "ids": list(ids)},
+            )
+
+    def once_reset(self, receiver: str, event_id: int, worker: str) -> None:
+        self._once(
+            "INSERT INTO {claims} (receiver, event_id, claimed_by) VALUES (%(r)s, %(id)s, %(w)s) "
+            "ON CONFLICT (receiver, event_id) DO UPDATE SET state = 'running', attempts = 1, "
+            "claimed_by = excluded.claimed_by, claimed_at = now(), last_error = NULL",
+            {"r": receiver, "id": event_id, "w": worker},
+        )
+
+    def once_forget(self, receiver: str) -> None:
+        self._once("DELETE FROM {claims} WHERE receiver = %(r)s", {"r": receiver})
+        self._once("DELETE FROM {receivers} WHERE receiver = %(r)s", {"r": receiver})
+
     def once_due(
         self, receiver: str, worker: str, lease: float, limit: int
     ) -> list[tuple[int, int, ChangeEvent | None]]:
@@ -917,7 +974,7 @@ class PostgreSQLBackend(Backend):
 
     def after_fork(self) -> None:
         super().after_fork()
-        self._cursor, self._seen = None, {}
+        self._cursor, self._seen, self._before = None, {}, None
 
     def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
         """Stored payloads, read on a pooled connection (not the listener's,

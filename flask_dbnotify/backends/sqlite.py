@@ -462,13 +462,14 @@ class SQLiteBackend(Backend):
 
         return self._with_conn(work)  # type: ignore[no-any-return]
 
-    def journal(self, since: int, limit: int) -> list[Item]:
+    def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         rows = self._write(
             "SELECT id, created_at, shape, body FROM dbnotify_journal WHERE id >= ? "
             "ORDER BY id LIMIT ?",
             (since, limit),
         )
-        return [item for raw in rows for item in self.decode(raw)]
+        items = [item for raw in rows for item in self.decode(raw)]
+        return items, (rows[-1][0] if rows else None)
 
     def once_register(self, receivers: Sequence[str]) -> None:
         self._write(
@@ -538,6 +539,28 @@ class SQLiteBackend(Backend):
             "next_attempt_at = ? WHERE receiver = ? AND event_id = ?",
             (state, error, time.time() + (retry_in or 0), receiver, event_id),
         )
+
+    def once_release(self, receiver: str, ids: Sequence[int]) -> None:
+        if ids:
+            self._write(
+                "UPDATE dbnotify_claims SET state = 'retry', attempts = attempts - 1, "
+                "claimed_by = NULL, next_attempt_at = ? WHERE receiver = ? "
+                "AND event_id IN (SELECT value FROM json_each(?)) AND state = 'running'",
+                (time.time(), receiver, json.dumps(list(ids))),
+            )
+
+    def once_reset(self, receiver: str, event_id: int, worker: str) -> None:
+        self._write(
+            "INSERT INTO dbnotify_claims (receiver, event_id, claimed_by, claimed_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (receiver, event_id) DO UPDATE SET "
+            "state = 'running', attempts = 1, claimed_by = excluded.claimed_by, "
+            "claimed_at = excluded.claimed_at, last_error = NULL",
+            (receiver, event_id, worker, time.time()),
+        )
+
+    def once_forget(self, receiver: str) -> None:
+        self._write("DELETE FROM dbnotify_claims WHERE receiver = ?", (receiver,))
+        self._write("DELETE FROM dbnotify_receivers WHERE receiver = ?", (receiver,))
 
     def once_due(
         self, receiver: str, worker: str, lease: float, limit: int
