@@ -37,7 +37,7 @@ CHANNEL = "dbnotify"
 #: application_name of listener sessions, as pg_stat_activity shows them.
 LISTENER_NAME = "flask-dbnotify listener"
 #: Bumped whenever the generated SQL changes shape; part of every hash.
-DDL_VERSION = 4
+DDL_VERSION = 5
 #: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
 NOTIFY_LIMIT = 8000
 _OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
@@ -367,7 +367,24 @@ END
 DECLARE
   head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s": ';
   batch text;
+  rows_in bigint;
 BEGIN
+  SELECT count(*) INTO rows_in FROM {changed};
+  IF rows_in = 0 THEN
+    RETURN NULL;
+  ELSIF rows_in = 1 THEN
+    -- Most writes touch one row: skip the batching machinery.
+    SELECT j INTO batch FROM ({rows}) AS r;
+    IF batch IS NULL THEN
+      RETURN NULL;
+    ELSIF octet_length(batch) > {budget} THEN
+      batch := {spill}(batch);
+    END IF;
+    PERFORM pg_notify({channel}, head || set_config('dbnotify.batch',
+      (coalesce(nullif(current_setting('dbnotify.batch', true), ''), '0')::bigint + 1)::text,
+      true) || ',"r": [' || batch || ']}}');
+    RETURN NULL;
+  END IF;
   FOR batch IN
     SELECT string_agg(CASE WHEN octet_length(j) > {budget} THEN {spill}(j) ELSE j END, ','
                       ORDER BY i)
@@ -392,6 +409,7 @@ END
             spill=self.ours("dbnotify_spill"),
             rows=self.rows_query(r, op),
             channel=sql.Literal(CHANNEL),
+            changed=sql.Identifier("dbnotify_old" if op is Operation.DELETE else "dbnotify_new"),
         )
         return self.render(body)
 
