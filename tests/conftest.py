@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import pytest
@@ -15,9 +16,10 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify, notification_received, row_changed
 
-from ._postgres import find_or_start_postgres
+from ._postgres import ThrowawayServer, find_or_start_postgres, start_private_postgres
 
 WAIT = 10.0  # seconds any single wait in a test may take
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -149,3 +151,48 @@ def events() -> Iterator[Recorder]:
     rec = Recorder()
     with row_changed.connected_to(rec), notification_received.connected_to(rec):
         yield rec
+
+
+def listening(
+    factory: Callable[..., tuple[Flask, DBNotify]], *targets: Any, **options: Any
+) -> tuple[Flask, DBNotify]:
+    """An app from ``factory`` watching ``targets``, triggers installed,
+    listener running."""
+    app, ext = factory()
+    for target in targets:
+        ext.watch(target, **options)
+    ext.install_triggers(app)
+    ext.start(app)
+    return app, ext
+
+
+def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:
+    """Something sent after the writes under test; it arrives after anything pending."""
+    return lambda: ext.notify("marker", "end", app=app)
+
+
+def poll_until(check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
+    """Call ``check`` until it returns something true; fail after ``timeout``.
+    For state no signal announces (catalog rows, counters)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true within {timeout}s (last: {result!r})")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[ThrowawayServer]:
+    """A PostgreSQL server of the test module's own, which tests may stop,
+    start, or hold transactions open on (never the shared one)."""
+    try:
+        server = start_private_postgres()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"no private PostgreSQL server: {exc}", pytrace=False)
+        pytest.skip(f"private PostgreSQL server NOT STARTED: {exc}")
+    yield server
+    server.destroy()

@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, events_dropped, listener_connected
 
-from ._postgres import ThrowawayServer, start_private_postgres
+from ._postgres import ThrowawayServer
 from .conftest import SQL, WAIT, Recorder
 from .test_faults import Lifecycle, Proxy, wait_for_state
 from .test_listener import wait_for_backends
@@ -50,18 +50,6 @@ LONG = 3 * WAIT
 
 
 # -- fixtures and helpers --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def private_server() -> Iterator[ThrowawayServer]:
-    try:
-        server = start_private_postgres()
-    except RuntimeError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"no private PostgreSQL server: {exc}", pytrace=False)
-        pytest.skip(f"private PostgreSQL server NOT STARTED: {exc}")
-    yield server
-    server.destroy()
 
 
 _databases = itertools.count()

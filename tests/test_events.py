@@ -29,26 +29,11 @@ from flask_dbnotify import (
     row_updated,
 )
 
-from .conftest import SQL, Recorder
+from .conftest import SQL, Recorder, listening, marker
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
 ORDERS = "CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL, qty int NOT NULL)"
-
-
-def listening(make_app: MakeApp, *watches: Any, **options: Any) -> tuple[Flask, DBNotify]:
-    """An app watching ``watches`` (targets), triggers installed, listener running."""
-    app, ext = make_app()
-    for target in watches:
-        ext.watch(target, **options)
-    ext.install_triggers(app)
-    ext.start(app)
-    return app, ext
-
-
-def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:
-    """Something sent after the writes under test; it arrives after anything pending."""
-    return lambda: ext.notify("marker", "end", app=app)
 
 
 def db_now(sql: SQL) -> datetime:

@@ -37,25 +37,13 @@ from flask_dbnotify import (
     listener_disconnected,
 )
 
-from ._postgres import ThrowawayServer, start_private_postgres
-from .conftest import SQL, WAIT, Recorder
+from ._postgres import ThrowawayServer
+from .conftest import SQL, WAIT, Recorder, poll_until
 from .test_cli_listen import Lines
 from .test_listener import listener_backends, orders_app, wait_for_backends
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``check`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {result!r})")
-        time.sleep(0.02)
 
 
 def wait_for_state(
@@ -160,20 +148,6 @@ def test_listener_state_after_the_session_is_killed(
 # -- a private server, stopped and started ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def private_server() -> Iterator[ThrowawayServer]:
-    """A PostgreSQL server of this module's own, which tests may stop and
-    start (never the shared one)."""
-    try:
-        server = start_private_postgres()
-    except RuntimeError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"no private PostgreSQL server: {exc}", pytrace=False)
-        pytest.skip(f"private PostgreSQL server NOT STARTED: {exc}")
-    yield server
-    server.destroy()
-
-
 _databases = itertools.count()
 
 
@@ -241,7 +215,7 @@ def test_listener_rides_out_a_server_restart(
         assert response.status_code == 200
         assert request_time < 2, f"a request took {request_time:.2f}s while the database was down"
         # It keeps trying: last_error moves on to the failed attempts.
-        wait_until(
+        poll_until(
             lambda: ext.listener_state(app).last_error not in (None, str(lost["error"])),
             "a failed reconnection attempt while the server is down",
         )
@@ -440,7 +414,7 @@ def test_half_open_connection_is_noticed_by_the_probe(
         assert detect < 5, f"a silent connection went unnoticed for {detect:.1f}s"
         # Two more attempts reach the proxy: the first one, unanswered, was
         # abandoned after DBNOTIFY_CONNECT_TIMEOUT rather than waited on forever.
-        wait_until(lambda: proxy.accepted >= 3, "a second swallowed connection attempt")
+        poll_until(lambda: proxy.accepted >= 3, "a second swallowed connection attempt")
         assert not ext.listener_state(app).connected
         t_attempts = time.monotonic()
         swallowed = proxy.accepted - 1
@@ -574,7 +548,7 @@ def test_a_slow_receiver_does_not_stop_the_reader(private_url: str, make_app: Ma
             t_read = time.monotonic()
             assert (state.dispatched, state.queued) == (0, 50), state
             assert 0 < state.dropped < rows, state
-            wait_until(
+            poll_until(
                 lambda: writer("SELECT pg_notification_queue_usage()") == [(0.0,)],
                 "the server's notification queue empty while the receiver is stuck",
             )
@@ -589,7 +563,7 @@ def test_a_slow_receiver_does_not_stop_the_reader(private_url: str, make_app: Ma
                 "every row delivered or counted as dropped",
             )
             writer("INSERT INTO orders VALUES (%s, 'later')", (rows + 1,))
-            wait_until(lambda: ("event", rows + 1) in seen.items, "the event after the loss")
+            poll_until(lambda: ("event", rows + 1) in seen.items, "the event after the loss")
             items = list(seen.items)
     finally:
         release.set()
@@ -739,13 +713,13 @@ def test_restart_after_a_stop_that_gave_up_runs_one_dispatcher(make_app: MakeApp
         app.extensions["dbnotify"].listener.stop(timeout=0.5)
         ext.start(app)
         sql("INSERT INTO orders VALUES (2, 'blocks the new dispatcher')")
-        wait_until(lambda: "entered 2" in receiver.log, "the new dispatcher running row 2")
+        poll_until(lambda: "entered 2" in receiver.log, "the new dispatcher running row 2")
         receiver.release.set()  # the old dispatcher's receiver returns
-        wait_until(lambda: "returned 1" in receiver.log, "the stuck receiver returning")
+        poll_until(lambda: "returned 1" in receiver.log, "the stuck receiver returning")
         sql("INSERT INTO orders VALUES (3, 'next')")
         wait_for_state(ext, app, lambda s: s.received == 3, "row 3 read")
         second.set()
-        wait_until(lambda: "returned 3" in receiver.log, "row 3 delivered")
+        poll_until(lambda: "returned 3" in receiver.log, "row 3 delivered")
     finally:
         receiver.release.set()
         second.set()

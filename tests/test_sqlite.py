@@ -42,7 +42,7 @@ from flask_dbnotify import (
     row_updated,
 )
 
-from .conftest import WAIT, Recorder
+from .conftest import WAIT, Recorder, listening, marker, poll_until
 
 T = TypeVar("T")
 SqliteApp = Callable[..., tuple[Flask, DBNotify]]
@@ -127,33 +127,6 @@ def engine(db_path: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine("sqlite:///" + db_path, connect_args={"timeout": WAIT})
     yield eng
     eng.dispose()
-
-
-def listening(sqlite_app: SqliteApp, *targets: Any, **options: Any) -> tuple[Flask, DBNotify]:
-    """An app watching ``targets``, triggers installed, listener running."""
-    app, ext = sqlite_app()
-    for target in targets:
-        ext.watch(target, **options)
-    ext.install_triggers(app)
-    ext.start(app)
-    return app, ext
-
-
-def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:
-    """Something sent after the writes under test; it arrives after anything pending."""
-    return lambda: ext.notify("marker", "end", app=app)
-
-
-def poll_until(check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
-    """Call ``check`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {timeout}s (last: {result!r})")
-        time.sleep(0.02)
 
 
 def run_python(code: str, *args: str, timeout: float = 3 * WAIT) -> str:

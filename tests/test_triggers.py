@@ -17,16 +17,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_dbnotify import DBNotify, DBNotifyError, WatchError, notification_received, row_changed
 
-from .conftest import SQL, Recorder
+from .conftest import SQL, Recorder, marker
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
 ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
-
-
-def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:
-    """Something sent after the writes under test; it arrives after anything pending."""
-    return lambda: ext.notify("marker", "end", app=app)
 
 
 def triggers(sql: SQL) -> list[tuple[str, str]]:
