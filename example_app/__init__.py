@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, redirect, render_template, request, url_for
@@ -42,7 +42,7 @@ class Order(db.Model):  # type: ignore[name-defined,misc]
     id: Mapped[int] = mapped_column(primary_key=True)
     item: Mapped[str]
     status: Mapped[str] = mapped_column(default="new")
-    created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(timezone.utc))
+    created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
 
 
 dbnotify.watch(Order)

@@ -53,9 +53,7 @@ def pg_url(pg_server: str) -> str:
     conn = psycopg2.connect(pg_server)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema)'"
-        )
+        cur.execute("SELECT nspname FROM pg_namespace WHERE nspname !~ '^(pg_|information_schema)'")
         for (schema,) in cur.fetchall():
             cur.execute(pgsql.SQL("DROP SCHEMA {} CASCADE").format(pgsql.Identifier(schema)))
         cur.execute("CREATE SCHEMA public")

@@ -119,8 +119,12 @@ def test_one_transaction_arrives_in_order_and_unfolded(
     got = events.wait_for(16)
     events.assert_no_more(16, marker(ext, app))
     assert [(e.op.value, e.pk) for e in got[:6]] == [
-        ("INSERT", 1), ("DELETE", 1), ("INSERT", 1),
-        ("UPDATE", 1), ("UPDATE", 1), ("UPDATE", 1),
+        ("INSERT", 1),
+        ("DELETE", 1),
+        ("INSERT", 1),
+        ("UPDATE", 1),
+        ("UPDATE", 1),
+        ("UPDATE", 1),
     ]
     assert [(e.old["qty"], e.new["qty"]) for e in got[3:6]] == [(1, 2), (2, 1), (1, 2)]
     assert [(e.op.value, e.pk) for e in got[6:11]] == [("INSERT", i) for i in range(2, 7)]
@@ -166,9 +170,7 @@ def test_bulk_insert_delivers_every_row_once_in_order(
     assert all(e.op == "INSERT" and e.new["qty"] == e.pk * 3 for e in got)
 
 
-def test_bulk_update_pairs_old_and_new_rows(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_bulk_update_pairs_old_and_new_rows(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
     """Each row of a 2,000-row UPDATE carries its own old and new values,
     also when the UPDATE changes the primary key."""
     sql(ORDERS)
@@ -306,10 +308,7 @@ def test_composite_primary_key_is_a_tuple_in_key_order(
     make_app: MakeApp, sql: SQL, events: Recorder
 ) -> None:
     """pk follows the PRIMARY KEY's column order, not the table's."""
-    sql(
-        "CREATE TABLE stock (region text, num int, qty int, "
-        "PRIMARY KEY (num, region))"
-    )
+    sql("CREATE TABLE stock (region text, num int, qty int, PRIMARY KEY (num, region))")
     app, ext = listening(make_app, "stock")
     sql("INSERT INTO stock VALUES ('eu', 7, 1)")
     sql("UPDATE stock SET qty = 2")
@@ -397,7 +396,7 @@ def test_column_types_arrive_as_json_and_build_typed_instances(
     app, ext = listening(make_app, Thing)
     ref = uuid.UUID("12345678-1234-5678-1234-567812345678")
     at = datetime(2024, 5, 1, 12, 34, 56, 123456, tzinfo=UTC)
-    doc = {"a": [1, 2, {"b": None}], "s": "it's \"q\" \\ ü"}
+    doc = {"a": [1, 2, {"b": None}], "s": 'it\'s "q" \\ ü'}
     sql(
         "INSERT INTO things VALUES (1, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL)",
         (
@@ -440,9 +439,7 @@ def test_column_types_arrive_as_json_and_build_typed_instances(
     assert thing.note is None
 
 
-def test_numeric_keeps_its_exact_value(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_numeric_keeps_its_exact_value(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
     """A numeric with more digits than a float holds arrives exactly, and
     event.instance() gives the exact Decimal."""
 
@@ -546,7 +543,7 @@ def test_quoted_schema_table_and_column_names(
     own = Recorder()
     quoted = pgsql.Identifier(schema, table).as_string(sql.conn)
     with row_changed.connected_to(own, sender=sender):
-        sql(f'INSERT INTO {quoted} VALUES (1, 5, \'a\')')
+        sql(f"INSERT INTO {quoted} VALUES (1, 5, 'a')")
         sql(f"UPDATE {quoted} SET other = 'b'")
         sql(f'UPDATE {quoted} SET "Qty Ordered" = 6')
         sql(f"DELETE FROM {quoted}")
@@ -561,7 +558,7 @@ def test_quoted_schema_table_and_column_names(
 
 
 NOTIFY_PAYLOADS: list[Any] = [
-    "it's \"quoted\"",
+    'it\'s "quoted"',
     "back\\slash \\x00 \\n",
     "'; DROP TABLE orders; --",
     "ünïcödé 🐍 中文",
@@ -649,9 +646,7 @@ def test_identical_notifies_in_one_transaction_are_not_folded(
     events.assert_no_more(2, marker(ext, app))
 
 
-def test_receivers_run_in_listener_thread_with_app_context(
-    make_app: MakeApp, sql: SQL
-) -> None:
+def test_receivers_run_in_listener_thread_with_app_context(make_app: MakeApp, sql: SQL) -> None:
     """Inside a receiver, current_app is the app, on the listener's thread."""
     sql(ORDERS)
     app, ext = listening(make_app, "orders")

@@ -88,8 +88,10 @@ def limited_url(sql: SQL, pg_url: str) -> Iterator[str]:
     database = pgsql.Identifier(make_url(pg_url).database or "").as_string(sql.conn)
     sql(f"GRANT CREATE ON DATABASE {database} TO {ident}")
     sql(f"GRANT USAGE, CREATE ON SCHEMA public TO {ident}")
-    yield make_url(pg_url).set(username=role, password="limited").render_as_string(
-        hide_password=False
+    yield (
+        make_url(pg_url)
+        .set(username=role, password="limited")
+        .render_as_string(hide_password=False)
     )
     sql(f"DROP OWNED BY {ident} CASCADE")
     sql(f"DROP ROLE {ident}")
@@ -145,9 +147,7 @@ def test_install_sql_changes_nothing_and_works_when_run(
     ]
 
 
-def test_status_follows_the_watch_definition(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_status_follows_the_watch_definition(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
     """missing -> installed -> outdated when the watch changes; installing
     the new definition replaces the old triggers (no double events)."""
     sql(ORDERS)
@@ -460,9 +460,7 @@ def test_cli_notify_reaches_a_running_listener(make_app: MakeApp) -> None:
         received.assert_no_more(1, lambda: ext.notify("cache", "marker", app=app))
 
 
-def test_hostile_names_are_quoted_not_pasted(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_hostile_names_are_quoted_not_pasted(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
     """A table and column named like SQL injections install and deliver,
     and nothing else in the database is touched."""
     table = "x'; DROP TABLE victims; --"
@@ -531,7 +529,11 @@ def test_migrating_a_watched_table_does_not_break_writes(
     assert sql("SELECT count(*) FROM orders") == [(0,)]
     got = events.wait_for(5)
     assert [(e.op.value, e.pk) for e in got] == [
-        ("INSERT", 2), ("UPDATE", 1), ("UPDATE", 2), ("DELETE", 1), ("DELETE", 2),
+        ("INSERT", 2),
+        ("UPDATE", 1),
+        ("UPDATE", 2),
+        ("DELETE", 1),
+        ("DELETE", 2),
     ]
     assert all(e.changed == {"qty"} for e in got[1:3])
     assert "item" not in got[0].new
