@@ -138,6 +138,15 @@ def replay(since: int, until: int | None, receiver: str | None) -> None:
     click.echo(f"replayed {count} event(s)")
 
 
+@dbnotify_cli.command("forget-receiver")
+@click.argument("name")
+def forget_receiver(name: str) -> None:
+    """Drop a retired once receiver's watermark and claims (NAME is its
+    qualified name, as status shows it)."""
+    _state().ext.forget_receiver(name)
+    click.echo(f"forgot {name}")
+
+
 @dbnotify_cli.command("notify")
 @click.argument("channel")
 @click.argument("payload", required=False)
