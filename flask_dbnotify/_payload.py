@@ -135,9 +135,9 @@ def decode(
         if "m" in msg:
             return [Notification(msg["m"], msg.get("p"))]
         return decode_rows(msg, fetch, journal_id)
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
-        if isinstance(exc, PayloadError):
-            raise
+    except PayloadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything foreign is malformed
         raise PayloadError(f"malformed payload: {exc!r}") from None
 
 

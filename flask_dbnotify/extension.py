@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 from flask import Flask, current_app, has_app_context
+from flask.cli import ScriptInfo
 from werkzeug.serving import is_running_from_reloader
 
 from . import _payload
@@ -355,7 +356,8 @@ def _check_subscription(watch: Watch, sub: Subscription) -> None:
 def _autostart_decision() -> str:
     """``"now"``, ``"in-forks"`` (a gunicorn master), or ``"never"``."""
     ctx = click.get_current_context(silent=True)
-    if ctx is not None:
+    # Only Flask's own CLI: another click program may well be a server.
+    if ctx is not None and ctx.find_object(ScriptInfo) is not None:
         # Inside a CLI command: only `flask run` serves, and with the
         # reloader only its child process (the watcher just restarts it).
         if ctx.command.name != "run":

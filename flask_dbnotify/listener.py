@@ -108,8 +108,13 @@ class _Run:
         self.ready = threading.Condition(threading.Lock())
 
 
-#: A queue item that only asks the dispatcher to catch up with the journal.
+#: Queue items that only ask the dispatcher for work: catch up with the
+#: journal; check the triggers; prune. Housekeeping runs there so that the
+#: reader never waits on anything but its own connection.
 _CATCH_UP = _Signal(listener_connected)
+_CHECK = _Signal(listener_connected)
+_PRUNE = _Signal(listener_connected)
+_CHORES = (_CATCH_UP, _CHECK, _PRUNE)
 
 
 class Listener:
@@ -161,7 +166,7 @@ class Listener:
     def start(self, timeout: float | None, raise_on_failure: bool) -> None:
         """Start the threads and wait for the first connection attempt."""
         with self._lock:
-            if self.running:
+            if self.running and not self._current.stop.is_set():
                 return
             self._discard_queue(self._current)
             run = self._current = _Run()
@@ -181,11 +186,14 @@ class Listener:
             self._dispatcher.start()
             self._reader.start()
         if timeout is None or timeout > 0:
-            self._first_attempt.wait(timeout)
+            answered = self._first_attempt.wait(timeout)
             error = self._first_error
             if error is not None and raise_on_failure:
                 self.stop()
                 raise ListenerError(f"the listener could not connect: {error}") from error
+            if not answered and raise_on_failure:
+                self.stop()
+                raise ListenerError(f"the listener did not connect within {timeout:g}s")
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop both threads and close the connection; safe to call twice.
@@ -293,7 +301,7 @@ class Listener:
         while True:
             if self._check_pending:
                 self._check_pending = False
-                self._check_triggers()
+                self._put(run, [_CHECK], 0)
             stream.wait(min(idle_limit, prune_every), self._wake_r)
             self._drain_wake()
             if run.stop.is_set():
@@ -309,7 +317,7 @@ class Listener:
                 last_seen = now
             if now - last_prune >= prune_every:
                 last_prune = now
-                self._prune()
+                self._put(run, [_PRUNE], 0)
 
     def _put(self, run: _Run, items: list[Any], count: int) -> None:
         """Queue ``items`` (``count`` of them raw messages, the rest signals)."""
@@ -396,7 +404,10 @@ class Listener:
                 if run.stop.is_set():
                     break
                 batch = queue.popleft() if queue else [_CATCH_UP]
-            self._dispatch(run, batch)
+            try:
+                self._dispatch(run, batch)
+            except Exception:  # noqa: BLE001 - never let the dispatcher die
+                log.exception("dispatcher error; going on")
         self._discard_queue(run)
 
     def _discard_queue(self, run: _Run) -> None:
@@ -408,7 +419,8 @@ class Listener:
             run.queued = 0
         if raw:
             log.info("listener stopped with %d messages undelivered", len(raw))
-            self._state.backend.rewind(raw)
+            if run is self._current:
+                self._state.backend.rewind(raw)
 
     def _dispatch(self, run: _Run, batch: list[Any]) -> None:
         subscriptions = self._state.ext.subscriptions
@@ -420,17 +432,25 @@ class Listener:
                 if run.stop.is_set():
                     # Left for the next start (a journaled backend reads it
                     # again; durable rows are replayed).
-                    self._state.backend.rewind([r for r in batch[n:] if not isinstance(r, _Signal)])
+                    if run is self._current:
+                        backend.rewind([r for r in batch[n:] if not isinstance(r, _Signal)])
                     break
-                if isinstance(raw, _Signal):
-                    # Replay what the journal has and we missed before saying
-                    # we are (re)connected or that events were dropped.
-                    if raw.signal is not listener_disconnected and self._durable_in_use():
-                        self._catch_up(subscriptions)
-                    if raw is not _CATCH_UP:
-                        self._send_lifecycle(raw)
-                else:
-                    self._deliver(decode(raw), subscriptions)
+                try:
+                    if raw is _CHECK:
+                        self._check_triggers()
+                    elif raw is _PRUNE:
+                        self._prune()
+                    elif isinstance(raw, _Signal):
+                        # Replay what the journal has and we missed before
+                        # saying we are (re)connected or that events dropped.
+                        if raw.signal is not listener_disconnected and self._durable_in_use():
+                            self._catch_up(subscriptions)
+                        if raw is not _CATCH_UP:
+                            self._send_lifecycle(raw)
+                    else:
+                        self._deliver(decode(raw), subscriptions)
+                except Exception:  # noqa: BLE001 - the dispatcher must go on
+                    log.exception("could not dispatch %r; skipped", raw)
             if self._once.receivers():
                 try:
                     self._once.run(run.stop)

@@ -752,3 +752,24 @@ def test_two_apps_each_get_events(make_app: MakeApp, sql: SQL) -> None:
     assert not ext1.is_running(app1) and ext2.is_running(app2)
     sql("INSERT INTO orders (id) VALUES (3)")
     assert got2.wait_for(3, "events in app 2")[-1] == (app2, 3)
+
+
+def test_autostart_inside_a_click_program_that_is_not_flask(pg_url: str) -> None:
+    """A server started from its own click command (not Flask's CLI) still
+    gets its listener: only Flask's CLI commands other than run skip it."""
+    import click
+    from click.testing import CliRunner
+
+    started: list[bool] = []
+
+    @click.command()
+    def serve() -> None:
+        app = Flask("click_server")
+        app.config.update(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_CHECK_TRIGGERS=False)
+        ext = DBNotify(app)
+        started.append(ext.is_running(app))
+        ext.stop(app)
+
+    result = CliRunner().invoke(serve)
+    assert result.exit_code == 0, result.output
+    assert started == [True]

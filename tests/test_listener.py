@@ -106,6 +106,11 @@ def test_foreign_and_malformed_payloads_are_skipped(
     sql("""SELECT pg_notify('dbnotify', '{"v":99}')""")
     sql("""SELECT pg_notify('dbnotify', '{"v":1,"t":"orders"}')""")
     sql("SELECT pg_notify('dbnotify', '[1, 2]')")
+    # Well-formed JSON of the right shape with wrong insides: an UPDATE row
+    # that is not [new, old], and a timestamp no datetime can hold.
+    head = '{"v":1,"t":"orders","k":["id"],'
+    sql("SELECT pg_notify('dbnotify', %s)", (head + '"o":"U","ts":1,"r":[[1,2]]}',))
+    sql("SELECT pg_notify('dbnotify', %s)", (head + '"o":"I","ts":1e400,"r":[{}]}',))
     sql("INSERT INTO orders VALUES (1, 'after')")
     (event,) = events.wait_for(1)
     assert event.pk == 1 and event.new == {"id": 1, "note": "after"}
@@ -115,7 +120,7 @@ def test_foreign_and_malformed_payloads_are_skipped(
         for r in caplog.records
         if r.name.startswith("flask_dbnotify") and r.levelno >= logging.WARNING
     ]
-    assert len(skipped) == 4, caplog.text
+    assert len(skipped) == 6, caplog.text
     events.assert_no_more(1, marker=lambda: ext.notify("marker", app=app))
 
 

@@ -1608,3 +1608,36 @@ def test_printing_the_ddl_does_not_create_the_database(tmp_path: Path) -> None:
     with pytest.raises(DBNotifyError, match="cannot open"):
         ext.install_sql(app)
     assert not missing.exists()
+
+
+def test_stop_during_a_burst_loses_nothing(sqlite_app: SqliteApp, db: DB, events: Recorder) -> None:
+    """stop() while a receiver holds up one batch and another batch waits
+    behind it: after start(), every row arrives (the rest of the
+    interrupted batch included), once."""
+    db(ORDERS)
+    app, ext = listening(sqlite_app, "orders")
+    entered, release = threading.Event(), threading.Event()
+
+    @ext.on("orders", "insert", where={"item": "first"})
+    def slow(event: Any) -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    db("BEGIN")
+    for n, item in ((1, "first"), (2, "b"), (3, "c")):
+        db("INSERT INTO orders VALUES (?, ?, 1)", (n, item))
+    db("COMMIT")
+    assert entered.wait(WAIT), "the first batch did not reach its receiver"
+    for n in range(4, 7):
+        db("INSERT INTO orders VALUES (?, 'later', 1)", (n,))
+    poll_until(lambda: ext.listener_state(app).queued > 0, "the second batch to be queued")
+    stopper = threading.Thread(target=ext.stop, args=(app,))
+    stopper.start()
+    poll_until(lambda: not ext.is_running(app), "the reader to stop while the receiver waits")
+    release.set()
+    stopper.join(WAIT)
+    ext.start(app)
+    db("INSERT INTO orders VALUES (7, 'after', 1)")
+    got = events.wait_for(7)
+    assert sorted(e.pk for e in got) == [1, 2, 3, 4, 5, 6, 7]
+    events.assert_no_more(7, marker(ext, app))

@@ -774,8 +774,8 @@ class PostgreSQLBackend(Backend):
         try:
             with self.engine.connect() as conn:
                 return list(conn.exec_driver_sql(statement, params).all())
-        except sa.exc.DBAPIError as exc:
-            raise _payload.PayloadError(f"cannot read the journal: {exc.orig}") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise _payload.PayloadError(f"cannot read the journal: {exc}") from exc
 
     def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
         cursor = self._cursor
@@ -861,8 +861,8 @@ class PostgreSQLBackend(Backend):
             with self.engine.begin() as conn:
                 result = conn.exec_driver_sql(statement.format(**names), params)
                 return list(result.all()) if result.returns_rows else []
-        except sa.exc.DBAPIError as exc:
-            raise DBNotifyError(f"the database refused: {exc.orig}") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise DBNotifyError(f"the database refused: {exc}") from exc
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         rows = self._once(
@@ -1005,7 +1005,7 @@ class PostgreSQLBackend(Backend):
                     ),
                     {"ids": list(ids)},
                 ).all()
-        except sa.exc.DBAPIError as exc:
+        except sa.exc.SQLAlchemyError as exc:
             raise _payload.PayloadError(f"cannot read stored payloads: {exc}") from exc
         return {row[0]: row[1] for row in rows}
 

@@ -396,6 +396,7 @@ class SQLiteBackend(Backend):
         now = time.time()
 
         def work(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA busy_timeout = 1000")  # housekeeping can wait
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if self.position is not None:
@@ -588,7 +589,10 @@ class SQLiteBackend(Backend):
 
     def rewind(self, raw: list[Any]) -> None:
         if raw:
-            self.position = min(journal_id for journal_id, *_ in raw) - 1
+            # Only ever back: undelivered rows of an interrupted batch come
+            # before the queued ones.
+            first = min(journal_id for journal_id, *_ in raw) - 1
+            self.position = first if self.position is None else min(self.position, first)
 
     def decode(self, raw: Any) -> list[Item]:
         journal_id, created_at, shape, body = raw
