@@ -114,7 +114,6 @@ class _Run:
 _CATCH_UP = _Signal(listener_connected)
 _CHECK = _Signal(listener_connected)
 _PRUNE = _Signal(listener_connected)
-_CHORES = (_CATCH_UP, _CHECK, _PRUNE)
 
 
 class Listener:
@@ -236,6 +235,7 @@ class Listener:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._lock = threading.Lock()
+        self._once = OnceRunner(self._state)  # claims carry this process's pid
         self._reset()
         self._received = self._dispatched = self._dropped = self._reconnects = 0
         self._replayed = 0
