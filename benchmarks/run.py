@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: the raw psycopg2 limit vs Flask-DBNotify.
+"""Side-by-side benchmark: the raw psycopg2 limit, Flask-DBNotify, SQLNotify.
 
 Run:  .venv/bin/python benchmarks/run.py [--url postgresql://...] [--rows 100000]
 
@@ -8,6 +8,7 @@ other, against the same server:
 - raw: a row-level AFTER INSERT trigger doing pg_notify(channel, id), and a
   bare loop: select() on the psycopg2 socket, poll(), drain notifies.
 - flask-dbnotify: DBNotify with watch(), a receiver connected with on().
+- SQLNotify, the peer (``pip install -e '.[bench]'``), in its async mode.
 
 Figures: insert-to-receiver latency (single-row autocommit INSERTs, one at
 a time), events/s delivered for one bulk INSERT statement, and that
@@ -34,10 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flask_dbnotify import DBNotify  # noqa: E402
 
 DDL = """
-DROP TABLE IF EXISTS bench_plain, bench_raw, bench_ours CASCADE;
+DROP TABLE IF EXISTS bench_plain, bench_raw, bench_ours, bench_peer CASCADE;
 CREATE TABLE bench_plain (id bigserial PRIMARY KEY, name text, qty int, at timestamptz);
 CREATE TABLE bench_raw (LIKE bench_plain INCLUDING ALL);
 CREATE TABLE bench_ours (LIKE bench_plain INCLUDING ALL);
+CREATE TABLE bench_peer (LIKE bench_plain INCLUDING ALL);
 CREATE OR REPLACE FUNCTION bench_raw_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_notify('bench_raw', NEW.id::text); RETURN NULL; END $$;
 CREATE TRIGGER bench_raw_notify AFTER INSERT ON bench_raw
@@ -138,6 +140,55 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class PeerSQLNotify:
+    """SQLNotify, the peer, in its async mode (its sync mode never starts a
+    listener): an asyncio loop in a thread of its own, an asyncpg engine,
+    whole rows requested with extra_columns, as Flask-DBNotify sends them."""
+
+    def __init__(self, url: str, arrivals: Arrivals) -> None:
+        import asyncio
+
+        import sqlalchemy as sa
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.orm import DeclarativeBase
+        from sqlnotify import Notifier, Operation
+
+        class Base(DeclarativeBase):
+            pass
+
+        class BenchPeer(Base):
+            __tablename__ = "bench_peer"
+            id = sa.Column(sa.BigInteger, primary_key=True)
+            name = sa.Column(sa.Text)
+            qty = sa.Column(sa.Integer)
+            at = sa.Column(sa.DateTime(timezone=True))
+
+        async_url = sa.make_url(url).set(drivername="postgresql+asyncpg")
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def setup() -> Any:
+            notifier = Notifier(db_engine=create_async_engine(async_url), use_logger=False)
+            notifier.watch(BenchPeer, Operation.INSERT, extra_columns=["name", "qty", "at"])
+
+            @notifier.subscribe(BenchPeer, Operation.INSERT)
+            async def received(event: Any) -> None:
+                arrivals.add(event["id"])
+
+            await notifier.astart()
+            return notifier
+
+        self.notifier = asyncio.run_coroutine_threadsafe(setup(), self.loop).result(60)
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.notifier.astop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -169,11 +220,20 @@ def main() -> None:
     dbnotify.install_triggers(app)
     dbnotify.start(app)
 
-    results: dict[str, dict[str, float]] = {}
-    for name, table, arrivals in (
+    contenders = [
         ("raw psycopg2 loop", "bench_raw", raw_arrivals),
         ("flask-dbnotify", "bench_ours", ours_arrivals),
-    ):
+    ]
+    peer = None
+    try:
+        peer_arrivals = Arrivals()
+        peer = PeerSQLNotify(args.url, peer_arrivals)
+        contenders.append(("SQLNotify (peer)", "bench_peer", peer_arrivals))
+    except ImportError as exc:
+        print(f"SQLNotify not measured ({exc}): pip install -e '.[bench]'")
+
+    results: dict[str, dict[str, float]] = {}
+    for name, table, arrivals in contenders:
         latency(writer, table, arrivals, 50)  # warm up
         samples = latency(writer, table, arrivals, args.latency_samples)
         runs = [bulk(writer, table, arrivals, args.rows) for _ in range(args.repeat)]
@@ -188,6 +248,8 @@ def main() -> None:
 
     dbnotify.stop(app)
     raw.close()
+    if peer is not None:
+        peer.close()
 
     limit = results["raw psycopg2 loop"]
     print(f"PostgreSQL, {args.rows:,}-row INSERT, {args.latency_samples} latency samples")
