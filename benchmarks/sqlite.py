@@ -1,4 +1,4 @@
-"""SQLite side by side: a bare polling loop vs Flask-DBNotify.
+"""SQLite side by side: a bare polling loop, Flask-DBNotify, SQLNotify.
 
 Run:  .venv/bin/python benchmarks/sqlite.py [--rows 100000]
 
@@ -38,6 +38,7 @@ TABLES = """
 CREATE TABLE plain (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
 CREATE TABLE bare (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
 CREATE TABLE ours (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
+CREATE TABLE peer (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
 CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, row_id INTEGER);
 CREATE TRIGGER bare_outbox AFTER INSERT ON bare BEGIN
   INSERT INTO outbox (row_id) VALUES (NEW.id); END;
@@ -154,6 +155,52 @@ def idle_cpu(seconds: float) -> float:
     return (time.process_time() - before) / seconds * 100
 
 
+def start_peer(path: str, arrivals: Arrivals) -> Any:
+    """SQLNotify (the bench extra) on the same file, in its async mode, on
+    an asyncio loop in its own thread; returns a stop function."""
+    import asyncio
+
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.orm import DeclarativeBase
+    from sqlnotify import Notifier, Operation
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Peer(Base):
+        __tablename__ = "peer"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.Text)
+        qty = sa.Column(sa.Integer)
+        at = sa.Column(sa.Text)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def setup() -> Any:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        notifier = Notifier(db_engine=engine, use_logger=False)
+        notifier.watch(Peer, Operation.INSERT, extra_columns=["name", "qty", "at"])
+
+        @notifier.subscribe(Peer, Operation.INSERT)
+        async def received(event: Any) -> None:
+            arrivals.add(event["id"])
+
+        await notifier.astart()
+        return notifier
+
+    notifier = asyncio.run_coroutine_threadsafe(setup(), loop).result(60)
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(notifier.astop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return stop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
@@ -209,6 +256,24 @@ def main() -> None:
         "write": wrote,
         "idle": ours_idle - baseline,
     }
+    try:
+        peer_arrivals = Arrivals()
+        stop_peer = start_peer(path, peer_arrivals)
+    except ImportError as exc:
+        print(f"SQLNotify not measured ({exc}): pip install -e '.[bench]'")
+    else:
+        peer_idle = idle_cpu(args.idle_seconds)
+        latency(path, "peer", peer_arrivals, 20)
+        samples = latency(path, "peer", peer_arrivals, args.latency_samples)
+        wrote, delivered = bulk(path, "peer", peer_arrivals, args.rows)
+        stop_peer()
+        results["SQLNotify (peer)"] = {
+            "p50": statistics.median(samples),
+            "p99": sorted(samples)[int(0.99 * len(samples))],
+            "rate": args.rows / delivered,
+            "write": wrote,
+            "idle": peer_idle - baseline,
+        }
     plain, _ = bulk(path, "plain", None, args.rows)
 
     limit = results["bare polling loop"]
