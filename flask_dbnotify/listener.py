@@ -364,7 +364,8 @@ class Listener:
         if not state.settings.check_triggers or not state.ext.watches:
             return
         try:
-            status = state.backend.status(list(state.ext.watches.values()))
+            # Watch states only: the health figures can take a while.
+            status = state.backend.status(list(state.ext.watches.values()), health=False)
         except Exception as exc:  # noqa: BLE001 - a check must not stop listening
             log.warning("could not check triggers: %s", exc)
             return

@@ -139,8 +139,9 @@ class Backend(abc.ABC):
         object of ours, with ``everything``)."""
 
     @abc.abstractmethod
-    def status(self, watches: Sequence[Watch]) -> Status:
-        """Compare the database with ``watches``."""
+    def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
+        """Compare the database with ``watches``; with ``health``, also
+        read the database side's health (queue, listeners, journal)."""
 
     @abc.abstractmethod
     def prune(self, retention: float) -> None:

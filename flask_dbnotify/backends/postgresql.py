@@ -628,7 +628,7 @@ class PostgreSQLBackend(Backend):
 
         return self._cursor_do(work)  # type: ignore[no-any-return]
 
-    def status(self, watches: Sequence[Watch]) -> Status:
+    def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         def work(cur: Any) -> Status:
             b = _Builder(cur, self.schema)
             status = Status()
@@ -652,7 +652,8 @@ class PostgreSQLBackend(Backend):
                     status.orphaned.append(f"trigger {obj.trigger} on {obj.schema}.{obj.table}")
             for name in self._unused_functions(cur, installed, expected_functions):
                 status.orphaned.append(f"function {self.schema}.{name}()")
-            self._health(cur, status)
+            if health:
+                self._health(cur, status)
             return status
 
         return self._cursor_do(work)  # type: ignore[no-any-return]
