@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
@@ -25,6 +24,8 @@ import psycopg2
 from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from _common import DEFAULT_URL, Arrivals  # noqa: E402
 
 from flask_dbnotify import DBNotify  # noqa: E402
 
@@ -37,32 +38,6 @@ CREATE TABLE dur_durable (LIKE dur_plain INCLUDING ALL);
 BULK = "INSERT INTO {} (name, qty, at) SELECT 'item ' || g, g, now() FROM generate_series(1, %s) g"
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = 0.0
-        self.times: dict[Any, float] = {}
-        self.cond = threading.Condition()
-
-    def add(self, key: Any) -> None:
-        now = time.perf_counter()
-        with self.cond:
-            self.count += 1
-            self.last = now
-            self.times[key] = now
-            self.cond.notify_all()
-
-    def wait(self, n: int, timeout: float = 300.0) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.count >= n, timeout):
-                raise SystemExit(f"only {self.count} of {n} events arrived")
-
-    def reset(self) -> None:
-        with self.cond:
-            self.count = 0
-            self.times.clear()
-
-
 def timed(cur: Any, statement: str, params: Any = None) -> float:
     start = time.perf_counter()
     cur.execute(statement, params)
@@ -73,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--url",
-        default=os.environ.get("DBNOTIFY_BENCH_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        default=DEFAULT_URL,
     )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--singles", type=int, default=300)
@@ -89,7 +64,7 @@ def main() -> None:
     dbnotify = DBNotify(app)
     dbnotify.watch("dur_fast", "insert")
     dbnotify.watch("dur_durable", "insert", durable=True)
-    counters = {"dur_fast": Counter(), "dur_durable": Counter()}
+    counters = {"dur_fast": Arrivals(), "dur_durable": Arrivals()}
 
     @dbnotify.on("dur_fast", "insert")
     def fast(event: Any) -> None:
@@ -113,7 +88,7 @@ def main() -> None:
                 counter.reset()
             runs.append(timed(cur, BULK.format(table), (args.rows,)))
             if counter:
-                counter.wait(args.rows)
+                counter.wait_count(args.rows)
         bulk[table] = min(runs)
         samples, delays = [], []
         for _ in range(args.singles):
@@ -124,7 +99,7 @@ def main() -> None:
             samples.append(time.perf_counter() - start)
             (key,) = cur.fetchone()
             if counter:
-                counter.wait(1)
+                counter.wait_count(1)
                 delays.append(counter.times[key] - start)
         single[table] = statistics.median(samples)
         if delays:
@@ -137,7 +112,7 @@ def main() -> None:
     cur.execute(BULK.format("dur_durable"), (args.rows,))
     start = time.perf_counter()
     dbnotify.start(app)
-    counter.wait(args.rows)
+    counter.wait_count(args.rows)
     replay = args.rows / (counter.last - start)
     dbnotify.stop(app)
 

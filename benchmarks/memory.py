@@ -20,6 +20,8 @@ from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from _common import DEFAULT_URL  # noqa: E402
+
 from flask_dbnotify import DBNotify  # noqa: E402
 
 
@@ -35,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--url",
-        default=os.environ.get("DBNOTIFY_BENCH_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        default=DEFAULT_URL,
     )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=100_000)

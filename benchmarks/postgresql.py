@@ -32,6 +32,8 @@ from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from _common import DEFAULT_URL, Arrivals  # noqa: E402
+
 from flask_dbnotify import DBNotify  # noqa: E402
 
 DDL = """
@@ -46,34 +48,6 @@ CREATE TRIGGER bench_raw_notify AFTER INSERT OR UPDATE ON bench_raw
 FOR EACH ROW EXECUTE FUNCTION bench_raw_notify();
 """
 BULK = "INSERT INTO {} (name, qty, at) SELECT 'item ' || g, g, now() FROM generate_series(1, %s) g"
-
-
-class Arrivals:
-    """Arrival times by key; waits are bounded."""
-
-    def __init__(self) -> None:
-        self.times: dict[Any, float] = {}
-        self.count = 0
-        self.last = 0.0
-        self.cond = threading.Condition()
-
-    def add(self, key: Any) -> None:
-        now = time.perf_counter()
-        with self.cond:
-            self.times[key] = now
-            self.count += 1
-            self.last = now
-            self.cond.notify_all()
-
-    def wait_count(self, n: int, timeout: float = 120.0) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.count >= n, timeout):
-                raise SystemExit(f"only {self.count} of {n} events arrived in {timeout}s")
-
-    def reset(self) -> None:
-        with self.cond:
-            self.times.clear()
-            self.count = 0
 
 
 class RawListener:
@@ -209,7 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--url",
-        default=os.environ.get("DBNOTIFY_BENCH_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        default=DEFAULT_URL,
     )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--latency-samples", type=int, default=500)

@@ -19,6 +19,7 @@ import sys
 import time
 
 import psycopg2
+from _common import DEFAULT_URL
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -90,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--url",
-        default=os.environ.get("DBNOTIFY_BENCH_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        default=DEFAULT_URL,
     )
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--rows", type=int, default=100_000)

@@ -32,6 +32,8 @@ from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from _common import Arrivals  # noqa: E402
+
 from flask_dbnotify import DBNotify  # noqa: E402
 
 TABLES = """
@@ -64,29 +66,6 @@ else:
     conn.execute("COMMIT")
     print(start, time.perf_counter(), flush=True)
 """
-
-
-class Arrivals:
-    def __init__(self) -> None:
-        self.times: dict[int, float] = {}
-        self.last = 0.0
-        self.cond = threading.Condition()
-
-    def add(self, key: int) -> None:
-        now = time.perf_counter()
-        with self.cond:
-            self.times[key] = now
-            self.last = now
-            self.cond.notify_all()
-
-    def wait_count(self, n: int, timeout: float = 120.0) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: len(self.times) >= n, timeout):
-                raise SystemExit(f"only {len(self.times)} of {n} events arrived in {timeout}s")
-
-    def reset(self) -> None:
-        with self.cond:
-            self.times.clear()
 
 
 class BareLoop:
