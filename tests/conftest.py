@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg2
@@ -194,3 +197,46 @@ def private_server() -> Iterator[ThrowawayServer]:
         pytest.skip(f"private PostgreSQL server NOT STARTED: {exc}")
     yield server
     server.destroy()
+
+
+@pytest.fixture()
+def proxy(pg_url: str) -> Iterator[Any]:
+    """A TCP proxy in front of the test database's server (tests/test_faults.py
+    has the Proxy), for a listener connection that tests cut or stall."""
+    from .test_faults import Proxy
+
+    url = make_url(pg_url)
+    running = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    yield running
+    running.close()
+
+
+@pytest.fixture()
+def spawn() -> Iterator[Callable[..., Any]]:
+    """Start ``sys.executable ARGS`` with pipes, read through test_sqlite's
+    Lines; killed and reaped afterwards."""
+    from .test_sqlite import Lines
+
+    procs: list[subprocess.Popen[bytes]] = []
+    root = Path(__file__).resolve().parent.parent
+
+    def start(*args: str, name: str = "child") -> tuple[subprocess.Popen[bytes], Any]:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        return proc, Lines(proc, name)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=WAIT)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

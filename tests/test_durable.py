@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import select
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -67,15 +65,6 @@ def pg_url(private_server: ThrowawayServer) -> Iterator[str]:
     admin = SQL(private_server.url)
     admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
-
-
-@pytest.fixture()
-def proxy(pg_url: str) -> Iterator[Proxy]:
-    """A TCP proxy in front of the server, for the listener's connection only."""
-    url = make_url(pg_url)
-    running = Proxy((url.host or "127.0.0.1", url.port or 5432))
-    yield running
-    running.close()
 
 
 def durable_app(
@@ -565,33 +554,6 @@ def test_changes_committed_while_stopped_arrive_after_start(
 # -- a brand-new process starts from now -----------------------------------------------
 
 
-@pytest.fixture()
-def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Lines]]]:
-    """Start ``sys.executable ARGS`` with pipes; killed and reaped afterwards."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> tuple[subprocess.Popen[bytes], Lines]:
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        procs.append(proc)
-        return proc, Lines(proc, "the new process")
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
 def read_until(lines: Lines, last: dict[str, Any]) -> list[dict[str, Any]]:
     """Lines of the child up to and including the first one holding ``last``."""
     got: list[dict[str, Any]] = []
@@ -631,7 +593,9 @@ def test_new_process_gets_nothing_from_before_its_first_start_postgresql(
     app, ext = durable_app(make_app, sql, "orders")
     sql("INSERT INTO orders VALUES (1, 'before')")
     ext.notify("cache", "before", durable=True, app=app)
-    proc, lines = spawn("-m", "tests.apps.durable_listen_app", pg_url, "orders")
+    proc, lines = spawn(
+        "-m", "tests.apps.durable_listen_app", pg_url, "orders", name="the new process"
+    )
     read_until(lines, {"ready": True})
     sql("INSERT INTO orders VALUES (2, 'after')")
     ext.notify("cache", "after", durable=True, app=app)
@@ -655,7 +619,13 @@ def test_new_process_gets_nothing_from_before_its_first_start_sqlite(
         ext.install_triggers(app)
         db.execute("INSERT INTO orders VALUES (1, 'before')")
         ext.notify("cache", "before", durable=True, app=app)
-        proc, lines = spawn("-m", "tests.apps.durable_listen_app", "sqlite:///" + path, "orders")
+        proc, lines = spawn(
+            "-m",
+            "tests.apps.durable_listen_app",
+            "sqlite:///" + path,
+            "orders",
+            name="the new process",
+        )
         read_until(lines, {"ready": True})
         db.execute("INSERT INTO orders VALUES (2, 'after')")
         ext.notify("cache", "after", durable=True, app=app)
@@ -684,7 +654,9 @@ def test_new_process_skips_rows_committed_before_start_behind_an_open_transactio
         with older.cursor() as cur:
             cur.execute("INSERT INTO orders VALUES (100, 'older transaction')")
         sql("INSERT INTO orders VALUES (1, 'committed before start')")
-        proc, lines = spawn("-m", "tests.apps.durable_listen_app", pg_url, "orders")
+        proc, lines = spawn(
+            "-m", "tests.apps.durable_listen_app", pg_url, "orders", name="the new process"
+        )
         read_until(lines, {"ready": True})
         sql("INSERT INTO orders VALUES (2, 'after start')")
         got = read_until(lines, {"pk": 2})

@@ -363,15 +363,6 @@ class Proxy:
             thread.join(2)
 
 
-@pytest.fixture()
-def proxy(pg_url: str) -> Iterator[Proxy]:
-    """A proxy in front of the test database's server."""
-    url = make_url(pg_url)
-    running = Proxy((url.host or "127.0.0.1", url.port or 5432))
-    yield running
-    running.close()
-
-
 def _proxied_orders_app(
     make_app: MakeApp, sql: SQL, pg_url: str, proxy: Proxy, **config: Any
 ) -> tuple[Flask, DBNotify]:

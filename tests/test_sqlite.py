@@ -176,33 +176,6 @@ class Lines:
         return line
 
 
-@pytest.fixture()
-def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Lines]]]:
-    """Start ``sys.executable ARGS`` with pipes; killed and reaped afterwards."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, name: str = "child") -> tuple[subprocess.Popen[bytes], Lines]:
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        procs.append(proc)
-        return proc, Lines(proc, name)
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
 def finish(proc: subprocess.Popen[bytes], what: str) -> str:
     """Close the child's stdin, wait (bounded) for it to exit 0; return its stderr."""
     assert proc.stdin is not None and proc.stderr is not None
