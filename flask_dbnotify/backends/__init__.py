@@ -240,11 +240,9 @@ class Backend(abc.ABC):
         """In a forked child: forget pooled connections without closing them."""
         self.engine.dispose(close=False)
 
+    @abc.abstractmethod
     def execute_all(self, statements: Sequence[str]) -> None:
-        """Run ``statements`` in one transaction."""
-        with self.engine.begin() as conn:
-            for statement in statements:
-                conn.exec_driver_sql(statement)
+        """Run ``statements`` (our DDL, no parameters) in one transaction."""
 
 
 def execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:

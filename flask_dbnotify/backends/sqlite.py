@@ -11,6 +11,7 @@ the database or its WAL is written, so it is fast and idle at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import socket
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -291,27 +292,17 @@ class SQLiteBackend(Backend):
     def install(self, watches: Sequence[Watch]) -> None:
         def work(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 for statement in self._install_sql(conn, watches):
                     conn.execute(statement)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
         self._with_conn(work, create=True)
 
     def execute_all(self, statements: Sequence[str]) -> None:
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 for statement in statements:
                     conn.execute(statement)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
         self._with_conn(work)
 
@@ -398,8 +389,7 @@ class SQLiteBackend(Backend):
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA busy_timeout = 1000")  # housekeeping can wait
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 if self.position is not None:
                     conn.execute(
                         "INSERT INTO dbnotify_listeners (name, position, seen_at) VALUES (?, ?, ?) "
@@ -428,10 +418,6 @@ class SQLiteBackend(Backend):
                     "  WHERE c.event_id = dbnotify_journal.id AND c.state <> 'done')",
                     ((now - retention) / 86400.0 + _UNIX_EPOCH_JD,),
                 )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
         self._with_conn(work)
 
@@ -666,6 +652,19 @@ def _autocommit(conn: sqlite3.Connection, statement: str, params: dict[str, Any]
                 "the journal table is missing: run `flask dbnotify install-triggers`"
             ) from exc
         raise
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE (take the write lock now, not halfway through) and
+    commit, or roll back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _connect(path: str, create: bool = False) -> sqlite3.Connection:
