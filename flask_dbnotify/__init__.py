@@ -16,6 +16,7 @@ from .signals import (
     row_deleted,
     row_inserted,
     row_updated,
+    table_truncated,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "row_deleted",
     "row_inserted",
     "row_updated",
+    "table_truncated",
 ]

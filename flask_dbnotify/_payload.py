@@ -7,13 +7,19 @@ A row batch, sent by a trigger for one statement::
 
 where ``ROW`` is the new row (INSERT), the old row (DELETE), or
 ``[new, old]`` (UPDATE; ``[new, old, changed]`` when the watch carries only
-some columns, since ``changed`` covers them all). A row too large for one notification is
-stored in the payload table and stands in the batch as its integer id.
-``s`` is unique per batch: PostgreSQL folds identical notifications sent in
-one transaction.
+some columns, since ``changed`` covers them all). A row too large to carry
+is *cut*: ``["cut", KEY]`` (UPDATE: ``["cut", NEW_KEY, OLD_KEY]``), KEY an
+object of the primary key columns. ``s`` is unique per batch: PostgreSQL
+folds identical notifications sent in one transaction. A TRUNCATE has
+``"o": "T"`` and no ``s`` or ``r``.
 
 An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``.
-A message too large to send is stored and sent as ``{"v": 1, "ref": ID}``.
+
+On PostgreSQL a message too long for one notification travels in pieces,
+each ``~SEQ K BYTES LAST`` and a newline, then the next stretch of the
+message (BYTES long in UTF-8 in all; LAST is 1 on the last piece); see
+:class:`Pieces`. A durable notification names journal rows instead:
+``{"v": 1, "J": [lo, hi], "x": xid}``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +39,6 @@ _OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
 _EMPTY: frozenset[str] = frozenset()
 _counter = itertools.count()
 
-Fetch = Callable[[Iterable[int]], dict[int, str]]
 #: Reads journal rows ``lo..hi`` written by transaction ``xid``: (id, body).
 ReadJournal = Callable[[int, int, int], list[tuple[int, str]]]
 
@@ -80,18 +85,95 @@ def encode_message(channel: str, payload: Any) -> str:
     # are not folded into one by PostgreSQL.
     unique = f"{os.getpid():x}.{next(_counter):x}"
     try:
-        return json.dumps(
+        text = json.dumps(
             {"v": VERSION, "m": channel, "u": unique, "p": payload},
             ensure_ascii=False,
             separators=(",", ":"),
             allow_nan=False,
         )
+        # A lone surrogate passes json.dumps but is no text a database holds.
+        text.encode()
+    except RecursionError:
+        raise TypeError("notify() payload is nested too deeply for JSON") from None
     except (TypeError, ValueError) as exc:
         raise TypeError(f"notify() payload is not JSON serialisable: {exc}") from None
+    return text
+
+
+def pieces(text: str, seq: str, size: int = 7900) -> list[str]:
+    """``text`` as it travels: whole if it fits in a notification, else in
+    pieces of at most ``size`` UTF-8 bytes, cut at character boundaries."""
+    data = text.encode()
+    if len(data) < 8000:
+        return [text]
+    out: list[str] = []
+    pos = 0
+    while pos < len(data):
+        end = min(pos + size, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:
+            end -= 1
+        last = int(end == len(data))
+        out.append(f"~{seq} {len(out) + 1} {len(data)} {last}\n" + data[pos:end].decode())
+        pos = end
+    return out
+
+
+class Pieces:
+    """Puts long messages back together from their pieces.
+
+    The pieces of one message come one after the other from one server
+    process (``pid``), so at most one message per process is in progress.
+    Anyone may send pieces, so what is kept is bounded: ``limit`` bytes a
+    message, ``budget`` bytes in all."""
+
+    def __init__(self, limit: int, budget: int) -> None:
+        self.limit = limit
+        self.budget = budget
+        # pid -> [seq, next piece number, bytes so far, parts]; parts is
+        # None while the rest of a message given up on is skipped.
+        self._open: dict[int, list[Any]] = {}
+
+    def add(self, pid: int, text: str) -> tuple[str | None, int]:
+        """Add a piece. Return the whole message once its last piece is in
+        (else None), and how many messages were given up on: a piece
+        missing or out of order, a malformed header, or over the limits."""
+        head, _, part = text.partition("\n")
+        current = self._open.pop(pid, None)
+        lost = 0
+        try:
+            seq, k_text, total_text, last_text = head[1:].split(" ")
+            k, total, last = int(k_text), int(total_text), last_text == "1"
+        except ValueError:
+            return None, 1
+        if current is None or current[0] != seq or current[1] != k:
+            if current is not None and current[3] is not None:
+                lost += 1  # The previous message will not be finished.
+            keep = k == 1 and total <= self.limit
+            lost += not keep
+            current = [seq, k, 0, [] if keep else None]
+        parts = current[3]
+        if parts is not None:
+            current[2] += len(part.encode())
+            held = sum(c[2] for c in self._open.values() if c[3] is not None)
+            if current[2] > total or (last and current[2] != total):
+                parts, lost = None, lost + 1
+            elif not last and held + current[2] > self.budget:
+                parts, lost = None, lost + 1
+            else:
+                parts.append(part)
+        if last:
+            return ("".join(parts) if parts is not None else None), lost
+        current[1], current[3] = k + 1, parts
+        self._open[pid] = current
+        return None, lost
 
 
 def count(text: str) -> int:
-    """How many events or messages a payload holds (0 if unreadable)."""
+    """How many events or messages a payload holds (0 if unreadable, or
+    journaled: those are read again, not lost)."""
+    if text[:1] == "~":
+        # Pieces: the message counts once, on its last piece.
+        return 1 if text.partition("\n")[0].endswith(" 1") else 0
     try:
         msg = json.loads(text)
     except ValueError:
@@ -99,13 +181,12 @@ def count(text: str) -> int:
     if isinstance(msg, dict) and isinstance(msg.get("r"), list):
         return len(msg["r"])
     if isinstance(msg, dict) and "J" in msg:
-        return 0  # Journaled: read again from the journal, not lost.
+        return 0
     return 1
 
 
 def decode(
     text: str,
-    fetch: Fetch,
     journal_id: int | None = None,
     read_journal: ReadJournal | None = None,
 ) -> list[Item]:
@@ -114,51 +195,56 @@ def decode(
     (``{"v": 1, "J": [lo, hi], "x": xid}``) is read with ``read_journal``."""
     try:
         msg = loads(text)
+    except RecursionError:
+        raise PayloadError("nested too deeply to read") from None
     except ValueError as exc:
         raise PayloadError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict) or msg.get("v") != VERSION:
         raise PayloadError("not a Flask-DBNotify payload")
     try:
-        if "ref" in msg:
-            body = fetch([msg["ref"]]).get(msg["ref"])
-            if body is None:
-                raise PayloadError(f"stored payload {msg['ref']} is gone")
-            return decode(body, fetch, journal_id)
         if "J" in msg:
             if read_journal is None:
                 raise PayloadError("a journal reference where none is expected")
             lo, hi = msg["J"]
             items: list[Item] = []
             for row_id, body in read_journal(lo, hi, msg["x"]):
-                items += decode(body, fetch, row_id)
+                try:
+                    items += decode(body, row_id)
+                except PayloadError as exc:
+                    raise PayloadError(f"journal row {row_id}: {exc}") from None
             return items
         if "m" in msg:
-            return [Notification(msg["m"], msg.get("p"))]
-        return decode_rows(msg, fetch, journal_id)
+            return [Notification(msg["m"], msg.get("p"), journal_id)]
+        if "ref" in msg:
+            raise PayloadError("a stored payload of an earlier version (no longer read)")
+        return decode_rows(msg, journal_id)
     except PayloadError:
         raise
     except Exception as exc:  # noqa: BLE001 - anything foreign is malformed
         raise PayloadError(f"malformed payload: {exc!r}") from None
 
 
-def decode_rows(msg: dict[str, Any], fetch: Fetch, journal_id: int | None) -> list[Item]:
+def decode_rows(msg: dict[str, Any], journal_id: int | None) -> list[Item]:
     table = msg["t"]
+    ts = datetime.fromtimestamp(msg["ts"], UTC)
+    if msg["o"] == "T":
+        return [ChangeEvent(table, Operation.TRUNCATE, None, None, None, _EMPTY, journal_id, ts)]
     op = _OPS[msg["o"]]
     keys = msg["k"]
-    ts = datetime.fromtimestamp(msg["ts"], UTC)
-    rows = msg["r"]
-    refs = [r for r in rows if isinstance(r, int)]
-    if refs:
-        stored = fetch(refs)
-        missing = [r for r in refs if r not in stored]
-        if missing:
-            raise PayloadError(f"stored rows {missing} are gone")
-        rows = [loads(stored[r]) if isinstance(r, int) else r for r in rows]
     single = keys[0] if len(keys) == 1 else None
     events: list[Item] = []
     append = events.append
-    for row in rows:
-        if op is Operation.INSERT:
+    for row in msg["r"]:
+        cut = False
+        pk_row: dict[str, Any]
+        if type(row) is list and row[0] == "cut":
+            cut = True
+            new, old = (None, row[1]) if op is Operation.DELETE else (row[1], None)
+            if op is Operation.UPDATE:
+                old = row[2]
+            changed = _EMPTY
+            pk_row = row[1]
+        elif op is Operation.INSERT:
             new, old, changed = row, None, _EMPTY
             pk_row = row
         elif op is Operation.DELETE:
@@ -172,6 +258,9 @@ def decode_rows(msg: dict[str, Any], fetch: Fetch, journal_id: int | None) -> li
             new, old, names = row
             changed = frozenset(names)
             pk_row = new
-        pk = pk_row[single] if single is not None else tuple(pk_row[k] for k in keys)
-        append(ChangeEvent(table, op, pk, new, old, changed, journal_id, ts))
+        if single is not None:
+            pk = pk_row.get(single) if cut else pk_row[single]
+        else:
+            pk = tuple(pk_row.get(k) if cut else pk_row[k] for k in keys)
+        append(ChangeEvent(table, op, pk, new, old, changed, journal_id, ts, cut))
     return events

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "DBNOTIFY_ONCE_ATTEMPTS": 5,
     "DBNOTIFY_ONCE_RETRY_DELAY": 1.0,
     "DBNOTIFY_ONCE_LEASE": 300.0,
+    "DBNOTIFY_FAST_MESSAGES": True,
 }
 
 
@@ -46,6 +47,7 @@ class Settings:
     once_attempts: int
     once_retry_delay: float
     once_lease: float
+    fast_messages: bool = True
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -99,4 +101,5 @@ class Settings:
             once_attempts=config["DBNOTIFY_ONCE_ATTEMPTS"],
             once_retry_delay=float(config["DBNOTIFY_ONCE_RETRY_DELAY"]),
             once_lease=float(config["DBNOTIFY_ONCE_LEASE"]),
+            fast_messages=bool(config["DBNOTIFY_FAST_MESSAGES"]),
         )

@@ -83,7 +83,7 @@ def coerce_operations(
     ops = {Operation.coerce(op) for op in operations}
     if not ops:
         raise ValueError("operations is empty: name at least one of insert, update, delete")
-    return tuple(op for op in ALL_OPERATIONS if op in ops)
+    return tuple(op for op in (*ALL_OPERATIONS, Operation.TRUNCATE) if op in ops)
 
 
 def _names(value: Iterable[str] | None, what: str) -> tuple[str, ...] | None:
@@ -176,5 +176,8 @@ class Subscription:
         for col, _ in items:
             if not isinstance(col, str):
                 raise TypeError(f"where keys are column names, not {col!r}")
+        ops = frozenset(coerce_operations(operations))
+        if items and Operation.TRUNCATE in ops:
+            raise ValueError("where= cannot apply to 'truncate': a TRUNCATE names no row")
         name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
-        return cls(func, frozenset(coerce_operations(operations)), items, once, name)
+        return cls(func, ops, items, once, name)

@@ -13,7 +13,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .events import ChangeEvent
-from .signals import notification_received, row_changed
+from .signals import notification_received, row_changed, table_truncated
 
 dbnotify_cli = AppGroup("dbnotify", help="Manage Flask-DBNotify triggers and listen to events.")
 
@@ -70,6 +70,8 @@ def status() -> None:
         click.echo("no watches")
     for label, value in result.health.items():
         click.echo(f"{label}: {value}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}")
     if any(value != "installed" for value in result.watches.values()):
         sys.exit(1)
 
@@ -84,6 +86,7 @@ def _event_json(event: ChangeEvent) -> dict[str, Any]:
         "changed": sorted(event.changed),
         "id": event.id,
         "timestamp": event.timestamp.isoformat() if event.timestamp else None,
+        "cut": event.cut,
     }
 
 
@@ -113,7 +116,11 @@ def listen(count: int | None) -> None:
         emit({"channel": sender, "payload": payload})
 
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with row_changed.connected_to(on_row), notification_received.connected_to(on_message):
+    with (
+        row_changed.connected_to(on_row),
+        table_truncated.connected_to(on_row),
+        notification_received.connected_to(on_message),
+    ):
         state.ext.start(app=state.app)
         click.echo("listening; press Ctrl+C to stop", err=True)
         try:

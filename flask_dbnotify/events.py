@@ -11,11 +11,13 @@ T = TypeVar("T")
 
 
 class Operation(enum.StrEnum):
-    """The kind of row change. Members compare equal to their SQL names."""
+    """The kind of change. Members compare equal to their SQL names."""
 
     INSERT = "INSERT"
     UPDATE = "UPDATE"
     DELETE = "DELETE"
+    #: The whole table was emptied (PostgreSQL); the event has no row.
+    TRUNCATE = "TRUNCATE"
 
     def __str__(self) -> str:
         return self.value
@@ -30,23 +32,29 @@ class Operation(enum.StrEnum):
                 return cls(value.upper())
             except ValueError:
                 pass
-        raise ValueError(f"unknown operation {value!r}: use 'insert', 'update' or 'delete'")
+        raise ValueError(
+            f"unknown operation {value!r}: use 'insert', 'update', 'delete' or 'truncate'"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ChangeEvent:
-    """One committed row change.
+    """One committed row change (or a TRUNCATE of a watched table).
 
     :param table: the watched table name, as given to ``watch()``.
     :param op: the operation.
-    :param pk: the primary key value; a tuple for composite keys.
-    :param new: the row after the change (``None`` for DELETE), column name to
-        JSON value, limited to the watch's ``columns`` (plus the primary key).
-    :param old: the row before the change (``None`` for INSERT).
+    :param pk: the primary key value; a tuple for composite keys. ``None``
+        for TRUNCATE.
+    :param new: the row after the change (``None`` for DELETE and
+        TRUNCATE), column name to JSON value, limited to the watch's
+        ``columns`` (plus the primary key).
+    :param old: the row before the change (``None`` for INSERT and TRUNCATE).
     :param changed: names of the columns whose value changed (UPDATE only;
-        empty for INSERT and DELETE).
+        empty for the other operations, and for a cut event).
     :param id: journal id when the event was journaled, else ``None``.
     :param timestamp: when the change happened, by the database clock.
+    :param cut: the row was too large to carry (see ``MAX_ROW_BYTES`` in
+        the docs): ``new`` and ``old`` hold only the primary key columns.
     """
 
     table: str
@@ -57,13 +65,13 @@ class ChangeEvent:
     changed: frozenset[str] = field(default_factory=frozenset)
     id: int | None = None
     timestamp: datetime | None = None
+    cut: bool = False
 
     @property
     def row(self) -> dict[str, Any]:
-        """``new``, or ``old`` for DELETE."""
+        """``new``, or ``old`` for DELETE; empty for TRUNCATE."""
         row = self.new if self.new is not None else self.old
-        assert row is not None
-        return row
+        return row if row is not None else {}
 
     def instance(self, model: type[T]) -> T:
         """Build a transient instance of the mapped class ``model`` from

@@ -149,7 +149,8 @@ class DBNotify:
             ``sqlalchemy.Table`` or a declarative model class. The name as
             given (or the table's ``fullname``) is the sender of row signals.
         :param operations: any of ``"insert"``, ``"update"``, ``"delete"``;
-            all three by default.
+            all three by default. A ``TRUNCATE`` of a watched table is
+            always delivered (:data:`~flask_dbnotify.table_truncated`).
         :param columns: the columns ``new`` and ``old`` carry (the primary
             key is always carried); every column by default.
         :param when_changed: UPDATEs are delivered only if one of these
@@ -339,7 +340,8 @@ class DBNotify:
 def _check_subscription(watch: Watch, sub: Subscription) -> None:
     if sub.once and not watch.durable:
         raise ValueError(f"once=True needs a durable watch: watch({watch.name!r}, durable=True)")
-    missing = sub.operations - set(watch.operations)
+    # Every watched table reports TRUNCATE.
+    missing = sub.operations - set(watch.operations) - {Operation.TRUNCATE}
     if missing:
         names = ", ".join(sorted(op.value.lower() for op in missing))
         raise ValueError(

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 
+from ._log import RateLimited
 from ._once import OnceRunner
-from .backends import Notification, Stream
+from .backends import Lost, Notification, Stream
 from .errors import ListenerError
 from .events import ChangeEvent, Operation
 from .signals import (
@@ -43,18 +44,21 @@ from .signals import (
     row_deleted,
     row_inserted,
     row_updated,
+    table_truncated,
 )
 
 if TYPE_CHECKING:
     from .extension import _State
 
 log = logging.getLogger(__name__)
+_limited = RateLimited(log)
 
 _OP_SIGNALS: dict[Operation, NamedSignal] = {
     Operation.INSERT: row_inserted,
     Operation.UPDATE: row_updated,
     Operation.DELETE: row_deleted,
 }
+_TRUNCATE = (table_truncated,)
 #: Housekeeping runs at most this often (and twice per retention period).
 _PRUNE_EVERY = 60.0
 #: With durable watches, an idle dispatcher checks the journal this often;
@@ -345,7 +349,7 @@ class Listener:
                 # Still overflowing: one report for the whole loss.
                 last[-1].kwargs["count"] += events
             elif events:
-                log.warning("dispatch queue full (%d messages): dropping events", capacity)
+                _limited.warning("dispatch queue full (%d messages): dropping events", capacity)
                 run.queue.append([_Signal(events_dropped, count=events)])
             else:
                 # Only durable notifications: replayed from the journal.
@@ -392,7 +396,9 @@ class Listener:
         return bool(watches) and all(w.durable for w in watches)
 
     def _durable_in_use(self) -> bool:
-        return any(w.durable for w in self._state.ext.watches.values())
+        return self._state.backend.replaying() or any(
+            w.durable for w in self._state.ext.watches.values()
+        )
 
     def _dispatch_loop(self, run: _Run) -> None:
         ready, queue = run.ready, run.queue
@@ -427,7 +433,6 @@ class Listener:
         subscriptions = self._state.ext.subscriptions
         backend = self._state.backend
         decode = backend.decode
-        backend.tracking = self._durable_in_use()
         with self._state.app.app_context():
             for n, raw in enumerate(batch):
                 if run.stop.is_set():
@@ -473,10 +478,20 @@ class Listener:
             self._deliver(items, subscriptions)
 
     def _deliver(self, items: list[Any], subscriptions: dict[str, Any]) -> None:
+        watches = self._state.ext.watches
         for item in items:
             if isinstance(item, ChangeEvent):
                 table = item.table
-                for signal in (_OP_SIGNALS[item.op], row_changed):
+                if item.id is None and table in watches and watches[table].durable:
+                    # A durable watch's triggers only ever send journal ids:
+                    # anyone who can connect may send the rest.
+                    _limited.warning(
+                        "ignored a notification for durable watch %r without a journal id", table
+                    )
+                    continue
+                op = item.op
+                signals = _TRUNCATE if op is Operation.TRUNCATE else (_OP_SIGNALS[op], row_changed)
+                for signal in signals:
                     if signal.receivers:
                         for receiver in signal.receivers_for(table):
                             self._call(receiver, item, table, event=item)
@@ -487,9 +502,16 @@ class Listener:
                         elif item.id is not None:
                             self._once.offer(sub, item)
             elif isinstance(item, Notification):
+                if item.id is None and not self._state.settings.fast_messages:
+                    _limited.warning("ignored a message on %r that was not journaled", item.channel)
+                    continue
                 if notification_received.receivers:
                     for receiver in notification_received.receivers_for(item.channel):
                         self._call(receiver, item.payload, item.channel, payload=item.payload)
+            elif isinstance(item, Lost):
+                self._dropped += item.count
+                self._send_lifecycle(_Signal(events_dropped, count=item.count))
+                continue
             self._dispatched += 1
 
     def redeliver(self, event: ChangeEvent, receiver: str | None) -> None:

@@ -28,6 +28,12 @@ row_changed = _signals.signal("dbnotify.row-changed")
 """Sent for every row change, after the operation's own signal.
 Sender: watched table name. Kwargs: ``event``."""
 
+table_truncated = _signals.signal("dbnotify.table-truncated")
+"""A watched table (or one of its partitions) was truncated (PostgreSQL).
+Sender: watched table name. Kwargs: ``event``, whose ``op`` is
+``Operation.TRUNCATE`` and ``pk``, ``new`` and ``old`` are ``None``. Not
+sent to ``row_changed``: no row is named."""
+
 notification_received = _signals.signal("dbnotify.notification-received")
 """An application message sent by :meth:`~flask_dbnotify.DBNotify.notify`.
 Sender: the channel name. Kwargs: ``payload`` (the decoded JSON value)."""
@@ -43,7 +49,8 @@ listener_disconnected = _signals.signal("dbnotify.listener-disconnected")
 events_dropped = _signals.signal("dbnotify.events-dropped")
 """Events were dropped because receivers fell more than
 ``DBNOTIFY_QUEUE_SIZE`` notifications behind (PostgreSQL only: SQLite stops
-reading instead, losing nothing). Sender: the app. Kwargs: ``count``, the
+reading instead, losing nothing), or because a long notification sent in
+pieces could not be put together. Sender: the app. Kwargs: ``count``, the
 number of events lost. Sent in order, between the events before and after
 the loss."""
 

@@ -310,9 +310,9 @@ def test_every_kind_of_target_and_its_sender(make_app: MakeApp, sql: SQL, pg_url
         ]
 
 
-@pytest.mark.parametrize("operations", ["upsert", ["insert", "truncate"], []])
+@pytest.mark.parametrize("operations", ["upsert", ["insert", "merge"], []])
 def test_bad_operations_raise(make_app: MakeApp, operations: Any) -> None:
-    """Operations other than insert/update/delete (or none) raise ValueError."""
+    """Operations other than insert/update/delete/truncate (or none) raise ValueError."""
     app, ext = make_app()
     with pytest.raises(ValueError):
         ext.watch("orders", operations)

@@ -56,7 +56,7 @@ def test_install_is_idempotent(make_app: MakeApp, sql: SQL, events: Recorder) ->
     first = triggers(sql)
     ext.install_triggers(app)
     assert triggers(sql) == first
-    assert len(first) == 3
+    assert len(first) == 4  # insert, update, delete, and truncate
     assert ext.status(app).watches == {"orders": "installed"}
     ext.start(app)
     sql("INSERT INTO orders VALUES (1, 'a', 1)")
@@ -176,7 +176,7 @@ def test_status_follows_the_watch_definition(make_app: MakeApp, sql: SQL, events
     new.install_triggers(new_app)
     assert new.status(new_app).watches == {"orders": "installed"}
     assert ext.status(app).watches == {"orders": "outdated"}
-    assert len(triggers(sql)) == 3
+    assert len(triggers(sql)) == 4
     new.start(new_app)
     sql("INSERT INTO orders VALUES (1, 'a', 1)")
     (event,) = events.wait_for(1)
@@ -214,19 +214,19 @@ def test_status_lists_orphaned_objects(make_app: MakeApp, sql: SQL) -> None:
     old.watch("b")
     old.install_triggers(old_app)
     b_triggers = [name for name, table in triggers(sql) if table == "b"]
-    assert len(b_triggers) == 3
+    assert len(b_triggers) == 4
 
     app, ext = make_app()
     ext.watch("a")
     status = ext.status(app)
     assert status.watches == {"a": "installed"}
-    assert len(status.orphaned) == 3
+    assert len(status.orphaned) == 4
     for name in b_triggers:
         assert any(name in line for line in status.orphaned), status.orphaned
 
     sql("DROP TABLE b")  # its triggers go, their functions stay
     status = ext.status(app)
-    assert len(status.orphaned) == 3
+    assert len(status.orphaned) == 4
     for name in b_triggers:
         assert any(name in line and "function" in line for line in status.orphaned)
     ext.install_triggers(app)
@@ -251,7 +251,7 @@ def test_uninstall_stops_delivery(make_app: MakeApp, sql: SQL, events: Recorder)
 
 def test_uninstall_everything_removes_every_object(make_app: MakeApp, sql: SQL) -> None:
     """uninstall_triggers(everything=True) removes every dbnotify_* object,
-    including triggers no watch covers and the payload table."""
+    including triggers no watch covers and the journal."""
     sql("CREATE TABLE a (id int PRIMARY KEY)")
     sql("CREATE TABLE b (id int PRIMARY KEY)")
     old_app, old = make_app()
@@ -259,8 +259,8 @@ def test_uninstall_everything_removes_every_object(make_app: MakeApp, sql: SQL) 
     old.watch("b")
     old.install_triggers(old_app)
     installed = our_objects(sql)
-    assert "relation dbnotify_payload" in installed
-    assert len([o for o in installed if o.startswith("trigger")]) == 6
+    assert "relation dbnotify_journal" in installed
+    assert len([o for o in installed if o.startswith("trigger")]) == 8
 
     app, ext = make_app()
     ext.watch("a")
@@ -287,7 +287,7 @@ def test_object_names_are_prefixed_short_and_distinct(
     ext.watch(long_b)
     ext.install_triggers(app)
     names = [name for name, _ in triggers(sql)]
-    assert len(set(names)) == 6
+    assert len(set(names)) == 8
     for name in names:
         assert name.startswith("dbnotify_")
         assert len(name.encode()) <= 63
@@ -304,7 +304,7 @@ def test_object_names_are_prefixed_short_and_distinct(
     other.watch(long_b)
     other.install_triggers(other_app)
     renamed = {name for name, table in triggers(sql) if table == long_a}
-    assert len(renamed) == 3
+    assert len(renamed) == 4
     assert renamed.isdisjoint(names)
     assert {name for name, table in triggers(sql) if table == long_b} <= set(names)
 
@@ -398,13 +398,13 @@ def test_cli_install_status_uninstall(make_app: MakeApp, sql: SQL) -> None:
 
     result = runner.invoke(args=["dbnotify", "install-triggers"])
     assert result.exit_code == 0, result.output
-    assert len(triggers(sql)) == 6
+    assert len(triggers(sql)) == 8
     assert cli_status(app) == (0, {"orders": "installed", "customers": "installed"})
 
     result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--sql"])
     assert result.exit_code == 0, result.output
     assert "DROP TRIGGER" in result.output
-    assert len(triggers(sql)) == 6
+    assert len(triggers(sql)) == 8
 
     result = runner.invoke(args=["dbnotify", "uninstall-triggers"])
     assert result.exit_code == 0, result.output
@@ -432,8 +432,8 @@ def test_cli_status_shows_errors_and_orphans(make_app: MakeApp, sql: SQL) -> Non
     assert code == 0
     assert states.pop("orders") == "installed"
     customers = [name for name, table in triggers(sql) if table == "customers"]
-    assert len(customers) == 3
-    assert list(states.values()) == ["orphaned"] * 3
+    assert len(customers) == 4
+    assert list(states.values()) == ["orphaned"] * 4
     assert all(any(name in line for line in states) for name in customers), states
     ext.watch("ghost_table")
     code, states = cli_status(app)

@@ -25,9 +25,20 @@ class Notification:
 
     channel: str
     payload: Any
+    #: Journal id when the message was journaled (``notify(durable=True)``,
+    #: and every message on SQLite), else ``None``.
+    id: int | None = None
 
 
-Item = ChangeEvent | Notification
+@dataclass(frozen=True)
+class Lost:
+    """Events that were read but cannot be delivered (a long message with
+    a piece missing): reported with ``events_dropped``."""
+
+    count: int
+
+
+Item = ChangeEvent | Notification | Lost
 
 
 @dataclass
@@ -40,9 +51,13 @@ class Status:
     #: Health of the database side: queue usage, listener sessions, journal
     #: size; label to value, for people to read.
     health: dict[str, str] = field(default_factory=dict)
+    #: What an operator should fix (a function others may run, objects of
+    #: an earlier version), each with what to do.
+    warnings: list[str] = field(default_factory=list)
 
-    def compare(self, name: str, present: set[str], wanted: set[str]) -> None:
-        """Record a watch's state from the trigger names it has and needs."""
+    def compare(self, name: str, present: set[Any], wanted: set[Any]) -> None:
+        """Record a watch's state from the triggers it has and needs (as
+        names, or (table, name) pairs)."""
         if present == wanted:
             self.watches[name] = "installed"
         elif present:
@@ -115,9 +130,6 @@ class Backend(abc.ABC):
 
     #: Every change is journaled, so nothing is lost across reconnects.
     durable_by_nature = False
-    #: Set by the listener when a watch is durable: remember delivered
-    #: journal rows so :meth:`catch_up` can tell what it missed.
-    tracking = False
 
     def __init__(self, uri: str, listen_uri: str, schema: str, engine: sa.Engine) -> None:
         self.uri = uri
@@ -231,6 +243,11 @@ class Backend(abc.ABC):
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""
         return 1
+
+    def replaying(self) -> bool:
+        """Whether :meth:`catch_up` has work even without durable watches
+        (journaled messages were delivered live)."""
+        return False
 
     def rewind(self, raw: list[Any]) -> None:  # noqa: B027 - optional hook
         """Make these undelivered raw messages be read again after a restart

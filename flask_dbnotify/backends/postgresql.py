@@ -1,10 +1,23 @@
 """PostgreSQL: statement-level triggers that NOTIFY, and a LISTENing socket.
 
-Each watched operation gets one ``AFTER ... FOR EACH STATEMENT`` trigger with
-a transition table. Its function turns the statement's rows into JSON, packs
-them into notifications under PostgreSQL's 8000-byte payload limit, and
-stores any row too large to fit in ``dbnotify_payload`` (the notification
-then carries its id), so a write never fails because of its size.
+Each watched operation gets ``AFTER ... FOR EACH STATEMENT`` triggers with a
+transition table, on the watched table and on each of its partitions and
+inheritance children (a statement on a child fires only the child's
+statement triggers). What runs in a writer's transaction is split by the
+rights it needs (see docs/security.rst):
+
+- A *fast* watch has one trigger function per operation, ``SECURITY
+  INVOKER``: it turns the rows into JSON with the writer's own rights and
+  sends them with ``pg_notify``; a message longer than a notification is
+  sent in pieces.
+- A *durable* watch has two per operation, fired one after the other. The
+  first (invoker) turns the rows into JSON and leaves them in
+  transaction-local settings; the second (``SECURITY DEFINER``, no user
+  value ever passes through a function of the user's in it) moves them into
+  the journal, which only it and the app's role may write.
+
+Every function is executable by its owner only, and is marked with a
+comment so that we drop only what we created.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import os
 import re
 import select
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,28 +39,71 @@ import sqlalchemy as sa
 from psycopg2 import sql
 
 from .. import _payload
+from .._log import RateLimited
 from .._watch import Watch
 from ..errors import DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Status, Stream, execute_on
+from . import Backend, Item, Lost, Status, Stream, execute_on
 
 log = logging.getLogger(__name__)
+_skipped = RateLimited(log)
 
 CHANNEL = "dbnotify"
 #: application_name of listener sessions, as pg_stat_activity shows them.
 LISTENER_NAME = "flask-dbnotify listener"
 #: Bumped whenever the generated SQL changes shape; part of every hash.
-DDL_VERSION = 5
+DDL_VERSION = 6
 #: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
 NOTIFY_LIMIT = 8000
-_OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
+#: A row whose JSON (for an UPDATE, new and old together) is longer than
+#: this is delivered cut: its primary key only, with ``event.cut`` set.
+MAX_ROW_BYTES = 16 * 1024 * 1024
+#: Bytes of a long message per notification, when it is sent in pieces.
+PIECE_BYTES = 7900
+#: The longest message a listener puts together from pieces.
+MAX_MESSAGE_BYTES = MAX_ROW_BYTES + 64 * 1024
+#: Comments on our functions and tables start with this.
+MARKER = "flask-dbnotify"
+#: Durable triggers hand rows over in settings of at most this many bytes.
+_SLOT_BYTES = 64 * 1024 * 1024
+_OP_CODE = {
+    Operation.INSERT: "i",
+    Operation.UPDATE: "u",
+    Operation.DELETE: "d",
+    Operation.TRUNCATE: "t",
+}
 _TRANSITIONS = {
     Operation.INSERT: "REFERENCING NEW TABLE AS dbnotify_new",
     Operation.UPDATE: "REFERENCING OLD TABLE AS dbnotify_old NEW TABLE AS dbnotify_new",
     Operation.DELETE: "REFERENCING OLD TABLE AS dbnotify_old",
+    Operation.TRUNCATE: "",
 }
 _CATCH_UP_BATCH = 5000
 _LOCK_KEY = 0x64626E74  # "dbnt": serialises concurrent installs
+_PINNED = "SET search_path = pg_catalog, pg_temp"
+#: Errors that mean "this row is too large to turn into JSON".
+_TOO_LARGE = "program_limit_exceeded OR out_of_memory"
+_KINDS = {
+    "r": "a table",
+    "p": "a table",
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+    "S": "a sequence",
+    "c": "a composite type",
+    "i": "an index",
+    "I": "an index",
+    "t": "a TOAST table",
+}
+#: Our tables, and the columns by which an unmarked one made by an earlier
+#: version is recognised.
+_TABLES = {
+    "dbnotify_journal": {"id", "xid", "created_at", "body"},
+    "dbnotify_receivers": {"receiver", "xid", "id"},
+    "dbnotify_claims": {"receiver", "event_id", "state", "attempts"},
+}
+#: Tables of earlier versions that are no longer used.
+_LEGACY_TABLES = {"dbnotify_payload": {"id", "created_at", "body"}}
 
 
 @dataclass(frozen=True)
@@ -60,26 +116,79 @@ class Resolved:
     table: str
     columns: tuple[str, ...]
     pk: tuple[str, ...]
+    #: (oid, schema, name) of the table and of every partition and
+    #: inheritance child below it, the table first.
+    tree: tuple[tuple[int, str, str], ...] = ()
+    #: Children that cannot carry triggers (foreign tables), as "schema.name".
+    uncovered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Installed:
+    """One of our triggers, as the catalog has it."""
+
     trigger: str
     table_oid: int
     schema: str
     table: str
-    function_schema: str
     function: str
+
+
+@dataclass(frozen=True)
+class Function:
+    """A function of ours in the schema (marked, or made by an earlier version)."""
+
+    name: str
+    args: str
+    marked: bool
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What of ours the database holds, read once per install, uninstall or status."""
+
+    schema_exists: bool
+    functions: dict[str, Function]
+    triggers: list[Installed]
+    #: Our tables present: name -> marked.
+    tables: dict[str, bool]
+    #: Our functions that a role other than their owner may execute.
+    exposed: list[str]
+
+
+@dataclass(frozen=True)
+class TriggerFunction:
+    """One trigger function a watch needs, and its trigger."""
+
+    op: Operation
+    body: str
+    #: The function runs with its owner's rights (only ever on values that
+    #: no function of a user touches).
+    definer: bool
+    #: The search_path is pinned; an invoker function whose output another
+    #: function trusts must not depend on the writer's search_path.
+    pinned: bool
+    #: With the transition tables.
+    transitions: bool
 
 
 # -- catalog ----------------------------------------------------------------
 
-_FIND_TABLE = """
-SELECT c.oid, n.nspname, c.relname
+_FIND_RELATION = """
+SELECT c.oid, n.nspname, c.relname, c.relkind
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname = %(table)s AND c.relkind IN ('r', 'p')
+WHERE c.relname = %(table)s
   AND CASE WHEN %(schema)s::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
            ELSE n.nspname = %(schema)s END
+"""
+_TREE = """
+WITH RECURSIVE tree(oid) AS (
+  SELECT %(oid)s::oid
+  UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+SELECT c.oid, n.nspname, c.relname, c.relkind
+FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ORDER BY c.oid <> %(oid)s::oid, n.nspname, c.relname
 """
 _COLUMNS = """
 SELECT a.attname
@@ -95,37 +204,94 @@ JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnu
 WHERE i.indrelid = %s AND i.indisprimary
 ORDER BY k.ord
 """
+# Ours: in our schema, named dbnotify_*, and either marked by our comment
+# (only a function's owner can comment on it) or, for installs made before
+# the marks, a trigger function of exactly the shape those versions made.
+_OUR_FUNCTIONS = """
+SELECT p.oid, p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid),
+       d.description IS NOT NULL,
+       p.proacl IS NULL  -- the default: PUBLIC may execute
+       OR EXISTS (SELECT FROM pg_catalog.aclexplode(p.proacl) AS a WHERE a.grantee <> p.proowner)
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+LEFT JOIN pg_catalog.pg_description d ON d.objoid = p.oid AND d.objsubid = 0
+  AND d.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+  AND left(d.description, 15) = 'flask-dbnotify '
+WHERE n.nspname = %(schema)s AND left(p.proname, 9) = 'dbnotify_'
+  AND (d.description IS NOT NULL
+       OR (p.prosecdef AND p.proconfig = ARRAY['search_path=pg_catalog, pg_temp']
+           AND ((p.prorettype = 'pg_catalog.trigger'::pg_catalog.regtype AND p.pronargs = 0
+                 AND p.proname ~ '^dbnotify_[a-z0-9_]+_[iud]_[0-9a-f]{10}$'
+                 AND p.prosrc LIKE '%%pg_notify(''dbnotify''%%')
+                OR (p.proname = 'dbnotify_spill' AND p.pronargs = 1
+                    AND p.prosrc LIKE 'INSERT INTO %%dbnotify_payload%%'))))
+"""
 _OUR_TRIGGERS = """
-SELECT t.tgname, c.oid, n.nspname, c.relname, pn.nspname, p.proname
+SELECT t.tgname, c.oid, n.nspname, c.relname, p.proname
 FROM pg_catalog.pg_trigger t
 JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace
-WHERE NOT t.tgisinternal AND left(t.tgname, 9) = 'dbnotify_'
+WHERE NOT t.tgisinternal AND t.tgname = p.proname AND p.oid = ANY(%(functions)s)
 ORDER BY n.nspname, c.relname, t.tgname
 """
-_OUR_FUNCTIONS = """
-SELECT p.proname FROM pg_catalog.pg_proc p
-JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname = %s AND left(p.proname, 9) = 'dbnotify_'
+_OUR_TABLES = """
+SELECT c.relname, d.description IS NOT NULL,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_catalog.pg_description d ON d.objoid = c.oid AND d.objsubid = 0
+  AND d.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+  AND left(d.description, 15) = 'flask-dbnotify '
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(names)s) AND c.relkind = 'r'
 """
-_SHARED_FUNCTIONS = ("dbnotify_spill",)
 
 
 def _describe(watch: Watch) -> str:
     return f"{watch.schema}.{watch.table}" if watch.schema else watch.table
 
 
+def read_catalog(cur: Any, schema: str) -> Catalog:
+    """Read what of ours the database holds. Raises :class:`DBNotifyError`
+    if a table has one of our names but is not ours."""
+    cur.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,))
+    schema_exists = cur.fetchone() is not None
+    cur.execute(_OUR_FUNCTIONS, {"schema": schema})
+    rows = cur.fetchall()
+    functions = {name: Function(name, args, marked) for _, name, args, marked, _ in rows}
+    exposed = [name for _, name, _, _, shared in rows if shared]
+    cur.execute(_OUR_TRIGGERS, {"functions": [row[0] for row in rows]})
+    triggers = [Installed(*row) for row in cur.fetchall()]
+    known = {**_TABLES, **_LEGACY_TABLES}
+    cur.execute(_OUR_TABLES, {"schema": schema, "names": list(known)})
+    tables: dict[str, bool] = {}
+    for name, marked, columns in cur.fetchall():
+        if not marked and not known[name] <= set(columns):
+            raise DBNotifyError(
+                f"table {schema}.{name} exists but was not made by Flask-DBNotify: "
+                "rename it, or set DBNOTIFY_SCHEMA to another schema"
+            )
+        tables[name] = marked
+    return Catalog(schema_exists, functions, triggers, tables, exposed)
+
+
 def resolve(cur: Any, watch: Watch) -> Resolved:
     """Match ``watch`` against the catalog; raise :class:`WatchError` if the
     table, a column or the primary key is missing."""
-    cur.execute(_FIND_TABLE, {"table": watch.table, "schema": watch.schema})
+    cur.execute(_FIND_RELATION, {"table": watch.table, "schema": watch.schema})
     row = cur.fetchone()
     if row is None:
         where = f"schema {watch.schema!r}" if watch.schema else "the search_path"
         raise WatchError(f"table {_describe(watch)!r} does not exist (looked in {where})")
-    oid, schema, table = row
+    oid, schema, table, kind = row
+    if kind not in ("r", "p"):
+        what = _KINDS.get(kind, f"a relation of kind {kind!r}")
+        raise WatchError(
+            f"{_describe(watch)!r} is {what}, not a table: watch the tables it reads"
+            if kind in ("v", "m")
+            else f"{_describe(watch)!r} is {what}, not a table"
+        )
     cur.execute(_COLUMNS, (oid,))
     columns = tuple(name for (name,) in cur.fetchall())
     for col in (watch.columns or ()) + (watch.when_changed or ()):
@@ -140,10 +306,55 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
             f"table {_describe(watch)!r} has no primary key: events are identified "
             "by it, so add one"
         )
-    return Resolved(watch, oid, schema, table, columns, pk)
+    cur.execute(_TREE, {"oid": oid})
+    tree, uncovered = [], []
+    for child_oid, child_schema, child_name, child_kind in cur.fetchall():
+        if child_kind in ("r", "p"):
+            tree.append((child_oid, child_schema, child_name))
+        else:
+            uncovered.append(f"{child_schema}.{child_name}")
+    return Resolved(watch, oid, schema, table, columns, pk, tuple(tree), tuple(uncovered))
 
 
-# -- DDL --------------------------------------------------------------------
+# -- quoting ----------------------------------------------------------------
+#
+# The DDL is rendered without a connection. A name or value holding what
+# SQLAlchemy's text() (which Alembic's op.execute() uses) would take for a
+# bind parameter, ':name', is written in Unicode-escape form (``U&"..."``,
+# ``U&'...'``, with ':' as \003A).
+
+_BIND = re.compile(r"(?<![:\w\\]):\w")
+
+
+def ident(*parts: str) -> str:
+    """A quoted (possibly qualified) identifier."""
+    out = []
+    for part in parts:
+        if _BIND.search(part):
+            escaped = part.replace("\\", "\\\\").replace('"', '""').replace(":", "\\003A")
+            out.append(f'U&"{escaped}"')
+        else:
+            out.append('"' + part.replace('"', '""') + '"')
+    return ".".join(out)
+
+
+def literal(value: str) -> str:
+    """A string literal, right whatever standard_conforming_strings is."""
+    if _BIND.search(value):
+        escaped = value.replace("\\", "\\\\").replace("'", "''").replace(":", "\\003A")
+        return f"U&'{escaped}'"
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _body(text: str) -> str:
+    """A function body, dollar-quoted (readable in ``--sql`` output)."""
+    return f"$dbnotify${text}$dbnotify$" if "$dbnotify$" not in text else literal(text)
+
+
+def text_array(values: Sequence[str]) -> str:
+    return "ARRAY[" + ", ".join(literal(v) for v in values) + "]::text[]"
 
 
 def _slug(name: str) -> str:
@@ -151,326 +362,506 @@ def _slug(name: str) -> str:
     return slug[:36] or "t"
 
 
-class _Builder:
-    """Renders DDL for one schema of ours, with a cursor to quote against."""
+# -- the SQL a trigger runs ------------------------------------------------
 
-    def __init__(self, cur: Any, schema: str) -> None:
-        self.cur = cur
-        self.schema = schema
 
-    def render(self, composed: sql.Composable) -> str:
-        return composed.as_string(self.cur)
+def _row_json(r: Resolved, ref: str) -> str:
+    """JSON text of the row ``ref`` (a composite value), limited to the
+    carried columns. Columns are picked by name at run time, so dropping or
+    renaming one never makes a write fail."""
+    if r.watch.columns is None:
+        return f"row_to_json({ref})::text"
+    carried = [c for c in r.columns if c in r.watch.columns or c in r.pk]
+    return (
+        f"(SELECT json_object_agg(e.key, e.value) FROM json_each(row_to_json({ref})) AS e "
+        f"WHERE e.key = ANY({text_array(carried)}))::text"
+    )
 
-    def ours(self, name: str) -> sql.Identifier:
-        return sql.Identifier(self.schema, name)
 
-    def shared(self) -> list[str]:
-        statements = []
-        self.cur.execute("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (self.schema,))
-        if self.cur.fetchone() is None:
-            # Only when missing: CREATE SCHEMA IF NOT EXISTS still demands
-            # the CREATE right on the database.
-            statements.append(
-                self.render(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
-            )
-        # SECURITY DEFINER: any role that writes a watched table may need to
-        # store a large row, without being granted rights on our table.
-        spill = sql.SQL(
-            "CREATE OR REPLACE FUNCTION {spill}(body text) RETURNS text "
-            "LANGUAGE sql VOLATILE SECURITY DEFINER "
-            "SET search_path = pg_catalog, pg_temp AS {body}"
-        ).format(
-            spill=self.ours("dbnotify_spill"),
-            body=sql.Literal(
-                self.render(
-                    sql.SQL("INSERT INTO {t} (body) VALUES ($1) RETURNING id::text").format(
-                        t=self.ours("dbnotify_payload")
-                    )
-                )
-            ),
-        )
-        journal = [
-            self.render(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    "id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, "
-                    "xid xid8 NOT NULL DEFAULT pg_current_xact_id(), "
-                    "created_at timestamptz NOT NULL DEFAULT clock_timestamp(), "
-                    "watch text, body text NOT NULL)"
-                ).format(self.ours("dbnotify_journal"))
-            ),
-            # Exactly-once receivers: how far each has claimed, and claims.
-            self.render(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (receiver text PRIMARY KEY, "
-                    "xid xid8 NOT NULL, id bigint NOT NULL)"
-                ).format(self.ours("dbnotify_receivers"))
-            ),
-            self.render(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    "receiver text NOT NULL, event_id bigint NOT NULL, "
-                    "state text NOT NULL DEFAULT 'running', attempts int NOT NULL DEFAULT 1, "
-                    "claimed_by text, claimed_at timestamptz NOT NULL DEFAULT now(), "
-                    "next_attempt_at timestamptz, last_error text, "
-                    "PRIMARY KEY (receiver, event_id))"
-                ).format(self.ours("dbnotify_claims"))
-            ),
-            # Added before the first release; keeps earlier installs working.
-            self.render(
-                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS watch text").format(
-                    self.ours("dbnotify_journal")
-                )
-            ),
-            # Replay reads in transaction-id order past a cursor.
-            self.render(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (xid, id)").format(
-                    sql.Identifier("dbnotify_journal_xid"), self.ours("dbnotify_journal")
-                )
-            ),
-            self.render(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
-                    sql.Identifier("dbnotify_journal_created_at"), self.ours("dbnotify_journal")
-                )
-            ),
-        ]
-        return (
-            statements
-            + journal
-            + [
-                self.render(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} ("
-                        "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-                        "created_at timestamptz NOT NULL DEFAULT now(), "
-                        "body text NOT NULL)"
-                    ).format(self.ours("dbnotify_payload"))
-                ),
-                self.render(
-                    sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (created_at)").format(
-                        sql.Identifier("dbnotify_payload_created_at"),
-                        self.ours("dbnotify_payload"),
-                    )
-                ),
-                self.render(spill),
-            ]
-        )
+def _changed_json(new: str, old: str) -> str:
+    """``|| ',' || [names of the columns whose JSON differs]``."""
+    return (
+        "|| ',' || (SELECT coalesce(json_agg(a.key), '[]') "
+        f"FROM json_each(row_to_json({new})) AS a JOIN json_each(row_to_json({old})) AS b "
+        "USING (key) WHERE a.value::text IS DISTINCT FROM b.value::text)::text "
+    )
 
-    def row_json(self, r: Resolved, ref: sql.Composable) -> sql.Composable:
-        """JSON text of the row ``ref`` (a composite value), limited to the
-        carried columns. Columns are picked by name at run time, so dropping
-        or renaming one never makes a write fail."""
-        if r.watch.columns is None:
-            return sql.SQL("row_to_json({})::text").format(ref)
-        carried = [c for c in r.columns if c in r.watch.columns or c in r.pk]
-        return sql.SQL(
-            "(SELECT json_object_agg(e.key, e.value) FROM json_each(row_to_json({ref})) AS e "
-            "WHERE e.key = ANY({carried}::text[]))::text"
-        ).format(ref=ref, carried=sql.Literal(carried))
 
-    def rows_query(self, r: Resolved, op: Operation) -> sql.Composable:
-        """A query yielding ``(i, j)``: row order and the row's JSON."""
-        # The whole-row alias must not be the name of one of the columns.
-        alias = "dbnotify_row"
-        while alias in r.columns:
-            alias += "_"
-        row = sql.Identifier(alias)
-        if op is not Operation.UPDATE:
-            table = "dbnotify_new" if op is Operation.INSERT else "dbnotify_old"
-            return sql.SQL("SELECT row_number() OVER () AS i, {j} AS j FROM {t} AS {row}").format(
-                j=self.row_json(r, row), t=sql.Identifier(table), row=row
-            )
-        # Transition tables hold old and new rows in the same order, so pair
-        # them by position; joining on the key would lose rows whose key
-        # changed. `*<>` compares binary images: it needs no `=` operator
-        # for any column type, and filters UPDATEs that change nothing.
-        new, old = sql.SQL("nn.r"), sql.SQL("oo.r")
-        condition: sql.Composable = sql.SQL("nn.r *<> oo.r")
-        if r.watch.when_changed:
-            condition = sql.SQL(
-                "{c} AND EXISTS (SELECT FROM unnest({cols}::text[]) AS w(k) "
-                "WHERE to_jsonb(nn.r) -> w.k IS DISTINCT FROM to_jsonb(oo.r) -> w.k)"
-            ).format(c=condition, cols=sql.Literal(list(r.watch.when_changed)))
-        # With every column carried, the listener works out `changed` from
-        # new and old; otherwise the trigger must.
-        changed: sql.Composable = sql.SQL("")
-        if r.watch.columns is not None:
-            changed = sql.SQL(
-                "|| ',' || (SELECT coalesce(json_agg(a.key), '[]') "
-                "FROM json_each(row_to_json(nn.r)) AS a JOIN json_each(row_to_json(oo.r)) AS b "
-                "USING (key) WHERE a.value::text IS DISTINCT FROM b.value::text)::text "
-            )
-        return sql.SQL(
-            "SELECT nn.i, '[' || {jn} || ',' || {jo} {changed}|| ']' AS j "
-            "FROM (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_new AS {row}) AS nn "
-            "JOIN (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_old AS {row}) AS oo "
-            "USING (i) WHERE {condition}"
-        ).format(
-            jn=self.row_json(r, new),
-            jo=self.row_json(r, old),
-            changed=changed,
-            row=row,
-            condition=condition,
+def _when_changed(r: Resolved, new: str, old: str) -> str:
+    cols = text_array(list(r.watch.when_changed or ()))
+    return (
+        f"EXISTS (SELECT FROM unnest({cols}) AS w(k) "
+        f"WHERE to_jsonb({new}) -> w.k IS DISTINCT FROM to_jsonb({old}) -> w.k)"
+    )
+
+
+def _rows(r: Resolved, op: Operation) -> str:
+    """A query yielding ``(i, j)``: row order and the row's JSON."""
+    # The whole-row alias must not be the name of one of the columns.
+    alias = "dbnotify_row"
+    while alias in r.columns:
+        alias += "_"
+    row = ident(alias)
+    if op is not Operation.UPDATE:
+        table = "dbnotify_new" if op is Operation.INSERT else "dbnotify_old"
+        return f"SELECT row_number() OVER () AS i, {_row_json(r, row)} AS j FROM {table} AS {row}"
+    # Transition tables hold old and new rows in the same order, so pair
+    # them by position; joining on the key would lose rows whose key
+    # changed. `*<>` compares binary images: it needs no `=` operator for
+    # any column type, and filters UPDATEs that change nothing.
+    condition = "nn.r *<> oo.r"
+    if r.watch.when_changed:
+        condition += " AND " + _when_changed(r, "nn.r", "oo.r")
+    # With every column carried, the listener works out `changed` from new
+    # and old; otherwise the trigger must.
+    changed = _changed_json("nn.r", "oo.r") if r.watch.columns is not None else ""
+    return (
+        f"SELECT nn.i, '[' || {_row_json(r, 'nn.r')} || ',' || {_row_json(r, 'oo.r')} "
+        f"{changed}|| ']' AS j "
+        f"FROM (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_new AS {row}) AS nn "
+        f"JOIN (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_old AS {row}) AS oo "
+        f"USING (i) WHERE {condition}"
+    )
+
+
+def _key_of(r: Resolved, json_expr: str) -> str:
+    """The primary key columns of a row's JSON, as a JSON object."""
+    return (
+        "coalesce((SELECT json_object_agg(e.key, e.value) "
+        f"FROM json_each({json_expr}) AS e WHERE e.key = ANY({text_array(r.pk)}))::text, '{{}}')"
+    )
+
+
+def _cut(r: Resolved, op: Operation, j: str) -> str:
+    """The cut form of the row JSON ``j``: ``["cut", key]`` (UPDATE:
+    ``["cut", new key, old key]``)."""
+    if op is Operation.UPDATE:
+        keys = f"{_key_of(r, f'({j})::json -> 0')} || ',' || {_key_of(r, f'({j})::json -> 1')}"
+    else:
+        keys = _key_of(r, f"({j})::json")
+    return f"""'["cut",' || {keys} || ']'"""
+
+
+def _cut_rows(r: Resolved, op: Operation) -> str:
+    """``(i, j)`` with rows over MAX_ROW_BYTES in their cut form. OFFSET 0
+    keeps the planner from inlining the JSON, which would build it twice."""
+    return (
+        f"SELECT i, CASE WHEN octet_length(j) > {MAX_ROW_BYTES} THEN {_cut(r, op, 'j')} "
+        f"ELSE j END AS j FROM ({_rows(r, op)} OFFSET 0) AS r"
+    )
+
+
+def _groups(r: Resolved, op: Operation, size: int, separator: str) -> str:
+    """The rows' JSON joined by ``separator`` into groups of about ``size`` bytes."""
+    return (
+        f"SELECT string_agg(j, {separator} ORDER BY i) FROM ("
+        f"SELECT i, j, sum(octet_length(j) + 1) OVER (ORDER BY i ROWS UNBOUNDED PRECEDING) "
+        f"/ {size} AS b FROM ({_cut_rows(r, op)}) AS r) AS r GROUP BY b ORDER BY b"
+    )
+
+
+def _each_row(r: Resolved, op: Operation, target: str, emit: str) -> str:
+    """The slow path, after a statement's rows could not all be turned into
+    JSON: one row at a time, a row that still fails delivered cut. Runs
+    ``emit`` with the row's JSON in ``target``."""
+    new, old = "pair.n", "pair.o"
+    if op is Operation.INSERT:
+        query = "SELECT r AS n FROM dbnotify_new AS r"
+    elif op is Operation.DELETE:
+        query = "SELECT r AS o FROM dbnotify_old AS r"
+    else:
+        query = (
+            "SELECT nn.r AS n, oo.r AS o "
+            "FROM (SELECT row_number() OVER () AS i, r FROM dbnotify_new AS r) AS nn "
+            "JOIN (SELECT row_number() OVER () AS i, r FROM dbnotify_old AS r) AS oo "
+            "USING (i) WHERE nn.r *<> oo.r"
         )
 
-    def durable_body(self, r: Resolved, op: Operation, head: str) -> str:
-        """Journal each row (one event per row) in the writer's transaction,
-        then NOTIFY the range of journal ids, with the transaction id, so
-        listeners read the rows from the journal."""
-        body = sql.SQL(
-            """
-DECLARE
-  head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"r": [';
-  x xid8 := pg_current_xact_id();
-  lo bigint;
-  hi bigint;
-BEGIN
-  WITH ins AS (
-    INSERT INTO {journal} (xid, watch, body)
-    SELECT x, {name}, head || j || ']}}' FROM ({rows}) AS r ORDER BY i
-    RETURNING id)
-  SELECT min(id), max(id) INTO lo, hi FROM ins;
-  IF lo IS NOT NULL THEN
-    PERFORM pg_notify({channel}, '{{"v": 1, "J": [' || lo || ', ' || hi || '], "x": ' || x || '}}');
-  END IF;
-  RETURN NULL;
-END
-"""
-        ).format(
-            head=sql.Literal(head),
-            name=sql.Literal(r.watch.name),
-            journal=self.ours("dbnotify_journal"),
-            rows=self.rows_query(r, op),
-            channel=sql.Literal(CHANNEL),
-        )
-        return self.render(body)
+    def key(ref: str) -> str:
+        pairs = ", ".join(f"{literal(k)}, ({ref}).{ident(k)}" for k in r.pk)
+        return f"json_build_object({pairs})::text"
 
-    def function_body(self, r: Resolved, op: Operation) -> str:
-        # ": " rather than ":" keeps the DDL free of ":name" sequences, which
-        # sqlalchemy.text() (Alembic's op.execute) would take for parameters.
-        head = json.dumps(
-            {"v": _payload.VERSION, "t": r.watch.name, "o": op.value[0], "k": list(r.pk)},
-            ensure_ascii=False,
-            separators=(",", ": "),
-        )[:-1]
-        head += ',"ts": '
-        if r.watch.durable:
-            return self.durable_body(r, op, head)
-        # Rows are packed until a batch holds `budget` bytes; a row is at
-        # most `budget` bytes inline (else stored), so a batch plus its
-        # header stays under NOTIFY_LIMIT.
-        budget = (NOTIFY_LIMIT - len(head.encode()) - 120) // 2
-        if budget < 500:
-            raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
-        body = sql.SQL(
-            """
+    if op is Operation.UPDATE:
+        changed = _changed_json(new, old) if r.watch.columns is not None else ""
+        json_of = f"'[' || {_row_json(r, new)} || ',' || {_row_json(r, old)} {changed}|| ']'"
+        cut_keys = f"{key(new)} || ',' || {key(old)}"
+        skip = (
+            f"IF NOT {_when_changed(r, new, old)} THEN CONTINUE; END IF;"
+            if r.watch.when_changed
+            else ""
+        )
+    else:
+        ref = new if op is Operation.INSERT else old
+        json_of, cut_keys, skip = _row_json(r, ref), key(ref), ""
+    return f"""
+    FOR pair IN {query} LOOP
+      BEGIN
+        {skip}
+        {target} := {json_of};
+        IF octet_length({target}) > {MAX_ROW_BYTES} THEN
+          {target} := {_cut(r, op, target)};
+        END IF;
+      EXCEPTION WHEN {_TOO_LARGE} THEN
+        BEGIN
+          {target} := '["cut",' || {cut_keys} || ']';
+        EXCEPTION WHEN OTHERS THEN
+          {target} := '["cut",{{}}{",{}" if op is Operation.UPDATE else ""}]';
+        END;
+      END;
+      {emit}
+    END LOOP;"""
+
+
+def _send(channel: str) -> str:
+    """Notify ``head || seq || ',"r": [' || batch || ']}'``, in pieces when
+    it does not fit in one notification. A piece is ``~SEQ K BYTES LAST``,
+    a newline, then the next stretch of the message's UTF-8 bytes, cut at
+    a character boundary."""
+    counter = (
+        "seq := coalesce(current_setting('dbnotify.batch', true), ''); "
+        "seq := set_config('dbnotify.batch', "
+        "(CASE WHEN seq ~ '^[0-9]{1,15}$' THEN seq::bigint ELSE 0 END + 1)::text, true);"
+    )
+    return f"""
+      {counter}
+      msg := head || seq || ',"r": [' || batch || ']}}';
+      IF octet_length(msg) < {NOTIFY_LIMIT} THEN
+        PERFORM pg_notify({channel}, msg);
+      ELSE
+        bytes := convert_to(msg, 'UTF8');
+        total := octet_length(bytes);
+        pos := 0;
+        k := 0;
+        WHILE pos < total LOOP
+          len := least({PIECE_BYTES}, total - pos);
+          WHILE pos + len < total AND get_byte(bytes, pos + len) & 192 = 128 LOOP
+            len := len - 1;
+          END LOOP;
+          k := k + 1;
+          PERFORM pg_notify({channel}, '~' || seq || ' ' || k || ' ' || total || ' '
+            || (pos + len = total)::int || chr(10)
+            || convert_from(substring(bytes FROM pos + 1 FOR len), 'UTF8'));
+          pos := pos + len;
+        END LOOP;
+      END IF;"""
+
+
+def _head(r: Resolved, op: Operation) -> str:
+    # ": " rather than ":" keeps the DDL free of ":name" sequences, which
+    # sqlalchemy.text() (Alembic's op.execute) would take for parameters.
+    return json.dumps(
+        {"v": _payload.VERSION, "t": r.watch.name, "o": op.value[0], "k": list(r.pk)},
+        ensure_ascii=False,
+        separators=(",", ": "),
+    )[:-1]
+
+
+def _changed_table(op: Operation) -> str:
+    return "dbnotify_old" if op is Operation.DELETE else "dbnotify_new"
+
+
+def fast_body(r: Resolved, op: Operation) -> str:
+    """Invoker rights: the rows become JSON as the writer, and go out by NOTIFY."""
+    channel = literal(CHANNEL)
+    head = literal(_head(r, op) + ',"ts": ')
+    budget = (NOTIFY_LIMIT - len(_head(r, op).encode()) - 120) // 2
+    if budget < 500:
+        raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
+    send = _send(channel)
+    return f"""
 DECLARE
   head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s": ';
-  batch text;
   rows_in bigint;
+  batch text;
+  seq text;
+  msg text;
+  bytes bytea;
+  total int;
+  pos int;
+  len int;
+  k int;
+  pair record;
 BEGIN
-  SELECT count(*) INTO rows_in FROM {changed};
+  SELECT count(*) INTO rows_in FROM {_changed_table(op)};
   IF rows_in = 0 THEN
     RETURN NULL;
-  ELSIF rows_in = 1 THEN
-    -- Most writes touch one row: skip the batching machinery.
-    SELECT j INTO batch FROM ({rows}) AS r;
-    IF batch IS NULL THEN
-      RETURN NULL;
-    ELSIF octet_length(batch) > {budget} THEN
-      batch := {spill}(batch);
-    END IF;
-    PERFORM pg_notify({channel}, head || set_config('dbnotify.batch',
-      (coalesce(nullif(current_setting('dbnotify.batch', true), ''), '0')::bigint + 1)::text,
-      true) || ',"r": [' || batch || ']}}');
-    RETURN NULL;
   END IF;
-  FOR batch IN
-    SELECT string_agg(CASE WHEN octet_length(j) > {budget} THEN {spill}(j) ELSE j END, ','
-                      ORDER BY i)
-    FROM (SELECT i, j, sum(CASE WHEN octet_length(j) > {budget} THEN 24
-                                ELSE octet_length(j) + 1 END)
-                       OVER (ORDER BY i ROWS UNBOUNDED PRECEDING) / {budget} AS b
-          FROM ({rows}) AS r) AS r
-    GROUP BY b ORDER BY b
-  LOOP
-    -- A counter local to the transaction keeps equal batches from being
-    -- folded into one, and needs no privilege on any object.
-    PERFORM pg_notify({channel}, head || set_config('dbnotify.batch',
-      (coalesce(nullif(current_setting('dbnotify.batch', true), ''), '0')::bigint + 1)::text,
-      true) || ',"r": [' || batch || ']}}');
-  END LOOP;
+  BEGIN
+    IF rows_in = 1 THEN
+      -- Most writes touch one row: skip the batching machinery.
+      SELECT r.j INTO batch FROM ({_cut_rows(r, op)}) AS r;
+      IF batch IS NOT NULL THEN
+        {send}
+      END IF;
+    ELSE
+      FOR batch IN {_groups(r, op, budget, "','")} LOOP
+        {send}
+      END LOOP;
+    END IF;
+  EXCEPTION WHEN {_TOO_LARGE} THEN
+    -- Nothing was sent (the block's notifications are rolled back).
+    {_each_row(r, op, "batch", send)}
+  END;
   RETURN NULL;
 END
 """
-        ).format(
-            head=sql.Literal(head),
-            budget=sql.Literal(budget),
-            spill=self.ours("dbnotify_spill"),
-            rows=self.rows_query(r, op),
-            channel=sql.Literal(CHANNEL),
-            changed=sql.Identifier("dbnotify_old" if op is Operation.DELETE else "dbnotify_new"),
-        )
-        return self.render(body)
 
-    def watch_objects(self, r: Resolved) -> dict[str, tuple[Operation, str]]:
-        """Trigger name -> (operation, function body). The name carries a
-        hash of everything the trigger does, so drift is visible."""
-        bodies = {op: self.function_body(r, op) for op in r.watch.operations}
-        digest = hashlib.sha256(
-            json.dumps(
-                [DDL_VERSION, self.schema, r.schema, r.table]
-                + [[op.value, bodies[op]] for op in r.watch.operations]
-            ).encode()
-        ).hexdigest()[:10]
-        slug = _slug(r.table)
-        return {
-            f"dbnotify_{slug}_{_OP_CODE[op]}_{digest}": (op, body) for op, body in bodies.items()
-        }
 
-    def create(self, r: Resolved, name: str, op: Operation, body: str) -> list[str]:
-        table = sql.Identifier(r.schema, r.table)
-        return [
-            self.render(
-                # SECURITY DEFINER: writers need no rights on our schema.
-                sql.SQL(
-                    "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql "
-                    "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {b}"
-                ).format(f=self.ours(name), b=sql.Literal(body))
-            ),
-            self.render(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), table)
-            ),
-            self.render(
-                sql.SQL(
-                    "CREATE TRIGGER {t} AFTER {op} ON {table} {transitions} "
-                    "FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
-                ).format(
-                    t=sql.Identifier(name),
-                    op=sql.SQL(op.value),
-                    table=table,
-                    transitions=sql.SQL(_TRANSITIONS[op]),
-                    f=self.ours(name),
-                )
-            ),
-        ]
+def stash_body(r: Resolved, op: Operation) -> str:
+    """Durable, first half (invoker rights, pinned search_path): the rows
+    become JSON as the writer and are left in transaction-local settings
+    ``dbnotify.s<depth>_<n>`` (separated by chr(30), which JSON text never
+    holds), their number in ``dbnotify.n<depth>``. It always sets the
+    number, so what the second half reads was written here, just now."""
+    flush = (
+        "n := n + 1; "
+        "PERFORM set_config('dbnotify.s' || d || '_' || n, array_to_string(parts, chr(30)), true); "
+        "parts := '{}'; size := 0;"
+    )
+    emit = f"""
+      IF one IS NOT NULL THEN
+        IF size > 0 AND size + octet_length(one) > {_SLOT_BYTES} THEN {flush} END IF;
+        parts := parts || one;
+        size := size + octet_length(one) + 1;
+      END IF;"""
+    return f"""
+DECLARE
+  d text := pg_trigger_depth()::text;
+  n int := 0;
+  rows_in bigint;
+  part text;
+  one text;
+  parts text[] := '{{}}';
+  size bigint := 0;
+  pair record;
+BEGIN
+  SELECT count(*) INTO rows_in FROM {_changed_table(op)};
+  IF rows_in > 0 THEN
+    BEGIN
+      IF rows_in = 1 THEN
+        SELECT r.j INTO part FROM ({_cut_rows(r, op)}) AS r;
+        IF part IS NOT NULL THEN
+          n := 1;
+          PERFORM set_config('dbnotify.s' || d || '_1', part, true);
+        END IF;
+      ELSE
+        FOR part IN {_groups(r, op, _SLOT_BYTES, "chr(30)")} LOOP
+          n := n + 1;
+          PERFORM set_config('dbnotify.s' || d || '_' || n, part, true);
+        END LOOP;
+      END IF;
+    EXCEPTION WHEN {_TOO_LARGE} THEN
+      n := 0;
+      {_each_row(r, op, "one", emit)}
+      IF size > 0 THEN {flush} END IF;
+    END;
+  END IF;
+  PERFORM set_config('dbnotify.n' || d, n::text, true);
+  RETURN NULL;
+END
+"""
 
-    def drop(self, obj: Installed) -> list[str]:
-        return [
-            self.render(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(obj.trigger), sql.Identifier(obj.schema, obj.table)
-                )
-            ),
-            *self.drop_function(obj.function_schema, obj.function),
-        ]
 
-    def drop_function(self, schema: str, name: str) -> list[str]:
-        return [
-            self.render(
-                sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(schema, name))
+def journal_body(r: Resolved, op: Operation, schema: str) -> str:
+    """Durable, second half (owner's rights): move what the first half left
+    into the journal, one row per event, and NOTIFY only the range of ids
+    and the transaction id. It reads text and writes our table; no value
+    of the user's, and so no function of the user's, is involved."""
+    head = literal(_head(r, op) + ',"ts": ')
+    return f"""
+DECLARE
+  d text := pg_trigger_depth()::text;
+  n text := current_setting('dbnotify.n' || d, true);
+  x xid8;
+  lo bigint;
+  hi bigint;
+  head text;
+BEGIN
+  IF n IS NULL OR n !~ '^[1-9][0-9]{{0,5}}$' THEN
+    RETURN NULL;
+  END IF;
+  PERFORM set_config('dbnotify.n' || d, '0', true);
+  x := pg_current_xact_id();
+  head := {head} || extract(epoch FROM clock_timestamp())::text || ',"r": [';
+  WITH ins AS (
+    INSERT INTO {ident(schema, "dbnotify_journal")} (xid, watch, body)
+    SELECT x, {literal(r.watch.name)}, head || e.j || ']}}'
+    FROM generate_series(1, n::int) AS s(k)
+    CROSS JOIN LATERAL unnest(string_to_array(
+      current_setting('dbnotify.s' || d || '_' || s.k), chr(30))) WITH ORDINALITY AS e(j, o)
+    ORDER BY s.k, e.o
+    RETURNING id)
+  SELECT min(id), max(id) INTO lo, hi FROM ins;
+  PERFORM set_config('dbnotify.s' || d || '_' || s.k, '', true)
+    FROM generate_series(1, n::int) AS s(k);
+  IF lo IS NOT NULL THEN
+    PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || lo || ', ' || hi
+      || '], "x": ' || x || '}}');
+  END IF;
+  RETURN NULL;
+END
+"""
+
+
+def truncate_body(r: Resolved, schema: str) -> str:
+    """TRUNCATE carries no row. Fast: one notification, without a counter,
+    so the triggers of a truncated table's partitions (all fired by one
+    TRUNCATE) fold into one; durable: one journal row per statement."""
+    body = literal(_head(r, Operation.TRUNCATE) + ',"ts": ')
+    ts = "extract(epoch FROM statement_timestamp())::text || '}'"
+    if not r.watch.durable:
+        return f"""
+BEGIN
+  PERFORM pg_notify({literal(CHANNEL)}, {body} || {ts});
+  RETURN NULL;
+END
+"""
+    journal = ident(schema, "dbnotify_journal")
+    return f"""
+DECLARE
+  x xid8 := pg_current_xact_id();
+  b text := {body} || {ts};
+  jid bigint;
+BEGIN
+  INSERT INTO {journal} (xid, watch, body)
+  SELECT x, {literal(r.watch.name)}, b
+  WHERE NOT EXISTS (SELECT FROM {journal} AS j WHERE j.xid = x AND j.body = b)
+  RETURNING id INTO jid;
+  IF jid IS NOT NULL THEN
+    PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || jid || ', ' || jid
+      || '], "x": ' || x || '}}');
+  END IF;
+  RETURN NULL;
+END
+"""
+
+
+def watch_functions(r: Resolved, schema: str) -> dict[str, TriggerFunction]:
+    """Function (and trigger) name -> what it is. The names carry a hash of
+    everything the triggers do, so drift is visible. A durable watch's
+    second function is named after the first with ``_j``, so it fires
+    right after it (triggers fire in name order)."""
+    parts: list[tuple[str, TriggerFunction]] = []
+    ops = [op for op in r.watch.operations if op is not Operation.TRUNCATE]
+    for op in ops:
+        if r.watch.durable:
+            parts.append(("", TriggerFunction(op, stash_body(r, op), False, True, True)))
+            parts.append(
+                ("_j", TriggerFunction(op, journal_body(r, op, schema), True, True, False))
             )
-        ]
+        else:
+            parts.append(("", TriggerFunction(op, fast_body(r, op), False, False, True)))
+    durable = r.watch.durable
+    truncate = TriggerFunction(
+        Operation.TRUNCATE, truncate_body(r, schema), durable, durable, False
+    )
+    parts.append(("", truncate))
+    digest = hashlib.sha256(
+        json.dumps(
+            [DDL_VERSION, schema, r.schema, r.table]
+            + [[suffix, f.op.value, f.body, f.definer, f.pinned] for suffix, f in parts]
+        ).encode()
+    ).hexdigest()[:10]
+    slug = _slug(r.table)
+    return {f"dbnotify_{slug}_{_OP_CODE[f.op]}_{digest}{suffix}": f for suffix, f in parts}
+
+
+def create_function(schema: str, name: str, f: TriggerFunction, watch: str) -> list[str]:
+    fn = ident(schema, name)
+    options = ("SECURITY DEFINER " if f.definer else "") + (_PINNED + " " if f.pinned else "")
+    return [
+        f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql {options}"
+        f"AS {_body(f.body)}",
+        # Triggers fire whatever the writer's rights on the function;
+        # EXECUTE is only needed to attach it to a table.
+        f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC",
+        f"COMMENT ON FUNCTION {fn}() IS "
+        + literal(f"{MARKER} trigger function of watch {watch!r} ({f.op.value.lower()})"),
+    ]
+
+
+def create_trigger(schema: str, table: str, name: str, f: TriggerFunction, fn_schema: str) -> str:
+    transitions = _TRANSITIONS[f.op] + " " if f.transitions else ""
+    return (
+        f"CREATE TRIGGER {ident(name)} AFTER {f.op.value} ON {ident(schema, table)} "
+        f"{transitions}FOR EACH STATEMENT EXECUTE FUNCTION {ident(fn_schema, name)}()"
+    )
+
+
+def drop_trigger(obj: Installed) -> str:
+    return f"DROP TRIGGER IF EXISTS {ident(obj.trigger)} ON {ident(obj.schema, obj.table)}"
+
+
+def drop_function(schema: str, f: Function) -> str:
+    return f"DROP FUNCTION IF EXISTS {ident(schema, f.name)}({f.args})"
+
+
+def shared_sql(catalog: Catalog, schema: str) -> list[str]:
+    """Our schema and tables, made and marked where missing or unmarked;
+    what earlier versions made and no longer need, dropped."""
+    statements = []
+    if not catalog.schema_exists:
+        # Only when missing: CREATE SCHEMA IF NOT EXISTS still demands the
+        # CREATE right on the database.
+        statements.append(f"CREATE SCHEMA {ident(schema)}")
+    journal = ident(schema, "dbnotify_journal")
+    creates = {
+        "dbnotify_journal": (
+            f"CREATE TABLE IF NOT EXISTS {journal} ("
+            "id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, "
+            "xid xid8 NOT NULL DEFAULT pg_current_xact_id(), "
+            "created_at timestamptz NOT NULL DEFAULT clock_timestamp(), "
+            "watch text, body text NOT NULL)"
+        ),
+        # Exactly-once receivers: how far each has claimed, and claims.
+        "dbnotify_receivers": (
+            f"CREATE TABLE IF NOT EXISTS {ident(schema, 'dbnotify_receivers')} ("
+            "receiver text PRIMARY KEY, xid xid8 NOT NULL, id bigint NOT NULL)"
+        ),
+        "dbnotify_claims": (
+            f"CREATE TABLE IF NOT EXISTS {ident(schema, 'dbnotify_claims')} ("
+            "receiver text NOT NULL, event_id bigint NOT NULL, "
+            "state text NOT NULL DEFAULT 'running', attempts int NOT NULL DEFAULT 1, "
+            "claimed_by text, claimed_at timestamptz NOT NULL DEFAULT now(), "
+            "next_attempt_at timestamptz, last_error text, "
+            "PRIMARY KEY (receiver, event_id))"
+        ),
+    }
+    for name, create in creates.items():
+        statements.append(create)
+        if not catalog.tables.get(name, False):
+            table = ident(schema, name)
+            statements += [
+                f"REVOKE ALL ON TABLE {table} FROM PUBLIC",
+                f"COMMENT ON TABLE {table} IS " + literal(f"{MARKER} {name[9:]}"),
+            ]
+    statements += [
+        # Added before the first release; keeps earlier installs working.
+        f"ALTER TABLE {journal} ADD COLUMN IF NOT EXISTS watch text",
+        # Replay reads in transaction-id order past a cursor.
+        f"CREATE INDEX IF NOT EXISTS dbnotify_journal_xid ON {journal} (xid, id)",
+        f"CREATE INDEX IF NOT EXISTS dbnotify_journal_created_at ON {journal} (created_at)",
+    ]
+    # Before version 0.2, large rows were stored through dbnotify_spill(),
+    # which any role could call.
+    spill = catalog.functions.get("dbnotify_spill")
+    if spill is not None:
+        statements.append(drop_function(schema, spill))
+    if "dbnotify_payload" in catalog.tables:
+        statements.append(f"DROP TABLE IF EXISTS {ident(schema, 'dbnotify_payload')}")
+    return statements
+
+
+def unused(catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str]) -> list[Function]:
+    """Our trigger functions that no trigger uses once ``dropped_triggers``
+    (drop statements) have run, other than ``keep``."""
+    dropped = set(dropped_triggers)
+    in_use = {o.function for o in catalog.triggers if drop_trigger(o) not in dropped} | keep
+    return [
+        f
+        for name, f in catalog.functions.items()
+        if name not in in_use and name != "dbnotify_spill"
+    ]
 
 
 # -- the backend -------------------------------------------------------------
@@ -496,6 +887,7 @@ class PostgreSQLBackend(Backend):
         # (xmax, running xids) of the first snapshot: older transactions
         # not running then had committed before we listened.
         self._before: tuple[int, set[int]] | None = None
+        self._pieces = _new_pieces()
 
     @classmethod
     def from_url(cls, url: sa.URL, listen_uri: str | None, schema: str) -> PostgreSQLBackend:
@@ -547,47 +939,52 @@ class PostgreSQLBackend(Backend):
 
         self._cursor_do(work, commit=True)
 
-    def _installed(self, cur: Any) -> list[Installed]:
-        cur.execute(_OUR_TRIGGERS)
-        return [Installed(*row) for row in cur.fetchall()]
-
     def _resolve_all(self, cur: Any, watches: Sequence[Watch]) -> list[Resolved]:
         resolved = [resolve(cur, w) for w in watches]
         seen: dict[int, str] = {}
         for r in resolved:
-            if r.oid in seen:
-                raise WatchError(
-                    f"{seen[r.oid]!r} and {r.watch.name!r} are the same table: watch it once"
-                )
-            seen[r.oid] = r.watch.name
+            for oid, schema, table in r.tree:
+                if oid in seen:
+                    raise WatchError(
+                        f"{seen[oid]!r} and {r.watch.name!r} cover the same table "
+                        f"{schema}.{table}: watch it once"
+                    )
+                seen[oid] = r.watch.name
         return resolved
 
     def _install_sql(self, cur: Any, watches: Sequence[Watch]) -> list[str]:
-        b = _Builder(cur, self.schema)
-        statements = b.shared()
-        installed = self._installed(cur)
-        created: set[str] = set()
+        catalog = read_catalog(cur, self.schema)
+        statements = shared_sql(catalog, self.schema)
+        drops: list[str] = []
+        wanted_functions: set[str] = set()
         for r in self._resolve_all(cur, watches):
-            wanted = b.watch_objects(r)
-            for obj in installed:
-                if obj.table_oid == r.oid and obj.trigger not in wanted:
-                    statements += b.drop(obj)
-            for name, (op, body) in wanted.items():
-                statements += b.create(r, name, op, body)
-            created |= set(wanted)
-        # Trigger functions whose table was dropped are of no use to anyone.
-        for name in self._unused_functions(cur, installed, created):
-            statements += b.drop_function(self.schema, name)
+            functions = watch_functions(r, self.schema)
+            wanted_functions |= set(functions)
+            for name, f in functions.items():
+                statements += create_function(self.schema, name, f, r.watch.name)
+            for oid, schema, table in r.tree:
+                present = {o.trigger for o in catalog.triggers if o.table_oid == oid}
+                drops += [
+                    drop_trigger(o)
+                    for o in catalog.triggers
+                    if o.table_oid == oid and o.trigger not in functions
+                ]
+                statements += [
+                    create_trigger(schema, table, name, f, self.schema)
+                    for name, f in functions.items()
+                    if name not in present
+                ]
+        # The new triggers are in place before the old ones go, in one
+        # transaction: a table is never without triggers.
+        statements += drops
+        statements += self._unused_functions(catalog, wanted_functions, drops)
         return statements
 
-    def _unused_functions(self, cur: Any, installed: list[Installed], keep: set[str]) -> list[str]:
-        in_use = {o.function for o in installed if o.function_schema == self.schema} | keep
-        cur.execute(_OUR_FUNCTIONS, (self.schema,))
-        return [
-            name
-            for (name,) in cur.fetchall()
-            if name not in in_use and name not in _SHARED_FUNCTIONS
-        ]
+    def _unused_functions(
+        self, catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str]
+    ) -> list[str]:
+        """Drop statements for our trigger functions no trigger will use."""
+        return [drop_function(self.schema, f) for f in unused(catalog, keep, dropped_triggers)]
 
     def install_sql(self, watches: Sequence[Watch]) -> list[str]:
         return self._cursor_do(lambda cur: self._install_sql(cur, watches))  # type: ignore[no-any-return]
@@ -602,56 +999,78 @@ class PostgreSQLBackend(Backend):
 
     def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
         def work(cur: Any) -> list[str]:
-            b = _Builder(cur, self.schema)
-            installed = self._installed(cur)
+            catalog = read_catalog(cur, self.schema)
             if everything:
-                statements: list[str] = []
-                for obj in installed:
-                    statements += b.drop(obj)
-                for name in self._unused_functions(cur, installed, set()):
-                    statements += b.drop_function(self.schema, name)
-                for kind, name, args in (
-                    ("FUNCTION", "dbnotify_spill", "(text)"),
-                    ("TABLE", "dbnotify_payload", ""),
-                    ("TABLE", "dbnotify_journal", ""),
-                    ("TABLE", "dbnotify_receivers", ""),
-                    ("TABLE", "dbnotify_claims", ""),
-                ):
-                    statements.append(f"DROP {kind} IF EXISTS {_quoted(self.schema, name)}{args}")
+                drops = [drop_trigger(o) for o in catalog.triggers]
+                statements = drops + self._unused_functions(catalog, set(), drops)
+                spill = catalog.functions.get("dbnotify_spill")
+                if spill is not None:
+                    statements.append(drop_function(self.schema, spill))
+                statements += [
+                    f"DROP TABLE IF EXISTS {ident(self.schema, name)}" for name in catalog.tables
+                ]
                 return statements
-            oids = {r.oid for r in self._resolve_all(cur, watches)}
-            statements = []
-            for obj in installed:
-                if obj.table_oid in oids:
-                    statements += b.drop(obj)
-            return statements
+            oids = {oid for r in self._resolve_all(cur, watches) for oid, _, _ in r.tree}
+            drops = [drop_trigger(o) for o in catalog.triggers if o.table_oid in oids]
+            gone = {o.function for o in catalog.triggers if o.table_oid in oids}
+            still = {o.function for o in catalog.triggers if o.table_oid not in oids}
+            return drops + [
+                drop_function(self.schema, catalog.functions[name]) for name in sorted(gone - still)
+            ]
 
         return self._cursor_do(work)  # type: ignore[no-any-return]
 
     def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         def work(cur: Any) -> Status:
-            b = _Builder(cur, self.schema)
             status = Status()
-            installed = self._installed(cur)
+            catalog = read_catalog(cur, self.schema)
             covered: set[int] = set()
-            expected_functions: set[str] = set()
+            expected: set[str] = set()
             for watch in watches:
                 try:
                     r = resolve(cur, watch)
-                    wanted = set(b.watch_objects(r))
+                    wanted = set(watch_functions(r, self.schema))
                 except WatchError as exc:
                     status.error(watch.name, exc)
                     continue
-                covered.add(r.oid)
-                expected_functions |= wanted
+                expected |= wanted
+                tree = {oid: f"{schema}.{table}" for oid, schema, table in r.tree}
+                covered |= set(tree)
+                present = {
+                    (o.table_oid, o.trigger) for o in catalog.triggers if o.table_oid in tree
+                }
                 status.compare(
-                    watch.name, {o.trigger for o in installed if o.table_oid == r.oid}, wanted
+                    watch.name, present, {(oid, name) for oid in tree for name in wanted}
                 )
-            for obj in installed:
+                lacking = [
+                    label
+                    for oid, label in tree.items()
+                    if oid != r.oid and {(oid, n) for n in wanted} - present
+                ]
+                problems = []
+                if lacking and status.watches[watch.name] != "missing":
+                    problems.append("triggers missing on " + ", ".join(lacking[:5]))
+                if r.uncovered:
+                    problems.append(
+                        "foreign tables cannot be watched: " + ", ".join(r.uncovered[:5])
+                    )
+                if problems:
+                    status.details[watch.name] = "; ".join(problems)
+            for obj in catalog.triggers:
                 if obj.table_oid not in covered:
                     status.orphaned.append(f"trigger {obj.trigger} on {obj.schema}.{obj.table}")
-            for name in self._unused_functions(cur, installed, expected_functions):
-                status.orphaned.append(f"function {self.schema}.{name}()")
+            for f in unused(catalog, expected, []):
+                status.orphaned.append(f"function {self.schema}.{f.name}({f.args})")
+            for name in catalog.exposed:
+                status.warnings.append(
+                    f"function {self.schema}.{name}() may be executed by roles other than its "
+                    "owner: run `flask dbnotify install-triggers` or REVOKE the grant"
+                )
+            if "dbnotify_spill" in catalog.functions or "dbnotify_payload" in catalog.tables:
+                status.warnings.append(
+                    "objects of an earlier version are installed (dbnotify_spill, "
+                    "dbnotify_payload): run `flask dbnotify install-triggers`"
+                )
             if health:
                 self._health(cur, status)
             return status
@@ -674,21 +1093,10 @@ class PostgreSQLBackend(Backend):
             # Without pg_read_all_stats, other roles' sessions show NULLs.
             started = f"{since:%Y-%m-%d %H:%M:%S%z}" if since else "unknown"
             health[f"listener {pid}"] = f"from {client}, since {started}, {state or 'unknown'}"
-        cur.execute("SELECT to_regclass(%s)", (_quoted(self.schema, "dbnotify_payload"),))
-        if cur.fetchone()[0] is not None:
-            cur.execute(
-                "SELECT count(*), min(created_at) FROM {}".format(
-                    _quoted(self.schema, "dbnotify_payload")
-                )
-            )
-            count, oldest = cur.fetchone()
-            health["stored payloads"] = str(count) + (
-                f", oldest {oldest:%Y-%m-%d %H:%M:%S%z}" if oldest else ""
-            )
-        cur.execute("SELECT to_regclass(%s)", (_quoted(self.schema, "dbnotify_claims"),))
+        cur.execute("SELECT to_regclass(%s)", (ident(self.schema, "dbnotify_claims"),))
         if cur.fetchone()[0] is None:
             return
-        journal = _quoted(self.schema, "dbnotify_journal")
+        journal = ident(self.schema, "dbnotify_journal")
         cur.execute(f"SELECT count(*), min(id), max(id) FROM {journal}")
         count, first, last = cur.fetchone()
         health["journal"] = f"{count} rows" + (f", ids {first}..{last}" if count else "")
@@ -699,15 +1107,11 @@ class PostgreSQLBackend(Backend):
 
         status.once_health(
             query,
-            _quoted(self.schema, "dbnotify_claims"),
-            _quoted(self.schema, "dbnotify_receivers"),
+            ident(self.schema, "dbnotify_claims"),
+            ident(self.schema, "dbnotify_receivers"),
         )
 
     def prune(self, retention: float) -> None:
-        self._once(
-            "DELETE FROM {payload} WHERE created_at < now() - make_interval(secs => %(age)s)",
-            {"age": retention},
-        )
         self._once(
             "DELETE FROM {claims} WHERE state = 'done' "
             "AND claimed_at < now() - make_interval(secs => %(age)s)",
@@ -726,22 +1130,29 @@ class PostgreSQLBackend(Backend):
     # -- messages ----------------------------------------------------------
 
     def notify(self, connection: Any, channel: str, payload: str, durable: bool = False) -> None:
+        params: dict[str, Any] = {"channel": CHANNEL}
         if durable:
             # Journaled like a durable row event; listeners read it back.
             statement = (
                 "WITH ins AS (INSERT INTO {} (body) VALUES (%(payload)s) RETURNING id, xid) "
                 "SELECT pg_notify(%(channel)s, '{{\"v\": 1, \"J\": [' || id || ', ' || id "
                 "|| '], \"x\": ' || xid || '}}') FROM ins"
-            ).format(_quoted(self.schema, "dbnotify_journal"))
-        elif len(payload.encode()) < NOTIFY_LIMIT:
-            statement = "SELECT pg_notify(%(channel)s, %(payload)s)"
+            ).format(ident(self.schema, "dbnotify_journal"))
+            params["payload"] = payload
         else:
+            size = len(payload.encode())
+            if size > MAX_MESSAGE_BYTES:
+                raise ValueError(
+                    f"the message is {size} bytes as JSON; listeners take at most "
+                    f"{MAX_MESSAGE_BYTES}: send it with durable=True, or send less"
+                )
+            # Pieces are sent in order within one statement; each is unique
+            # (PostgreSQL folds equal notifications of a transaction).
             statement = (
-                'SELECT pg_notify(%(channel)s, \'{"v":1,"ref":\' || '
-                + _quoted(self.schema, "dbnotify_spill")
-                + "(%(payload)s) || '}')"
+                "SELECT pg_notify(%(channel)s, p) "
+                "FROM unnest(%(pieces)s::text[]) WITH ORDINALITY AS t(p, o) ORDER BY o"
             )
-        params = {"channel": CHANNEL, "payload": payload}
+            params["pieces"] = _payload.pieces(payload, json.loads(payload)["u"], PIECE_BYTES)
         if connection is None:
             try:
                 with self.engine.begin() as conn:
@@ -753,6 +1164,7 @@ class PostgreSQLBackend(Backend):
 
     def open_stream(self, settings: Any) -> Stream:
         stream = PostgreSQLStream(self, settings)
+        self._pieces = _new_pieces()
         if self._cursor is None:
             # What had committed once we listen is not ours to replay. Read
             # on a pooled connection: the listener's runs LISTEN only.
@@ -765,11 +1177,29 @@ class PostgreSQLBackend(Backend):
         return stream
 
     def decode(self, raw: Any) -> list[Item]:
+        pid, text = raw
+        lost: list[Item] = []
+        if text[:1] == "~":
+            text, gone = self._pieces.add(pid, text)
+            if gone:
+                _skipped.warning(
+                    "skipped %d long message(s) on %r: a piece missing, or over the limits",
+                    gone,
+                    CHANNEL,
+                )
+                lost.append(Lost(gone))
+            if text is None:
+                return lost
         try:
-            return _payload.decode(raw, self._fetch, read_journal=self._read_journal)
+            return lost + _payload.decode(text, read_journal=self._read_journal)
         except _payload.PayloadError as exc:
-            log.warning("skipped a notification on %r: %s", CHANNEL, exc)
-            return []
+            _skipped.warning("skipped a notification on %r: %s", CHANNEL, exc)
+            return lost
+
+    def replaying(self) -> bool:
+        # Journal ids delivered live are remembered until a catch-up passes
+        # them; catching up is what bounds that memory.
+        return bool(self._seen)
 
     def _query(self, statement: str, params: Any) -> list[Any]:
         try:
@@ -779,22 +1209,29 @@ class PostgreSQLBackend(Backend):
             raise _payload.PayloadError(f"cannot read the journal: {exc}") from exc
 
     def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
+        """Journal rows ``lo..hi`` of transaction ``xid`` not delivered yet.
+        Anyone may send a notification, so one naming rows delivered
+        before (a replay) or rows of another transaction reads nothing."""
+        if not (isinstance(lo, int) and isinstance(hi, int) and isinstance(xid, int)):
+            raise _payload.PayloadError("a journal reference that is not numbers")
         cursor = self._cursor
-        if cursor is not None and (xid, hi) <= cursor:
-            return []  # Replayed already by catch_up().
+        if cursor is not None and (xid, hi) <= cursor or self._committed_before(xid):
+            return []  # Replayed already by catch_up(), or before our time.
         rows = self._query(
             "SELECT id, body FROM {} WHERE id BETWEEN %(lo)s AND %(hi)s "
             "AND xid = %(x)s::text::xid8 ORDER BY id".format(
-                _quoted(self.schema, "dbnotify_journal")
+                ident(self.schema, "dbnotify_journal")
             ),
             {"lo": lo, "hi": hi, "x": str(xid)},
         )
-        if cursor is not None:
-            rows = [row for row in rows if (xid, row[0]) > cursor]
-        if self.tracking:
-            for row_id, _ in rows:
-                self._seen[row_id] = xid
-        return [(row_id, body) for row_id, body in rows]
+        fresh = [
+            (row_id, body)
+            for row_id, body in rows
+            if row_id not in self._seen and (cursor is None or (xid, row_id) > cursor)
+        ]
+        for row_id, _ in fresh:
+            self._seen[row_id] = xid
+        return fresh
 
     def started(self, snapshot: str) -> None:
         """Called with the listener's first snapshot, taken right after
@@ -814,7 +1251,7 @@ class PostgreSQLBackend(Backend):
         transactions that had committed before the first LISTEN are skipped."""
         if self._cursor is None:
             return []
-        journal = _quoted(self.schema, "dbnotify_journal")
+        journal = ident(self.schema, "dbnotify_journal")
         items: list[Item] = []
         while True:
             rows = self._query(
@@ -828,7 +1265,7 @@ class PostgreSQLBackend(Backend):
                 xid = int(xid_text)
                 if self._seen.pop(row_id, None) is None and not self._committed_before(xid):
                     try:
-                        items += _payload.decode(body, self._fetch, row_id)
+                        items += _payload.decode(body, row_id)
                     except _payload.PayloadError as exc:
                         log.warning("skipped journal row %s: %s", row_id, exc)
                 self._cursor = (xid, row_id)
@@ -848,16 +1285,13 @@ class PostgreSQLBackend(Backend):
         return xid < xmax and xid not in running
 
     def count(self, raw: Any) -> int:
-        return _payload.count(raw)
+        return _payload.count(raw[1])
 
     # -- exactly-once receivers ------------------------------------------------
 
     def _once(self, statement: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement of ours, in its own transaction."""
-        names = {
-            n: _quoted(self.schema, f"dbnotify_{n}")
-            for n in ("journal", "receivers", "claims", "payload")
-        }
+        names = {n: ident(self.schema, f"dbnotify_{n}") for n in ("journal", "receivers", "claims")}
         try:
             with self.engine.begin() as conn:
                 result = conn.exec_driver_sql(statement.format(**names), params)
@@ -873,7 +1307,7 @@ class PostgreSQLBackend(Backend):
         items: list[Item] = []
         for row_id, body in rows:
             try:
-                items += _payload.decode(body, self._fetch, row_id)
+                items += _payload.decode(body, row_id)
             except _payload.PayloadError as exc:
                 log.warning("skipped journal row %s: %s", row_id, exc)
         return items, (rows[-1][0] if rows else None)
@@ -890,7 +1324,7 @@ class PostgreSQLBackend(Backend):
         if body is None:
             return None
         try:
-            items = _payload.decode(body, self._fetch, row_id)
+            items = _payload.decode(body, row_id)
         except _payload.PayloadError as exc:
             log.warning("skipped journal row %s: %s", row_id, exc)
             return None
@@ -994,25 +1428,12 @@ class PostgreSQLBackend(Backend):
     def after_fork(self) -> None:
         super().after_fork()
         self._cursor, self._seen, self._before = None, {}, None
-
-    def _fetch(self, ids: Iterable[int]) -> dict[int, str]:
-        """Stored payloads, read on a pooled connection (not the listener's,
-        which belongs to the reader thread)."""
-        try:
-            with self.engine.connect() as conn:
-                rows = conn.exec_driver_sql(
-                    "SELECT id, body FROM {} WHERE id = ANY(%(ids)s)".format(
-                        _quoted(self.schema, "dbnotify_payload")
-                    ),
-                    {"ids": list(ids)},
-                ).all()
-        except sa.exc.SQLAlchemyError as exc:
-            raise _payload.PayloadError(f"cannot read stored payloads: {exc}") from exc
-        return {row[0]: row[1] for row in rows}
+        self._pieces = _new_pieces()
 
 
-def _quoted(schema: str, name: str) -> str:
-    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
+def _new_pieces() -> _payload.Pieces:
+    # Room for a few long messages from different sessions at once.
+    return _payload.Pieces(MAX_MESSAGE_BYTES, 4 * MAX_MESSAGE_BYTES)
 
 
 def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
@@ -1027,7 +1448,7 @@ def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
 
 class PostgreSQLStream(Stream):
     """A dedicated connection that LISTENs and runs nothing else but a
-    liveness probe and the read of stored payloads.
+    liveness probe.
 
     It is an asynchronous psycopg2 connection (always autocommit), so every
     query waits in ``select()`` with a deadline: a peer that stops answering
@@ -1048,6 +1469,8 @@ class PostgreSQLStream(Stream):
             # Abort sends that go unacknowledged (a vanished peer).
             "tcp_user_timeout": int(settings.keepalive_idle * 2000),
             **backend.connect_kwargs,
+            # Pieces of long messages are cut at UTF-8 character boundaries.
+            "client_encoding": "UTF8",
         }
         self.conn = psycopg2.connect(**kwargs, async_=True)
         try:
@@ -1093,7 +1516,7 @@ class PostgreSQLStream(Stream):
         if not notes:
             return []
         self.conn.notifies = []
-        return [note.payload for note in notes if note.channel == CHANNEL]
+        return [(note.pid, note.payload) for note in notes if note.channel == CHANNEL]
 
     def probe(self) -> None:
         self._run("SELECT 1")

@@ -37,7 +37,18 @@ from ._inotify import open_watch
 
 log = logging.getLogger(__name__)
 
-DDL_VERSION = 2
+DDL_VERSION = 3
+#: In every trigger and table we create: we drop only what carries it.
+MARKER = "/* flask-dbnotify */"
+#: What identifies the triggers and tables of versions before the marker.
+_LEGACY_TRIGGER = "INSERT INTO dbnotify_journal (created_at, shape, body)"
+_TABLES = {
+    "dbnotify_journal": {"id", "created_at", "shape", "body"},
+    "dbnotify_shapes": {"key", "header"},
+    "dbnotify_listeners": {"name", "position", "seen_at"},
+    "dbnotify_receivers": {"receiver", "id"},
+    "dbnotify_claims": {"receiver", "event_id", "state", "attempts"},
+}
 _OP_CODE = {Operation.INSERT: "i", Operation.UPDATE: "u", Operation.DELETE: "d"}
 _OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
 #: SQLite's clock, in Julian days (what the journal stores).
@@ -161,10 +172,29 @@ class SQLiteBackend(Backend):
         return table, columns, pk
 
     def _our_triggers(self, conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        """Triggers we made: named dbnotify_*, and marked (or, made before
+        the mark, appending to our journal as those versions did)."""
         return conn.execute(
             "SELECT name, tbl_name FROM sqlite_schema WHERE type = 'trigger' "
-            "AND substr(name, 1, 9) = 'dbnotify_' ORDER BY tbl_name, name"
+            "AND substr(name, 1, 9) = 'dbnotify_' AND (instr(sql, ?) > 0 OR instr(sql, ?) > 0) "
+            "ORDER BY tbl_name, name",
+            (MARKER, _LEGACY_TRIGGER),
         ).fetchall()
+
+    def _our_tables(self, conn: sqlite3.Connection) -> list[str]:
+        """Our tables present: marked, or with the columns we gave them."""
+        ours = []
+        for name, sql in conn.execute(
+            "SELECT name, sql FROM sqlite_schema WHERE type = 'table' "
+            f"AND name IN ({', '.join('?' * len(_TABLES))})",
+            list(_TABLES),
+        ).fetchall():
+            columns = {
+                row[0] for row in conn.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            }
+            if MARKER in (sql or "") or _TABLES[name] <= columns:
+                ours.append(name)
+        return ours
 
     # -- DDL ----------------------------------------------------------------
 
@@ -186,7 +216,7 @@ class SQLiteBackend(Backend):
             when = f" WHEN ({new}) IS NOT ({old})"
             body = f"json_array({_row_array('NEW', columns)}, {_row_array('OLD', columns)})"
         return (
-            f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN "
+            f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN {MARKER} "
             f"INSERT INTO dbnotify_journal (created_at, shape, body) "
             f"VALUES ({_NOW}, {quote_literal(key)}, {body}); END"
         )
@@ -197,6 +227,8 @@ class SQLiteBackend(Backend):
         """``(table, {trigger name: (trigger body, shape header)})``."""
         table, columns, pk = self._resolve(conn, watch)
         names = [name for name, _ in columns]
+        # SQLite has no TRUNCATE: a DELETE without WHERE fires the row triggers.
+        ops = [op for op in watch.operations if op is not Operation.TRUNCATE]
         headers = {
             op: json.dumps(
                 {
@@ -210,7 +242,7 @@ class SQLiteBackend(Backend):
                 },
                 ensure_ascii=False,
             )
-            for op in watch.operations
+            for op in ops
         }
         # The name (and shape key) hashes everything the trigger does.
         digest = hashlib.sha256(
@@ -219,14 +251,14 @@ class SQLiteBackend(Backend):
                     DDL_VERSION,
                     [
                         [op.value, headers[op], self._trigger_sql(watch, table, columns, op, "")]
-                        for op in watch.operations
+                        for op in ops
                     ],
                 ]
             ).encode()
         ).hexdigest()[:10]
         slug = re.sub(r"[^a-z0-9]+", "_", table.lower()).strip("_")[:36] or "t"
         result = {}
-        for op in watch.operations:
+        for op in ops:
             name = f"dbnotify_{slug}_{_OP_CODE[op]}_{digest}"
             result[name] = (self._trigger_sql(watch, table, columns, op, name), headers[op])
         return table, result
@@ -235,17 +267,17 @@ class SQLiteBackend(Backend):
         # AUTOINCREMENT: ids are never reused, even after pruning empties
         # the journal, so a listener's position stays meaningful.
         return [
-            "CREATE TABLE IF NOT EXISTS dbnotify_journal ("
+            f"CREATE TABLE IF NOT EXISTS dbnotify_journal ({MARKER} "
             "id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, "
             "shape TEXT, body TEXT NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS dbnotify_shapes ("
+            f"CREATE TABLE IF NOT EXISTS dbnotify_shapes ({MARKER} "
             "key TEXT PRIMARY KEY, header TEXT NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS dbnotify_listeners ("
+            f"CREATE TABLE IF NOT EXISTS dbnotify_listeners ({MARKER} "
             "name TEXT PRIMARY KEY, position INTEGER NOT NULL, seen_at REAL NOT NULL)",
             # Exactly-once receivers: how far each has claimed, and claims.
-            "CREATE TABLE IF NOT EXISTS dbnotify_receivers ("
+            f"CREATE TABLE IF NOT EXISTS dbnotify_receivers ({MARKER} "
             "receiver TEXT PRIMARY KEY, id INTEGER NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS dbnotify_claims ("
+            f"CREATE TABLE IF NOT EXISTS dbnotify_claims ({MARKER} "
             "receiver TEXT NOT NULL, event_id INTEGER NOT NULL, "
             "state TEXT NOT NULL DEFAULT 'running', attempts INTEGER NOT NULL DEFAULT 1, "
             "claimed_by TEXT, claimed_at REAL NOT NULL, next_attempt_at REAL, last_error TEXT, "
@@ -316,13 +348,7 @@ class SQLiteBackend(Backend):
                 drops = [name for name, tbl in installed if tbl.lower() in tables]
             statements = [f"DROP TRIGGER IF EXISTS {quote_ident(n)}" for n in drops]
             if everything:
-                statements += [
-                    "DROP TABLE IF EXISTS dbnotify_journal",
-                    "DROP TABLE IF EXISTS dbnotify_shapes",
-                    "DROP TABLE IF EXISTS dbnotify_listeners",
-                    "DROP TABLE IF EXISTS dbnotify_receivers",
-                    "DROP TABLE IF EXISTS dbnotify_claims",
-                ]
+                statements += [f"DROP TABLE IF EXISTS {name}" for name in self._our_tables(conn)]
             return statements
 
         return self._with_conn(work)  # type: ignore[no-any-return]
@@ -585,7 +611,7 @@ class SQLiteBackend(Backend):
         journal_id, created_at, shape, body = raw
         try:
             if shape is None:
-                return _payload.decode(body, _no_fetch, journal_id)
+                return _payload.decode(body, journal_id)
             return [self._event(journal_id, created_at, self._shape(shape), body)]
         except (_payload.PayloadError, KeyError, ValueError, TypeError, IndexError) as exc:
             log.warning("skipped journal row %s: %s", journal_id, exc)
@@ -775,7 +801,3 @@ class SQLiteStream(Stream):
         _abandoned.append(self.conn)
         if self.watch is not None:
             self.watch.close()
-
-
-def _no_fetch(ids: Any) -> dict[int, str]:
-    return {}
