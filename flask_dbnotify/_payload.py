@@ -121,50 +121,58 @@ def pieces(text: str, seq: str, size: int = 7900) -> list[str]:
 class Pieces:
     """Puts long messages back together from their pieces.
 
-    The pieces of one message come one after the other from one server
-    process (``pid``), so at most one message per process is in progress.
-    Anyone may send pieces, so what is kept is bounded: ``limit`` bytes a
-    message, ``budget`` bytes in all."""
+    PostgreSQL queues the notifications of a transaction together at
+    commit (notifying commits are serialised), and the pieces of a message
+    are sent one after the other, so they arrive one after the other: at
+    most one message is in progress, and any other notification in
+    between means it will never be finished. Anyone may send pieces, so
+    what is kept is bounded by ``limit`` bytes, for one message at a time.
+    """
 
-    def __init__(self, limit: int, budget: int) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.budget = budget
-        # pid -> [seq, next piece number, bytes so far, parts]; parts is
-        # None while the rest of a message given up on is skipped.
-        self._open: dict[int, list[Any]] = {}
+        # [pid, seq, next piece number, total bytes, bytes so far, parts],
+        # parts None while the rest of a refused message is skipped.
+        self._open: list[Any] | None = None
+
+    def interrupt(self) -> int:
+        """Another notification came: give up on the message in progress.
+        Return how many messages were lost (0 or 1)."""
+        current, self._open = self._open, None
+        return int(current is not None and current[5] is not None)
 
     def add(self, pid: int, text: str) -> tuple[str | None, int]:
         """Add a piece. Return the whole message once its last piece is in
-        (else None), and how many messages were given up on: a piece
-        missing or out of order, a malformed header, or over the limits."""
+        (else None), and how many messages were lost: one given up on (a
+        piece missing, or the pieces not adding up) or refused (over the
+        limit). Pieces of a message whose first piece never came are
+        skipped: the reader counted it when it dropped that piece."""
         head, _, part = text.partition("\n")
-        current = self._open.pop(pid, None)
-        lost = 0
         try:
             seq, k_text, total_text, last_text = head[1:].split(" ")
             k, total, last = int(k_text), int(total_text), last_text == "1"
         except ValueError:
-            return None, 1
-        if current is None or current[0] != seq or current[1] != k:
-            if current is not None and current[3] is not None:
-                lost += 1  # The previous message will not be finished.
-            keep = k == 1 and total <= self.limit
-            lost += not keep
-            current = [seq, k, 0, [] if keep else None]
-        parts = current[3]
-        if parts is not None:
-            current[2] += len(part.encode())
-            held = sum(c[2] for c in self._open.values() if c[3] is not None)
-            if current[2] > total or (last and current[2] != total):
-                parts, lost = None, lost + 1
-            elif not last and held + current[2] > self.budget:
-                parts, lost = None, lost + 1
+            return None, self.interrupt()
+        current = self._open
+        if current is None or current[:3] != [pid, seq, k]:
+            lost = self.interrupt()
+            if k != 1:
+                return None, lost
+            current = [pid, seq, 1, total, 0, [] if total <= self.limit else None]
+            lost += current[5] is None
+        else:
+            lost = 0
+        if current[5] is not None:
+            current[4] += len(part.encode())
+            if current[4] > current[3] or (last and current[4] != current[3]):
+                current[5], lost = None, lost + 1
             else:
-                parts.append(part)
+                current[5].append(part)
         if last:
-            return ("".join(parts) if parts is not None else None), lost
-        current[1], current[3] = k + 1, parts
-        self._open[pid] = current
+            self._open = None
+            return ("".join(current[5]) if current[5] is not None else None), lost
+        current[2] = k + 1
+        self._open = current
         return None, lost
 
 
@@ -172,11 +180,12 @@ def count(text: str) -> int:
     """How many events or messages a payload holds (0 if unreadable, or
     journaled: those are read again, not lost)."""
     if text[:1] == "~":
-        # Pieces: the message counts once, on its last piece.
-        return 1 if text.partition("\n")[0].endswith(" 1") else 0
+        # Pieces: the message counts once, on its first piece (the
+        # listener reports one whose later pieces go missing).
+        return 1 if text.partition("\n")[0].split(" ")[1:2] == ["1"] else 0
     try:
         msg = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return 0
     if isinstance(msg, dict) and isinstance(msg.get("r"), list):
         return len(msg["r"])

@@ -413,3 +413,59 @@ def test_installing_again_fixes_an_earlier_versions_install(
             (low.name, signature),
         )
         assert not allowed
+
+
+BOOM = """
+CREATE TYPE mood AS ENUM ('calm', 'boom');
+CREATE FUNCTION mood_json(m mood) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+  IF m = 'boom' THEN
+    -- What turning a row of over 1 GB into JSON raises, without the wait.
+    RAISE SQLSTATE '54000' USING MESSAGE = 'out of memory';
+  END IF;
+  RETURN to_json(m::text);
+END $$;
+CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);
+CREATE TABLE moods (id int PRIMARY KEY, mood mood);
+"""
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_rows_that_cannot_become_json_arrive_cut(
+    make_app: MakeApp, sql: SQL, events: Recorder, durable: bool
+) -> None:
+    """A row too large to turn into JSON (PostgreSQL's 1 GB limit) does not
+    fail the write: it arrives cut, with its key, in its place among the
+    statement's other rows, which arrive whole."""
+    sql(BOOM)
+    app, ext = listening(make_app, "moods", durable=durable)
+    sql("INSERT INTO moods VALUES (1, 'calm'), (2, 'boom'), (3, 'calm')")
+    sql("INSERT INTO moods VALUES (4, 'boom')")
+    sql("UPDATE moods SET mood = 'boom' WHERE id = 1")
+    sql("DELETE FROM moods WHERE id IN (2, 3)")
+    got = events.wait_for(7, "every row, whole or cut")
+    events.assert_no_more(7, marker(ext, app))
+    assert [(e.op.value, e.pk, e.cut, e.new, e.old) for e in got] == [
+        ("INSERT", 1, False, {"id": 1, "mood": "calm"}, None),
+        ("INSERT", 2, True, {"id": 2}, None),
+        ("INSERT", 3, False, {"id": 3, "mood": "calm"}, None),
+        ("INSERT", 4, True, {"id": 4}, None),
+        ("UPDATE", 1, True, {"id": 1}, {"id": 1}),
+        ("DELETE", 2, True, None, {"id": 2}),
+        ("DELETE", 3, False, None, {"id": 3, "mood": "calm"}),
+    ]
+    assert all((e.id is not None) == durable for e in got)
+
+
+def test_a_cut_row_whose_key_is_gone_still_does_not_fail_the_write(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """Even when the key cannot be read either (its column renamed since
+    install-triggers), the write succeeds; the rows arrive cut, keyless."""
+    sql(BOOM)
+    app, ext = listening(make_app, "moods")
+    sql("ALTER TABLE moods RENAME COLUMN id TO ident")
+    sql("INSERT INTO moods VALUES (1, 'boom'), (2, 'calm')")
+    assert sql("SELECT count(*) FROM moods") == [(2,)]
+    got = events.wait_for(2, "two keyless cut rows")
+    assert [(e.cut, e.pk, e.new) for e in got] == [(True, None, {})] * 2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -145,6 +148,72 @@ def test_install_sql_changes_nothing_and_works_when_run(
         ("INSERT", {"id": 1, "qty": 1}),
         ("UPDATE", {"id": 1, "qty": 2}),
     ]
+
+
+def _psql() -> str:
+    found = shutil.which("psql")
+    if found is None:
+        from ._postgres import _binary_dirs
+
+        found = next(
+            (str(d / "psql") for _, d in _binary_dirs() if (d / "psql").is_file()), None
+        )
+    if found is None:
+        pytest.fail("no psql: install PostgreSQL's client or the test extra (pgserver)")
+    return found
+
+
+def catalog_of_ours(sql: SQL) -> list[tuple[Any, ...]]:
+    """What install made: functions (body, rights, settings, comment),
+    triggers (table, kind, function), tables (rights, comment)."""
+    return sql(
+        "SELECT 'function', p.proname, p.prosrc, p.prosecdef::text, p.proconfig::text, "
+        "  p.proacl::text, obj_description(p.oid, 'pg_proc') "
+        "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'public' AND p.proname LIKE 'dbnotify%%' "
+        "UNION ALL SELECT 'trigger', t.tgname, c.relname, t.tgtype::text, "
+        "  t.tgnewtable || '/' || t.tgoldtable, p.proname, NULL "
+        "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_proc p ON p.oid = t.tgfoid WHERE NOT t.tgisinternal "
+        "UNION ALL SELECT 'relation', c.relname, c.relkind::text, NULL, NULL, "
+        "  c.relacl::text, obj_description(c.oid, 'pg_class') "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relname LIKE 'dbnotify%%' "
+        "ORDER BY 1, 2, 3"
+    )
+
+
+def test_sql_output_run_by_psql_makes_what_install_makes(
+    pg_url: str, make_app: MakeApp, sql: SQL
+) -> None:
+    """`install-triggers --sql` piped into psql creates exactly the objects,
+    rights and marks that install-triggers creates."""
+    sql(ORDERS)
+    sql("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    sql("CREATE TABLE parts (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k)")
+    sql("CREATE TABLE parts_1 PARTITION OF parts FOR VALUES IN (1)")
+    app, ext = make_app()
+    ext.watch("orders", columns=["qty"], when_changed=["qty"])
+    ext.watch("ledger", durable=True)
+    ext.watch("parts")
+    script = app.test_cli_runner().invoke(args=["dbnotify", "install-triggers", "--sql"])
+    assert script.exit_code == 0, script.output
+    ran = subprocess.run(
+        [_psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pg_url],
+        input=script.output,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    by_psql = catalog_of_ours(sql)
+    assert len(by_psql) > 20
+    assert ext.status(app).watches == dict.fromkeys(["orders", "ledger", "parts"], "installed")
+    ext.uninstall_triggers(app, everything=True)
+    assert catalog_of_ours(sql) == []
+    ext.install_triggers(app)
+    assert catalog_of_ours(sql) == by_psql
 
 
 def test_status_follows_the_watch_definition(make_app: MakeApp, sql: SQL, events: Recorder) -> None:

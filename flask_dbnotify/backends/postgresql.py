@@ -320,8 +320,8 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
 #
 # The DDL is rendered without a connection. A name or value holding what
 # SQLAlchemy's text() (which Alembic's op.execute() uses) would take for a
-# bind parameter, ':name', is written in Unicode-escape form (``U&"..."``,
-# ``U&'...'``, with ':' as \003A).
+# bind parameter, ':name', is written in escape form (``U&"..."`` with ':'
+# as \003A, ``E'...'`` with ':' as \x3a).
 
 _BIND = re.compile(r"(?<![:\w\\]):\w")
 
@@ -339,12 +339,11 @@ def ident(*parts: str) -> str:
 
 
 def literal(value: str) -> str:
-    """A string literal, right whatever standard_conforming_strings is."""
-    if _BIND.search(value):
-        escaped = value.replace("\\", "\\\\").replace("'", "''").replace(":", "\\003A")
-        return f"U&'{escaped}'"
-    if "\\" in value:
-        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    """A string literal, right whatever standard_conforming_strings is in
+    the session that runs it (triggers run in writers' sessions)."""
+    if _BIND.search(value) or "\\" in value:
+        escaped = value.replace("\\", "\\\\").replace("'", "''").replace(":", "\\x3a")
+        return f"E'{escaped}'"
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -462,54 +461,65 @@ def _groups(r: Resolved, op: Operation, size: int, separator: str) -> str:
 
 def _each_row(r: Resolved, op: Operation, target: str, emit: str) -> str:
     """The slow path, after a statement's rows could not all be turned into
-    JSON: one row at a time, a row that still fails delivered cut. Runs
-    ``emit`` with the row's JSON in ``target``."""
-    new, old = "pair.n", "pair.o"
-    if op is Operation.INSERT:
-        query = "SELECT r AS n FROM dbnotify_new AS r"
-    elif op is Operation.DELETE:
-        query = "SELECT r AS o FROM dbnotify_old AS r"
-    else:
-        query = (
-            "SELECT nn.r AS n, oo.r AS o "
-            "FROM (SELECT row_number() OVER () AS i, r FROM dbnotify_new AS r) AS nn "
-            "JOIN (SELECT row_number() OVER () AS i, r FROM dbnotify_old AS r) AS oo "
-            "USING (i) WHERE nn.r *<> oo.r"
-        )
+    JSON: one row at a time, a row that still fails delivered cut (a
+    single-row statement's row is known to fail). Runs ``emit`` with the
+    row's JSON in ``target``. Should even that fail (a key column renamed
+    since install), every row goes out cut with an empty key."""
 
-    def key(ref: str) -> str:
-        pairs = ", ".join(f"{literal(k)}, ({ref}).{ident(k)}" for k in r.pk)
+    def key(alias: str) -> str:
+        pairs = ", ".join(f"{literal(k)}, {alias}.{ident(k)}" for k in r.pk)
         return f"json_build_object({pairs})::text"
 
+    new, old = "pair.n", "pair.o"
+    if op is Operation.INSERT:
+        query = f"SELECT r AS n, {key('r')} AS nk FROM dbnotify_new AS r"
+        cut_keys, empty = "pair.nk", "{}"
+    elif op is Operation.DELETE:
+        query = f"SELECT r AS o, {key('r')} AS ok FROM dbnotify_old AS r"
+        cut_keys, empty = "pair.ok", "{}"
+    else:
+        query = (
+            "SELECT nn.r AS n, oo.r AS o, nn.k AS nk, oo.k AS ok "
+            f"FROM (SELECT row_number() OVER () AS i, r, {key('r')} AS k "
+            "FROM dbnotify_new AS r) AS nn "
+            f"JOIN (SELECT row_number() OVER () AS i, r, {key('r')} AS k "
+            "FROM dbnotify_old AS r) AS oo "
+            "USING (i) WHERE nn.r *<> oo.r"
+        )
+        cut_keys, empty = "pair.nk || ',' || pair.ok", "{},{}"
     if op is Operation.UPDATE:
         changed = _changed_json(new, old) if r.watch.columns is not None else ""
         json_of = f"'[' || {_row_json(r, new)} || ',' || {_row_json(r, old)} {changed}|| ']'"
-        cut_keys = f"{key(new)} || ',' || {key(old)}"
         skip = (
             f"IF NOT {_when_changed(r, new, old)} THEN CONTINUE; END IF;"
             if r.watch.when_changed
             else ""
         )
     else:
-        ref = new if op is Operation.INSERT else old
-        json_of, cut_keys, skip = _row_json(r, ref), key(ref), ""
+        json_of, skip = _row_json(r, new if op is Operation.INSERT else old), ""
     return f"""
-    FOR pair IN {query} LOOP
-      BEGIN
-        {skip}
-        {target} := {json_of};
-        IF octet_length({target}) > {MAX_ROW_BYTES} THEN
-          {target} := {_cut(r, op, target)};
-        END IF;
-      EXCEPTION WHEN {_TOO_LARGE} THEN
+    BEGIN
+      FOR pair IN {query} LOOP
         BEGIN
+          IF rows_in = 1 THEN
+            RAISE SQLSTATE '54000';
+          END IF;
+          {skip}
+          {target} := {json_of};
+          IF octet_length({target}) > {MAX_ROW_BYTES} THEN
+            {target} := {_cut(r, op, target)};
+          END IF;
+        EXCEPTION WHEN {_TOO_LARGE} THEN
           {target} := '["cut",' || {cut_keys} || ']';
-        EXCEPTION WHEN OTHERS THEN
-          {target} := '["cut",{{}}{",{}" if op is Operation.UPDATE else ""}]';
         END;
-      END;
-      {emit}
-    END LOOP;"""
+        {emit}
+      END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+      FOR pair IN SELECT FROM generate_series(1, rows_in) LOOP
+        {target} := '["cut",{empty}]';
+        {emit}
+      END LOOP;
+    END;"""
 
 
 def _send(channel: str) -> str:
@@ -1178,20 +1188,22 @@ class PostgreSQLBackend(Backend):
 
     def decode(self, raw: Any) -> list[Item]:
         pid, text = raw
-        lost: list[Item] = []
         if text[:1] == "~":
-            text, gone = self._pieces.add(pid, text)
-            if gone:
-                _skipped.warning(
-                    "skipped %d long message(s) on %r: a piece missing, or over the limits",
-                    gone,
-                    CHANNEL,
-                )
-                lost.append(Lost(gone))
-            if text is None:
-                return lost
+            whole, gone = self._pieces.add(pid, text)
+        else:
+            whole, gone = text, self._pieces.interrupt()
+        lost: list[Item] = []
+        if gone:
+            _skipped.warning(
+                "skipped %d long message(s) on %r: a piece missing, or over the limit",
+                gone,
+                CHANNEL,
+            )
+            lost.append(Lost(gone))
+        if whole is None:
+            return lost
         try:
-            return lost + _payload.decode(text, read_journal=self._read_journal)
+            return lost + _payload.decode(whole, read_journal=self._read_journal)
         except _payload.PayloadError as exc:
             _skipped.warning("skipped a notification on %r: %s", CHANNEL, exc)
             return lost
@@ -1432,8 +1444,7 @@ class PostgreSQLBackend(Backend):
 
 
 def _new_pieces() -> _payload.Pieces:
-    # Room for a few long messages from different sessions at once.
-    return _payload.Pieces(MAX_MESSAGE_BYTES, 4 * MAX_MESSAGE_BYTES)
+    return _payload.Pieces(MAX_MESSAGE_BYTES)
 
 
 def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
