@@ -774,6 +774,39 @@ def test_one_megabyte_row_arrives_whole(sqlite_app: SqliteApp, db: DB, events: R
     assert dele.old["body"] == body + "!"
 
 
+def test_rows_over_the_limit_arrive_cut_and_the_write_succeeds(
+    sqlite_app: SqliteApp, db: DB, events: Recorder
+) -> None:
+    """A row whose values exceed MAX_ROW_BYTES is journaled cut: its key
+    only, with event.cut set; the other rows arrive whole. (A few times
+    larger, its JSON would pass SQLite's string limit and fail the write.)"""
+    from flask_dbnotify.backends.sqlite import MAX_ROW_BYTES
+
+    db("CREATE TABLE docs (id INTEGER, part TEXT, body TEXT, PRIMARY KEY (id, part))")
+    app, ext = listening(sqlite_app, "docs")
+    big = "\x01" * (MAX_ROW_BYTES + 1)
+    db("INSERT INTO docs VALUES (1, 'a', 'small'), (2, 'b', ?)", (big,))
+    db("UPDATE docs SET body = body || 'x'")
+    db("DELETE FROM docs")
+    got = events.wait_for(6)
+    events.assert_no_more(6, marker(ext, app))
+    assert [(e.op.value, e.pk, e.cut, e.new, e.old) for e in got] == [
+        ("INSERT", (1, "a"), False, {"id": 1, "part": "a", "body": "small"}, None),
+        ("INSERT", (2, "b"), True, {"id": 2, "part": "b"}, None),
+        (
+            "UPDATE",
+            (1, "a"),
+            False,
+            {"id": 1, "part": "a", "body": "smallx"},
+            {"id": 1, "part": "a", "body": "small"},
+        ),
+        ("UPDATE", (2, "b"), True, {"id": 2, "part": "b"}, {"id": 2, "part": "b"}),
+        ("DELETE", (1, "a"), False, None, {"id": 1, "part": "a", "body": "smallx"}),
+        ("DELETE", (2, "b"), True, None, {"id": 2, "part": "b"}),
+    ]
+    assert all(e.changed == frozenset() for e in got if e.cut)
+
+
 class Color(enum.Enum):
     RED = "r"
     GREEN = "g"

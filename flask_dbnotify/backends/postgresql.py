@@ -175,7 +175,11 @@ class TriggerFunction:
 # -- catalog ----------------------------------------------------------------
 
 _FIND_RELATION = """
-SELECT c.oid, n.nspname, c.relname, c.relkind
+SELECT c.oid, n.nspname, c.relname, c.relkind,
+       (SELECT pn.nspname || '.' || p.relname FROM pg_catalog.pg_inherits i
+        JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
+        JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+        WHERE i.inhrelid = c.oid LIMIT 1)
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relname = %(table)s
   AND CASE WHEN %(schema)s::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
@@ -284,7 +288,15 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
     if row is None:
         where = f"schema {watch.schema!r}" if watch.schema else "the search_path"
         raise WatchError(f"table {_describe(watch)!r} does not exist (looked in {where})")
-    oid, schema, table, kind = row
+    oid, schema, table, kind, parent = row
+    if parent is not None:
+        # A statement on the parent fires only the parent's statement
+        # triggers: writes made through it would be missed.
+        raise WatchError(
+            f"{_describe(watch)!r} is a partition or child of {parent!r}: writes made "
+            f"through {parent!r} would be missed, so watch {parent!r} (its partitions "
+            "and children are covered)"
+        )
     if kind not in ("r", "p"):
         what = _KINDS.get(kind, f"a relation of kind {kind!r}")
         raise WatchError(
@@ -714,15 +726,24 @@ END
 
 
 def truncate_body(r: Resolved, schema: str) -> str:
-    """TRUNCATE carries no row. Fast: one notification, without a counter,
-    so the triggers of a truncated table's partitions (all fired by one
-    TRUNCATE) fold into one; durable: one journal row per statement."""
-    body = literal(_head(r, Operation.TRUNCATE) + ',"ts": ')
-    ts = "extract(epoch FROM statement_timestamp())::text || '}'"
+    """TRUNCATE carries no row. One TRUNCATE of a partitioned table fires
+    the trigger of every table it empties; those calls must make one
+    event, but two TRUNCATEs with a change of the table between them must
+    make two. So a TRUNCATE is dropped only when nothing of this watch
+    happened since the last one in the transaction (which changes nothing):
+    fast, the notification carries the transaction's counter of row
+    notifications, unchanged if none was sent, and PostgreSQL folds equal
+    notifications; durable, it is not journaled when the transaction's
+    latest journal row is already a TRUNCATE of this watch."""
+    head = _head(r, Operation.TRUNCATE) + ',"ts": '
+    ts = "extract(epoch FROM statement_timestamp())::text"
     if not r.watch.durable:
         return f"""
+DECLARE
+  seq text := coalesce(current_setting('dbnotify.batch', true), '');
 BEGIN
-  PERFORM pg_notify({literal(CHANNEL)}, {body} || {ts});
+  PERFORM pg_notify({literal(CHANNEL)}, {literal(head)} || {ts} || ',"s": '
+    || CASE WHEN seq ~ '^[0-9]{{1,15}}$' THEN seq ELSE '0' END || '}}');
   RETURN NULL;
 END
 """
@@ -730,12 +751,15 @@ END
     return f"""
 DECLARE
   x xid8 := pg_current_xact_id();
-  b text := {body} || {ts};
   jid bigint;
 BEGIN
   INSERT INTO {journal} (xid, watch, body)
-  SELECT x, {literal(r.watch.name)}, b
-  WHERE NOT EXISTS (SELECT FROM {journal} AS j WHERE j.xid = x AND j.body = b)
+  SELECT x, {literal(r.watch.name)}, {literal(head)} || {ts} || '}}'
+  WHERE NOT EXISTS (
+    SELECT FROM (SELECT j.watch, j.body FROM {journal} AS j
+                 WHERE j.xid = x ORDER BY j.id DESC LIMIT 1) AS latest
+    WHERE latest.watch = {literal(r.watch.name)}
+      AND left(latest.body, {len(head)}) = {literal(head)})
   RETURNING id INTO jid;
   IF jid IS NOT NULL THEN
     PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || jid || ', ' || jid
@@ -972,6 +996,14 @@ class PostgreSQLBackend(Backend):
             wanted_functions |= set(functions)
             for name, f in functions.items():
                 statements += create_function(self.schema, name, f, r.watch.name)
+            # A table detached from the tree keeps our triggers, and would
+            # go on sending events under the watch's name.
+            tree = {oid for oid, _, _ in r.tree}
+            drops += [
+                drop_trigger(o)
+                for o in catalog.triggers
+                if o.function in functions and o.table_oid not in tree
+            ]
             for oid, schema, table in r.tree:
                 present = {o.trigger for o in catalog.triggers if o.table_oid == oid}
                 drops += [

@@ -62,6 +62,9 @@ _EMPTY: frozenset[str] = frozenset()
 _SETTLE = 0.05
 _READ_LIMIT = 5000
 _abandoned: list[sqlite3.Connection] = []
+#: A row whose text and blob values take more than this is journaled cut:
+#: its primary key only, with ``event.cut`` set (as on PostgreSQL).
+MAX_ROW_BYTES = 16 * 1024 * 1024
 
 
 def quote_ident(name: str) -> str:
@@ -102,6 +105,16 @@ def _row_array(ref: str, columns: list[tuple[str, str]]) -> str:
         for part in (columns[i : i + _CHUNK] for i in range(0, len(columns), _CHUNK))
     ]
     return f"json_array({', '.join(chunks)})"
+
+
+def _size(ref: str, columns: list[tuple[str, str]]) -> str:
+    """Bytes of the row's text and blob values, without copying them."""
+    return " + ".join(
+        f"CASE typeof({ref}.{quote_ident(name)}) "
+        f"WHEN 'text' THEN length(CAST({ref}.{quote_ident(name)} AS BLOB)) "
+        f"WHEN 'blob' THEN length({ref}.{quote_ident(name)}) ELSE 8 END"
+        for name, _ in columns
+    )
 
 
 def _flatten(chunks: list[list[Any]]) -> list[Any]:
@@ -199,22 +212,34 @@ class SQLiteBackend(Backend):
     # -- DDL ----------------------------------------------------------------
 
     def _trigger_sql(
-        self, watch: Watch, table: str, columns: list[tuple[str, str]], op: Operation, key: str
+        self,
+        watch: Watch,
+        table: str,
+        columns: list[tuple[str, str]],
+        pk: list[str],
+        op: Operation,
+        key: str,
     ) -> str:
         """A row trigger appending ``(time, shape key, values)`` to the
         journal; the shape (names, keys) is stored once in dbnotify_shapes."""
         when = ""
-        if op is Operation.INSERT:
-            body = _row_array("NEW", columns)
-        elif op is Operation.DELETE:
-            body = _row_array("OLD", columns)
-        else:
+        declared = dict(columns)
+        keys = [(k, declared[k]) for k in pk]
+        if op is Operation.UPDATE:
             # Row values: one comparison, however many columns.
             watched = watch.when_changed or [name for name, _ in columns]
             new = ", ".join(f"NEW.{quote_ident(c)}" for c in watched)
             old = ", ".join(f"OLD.{quote_ident(c)}" for c in watched)
             when = f" WHEN ({new}) IS NOT ({old})"
             body = f"json_array({_row_array('NEW', columns)}, {_row_array('OLD', columns)})"
+            size = f"{_size('NEW', columns)} + {_size('OLD', columns)}"
+            cut = f"json_array({_row_array('NEW', keys)}, {_row_array('OLD', keys)})"
+        else:
+            ref = "NEW" if op is Operation.INSERT else "OLD"
+            body, size, cut = _row_array(ref, columns), _size(ref, columns), _row_array(ref, keys)
+        # A row too large would make the journal row (or its JSON) exceed
+        # SQLite's string limit and fail the write: it is journaled cut.
+        body = f"CASE WHEN {size} > {MAX_ROW_BYTES} THEN json_object('cut', {cut}) ELSE {body} END"
         return (
             f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN {MARKER} "
             f"INSERT INTO dbnotify_journal (created_at, shape, body) "
@@ -250,7 +275,11 @@ class SQLiteBackend(Backend):
                 [
                     DDL_VERSION,
                     [
-                        [op.value, headers[op], self._trigger_sql(watch, table, columns, op, "")]
+                        [
+                            op.value,
+                            headers[op],
+                            self._trigger_sql(watch, table, columns, pk, op, ""),
+                        ]
                         for op in ops
                     ],
                 ]
@@ -260,7 +289,7 @@ class SQLiteBackend(Backend):
         result = {}
         for op in ops:
             name = f"dbnotify_{slug}_{_OP_CODE[op]}_{digest}"
-            result[name] = (self._trigger_sql(watch, table, columns, op, name), headers[op])
+            result[name] = (self._trigger_sql(watch, table, columns, pk, op, name), headers[op])
         return table, result
 
     def _shared_sql(self) -> list[str]:
@@ -640,6 +669,20 @@ class SQLiteBackend(Backend):
         op = shape["op"]
         old = new = None
         changed = _EMPTY
+        timestamp = datetime.fromtimestamp(_unix(created_at), UTC)
+        if type(values) is dict:
+            cut = values["cut"]
+            if op is Operation.UPDATE:
+                new = dict(zip(keys, _flatten(cut[0]), strict=True))
+                old = dict(zip(keys, _flatten(cut[1]), strict=True))
+            elif op is Operation.INSERT:
+                new = dict(zip(keys, _flatten(cut), strict=True))
+            else:
+                old = dict(zip(keys, _flatten(cut), strict=True))
+            row = new if new is not None else old
+            assert row is not None
+            pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+            return ChangeEvent(shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True)
         if op is Operation.UPDATE:
             new_values, old_values = _flatten(values[0]), _flatten(values[1])
             pairs = zip(columns, new_values, old_values, strict=True)
@@ -657,7 +700,6 @@ class SQLiteBackend(Backend):
         if keep is not None:
             new = None if new is None else {c: new[c] for c in keep}
             old = None if old is None else {c: old[c] for c in keep}
-        timestamp = datetime.fromtimestamp(_unix(created_at), UTC)
         return ChangeEvent(shape["t"], op, pk, new, old, changed, journal_id, timestamp)
 
 
