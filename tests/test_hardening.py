@@ -430,8 +430,9 @@ def test_forged_and_broken_pieces_are_skipped(
 ) -> None:
     """Forged pieces (claiming more than a listener takes, out of order,
     with a malformed header, not adding up) are skipped; each message that
-    was begun (a first piece came) is reported as dropped; valid JSON nested too deep to read (3,999 deep in one
-    notification, 100,000 deep in pieces) is skipped. The listener stays
+    was begun (a first piece came) is reported as dropped; valid JSON
+    nested too deep to read (3,999 deep in one notification, 100,000 deep
+    in pieces) is skipped. The listener stays
     connected, holds nothing for any of them, and later events arrive."""
     sql(DOCS)
     app, ext = listening(make_app, "docs")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -155,9 +154,7 @@ def _psql() -> str:
     if found is None:
         from ._postgres import _binary_dirs
 
-        found = next(
-            (str(d / "psql") for _, d in _binary_dirs() if (d / "psql").is_file()), None
-        )
+        found = next((str(d / "psql") for _, d in _binary_dirs() if (d / "psql").is_file()), None)
     if found is None:
         pytest.fail("no psql: install PostgreSQL's client or the test extra (pgserver)")
     return found
