@@ -254,7 +254,9 @@ class DBNotify:
         """Send an application message to every listener.
 
         :param channel: the sender of ``notification_received``.
-        :param payload: any JSON-serialisable value, of any size.
+        :param payload: any JSON-serialisable value. On PostgreSQL a message
+            is at most 16 MiB as JSON (``ValueError`` beyond); a durable
+            one, any size the journal holds.
         :param connection: a SQLAlchemy ``Connection`` or ``Session`` (or a
             DB-API connection): the message is sent when its transaction
             commits, and not at all if it rolls back. Without it the message

@@ -287,7 +287,8 @@ def test_durable_mode_ignores_forged_and_replayed_notifications(
         '"r": [{"id": 1, "status": "real"}]}'
     )
     forged_message = '{"v": 1, "m": "orders", "u": "x", "p": "forged"}'
-    for payload in (captured, captured, forged_row, forged_message, captured):
+    stored = '{"v": 1, "ref": 1}'  # 0.1's stored payloads are not read any more
+    for payload in (captured, captured, forged_row, forged_message, stored, captured):
         low.run("SELECT pg_notify('dbnotify', %s)", (payload,))
     ext.notify("marker", "end", durable=True, app=app)
     items = events.wait_for(2, "the real row and the marker")

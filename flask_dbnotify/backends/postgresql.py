@@ -635,9 +635,13 @@ def stash_body(r: Resolved, op: Operation) -> str:
     ``dbnotify.s<depth>_<n>`` (separated by chr(30), which JSON text never
     holds), their number in ``dbnotify.n<depth>``. It always sets the
     number, so what the second half reads was written here, just now."""
+    # In the slow path a value's own code (a cast, as the writer) runs
+    # after earlier slots are set, and could change them: their digests
+    # are checked before the hand-over. (In the other paths every row is
+    # converted before the first slot is set: GROUP BY reads all its input.)
     flush = (
-        "n := n + 1; "
-        "PERFORM set_config('dbnotify.s' || d || '_' || n, array_to_string(parts, chr(30)), true); "
+        "n := n + 1; part := array_to_string(parts, chr(30)); sums := sums || md5(part); "
+        "PERFORM set_config('dbnotify.s' || d || '_' || n, part, true); "
         "parts := '{}'; size := 0;"
     )
     emit = f"""
@@ -654,7 +658,9 @@ DECLARE
   part text;
   one text;
   parts text[] := '{{}}';
+  sums text[] := '{{}}';
   size bigint := 0;
+  k int;
   pair record;
 BEGIN
   SELECT count(*) INTO rows_in FROM {_changed_table(op)};
@@ -676,6 +682,11 @@ BEGIN
       n := 0;
       {_each_row(r, op, "one", emit)}
       IF size > 0 THEN {flush} END IF;
+      FOR k IN 1..n LOOP
+        IF md5(current_setting('dbnotify.s' || d || '_' || k)) <> sums[k] THEN
+          RAISE EXCEPTION 'Flask-DBNotify: rows changed while being journaled';
+        END IF;
+      END LOOP;
     END;
   END IF;
   PERFORM set_config('dbnotify.n' || d, n::text, true);
