@@ -349,9 +349,9 @@ def test_garbage_in_the_batch_counter_does_not_break_writes(
 def test_garbage_in_the_durable_hand_over_settings_is_never_delivered(
     make_app: MakeApp, sql: SQL, events: Recorder
 ) -> None:
-    """A session that set dbnotify.n1 and dbnotify.s1_1 (where durable
-    triggers hand rows over) to garbage, or to a forged row, writes as
-    usual; the real rows arrive, never what the session put there."""
+    """A session that set dbnotify.s1_1.. (where durable triggers hand rows
+    over) to garbage, or to forged rows, writes as usual; the real rows
+    arrive, never what the session put there."""
     sql(DOCS)
     app, ext = listening(make_app, "docs", durable=True)
     sql("SET dbnotify.n1 = 'garbage'")
@@ -359,9 +359,9 @@ def test_garbage_in_the_durable_hand_over_settings_is_never_delivered(
     sql("INSERT INTO docs VALUES (1, 'real')")
     sql("UPDATE docs SET body = 'changed'")
     forged = '{"id": 666, "body": "forged"}'
-    sql("SET dbnotify.n1 = '2'")
-    sql(f"SET dbnotify.s1_1 = '{forged}'")
+    sql("SET dbnotify.s1_1 = '#2'")
     sql(f"SET dbnotify.s1_2 = '{forged}'")
+    sql(f"SET dbnotify.s1_3 = '{forged}'")
     sql("UPDATE docs SET body = 'no such row' WHERE id = 99")
     sql("INSERT INTO docs VALUES (2, 'also real')")
     sql("DELETE FROM docs")

@@ -252,10 +252,11 @@ def test_forged_hand_over_settings_are_never_journaled(
     conn = writer.connect()
     forged = '{"id": 666, "status": "forged"}'
     with conn.cursor() as cur:
-        cur.execute("SET dbnotify.n1 = '2'")
-        cur.execute("SET dbnotify.s1_1 = %s", (forged,))
-        cur.execute("SET dbnotify.s1_2 = %s", (forged,))
-        cur.execute("UPDATE orders SET status = 'x'")  # no rows: nothing to journal
+        for first in (forged, "#2"):  # the rows, or the number of slots 2 and up
+            cur.execute("SET dbnotify.s1_1 = %s", (first,))
+            cur.execute("SET dbnotify.s1_2 = %s", (forged,))
+            cur.execute("SET dbnotify.s1_3 = %s", (forged,))
+            cur.execute("UPDATE orders SET status = 'x'")  # no rows: nothing to journal
         cur.execute("INSERT INTO orders VALUES (1, 'real')")
     (event,) = events.wait_for(1, "the real row")
     events.assert_no_more(1, marker(ext, app))

@@ -406,16 +406,18 @@ def _when_changed(r: Resolved, new: str, old: str) -> str:
     )
 
 
-def _rows(r: Resolved, op: Operation) -> str:
-    """A query yielding ``(i, j)``: row order and the row's JSON."""
+def _rows(r: Resolved, op: Operation, one: bool = False) -> str:
+    """A query yielding ``(i, j)``: row order and the row's JSON; with
+    ``one`` (the statement changed one row), only ``j``."""
     # The whole-row alias must not be the name of one of the columns.
     alias = "dbnotify_row"
     while alias in r.columns:
         alias += "_"
     row = ident(alias)
+    number = "" if one else "row_number() OVER () AS i, "
     if op is not Operation.UPDATE:
         table = "dbnotify_new" if op is Operation.INSERT else "dbnotify_old"
-        return f"SELECT row_number() OVER () AS i, {_row_json(r, row)} AS j FROM {table} AS {row}"
+        return f"SELECT {number}{_row_json(r, row)} AS j FROM {table} AS {row}"
     # Transition tables hold old and new rows in the same order, so pair
     # them by position; joining on the key would lose rows whose key
     # changed. `*<>` compares binary images: it needs no `=` operator for
@@ -426,9 +428,14 @@ def _rows(r: Resolved, op: Operation) -> str:
     # With every column carried, the listener works out `changed` from new
     # and old; otherwise the trigger must.
     changed = _changed_json("nn.r", "oo.r") if r.watch.columns is not None else ""
+    j = f"'[' || {_row_json(r, 'nn.r')} || ',' || {_row_json(r, 'oo.r')} {changed}|| ']' AS j"
+    if one:
+        return (
+            f"SELECT {j} FROM (SELECT {row} AS r FROM dbnotify_new AS {row}) AS nn, "
+            f"(SELECT {row} AS r FROM dbnotify_old AS {row}) AS oo WHERE {condition}"
+        )
     return (
-        f"SELECT nn.i, '[' || {_row_json(r, 'nn.r')} || ',' || {_row_json(r, 'oo.r')} "
-        f"{changed}|| ']' AS j "
+        f"SELECT nn.i, {j} "
         f"FROM (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_new AS {row}) AS nn "
         f"JOIN (SELECT row_number() OVER () AS i, {row} AS r FROM dbnotify_old AS {row}) AS oo "
         f"USING (i) WHERE {condition}"
@@ -460,6 +467,28 @@ def _cut_rows(r: Resolved, op: Operation) -> str:
         f"SELECT i, CASE WHEN octet_length(j) > {MAX_ROW_BYTES} THEN {_cut(r, op, 'j')} "
         f"ELSE j END AS j FROM ({_rows(r, op)} OFFSET 0) AS r"
     )
+
+
+def _one(r: Resolved, op: Operation, target: str, emit: str, fallback: str) -> str:
+    """A statement's only row into ``target``, then ``emit`` (unless an
+    UPDATE changed nothing); ``fallback`` if it cannot become JSON. Only
+    the conversion is guarded: a block around a query is cheap, one around
+    set_config() and pg_notify() is not. The size is checked here rather
+    than in the query: a plan's parts are set up on every run, used or not."""
+    return f"""
+      BEGIN
+        SELECT r.j INTO {target} FROM ({_rows(r, op, one=True)}) AS r;
+      EXCEPTION WHEN {_TOO_LARGE} THEN
+        failed := true;
+      END;
+      IF failed THEN
+        {fallback}
+      ELSIF {target} IS NOT NULL THEN
+        IF octet_length({target}) > {MAX_ROW_BYTES} THEN
+          {target} := {_cut(r, op, target)};
+        END IF;
+        {emit}
+      END IF;"""
 
 
 def _groups(r: Resolved, op: Operation, size: int, separator: str) -> str:
@@ -590,9 +619,11 @@ def fast_body(r: Resolved, op: Operation) -> str:
     if budget < 500:
         raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
     send = _send(channel)
+    slow = _each_row(r, op, "batch", send)
     return f"""
 DECLARE
   head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s": ';
+  failed boolean := false;
   rows_in bigint;
   batch text;
   seq text;
@@ -608,22 +639,19 @@ BEGIN
   IF rows_in = 0 THEN
     RETURN NULL;
   END IF;
-  BEGIN
-    IF rows_in = 1 THEN
-      -- Most writes touch one row: skip the batching machinery.
-      SELECT r.j INTO batch FROM ({_cut_rows(r, op)}) AS r;
-      IF batch IS NOT NULL THEN
-        {send}
-      END IF;
-    ELSE
+  IF rows_in = 1 THEN
+    -- Most writes touch one row: skip the batching machinery.
+    {_one(r, op, "batch", send, slow)}
+  ELSE
+    BEGIN
       FOR batch IN {_groups(r, op, budget, "','")} LOOP
         {send}
       END LOOP;
-    END IF;
-  EXCEPTION WHEN {_TOO_LARGE} THEN
-    -- Nothing was sent (the block's notifications are rolled back).
-    {_each_row(r, op, "batch", send)}
-  END;
+    EXCEPTION WHEN {_TOO_LARGE} THEN
+      -- Nothing was sent (the block's notifications are rolled back).
+      {slow}
+    END;
+  END IF;
   RETURN NULL;
 END
 """
@@ -631,17 +659,19 @@ END
 
 def stash_body(r: Resolved, op: Operation) -> str:
     """Durable, first half (invoker rights, pinned search_path): the rows
-    become JSON as the writer and are left in transaction-local settings
-    ``dbnotify.s<depth>_<n>`` (separated by chr(30), which JSON text never
-    holds), their number in ``dbnotify.n<depth>``. It always sets the
-    number, so what the second half reads was written here, just now."""
+    become JSON as the writer and are left, separated by chr(30) (which
+    JSON text never holds), in the transaction-local setting
+    ``dbnotify.s<depth>_1``. It always sets it, to nothing when there are no
+    rows, so what the second half reads was written here, for this
+    statement. Over 1 GB of rows (the slow path) go in ``_2``, ``_3``...
+    and ``_1`` holds ``#`` and their number."""
     # In the slow path a value's own code (a cast, as the writer) runs
     # after earlier slots are set, and could change them: their digests
-    # are checked before the hand-over. (In the other paths every row is
-    # converted before the first slot is set: GROUP BY reads all its input.)
+    # are checked before the hand-over. (Otherwise every row is converted
+    # before the only slot is set.)
     flush = (
-        "n := n + 1; part := array_to_string(parts, chr(30)); sums := sums || md5(part); "
-        "PERFORM set_config('dbnotify.s' || d || '_' || n, part, true); "
+        "k := k + 1; part := array_to_string(parts, chr(30)); sums := sums || md5(part); "
+        "PERFORM set_config('dbnotify.s' || d || '_' || (k + 1), part, true); "
         "parts := '{}'; size := 0;"
     )
     emit = f"""
@@ -653,43 +683,42 @@ def stash_body(r: Resolved, op: Operation) -> str:
     return f"""
 DECLARE
   d text := pg_trigger_depth()::text;
-  n int := 0;
+  failed boolean := false;
   rows_in bigint;
+  biggest int;
   part text;
   one text;
   parts text[] := '{{}}';
   sums text[] := '{{}}';
   size bigint := 0;
-  k int;
+  k int := 0;
   pair record;
 BEGIN
-  SELECT count(*) INTO rows_in FROM {_changed_table(op)};
-  IF rows_in > 0 THEN
-    BEGIN
-      IF rows_in = 1 THEN
-        SELECT r.j INTO part FROM ({_cut_rows(r, op)}) AS r;
-        IF part IS NOT NULL THEN
-          n := 1;
-          PERFORM set_config('dbnotify.s' || d || '_1', part, true);
-        END IF;
-      ELSE
-        FOR part IN {_groups(r, op, _SLOT_BYTES, "chr(30)")} LOOP
-          n := n + 1;
-          PERFORM set_config('dbnotify.s' || d || '_' || n, part, true);
-        END LOOP;
+  BEGIN
+    -- One query, one text for the whole statement (a writer's statement
+    -- mostly touches one row, and two queries cost more than one). Only a
+    -- statement with a row over MAX_ROW_BYTES runs the query that cuts.
+    SELECT string_agg(r.j, chr(30) ORDER BY r.i), max(octet_length(r.j))
+      INTO part, biggest FROM ({_rows(r, op)}) AS r;
+    IF biggest > {MAX_ROW_BYTES} THEN
+      SELECT string_agg(r.j, chr(30) ORDER BY r.i) INTO part FROM ({_cut_rows(r, op)}) AS r;
+    END IF;
+  EXCEPTION WHEN {_TOO_LARGE} THEN
+    -- Over 1 GB in all, or a row that cannot become JSON.
+    failed := true;
+  END;
+  IF failed THEN
+    SELECT count(*) INTO rows_in FROM {_changed_table(op)};
+    {_each_row(r, op, "one", emit)}
+    IF size > 0 THEN {flush} END IF;
+    FOR n IN 1..k LOOP
+      IF md5(current_setting('dbnotify.s' || d || '_' || (n + 1))) <> sums[n] THEN
+        RAISE EXCEPTION 'Flask-DBNotify: rows changed while being journaled';
       END IF;
-    EXCEPTION WHEN {_TOO_LARGE} THEN
-      n := 0;
-      {_each_row(r, op, "one", emit)}
-      IF size > 0 THEN {flush} END IF;
-      FOR k IN 1..n LOOP
-        IF md5(current_setting('dbnotify.s' || d || '_' || k)) <> sums[k] THEN
-          RAISE EXCEPTION 'Flask-DBNotify: rows changed while being journaled';
-        END IF;
-      END LOOP;
-    END;
+    END LOOP;
+    part := '#' || k;
   END IF;
-  PERFORM set_config('dbnotify.n' || d, n::text, true);
+  PERFORM set_config('dbnotify.s' || d || '_1', coalesce(part, ''), true);
   RETURN NULL;
 END
 """
@@ -700,33 +729,53 @@ def journal_body(r: Resolved, op: Operation, schema: str) -> str:
     into the journal, one row per event, and NOTIFY only the range of ids
     and the transaction id. It reads text and writes our table; no value
     of the user's, and so no function of the user's, is involved."""
+    journal, watch = ident(schema, "dbnotify_journal"), literal(r.watch.name)
     head = literal(_head(r, op) + ',"ts": ')
     return f"""
 DECLARE
   d text := pg_trigger_depth()::text;
-  n text := current_setting('dbnotify.n' || d, true);
+  one text := current_setting('dbnotify.s' || d || '_1', true);
   x xid8;
   lo bigint;
   hi bigint;
   head text;
 BEGIN
-  IF n IS NULL OR n !~ '^[1-9][0-9]{{0,5}}$' THEN
+  IF one IS NULL OR one = '' OR one = '#0' THEN
     RETURN NULL;
   END IF;
-  PERFORM set_config('dbnotify.n' || d, '0', true);
   x := pg_current_xact_id();
   head := {head} || extract(epoch FROM clock_timestamp())::text || ',"r": [';
-  WITH ins AS (
-    INSERT INTO {ident(schema, "dbnotify_journal")} (xid, watch, body)
-    SELECT x, {literal(r.watch.name)}, head || e.j || ']}}'
-    FROM generate_series(1, n::int) AS s(k)
-    CROSS JOIN LATERAL unnest(string_to_array(
-      current_setting('dbnotify.s' || d || '_' || s.k), chr(30))) WITH ORDINALITY AS e(j, o)
-    ORDER BY s.k, e.o
-    RETURNING id)
-  SELECT min(id), max(id) INTO lo, hi FROM ins;
-  PERFORM set_config('dbnotify.s' || d || '_' || s.k, '', true)
-    FROM generate_series(1, n::int) AS s(k);
+  IF left(one, 1) <> '#' THEN
+    IF strpos(one, chr(30)) = 0 THEN
+      -- Most writes touch one row.
+      INSERT INTO {journal} (xid, watch, body)
+      VALUES (x, {watch}, head || one || ']}}') RETURNING id INTO lo;
+      hi := lo;
+    ELSE
+      WITH ins AS (
+        INSERT INTO {journal} (xid, watch, body)
+        SELECT x, {watch}, head || e.j || ']}}' FROM string_to_table(one, chr(30)) AS e(j)
+        RETURNING id)
+      SELECT min(id), max(id) INTO lo, hi FROM ins;
+      IF octet_length(one) > 1048576 THEN
+        -- Free a large text now rather than at commit.
+        PERFORM set_config('dbnotify.s' || d || '_1', '', true);
+      END IF;
+    END IF;
+  ELSE
+    -- Over 1 GB of rows, in slots 2 and up.
+    WITH ins AS (
+      INSERT INTO {journal} (xid, watch, body)
+      SELECT x, {watch}, head || e.j || ']}}'
+      FROM generate_series(2, substr(one, 2)::int + 1) AS s(k)
+      CROSS JOIN LATERAL string_to_table(
+        current_setting('dbnotify.s' || d || '_' || s.k), chr(30)) WITH ORDINALITY AS e(j, o)
+      ORDER BY s.k, e.o
+      RETURNING id)
+    SELECT min(id), max(id) INTO lo, hi FROM ins;
+    PERFORM set_config('dbnotify.s' || d || '_' || s.k, '', true)
+      FROM generate_series(2, substr(one, 2)::int + 1) AS s(k);
+  END IF;
   IF lo IS NOT NULL THEN
     PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || lo || ', ' || hi
       || '], "x": ' || x || '}}');
