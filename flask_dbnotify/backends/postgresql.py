@@ -407,8 +407,9 @@ def _when_changed(r: Resolved, new: str, old: str) -> str:
 
 
 def _rows(r: Resolved, op: Operation, one: bool = False) -> str:
-    """A query yielding ``(i, j)``: row order and the row's JSON; with
-    ``one`` (the statement changed one row), only ``j``."""
+    """A query yielding ``(i, j)``: row order and the row's JSON. With
+    ``one``, only ``j``, in the transition table's order; for an UPDATE
+    that pairs rows only when the statement changed one row."""
     # The whole-row alias must not be the name of one of the columns.
     alias = "dbnotify_row"
     while alias in r.columns:
@@ -680,6 +681,12 @@ def stash_body(r: Resolved, op: Operation) -> str:
         parts := parts || one;
         size := size + octet_length(one) + 1;
       END IF;"""
+    # INSERT and DELETE rows are aggregated in the order of the transition
+    # table (the order row_number() OVER () numbers them in); UPDATE pairs
+    # come out of a join, so they are put back in order.
+    one_table = op is not Operation.UPDATE
+    rows = _rows(r, op, one=True) if one_table else _rows(r, op)
+    order = "" if one_table else " ORDER BY r.i"
     return f"""
 DECLARE
   d text := pg_trigger_depth()::text;
@@ -698,8 +705,8 @@ BEGIN
     -- One query, one text for the whole statement (a writer's statement
     -- mostly touches one row, and two queries cost more than one). Only a
     -- statement with a row over MAX_ROW_BYTES runs the query that cuts.
-    SELECT string_agg(r.j, chr(30) ORDER BY r.i), max(octet_length(r.j))
-      INTO part, biggest FROM ({_rows(r, op)}) AS r;
+    SELECT string_agg(r.j, chr(30){order}), max(octet_length(r.j))
+      INTO part, biggest FROM ({rows}) AS r;
     IF biggest > {MAX_ROW_BYTES} THEN
       SELECT string_agg(r.j, chr(30) ORDER BY r.i) INTO part FROM ({_cut_rows(r, op)}) AS r;
     END IF;
