@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -165,6 +166,41 @@ def listening(
     ext.install_triggers(app)
     ext.start(app)
     return app, ext
+
+
+def captured_notifications(
+    url: str, send: Callable[[], object], timeout: float = WAIT
+) -> list[str]:
+    """The payloads on the listener's channel that ``send()`` causes, as a
+    plain LISTENing session sees them (a marker on another channel, sent
+    after, tells when all have arrived)."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("LISTEN dbnotify; LISTEN test_done")
+        send()
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_notify('test_done', '')")
+        payloads: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            # Our own marker may already be in: psycopg2 collects
+            # notifications after each query.
+            for note in conn.notifies:
+                if note.channel == "test_done":
+                    return payloads
+                payloads.append(note.payload)
+            conn.notifies.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"the marker did not arrive within {timeout}s ({len(payloads)} so far)"
+                )
+            select.select([conn], [], [], left)
+            conn.poll()
+    finally:
+        conn.close()
 
 
 def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:

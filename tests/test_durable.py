@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import select
 import sqlite3
 import subprocess
 import threading
@@ -35,7 +34,7 @@ from sqlalchemy.engine import make_url
 from flask_dbnotify import ChangeEvent, DBNotify, events_dropped, listener_connected
 
 from ._postgres import ThrowawayServer
-from .conftest import SQL, WAIT, Recorder
+from .conftest import SQL, WAIT, Recorder, captured_notifications
 from .test_faults import Lifecycle, Proxy, wait_for_state
 from .test_listener import wait_for_backends
 from .test_sqlite import Lines
@@ -216,35 +215,6 @@ def test_durable_events_carry_journal_ids_and_what_fast_events_carry(
         assert before - slack <= event.timestamp <= after + slack, (event, before, after)
 
 
-def captured_notifications(url: str, send: Callable[[], object]) -> list[str]:
-    """The payloads on the listener's channel that ``send()`` causes, as a
-    plain LISTENing session sees them (a marker on another channel, sent
-    after, tells when all have arrived)."""
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LISTEN dbnotify; LISTEN test_done")
-        send()
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_notify('test_done', '')")
-        payloads: list[str] = []
-        deadline = time.monotonic() + LONG
-        while True:
-            for note in conn.notifies:
-                if note.channel == "test_done":
-                    return payloads
-                payloads.append(note.payload)
-            conn.notifies.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"the marker did not arrive within {LONG}s")
-            select.select([conn], [], [], left)
-            conn.poll()
-    finally:
-        conn.close()
-
-
 def test_durable_notification_names_a_range_so_big_writes_arrive_whole(
     make_app: MakeApp, sql: SQL, pg_url: str, events: Recorder
 ) -> None:
@@ -262,6 +232,7 @@ def test_durable_notification_names_a_range_so_big_writes_arrive_whole(
             sql("INSERT INTO orders VALUES (0, %s)", (big,)),
             sql("INSERT INTO orders SELECT g, 'row ' || g FROM generate_series(1, %s) g", (n,)),
         ),
+        LONG,
     )
     got = rows(events.wait_for(n + 1, timeout=LONG))
     took = time.monotonic() - t0

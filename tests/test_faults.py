@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 from flask import Flask
 from sqlalchemy.engine import make_url
@@ -38,7 +37,7 @@ from flask_dbnotify import (
 )
 
 from ._postgres import ThrowawayServer
-from .conftest import SQL, WAIT, Recorder, poll_until
+from .conftest import SQL, WAIT, Recorder, captured_notifications, poll_until
 from .test_cli_listen import Lines
 from .test_listener import listener_backends, orders_app, wait_for_backends
 
@@ -461,37 +460,6 @@ def test_half_open_connection_is_noticed_with_default_timings(
 # -- a slow receiver --------------------------------------------------------------
 
 
-def count_notifications(url: str, send: Callable[[], object]) -> int:
-    """How many notifications on the listener's channel ``send()`` causes,
-    as a plain LISTENing session sees them (a marker on another channel,
-    sent after, tells when all have arrived)."""
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LISTEN dbnotify; LISTEN test_done")
-        send()
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_notify('test_done', '')")
-        count = 0
-        deadline = time.monotonic() + WAIT
-        while True:
-            # Our own marker may already be in: psycopg2 collects
-            # notifications after each query.
-            for note in conn.notifies:
-                if note.channel == "test_done":
-                    return count
-                count += 1
-            conn.notifies.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"the marker did not arrive within {WAIT}s ({count} so far)")
-            select.select([conn], [], [], left)
-            conn.poll()
-    finally:
-        conn.close()
-
-
 def test_a_slow_receiver_does_not_stop_the_reader(private_url: str, make_app: MakeApp) -> None:
     """With DBNOTIFY_QUEUE_SIZE=50 and a receiver stuck on the first event,
     the reader still reads every notification (the server's notification
@@ -522,12 +490,15 @@ def test_a_slow_receiver_does_not_stop_the_reader(private_url: str, make_app: Ma
         with events_dropped.connected_to(lambda sender, count: seen.add(("dropped", count))):
             ext.start(app)
             t0 = time.monotonic()
-            sent = count_notifications(
-                private_url,
-                lambda: writer(
-                    "INSERT INTO orders SELECT g, repeat('x', 3000) FROM generate_series(1, %s) g",
-                    (rows,),
-                ),
+            sent = len(
+                captured_notifications(
+                    private_url,
+                    lambda: writer(
+                        "INSERT INTO orders SELECT g, repeat('x', 3000) "
+                        "FROM generate_series(1, %s) g",
+                        (rows,),
+                    ),
+                )
             )
             assert seen.wait_for(1, "the first event") == [("event", 1)]
             state = wait_for_state(

@@ -5,13 +5,11 @@ floods."""
 from __future__ import annotations
 
 import logging
-import select
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2
 import pytest
 import sqlalchemy as sa
 from flask import Flask
@@ -22,7 +20,7 @@ from flask_dbnotify import listener as listener_module
 from flask_dbnotify._payload import pieces
 from flask_dbnotify.backends.postgresql import MAX_MESSAGE_BYTES, MAX_ROW_BYTES, PIECE_BYTES
 
-from .conftest import SQL, WAIT, Recorder, listening, marker, poll_until
+from .conftest import SQL, WAIT, Recorder, captured_notifications, listening, marker, poll_until
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
@@ -36,35 +34,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(sa.make_url(pg_url).set(drivername="postgresql+psycopg2"))
     yield eng
     eng.dispose()
-
-
-def tap(url: str, send: Callable[[], object]) -> list[str]:
-    """The payloads on the listener's channel that ``send()`` causes, as a
-    plain LISTENing session sees them (a marker on another channel, sent
-    after, tells when all have arrived)."""
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LISTEN dbnotify; LISTEN test_done")
-        send()
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_notify('test_done', '')")
-        payloads: list[str] = []
-        deadline = time.monotonic() + WAIT
-        while True:
-            for note in conn.notifies:
-                if note.channel == "test_done":
-                    return payloads
-                payloads.append(note.payload)
-            conn.notifies.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"the tap's marker did not arrive within {WAIT}s")
-            select.select([conn], [], [], left)
-            conn.poll()
-    finally:
-        conn.close()
 
 
 def split_messages(raw: list[str]) -> list[list[tuple[list[str], bytes]]]:
@@ -111,7 +80,7 @@ def test_long_rows_arrive_whole_from_pieces(
         for pk, body in bodies.items():
             sql("INSERT INTO docs VALUES (%s, %s)", (pk, body))
 
-    raw = tap(pg_url, write)
+    raw = captured_notifications(pg_url, write)
     got = events.wait_for(3)
     events.assert_no_more(3, marker(ext, app))
     for event, (pk, body) in zip(got, bodies.items(), strict=True):
@@ -241,7 +210,7 @@ def test_a_long_message_arrives_whole_from_pieces(
     app, ext = make_app()
     ext.start(app)
     payload = {"text": WIDE * 10_000, "numbers": list(range(10_000))}
-    raw = tap(pg_url, lambda: ext.notify("big", payload, app=app))
+    raw = captured_notifications(pg_url, lambda: ext.notify("big", payload, app=app))
     assert events.wait_for(1) == [payload]
     events.assert_no_more(1, marker(ext, app))
     (message,) = split_messages(raw)

@@ -383,9 +383,14 @@ def _row_json(r: Resolved, ref: str) -> str:
     if r.watch.columns is None:
         return f"row_to_json({ref})::text"
     carried = [c for c in r.columns if c in r.watch.columns or c in r.pk]
+    return _pick(f"row_to_json({ref})", carried)
+
+
+def _pick(json_expr: str, names: Sequence[str]) -> str:
+    """JSON text of the object ``json_expr`` with only the keys ``names``."""
     return (
-        f"(SELECT json_object_agg(e.key, e.value) FROM json_each(row_to_json({ref})) AS e "
-        f"WHERE e.key = ANY({text_array(carried)}))::text"
+        f"(SELECT json_object_agg(e.key, e.value) FROM json_each({json_expr}) AS e "
+        f"WHERE e.key = ANY({text_array(names)}))::text"
     )
 
 
@@ -445,10 +450,7 @@ def _rows(r: Resolved, op: Operation, one: bool = False) -> str:
 
 def _key_of(r: Resolved, json_expr: str) -> str:
     """The primary key columns of a row's JSON, as a JSON object."""
-    return (
-        "coalesce((SELECT json_object_agg(e.key, e.value) "
-        f"FROM json_each({json_expr}) AS e WHERE e.key = ANY({text_array(r.pk)}))::text, '{{}}')"
-    )
+    return f"coalesce({_pick(json_expr, r.pk)}, '{{}}')"
 
 
 def _cut(r: Resolved, op: Operation, j: str) -> str:
