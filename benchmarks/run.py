@@ -8,6 +8,7 @@ its own table with ratios (see docs/benchmarks.rst for today's figures):
 - durable.py:    fast vs durable watches, replay after an outage
 - memory.py:     a listener's RSS over a million events
 - processes.py:  one vs eight listening processes
+- write_cost.py: what each capture costs writers, in the same rounds
 
 PostgreSQL scripts use $DBNOTIFY_BENCH_URL (default: the local server's
 ``test`` database) and create their own tables there.
@@ -19,7 +20,7 @@ import os
 import subprocess
 import sys
 
-SCRIPTS = ["postgresql.py", "sqlite.py", "durable.py", "memory.py", "processes.py"]
+SCRIPTS = ["postgresql.py", "sqlite.py", "durable.py", "memory.py", "processes.py", "write_cost.py"]
 
 
 def main() -> int:
