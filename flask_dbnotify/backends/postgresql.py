@@ -733,6 +733,14 @@ END
 """
 
 
+def _notify_journal(lo: str, hi: str) -> str:
+    """NOTIFY the journal ids ``lo``..``hi`` of transaction ``x`` (variables)."""
+    return (
+        f"""PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || {lo} || ', ' """
+        f"""|| {hi} || '], "x": ' || x || '}}');"""
+    )
+
+
 def journal_body(r: Resolved, op: Operation, schema: str) -> str:
     """Durable, second half (owner's rights): move what the first half left
     into the journal, one row per event, and NOTIFY only the range of ids
@@ -786,8 +794,7 @@ BEGIN
       FROM generate_series(2, substr(one, 2)::int + 1) AS s(k);
   END IF;
   IF lo IS NOT NULL THEN
-    PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || lo || ', ' || hi
-      || '], "x": ' || x || '}}');
+    {_notify_journal("lo", "hi")}
   END IF;
   RETURN NULL;
 END
@@ -831,8 +838,7 @@ BEGIN
       AND left(latest.body, {len(head)}) = {literal(head)})
   RETURNING id INTO jid;
   IF jid IS NOT NULL THEN
-    PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || jid || ', ' || jid
-      || '], "x": ' || x || '}}');
+    {_notify_journal("jid", "jid")}
   END IF;
   RETURN NULL;
 END
