@@ -100,12 +100,15 @@ def encode_message(channel: str, payload: Any) -> str:
     return text
 
 
-def pieces(text: str, seq: str, size: int = 7900) -> list[str]:
-    """``text`` as it travels: whole if it fits in a notification, else in
-    pieces of at most ``size`` UTF-8 bytes, cut at character boundaries."""
+def pieces(text: str, limit: int, size: int) -> list[str]:
+    """``text`` as it travels: whole if shorter than ``limit`` bytes (a
+    notification's), else in pieces of at most ``size`` UTF-8 bytes, cut at
+    character boundaries."""
     data = text.encode()
-    if len(data) < 8000:
+    if len(data) < limit:
         return [text]
+    # Unique within the process, as the pieces of one transaction must be.
+    seq = f"p{os.getpid():x}.{next(_counter):x}"
     out: list[str] = []
     pos = 0
     while pos < len(data):

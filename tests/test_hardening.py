@@ -18,7 +18,12 @@ from psycopg2 import sql as pgsql
 from flask_dbnotify import DBNotify, events_dropped, notification_received
 from flask_dbnotify import listener as listener_module
 from flask_dbnotify._payload import pieces
-from flask_dbnotify.backends.postgresql import MAX_MESSAGE_BYTES, MAX_ROW_BYTES, PIECE_BYTES
+from flask_dbnotify.backends.postgresql import (
+    MAX_MESSAGE_BYTES,
+    MAX_ROW_BYTES,
+    NOTIFY_LIMIT,
+    PIECE_BYTES,
+)
 
 from .conftest import SQL, WAIT, Recorder, captured_notifications, listening, marker, poll_until
 
@@ -423,7 +428,7 @@ def test_forged_and_broken_pieces_are_skipped(
         sql(
             "SELECT pg_notify('dbnotify', p) FROM unnest(%s::text[]) WITH ORDINALITY AS t(p, o) "
             "ORDER BY o",
-            (pieces(deep, "deep", PIECE_BYTES),),
+            (pieces(deep, NOTIFY_LIMIT, PIECE_BYTES),),
         )
         sql("INSERT INTO docs VALUES (1, 'after')")
         (event,) = events.wait_for(1)

@@ -494,10 +494,10 @@ def _one(r: Resolved, op: Operation, target: str, emit: str, fallback: str) -> s
       END IF;"""
 
 
-def _groups(r: Resolved, op: Operation, size: int, separator: str) -> str:
-    """The rows' JSON joined by ``separator`` into groups of about ``size`` bytes."""
+def _groups(r: Resolved, op: Operation, size: int) -> str:
+    """The rows' JSON joined by ',' into groups of about ``size`` bytes."""
     return (
-        f"SELECT string_agg(j, {separator} ORDER BY i) FROM ("
+        f"SELECT string_agg(j, ',' ORDER BY i) FROM ("
         f"SELECT i, j, sum(octet_length(j) + 1) OVER (ORDER BY i ROWS UNBOUNDED PRECEDING) "
         f"/ {size} AS b FROM ({_cut_rows(r, op)}) AS r) AS r GROUP BY b ORDER BY b"
     )
@@ -647,7 +647,7 @@ BEGIN
     {_one(r, op, "batch", send, slow)}
   ELSE
     BEGIN
-      FOR batch IN {_groups(r, op, budget, "','")} LOOP
+      FOR batch IN {_groups(r, op, budget)} LOOP
         {send}
       END LOOP;
     EXCEPTION WHEN {_TOO_LARGE} THEN
@@ -1269,7 +1269,7 @@ class PostgreSQLBackend(Backend):
                 "SELECT pg_notify(%(channel)s, p) "
                 "FROM unnest(%(pieces)s::text[]) WITH ORDINALITY AS t(p, o) ORDER BY o"
             )
-            params["pieces"] = _payload.pieces(payload, json.loads(payload)["u"], PIECE_BYTES)
+            params["pieces"] = _payload.pieces(payload, NOTIFY_LIMIT, PIECE_BYTES)
         if connection is None:
             try:
                 with self.engine.begin() as conn:
