@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg2
 
@@ -43,6 +44,28 @@ FIX_HINT = (
     f"Set {ENV_URL}=postgresql://USER@HOST:PORT/DBNAME to a server you run, "
     "or `pip install pgserver` so a throwaway server can be started."
 )
+
+
+class Found(NamedTuple):
+    """A server for the run: its URL, what stops it (if we started it),
+    and one line saying which server it is and why."""
+
+    url: str
+    cleanup: Callable[[], None]
+    summary: str
+
+
+def _version(url: str) -> str:
+    with psycopg2.connect(url, connect_timeout=3) as conn, conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        (version,) = cur.fetchone() or ("?",)
+    conn.close()
+    return f"PostgreSQL {str(version).split()[0]}"
+
+
+def _address(url: str) -> str:
+    match = re.search(r"@([^/]+)/", url)
+    return match.group(1) if match else url
 
 
 def _connect_error(url: str) -> str | None:
@@ -224,11 +247,6 @@ class ThrowawayServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _start_throwaway(bindir: Path) -> tuple[str, Callable[[], None]]:
-    server = ThrowawayServer(bindir)
-    return server.url, server.destroy
-
-
 def start_private_postgres() -> ThrowawayServer:
     """Start a throwaway server for one test module to stop and start at
     will (never the shared server); raise RuntimeError if none can start."""
@@ -243,24 +261,27 @@ def start_private_postgres() -> ThrowawayServer:
     raise RuntimeError("could not start a private PostgreSQL:\n  - " + "\n  - ".join(tried))
 
 
-def find_or_start_postgres() -> tuple[str, Callable[[], None]]:
-    """Return ``(url, cleanup)`` for a usable server; ``cleanup`` stops what was started."""
+def find_or_start_postgres() -> Found:
+    """A usable server; its ``cleanup`` stops what was started."""
     url = os.environ.get(ENV_URL)
     if url:
         error = _connect_error(url)
         if error is not None:
             raise RuntimeError(f"{ENV_URL}={url} does not answer: {error}")
-        return url, lambda: None
+        return Found(url, lambda: None, f"${ENV_URL}: {_version(url)} at {_address(url)}")
 
     tried: list[str] = [f"${ENV_URL}: not set"]
+    local = _address(LOCAL_URL)
     if os.environ.get(ENV_SKIP_LOCAL) == "1":
         tried.append(f"{LOCAL_URL}: skipped ({ENV_SKIP_LOCAL}=1)")
+        no_local = f"{local} skipped ({ENV_SKIP_LOCAL}=1)"
     else:
         error = _connect_error(LOCAL_URL)
         if error is None:
-            logger.info("using local PostgreSQL at %s", LOCAL_URL)
-            return LOCAL_URL, lambda: None
+            summary = f"the local server, {_version(LOCAL_URL)} at {local}"
+            return Found(LOCAL_URL, lambda: None, summary)
         tried.append(f"{LOCAL_URL}: {error}")
+        no_local = f"no server at {local} ({error.splitlines()[0]})"
 
     candidates = _binary_dirs()
     if not any(kind == "pgserver" for kind, _ in candidates):
@@ -269,7 +290,13 @@ def find_or_start_postgres() -> tuple[str, Callable[[], None]]:
         tried.append("system initdb/pg_ctl: none in /usr/lib/postgresql/*/bin or PATH")
     for kind, bindir in candidates:
         try:
-            return _start_throwaway(bindir)
+            server = ThrowawayServer(bindir)
+            return Found(
+                server.url,
+                server.destroy,
+                f"{no_local}; started a throwaway {_version(server.url)} at "
+                f"{_address(server.url)} ({kind} binaries), removed at the end",
+            )
         except (RuntimeError, OSError, KeyError, subprocess.SubprocessError) as exc:
             logger.warning("could not start PostgreSQL from %s: %s", bindir, exc)
             tried.append(f"{kind} ({bindir}): {exc}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.errors
 import pytest
 from flask import Flask
 from psycopg2 import sql as pgsql
@@ -20,21 +21,49 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify, notification_received, row_changed
 
-from ._postgres import ThrowawayServer, find_or_start_postgres, start_private_postgres
+from ._postgres import Found, ThrowawayServer, find_or_start_postgres, start_private_postgres
 
 WAIT = 10.0  # seconds any single wait in a test may take
 T = TypeVar("T")
 
 
+_postgres: list[Found | RuntimeError] = []
+
+
+def _find_postgres(config: pytest.Config) -> Found | RuntimeError:
+    """The run's server, found or started once, said in one line."""
+    if not _postgres:
+        try:
+            found: Found | RuntimeError = find_or_start_postgres()
+        except RuntimeError as exc:
+            found = exc
+        _postgres.append(found)
+        if isinstance(found, Found):
+            config.add_cleanup(found.cleanup)
+            line = f"PostgreSQL for the tests: {found.summary}"
+        else:
+            line = f"PostgreSQL for the tests: NONE: {found}"
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+    return _postgres[0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # At the start of the run, so its first lines say which server it uses.
+    if any("pg_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        _find_postgres(session.config)
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
+def pg_server(pytestconfig: pytest.Config) -> Iterator[str]:
     """URL of a scratch database on a real server, dropped at the end."""
-    try:
-        url, cleanup = find_or_start_postgres()
-    except RuntimeError as exc:
+    found = _find_postgres(pytestconfig)
+    if isinstance(found, RuntimeError):
         if os.environ.get("CI"):
-            pytest.fail(f"no PostgreSQL server for the tests: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL tests NOT RUN, no server: {exc}")
+            pytest.fail(f"no PostgreSQL server for the tests: {found}", pytrace=False)
+        pytest.skip(f"PostgreSQL tests NOT RUN, no server: {found}")
+    url = found.url
     name = f"dbnotify_test_{os.getpid()}"
     admin = psycopg2.connect(url)
     admin.autocommit = True
@@ -48,7 +77,6 @@ def pg_server() -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
-        cleanup()
 
 
 @pytest.fixture()
@@ -79,6 +107,15 @@ class SQL:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def xml_supported(sql: SQL) -> bool:
+    """Whether the server was built with libxml (the throwaway one is not)."""
+    try:
+        sql("SELECT '<a/>'::xml")
+    except psycopg2.errors.FeatureNotSupported:
+        return False
+    return True
 
 
 @pytest.fixture()

@@ -14,14 +14,20 @@ from ._postgres import ENV_SKIP_LOCAL, ENV_URL, find_or_start_postgres
 def test_a_throwaway_server_starts_listens_and_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_URL, raising=False)
     monkeypatch.setenv(ENV_SKIP_LOCAL, "1")
-    url, cleanup = find_or_start_postgres()
+    url, cleanup, summary = find_or_start_postgres()
     try:
         assert ":5432/" not in url, f"expected a throwaway server, got {url}"
         conn = psycopg2.connect(url)
         conn.autocommit = True
         with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            (version,) = cur.fetchone()
             cur.execute("LISTEN t")
             cur.execute("NOTIFY t, 'hello'")
+        # What the test run prints at its start when it uses such a server.
+        port = url.split(":")[-1].split("/")[0]
+        assert summary.startswith("127.0.0.1:5432 skipped"), summary
+        assert f"; started a throwaway PostgreSQL {version} at 127.0.0.1:{port} " in summary
         conn.poll()
         assert [n.payload for n in conn.notifies] == ["hello"]
         conn.close()
