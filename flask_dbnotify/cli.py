@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -12,10 +13,31 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .errors import DBNotifyError
 from .events import ChangeEvent
 from .signals import notification_received, row_changed, table_truncated
 
-dbnotify_cli = AppGroup("dbnotify", help="Manage Flask-DBNotify triggers and listen to events.")
+
+class _Commands(AppGroup):
+    """The ``flask dbnotify`` group: a database error ends a command with
+    one line saying what is wrong and what to do (exit code 1); the
+    traceback only with ``--traceback`` or debug logging."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DBNotifyError as exc:
+            if ctx.params.get("traceback") or logging.getLogger(__package__).isEnabledFor(
+                logging.DEBUG
+            ):
+                raise
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group("dbnotify", cls=_Commands)
+@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+def dbnotify_cli(traceback: bool) -> None:
+    """Manage Flask-DBNotify triggers and listen to events."""
 
 
 def _state() -> Any:

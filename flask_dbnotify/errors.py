@@ -16,5 +16,9 @@ class WatchError(DBNotifyError, LookupError):
     table without a primary key."""
 
 
+#: What to do about a watched table that does not exist.
+TABLE_MISSING_TODO = "create it first (run your migrations), or fix the name given to watch()"
+
+
 class ListenerError(DBNotifyError):
     """The listener could not connect or listen."""

@@ -66,7 +66,14 @@ class DBNotify:
                 "Flask-DBNotify is already registered on this app: use "
                 "app.extensions['dbnotify'].ext, or create the app anew"
             )
-        state = _State(self, app, Settings.from_app(app))
+        try:
+            state = _State(self, app, Settings.from_app(app))
+        except (ValueError, RuntimeError) as exc:
+            if click.get_current_context(silent=True) is None:
+                raise
+            # Loaded by the `flask` command: one line that says what to
+            # set, not a traceback through the app's factory.
+            raise click.ClickException(str(exc)) from exc
         app.extensions["dbnotify"] = state
         self._apps.add(app)
         _states.add(state)

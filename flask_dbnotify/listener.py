@@ -31,8 +31,8 @@ from blinker import NamedSignal
 
 from ._log import RateLimited
 from ._once import OnceRunner
-from .backends import Lost, Notification, Stream
-from .errors import ListenerError
+from .backends import Lost, Notification, Stream, reason
+from .errors import DBNotifyError, ListenerError
 from .events import ChangeEvent, Operation
 from .signals import (
     events_dropped,
@@ -52,6 +52,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _limited = RateLimited(log)
+
+
+def _describe(error: BaseException) -> str:
+    """``error`` as what the listener could not do: our errors say it
+    themselves ("cannot connect to ...")."""
+    if isinstance(error, DBNotifyError):
+        return str(error)
+    return f"could not start listening: {reason(error)}"
+
 
 _OP_SIGNALS: dict[Operation, NamedSignal] = {
     Operation.INSERT: row_inserted,
@@ -132,6 +141,8 @@ class Listener:
         self._replayed = 0
         self._connected_since: datetime | None = None
         self._last_error: str | None = None
+        # One outage is one warning, then one a minute with a count.
+        self._outage_log = RateLimited(log, interval=60.0)
 
     def _reset(self) -> None:
         """Fresh threads, pipe and queue (at init and after fork)."""
@@ -146,6 +157,7 @@ class Listener:
         self._check_pending = True
         self._first_attempt = threading.Event()
         self._first_error: BaseException | None = None
+        self._first_raises = False
 
     @property
     def running(self) -> bool:
@@ -175,6 +187,8 @@ class Listener:
             run = self._current = _Run()
             self._first_attempt = threading.Event()
             self._first_error = None
+            # start() raises the first failure itself: no warning for it.
+            self._first_raises = raise_on_failure and (timeout is None or timeout > 0)
             self._check_pending = True
             name = self._state.app.name
             self._dispatcher = threading.Thread(
@@ -193,7 +207,7 @@ class Listener:
             error = self._first_error
             if error is not None and raise_on_failure:
                 self.stop()
-                raise ListenerError(f"the listener could not connect: {error}") from error
+                raise ListenerError(f"the listener {_describe(error)}") from error
             if not answered and raise_on_failure:
                 self.stop()
                 raise ListenerError(f"the listener did not connect within {timeout:g}s")
@@ -250,24 +264,37 @@ class Listener:
     def _run(self, run: _Run) -> None:
         state = self._state
         connected_before = False
-        failures = 0
+        failures = 0  # since the last connection, a loss included (for the backoff)
+        attempts = 0  # failed attempts to connect since the last connection
         while not run.stop.is_set():
             try:
                 stream = state.backend.open_stream(state.settings)
             except Exception as exc:  # noqa: BLE001 - any failure means retry
                 self._last_error = str(exc)
-                if not self._first_attempt.is_set():
+                first = not self._first_attempt.is_set()
+                if first:
                     self._first_error = exc
                     self._first_attempt.set()
-                log.warning("listener could not connect: %s", exc)
+                if not (first and self._first_raises):
+                    self._outage_log.warning("the listener %s (retrying)", _describe(exc))
                 failures += 1
+                attempts += 1
                 self._backoff(run, failures)
                 continue
             self._stream = stream
             self._connected_since = datetime.now(UTC)
+            if attempts or connected_before:
+                # Closes the warnings of the outage, with their count.
+                log.warning(
+                    "the listener is connected to %s%s%s",
+                    state.backend.listen_where,
+                    " again" if connected_before else "",
+                    f", after {attempts} failed attempt(s)" if attempts else "",
+                )
+            self._outage_log.reset()
             if connected_before:
                 self._reconnects += 1
-            failures = 0
+            failures = attempts = 0
             gap = connected_before and not (state.backend.durable_by_nature or self._all_durable())
             self._put(run, [_Signal(listener_connected, reconnect=connected_before, gap=gap)], 0)
             self._first_attempt.set()
@@ -278,7 +305,11 @@ class Listener:
                 if run.stop.is_set():
                     break
                 self._last_error = str(exc)
-                log.warning("listener lost its connection: %s", exc)
+                self._outage_log.warning(
+                    "the listener lost its connection to %s: %s (reconnecting)",
+                    state.backend.listen_where,
+                    reason(exc),
+                )
                 self._put(run, [_Signal(listener_disconnected, error=exc)], 0)
                 failures += 1
                 self._backoff(run, failures)
@@ -374,12 +405,15 @@ class Listener:
             log.warning("could not check triggers: %s", exc)
             return
         for name, value in status.watches.items():
-            if value != "installed":
-                detail = status.details.get(name, "")
+            detail = status.details.get(name, "")
+            if value == "error":
+                # The watch does not match the database: the error says what to fix.
+                log.warning("watch %r does not match the database: %s", name, detail)
+            elif value != "installed":
                 log.warning(
-                    "triggers for %r: %s%s; run `flask dbnotify install-triggers`",
+                    "triggers for %r are %s%s: run `flask dbnotify install-triggers`",
                     name,
-                    value,
+                    "not installed" if value == "missing" else value,
                     f" ({detail})" if detail else "",
                 )
 

@@ -9,6 +9,7 @@ against generous upper bounds.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import select
 import signal
@@ -275,7 +276,8 @@ class Proxy:
     sockets stay open, nothing is relayed or even read, so to each side the
     other has silently gone away (a dead peer, a dropped NAT entry).
     Connections accepted meanwhile are black holes too, unless
-    ``new_connections=False`` or until :meth:`forward`.
+    ``new_connections=False`` or until :meth:`forward`. :meth:`refuse`
+    closes new connections at once (a server that is down or restarting).
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -284,6 +286,7 @@ class Proxy:
         self.port: int = self.server.getsockname()[1]
         self.accepted = 0
         self._forwarding = True
+        self._refusing = False
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._links: list[_Link] = []
@@ -306,6 +309,9 @@ class Proxy:
             link = _Link(client)
             with self._lock:
                 self.accepted += 1
+                if self._refusing:
+                    link.close()
+                    continue
                 self._links.append(link)
                 if not self._forwarding:
                     link.hole.set()  # held open, never read
@@ -346,10 +352,15 @@ class Proxy:
             with link.lock:  # no relay is half done once this returns
                 link.hole.set()
 
+    def refuse(self) -> None:
+        """Close connections accepted from now on at once."""
+        with self._lock:
+            self._refusing = True
+
     def forward(self) -> None:
         """Relay connections accepted from now on."""
         with self._lock:
-            self._forwarding = True
+            self._forwarding, self._refusing = True, False
 
     def close(self) -> None:
         self._closed.set()
@@ -427,6 +438,39 @@ def test_half_open_connection_is_noticed_by_the_probe(
     state = ext.listener_state(app)
     assert state.connected and state.reconnects == 1, state
     assert state.last_error is not None and "no answer" in state.last_error, state
+
+
+def test_an_outage_is_one_warning_that_names_the_server(
+    make_app: MakeApp, sql: SQL, pg_url: str, proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While connections are refused the listener retries fast (backoff
+    capped at 0.05 s here) but warns once, naming host, port, database and
+    user and what to do; once through, one line ends the outage with the
+    number of failed attempts."""
+    caplog.set_level(logging.WARNING, logger="flask_dbnotify")
+    url = make_url(pg_url)
+    listen = url.set(host="127.0.0.1", port=proxy.port)
+    proxy.refuse()
+    app, ext = orders_app(
+        make_app,
+        sql,
+        DBNOTIFY_LISTEN_URI=listen.render_as_string(hide_password=False),
+        DBNOTIFY_RECONNECT_MAX_DELAY=0.05,
+    )
+    with Lifecycle().connected() as life:
+        ext.start(app, timeout=0)
+        poll_until(lambda: proxy.accepted >= 20, "20 refused connection attempts")
+        proxy.forward()
+        life.wait_for_name("connected")
+        failed = proxy.accepted - 1
+    where = f"PostgreSQL at 127.0.0.1:{proxy.port} (database {url.database}, user {url.username})"
+    lines = [r.getMessage() for r in caplog.records if r.name == "flask_dbnotify.listener"]
+    assert lines == [
+        f"the listener cannot connect to {where}: server closed the connection "
+        "unexpectedly; is the server running there? Check the host and port in the URL "
+        "(retrying)",
+        f"the listener is connected to {where}, after {failed} failed attempt(s)",
+    ], lines
 
 
 def test_half_open_connection_is_noticed_with_default_timings(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import uuid
@@ -19,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_dbnotify import DBNotify, DBNotifyError, WatchError, notification_received, row_changed
 
-from .conftest import SQL, Recorder, marker
+from .conftest import SQL, Recorder, marker, poll_until
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
@@ -603,3 +604,28 @@ def test_migrating_a_watched_table_does_not_break_writes(
     ]
     assert all(e.changed == {"qty"} for e in got[1:3])
     assert "item" not in got[0].new
+
+
+def test_start_says_what_to_do_about_each_watch(
+    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start the listener compares the database with the watches: a
+    watch of a table that does not exist is told to create it or fix the
+    name (installing triggers cannot help); a table without triggers gets
+    the command that installs them."""
+    caplog.set_level(logging.WARNING, logger="flask_dbnotify")
+    sql("CREATE TABLE orders (id int PRIMARY KEY)")
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.watch("ordrs")
+    ext.start(app)
+
+    def said() -> list[str]:
+        return sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+    assert poll_until(lambda: len(said()) >= 2 and said(), "two start-up warnings") == [
+        "triggers for 'orders' are not installed: run `flask dbnotify install-triggers`",
+        "watch 'ordrs' does not match the database: table 'ordrs' does not exist (looked in "
+        "the search_path): create it first (run your migrations), or fix the name given to "
+        "watch()",
+    ]

@@ -7,6 +7,7 @@ A backend is chosen by the database URL's scheme. Every backend implements
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -136,6 +137,10 @@ class Backend(abc.ABC):
         self.listen_uri = listen_uri
         self.schema = schema
         self.engine = engine
+        #: Where the database is, for messages (no password).
+        self.where = where(uri)
+        #: Where the listener connects, for messages.
+        self.listen_where = where(listen_uri)
 
     @abc.abstractmethod
     def install_sql(self, watches: Sequence[Watch]) -> list[str]:
@@ -281,6 +286,39 @@ def execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:
             "connection must be a SQLAlchemy Connection or Session, or a DB-API "
             f"connection, not {type(connection).__name__}"
         )
+
+
+_CONNECT_PREFIX = re.compile(r"^connection to server (?:at|on) .*? failed: |^(?:FATAL|ERROR): +")
+
+
+def reason(exc: BaseException) -> str:
+    """A database error in one line: the server's message (with its detail
+    and hint), without the address psycopg2 prefixes (callers name it)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    diag = getattr(exc, "diag", None)
+    if diag is not None and diag.message_primary:
+        extra = [d for d in (diag.message_detail, diag.message_hint) if d]
+        text = str(diag.message_primary) + "".join(f" ({d})" for d in extra)
+        return text.replace("\n", " ")
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    line = lines[0]
+    while (shorter := _CONNECT_PREFIX.sub("", line)) != line:
+        line = shorter
+    return line.strip()
+
+
+def where(uri: str) -> str:
+    """Where ``uri`` points, for people: ``PostgreSQL at HOST:PORT (database
+    D, user U)`` or ``SQLite file PATH``; never the password."""
+    url = sa.make_url(uri)
+    if url.get_backend_name() == "sqlite":
+        return f"SQLite file {url.database}"
+    host = url.host or url.query.get("host") or "the local socket"
+    host = host if isinstance(host, str) else ",".join(host)
+    found = [f"database {url.database}"] if url.database else []
+    found += [f"user {url.username}"] if url.username else []
+    return f"PostgreSQL at {host}:{url.port or 5432}" + (f" ({', '.join(found)})" if found else "")
 
 
 def backend_for(uri: str, listen_uri: str | None, schema: str, root: str) -> Backend:

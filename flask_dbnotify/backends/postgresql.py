@@ -41,9 +41,9 @@ from psycopg2 import sql
 from .. import _payload
 from .._log import RateLimited
 from .._watch import Watch
-from ..errors import DBNotifyError, WatchError
+from ..errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Lost, Status, Stream, execute_on
+from . import Backend, Item, Lost, Status, Stream, execute_on, reason
 
 log = logging.getLogger(__name__)
 _skipped = RateLimited(log)
@@ -287,7 +287,9 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
     row = cur.fetchone()
     if row is None:
         where = f"schema {watch.schema!r}" if watch.schema else "the search_path"
-        raise WatchError(f"table {_describe(watch)!r} does not exist (looked in {where})")
+        raise WatchError(
+            f"table {_describe(watch)!r} does not exist (looked in {where}): " + TABLE_MISSING_TODO
+        )
     oid, schema, table, kind, parent = row
     if parent is not None:
         # A statement on the parent fires only the parent's statement
@@ -1020,12 +1022,21 @@ class PostgreSQLBackend(Backend):
 
     # -- DDL ----------------------------------------------------------------
 
+    def _connect(self) -> sa.Connection:
+        try:
+            return self.engine.connect()
+        except sa.exc.DBAPIError as exc:
+            raise cannot_connect(self.where, exc) from exc
+
     def _cursor_do(self, work: Any, commit: bool = False) -> Any:
         """Run ``work(cursor)`` in one transaction on a raw DB-API cursor
         (no parameter parsing of our statements), rolled back unless
         ``commit``. Database errors become :class:`DBNotifyError`."""
         try:
             conn = self.engine.raw_connection()
+        except (psycopg2.Error, sa.exc.DBAPIError) as exc:
+            raise cannot_connect(self.where, exc) from exc
+        try:
             try:
                 cur: Any = conn.cursor()
                 try:
@@ -1039,7 +1050,7 @@ class PostgreSQLBackend(Backend):
                 conn.rollback()
                 conn.close()
         except (psycopg2.Error, sa.exc.DBAPIError) as exc:
-            raise DBNotifyError(f"the database refused: {exc}".strip()) from exc
+            raise DBNotifyError(f"the database refused: {reason(exc)}") from exc
 
     def execute_all(self, statements: Sequence[str]) -> None:
         def work(cur: Any) -> None:
@@ -1272,10 +1283,10 @@ class PostgreSQLBackend(Backend):
             params["pieces"] = _payload.pieces(payload, NOTIFY_LIMIT, PIECE_BYTES)
         if connection is None:
             try:
-                with self.engine.begin() as conn:
+                with self._connect() as conn, conn.begin():
                     conn.exec_driver_sql(statement, params)
             except sa.exc.DBAPIError as exc:
-                raise DBNotifyError(f"notify() failed: {exc.orig}") from exc
+                raise DBNotifyError(f"notify() failed: {reason(exc)}") from exc
             return
         execute_on(connection, statement, params)
 
@@ -1322,10 +1333,10 @@ class PostgreSQLBackend(Backend):
 
     def _query(self, statement: str, params: Any) -> list[Any]:
         try:
-            with self.engine.connect() as conn:
+            with self._connect() as conn:
                 return list(conn.exec_driver_sql(statement, params).all())
         except sa.exc.SQLAlchemyError as exc:
-            raise _payload.PayloadError(f"cannot read the journal: {exc}") from exc
+            raise _payload.PayloadError(f"cannot read the journal: {reason(exc)}") from exc
 
     def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
         """Journal rows ``lo..hi`` of transaction ``xid`` not delivered yet.
@@ -1412,11 +1423,11 @@ class PostgreSQLBackend(Backend):
         """Run one statement of ours, in its own transaction."""
         names = {n: ident(self.schema, f"dbnotify_{n}") for n in ("journal", "receivers", "claims")}
         try:
-            with self.engine.begin() as conn:
+            with self._connect() as conn, conn.begin():
                 result = conn.exec_driver_sql(statement.format(**names), params)
                 return list(result.all()) if result.returns_rows else []
         except sa.exc.SQLAlchemyError as exc:
-            raise DBNotifyError(f"the database refused: {exc}") from exc
+            raise DBNotifyError(f"the database refused: {reason(exc)}") from exc
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         rows = self._once(
@@ -1554,6 +1565,18 @@ def _new_pieces() -> _payload.Pieces:
     return _payload.Pieces(MAX_MESSAGE_BYTES)
 
 
+def cannot_connect(where: str, exc: BaseException) -> DBNotifyError:
+    """The error for a connection that failed, naming where and what to do."""
+    why = reason(exc)
+    if "does not exist" in why and why.startswith("database"):
+        todo = "create the database, or fix the database name in the URL"
+    elif any(s in why for s in ("password", "role", "pg_hba.conf", "authentication")):
+        todo = "check the user and password in the URL, and the server's pg_hba.conf"
+    else:
+        todo = "is the server running there? Check the host and port in the URL"
+    return DBNotifyError(f"cannot connect to {where}: {why}; {todo}")
+
+
 def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
     kwargs: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
     for key, value in url.query.items():
@@ -1590,11 +1613,21 @@ class PostgreSQLStream(Stream):
             # Pieces of long messages are cut at UTF-8 character boundaries.
             "client_encoding": "UTF8",
         }
-        self.conn = psycopg2.connect(**kwargs, async_=True)
         try:
-            self._wait("connecting")
+            self.conn = psycopg2.connect(**kwargs, async_=True)
+        except psycopg2.Error as exc:
+            raise cannot_connect(backend.listen_where, exc) from exc
+        try:
+            try:
+                self._wait("connecting")
+            except psycopg2.Error as exc:
+                raise cannot_connect(backend.listen_where, exc) from exc
             self.cur = self.conn.cursor()
-            self._run(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            try:
+                self._run(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            except psycopg2.Error as exc:
+                where = backend.listen_where
+                raise DBNotifyError(f"cannot LISTEN at {where}: {reason(exc)}") from exc
         except BaseException:
             self.conn.close()
             raise

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from .. import _payload
 from .._watch import Watch
-from ..errors import DBNotifyError, WatchError
+from ..errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
 from . import Backend, Item, Status, Stream, execute_on
 from ._inotify import open_watch
@@ -167,7 +167,9 @@ class SQLiteBackend(Backend):
             (watch.table,),
         ).fetchone()
         if row is None:
-            raise WatchError(f"table {watch.table!r} does not exist")
+            raise WatchError(
+                f"table {watch.table!r} does not exist in {self.path}: " + TABLE_MISSING_TODO
+            )
         table = row[0]
         info = conn.execute("SELECT name, type, pk FROM pragma_table_info(?)", (table,)).fetchall()
         columns = [(name, declared) for name, declared, _ in info]
@@ -761,7 +763,10 @@ class SQLiteStream(Stream):
         self.backend = backend
         self.poll_interval = settings.poll_interval
         if not os.path.exists(backend.path):
-            raise DBNotifyError(f"database file {backend.path} does not exist")
+            raise DBNotifyError(
+                f"cannot open {backend.where}: it does not exist; create the database "
+                "(`flask dbnotify install-triggers` creates the file) or fix the path in the URL"
+            )
         self.conn = _connect(backend.path)
         try:
             self.conn.execute("PRAGMA journal_mode = WAL")
