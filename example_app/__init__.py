@@ -5,10 +5,20 @@ Run it (from the repository root)::
     flask --app example_app dbnotify install-triggers
     flask --app example_app run
 
-then change orders from anywhere: the page, another terminal
-(``python -m example_app.add_order "tea"``), or ``sqlite3`` on
-``example_app/instance/example.db``. Set ``EXAMPLE_DATABASE_URL`` to run it on
-PostgreSQL instead.
+and open http://127.0.0.1:5000. Then change orders from anywhere: the page,
+another terminal (``python -m example_app.add_order tea``), or ``sqlite3`` on
+``example_app/instance/example.db``.
+
+To run it on PostgreSQL instead, set ``EXAMPLE_DATABASE_URL`` for every
+command::
+
+    export EXAMPLE_DATABASE_URL=postgresql://user@host:5432/dbname
+    flask --app example_app dbnotify install-triggers
+    flask --app example_app run
+
+The page asks for the orders once its event stream is open (``/events``),
+then applies every change the stream brings, its own included: one
+JavaScript function in ``templates/board.html`` draws every row.
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ class Order(db.Model):  # type: ignore[name-defined,misc]
     item: Mapped[str]
     status: Mapped[str] = mapped_column(default="new")
     created_at: Mapped[datetime] = mapped_column(default=lambda: datetime.now(UTC))
+
+    def to_json(self) -> dict[str, Any]:
+        """What the page draws a row from, in the list and in live events."""
+        return {"id": self.id, "item": self.item, "status": self.status}
 
 
 dbnotify.watch(Order)
@@ -82,18 +96,10 @@ board = Broadcast()
 @row_changed.connect_via(Order.__table__.fullname)
 def on_order_changed(sender: str, event: ChangeEvent, **extra: Any) -> None:
     # Runs in the listener thread, for changes from any writer.
+    # For a DELETE, the instance holds the row as it was.
     order = event.instance(Order)
-    board.publish(
-        json.dumps(
-            {
-                "op": event.op.value,
-                "id": event.pk,
-                "item": order.item,
-                "status": order.status,
-                "changed": sorted(event.changed),
-            }
-        )
-    )
+    message = {"op": event.op.value, **order.to_json(), "changed": sorted(event.changed)}
+    board.publish(json.dumps(message))
 
 
 def create_app(**config: Any) -> Flask:
@@ -114,23 +120,38 @@ def create_app(**config: Any) -> Flask:
 
     @app.get("/")
     def index() -> str:
-        orders = db.session.scalars(db.select(Order).order_by(Order.id.desc())).all()
-        return render_template("board.html", orders=orders)
+        return render_template("board.html")
+
+    @app.get("/orders.json")
+    def orders() -> list[dict[str, Any]]:
+        newest_first = db.select(Order).order_by(Order.id.desc())
+        return [order.to_json() for order in db.session.scalars(newest_first)]
 
     @app.post("/orders")
     def add() -> Any:
-        db.session.add(Order(item=request.form["item"] or "something"))
+        order = Order(item=request.form.get("item") or "something")
+        db.session.add(order)
         db.session.commit()
-        return redirect(url_for("index"))
+        return answer(order, 201)
 
     @app.post("/orders/<int:order_id>/ship")
     def ship(order_id: int) -> Any:
-        db.get_or_404(Order, order_id).status = "shipped"
+        order = db.get_or_404(Order, order_id)
+        order.status = "shipped"
         db.session.commit()
-        return redirect(url_for("index"))
+        return answer(order, 200)
 
     @app.get("/events")
     def events() -> Response:
         return Response(board.stream(), mimetype="text/event-stream")
 
     return app
+
+
+def answer(order: Order, status: int) -> Any:
+    """The page's fetch() asks for JSON: it gets the order (the change
+    itself arrives over /events). A plain form post, without JavaScript,
+    is sent back to the board."""
+    if request.accept_mimetypes.best == "application/json":
+        return order.to_json(), status
+    return redirect(url_for("index"), 303)

@@ -1,7 +1,9 @@
 """Add an order from outside the app: ``python -m example_app.add_order tea``.
 
 A plain script with its own connection, like a cron job or another
-service: the running app still sees the change.
+service: the running app still sees the change. It writes to the database
+the app uses (``EXAMPLE_DATABASE_URL``, else example_app/instance/example.db)
+and says which.
 """
 
 from __future__ import annotations
@@ -17,4 +19,5 @@ if __name__ == "__main__":
         order = Order(item=" ".join(sys.argv[1:]) or "tea")
         db.session.add(order)
         db.session.commit()
-        print(f"added order #{order.id}: {order.item}")
+        where = db.engine.url.render_as_string(hide_password=True)
+        print(f"added order #{order.id}: {order.item} ({where})")
