@@ -24,18 +24,21 @@ class RateLimited:
         with self._lock:
             self._last.clear()
 
-    def warning(self, msg: str, *args: Any) -> None:
-        self.log(logging.WARNING, msg, *args)
+    def warning(self, msg: str, *args: Any) -> bool:
+        return self.log(logging.WARNING, msg, *args)
 
-    def log(self, level: int, msg: str, *args: Any) -> None:
+    def log(self, level: int, msg: str, *args: Any) -> bool:
+        """Log unless a line of this format went out less than ``interval``
+        seconds ago; whether it went out."""
         now = time.monotonic()
         with self._lock:
             last, held = self._last.get(msg, (-self.interval, 0))
             if now - last < self.interval:
                 self._last[msg] = (last, held + 1)
-                return
+                return False
             self._last[msg] = (now, 0)
         if held:
             self.logger.log(level, msg + " (and %d more like it since)", *args, held)
         else:
             self.logger.log(level, msg, *args)
+        return True

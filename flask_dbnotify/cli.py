@@ -185,4 +185,7 @@ def notify(channel: str, payload: str | None) -> None:
         value = json.loads(payload) if payload is not None else None
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
-    _state().ext.notify(channel, value)
+    try:
+        _state().ext.notify(channel, value)
+    except (ValueError, TypeError) as exc:  # a bad channel name, too long a message
+        raise click.ClickException(str(exc)) from exc

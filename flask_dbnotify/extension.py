@@ -26,6 +26,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 _states: weakref.WeakSet[_State] = weakref.WeakSet()
 
 
+class _CliValueError(click.ClickException, ValueError):
+    """A ValueError that click shows as one line."""
+
+
+class _CliRuntimeError(click.ClickException, RuntimeError):
+    """A RuntimeError that click shows as one line."""
+
+
 class _State:
     """Per-app state, kept in ``app.extensions["dbnotify"]``."""
 
@@ -72,8 +80,10 @@ class DBNotify:
             if click.get_current_context(silent=True) is None:
                 raise
             # Loaded by the `flask` command: one line that says what to
-            # set, not a traceback through the app's factory.
-            raise click.ClickException(str(exc)) from exc
+            # set, not a traceback through the app's factory. Still a
+            # ValueError or RuntimeError to code that catches those.
+            kind = _CliValueError if isinstance(exc, ValueError) else _CliRuntimeError
+            raise kind(str(exc)) from exc
         app.extensions["dbnotify"] = state
         self._apps.add(app)
         _states.add(state)

@@ -141,7 +141,8 @@ class Listener:
         self._replayed = 0
         self._connected_since: datetime | None = None
         self._last_error: str | None = None
-        # One outage is one warning, then one a minute with a count.
+        # An outage is one warning (and its end one line), at most one a
+        # minute however often the connection drops, with a count.
         self._outage_log = RateLimited(log, interval=60.0)
 
     def _reset(self) -> None:
@@ -266,6 +267,7 @@ class Listener:
         connected_before = False
         failures = 0  # since the last connection, a loss included (for the backoff)
         attempts = 0  # failed attempts to connect since the last connection
+        reported = False  # whether this outage was warned about
         while not run.stop.is_set():
             try:
                 stream = state.backend.open_stream(state.settings)
@@ -276,22 +278,23 @@ class Listener:
                     self._first_error = exc
                     self._first_attempt.set()
                 if not (first and self._first_raises):
-                    self._outage_log.warning("the listener %s (retrying)", _describe(exc))
+                    said = f"{_describe(exc)} (retrying)"
+                    reported = self._outage_log.warning("the listener %s", said) or reported
                 failures += 1
                 attempts += 1
                 self._backoff(run, failures)
                 continue
             self._stream = stream
             self._connected_since = datetime.now(UTC)
-            if attempts or connected_before:
-                # Closes the warnings of the outage, with their count.
+            if reported:
+                # Ends the outage warned about, with its count of attempts.
                 log.warning(
                     "the listener is connected to %s%s%s",
                     state.backend.listen_where,
                     " again" if connected_before else "",
                     f", after {attempts} failed attempt(s)" if attempts else "",
                 )
-            self._outage_log.reset()
+            reported = False
             if connected_before:
                 self._reconnects += 1
             failures = attempts = 0
@@ -305,11 +308,9 @@ class Listener:
                 if run.stop.is_set():
                     break
                 self._last_error = str(exc)
-                self._outage_log.warning(
-                    "the listener lost its connection to %s: %s (reconnecting)",
-                    state.backend.listen_where,
-                    reason(exc),
-                )
+                where, why = state.backend.listen_where, reason(exc)
+                said = f"lost its connection to {where}: {why} (reconnecting)"
+                reported = self._outage_log.warning("the listener %s", said)
                 self._put(run, [_Signal(listener_disconnected, error=exc)], 0)
                 failures += 1
                 self._backoff(run, failures)

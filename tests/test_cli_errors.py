@@ -12,8 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
+from flask import Flask
 from sqlalchemy.engine import make_url
+
+from flask_dbnotify import DBNotify
 
 from .test_cli_listen import free_port
 
@@ -77,9 +82,31 @@ def test_a_database_that_does_not_exist(pg_url: str) -> None:
     assert 'database "no_such_db" does not exist; create the database, or fix the' in message
 
 
+def test_a_folder_that_does_not_exist() -> None:
+    message = one_line_error(flask("dbnotify", "status", url="sqlite:////no/such/dir/x.db"))
+    assert message == (
+        "cannot open /no/such/dir/x.db: unable to open database file; check that its folder "
+        "exists and is writable"
+    )
+
+
+def test_a_bad_message() -> None:
+    """notify's own checks (here: the channel) are one line too."""
+    message = one_line_error(flask("dbnotify", "notify", "", "{}", url="sqlite:////tmp/x.db"))
+    assert message == "channel must be a non-empty string"
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
+        (
+            "someone:secret@127.0.0.1/shop",
+            "cannot read database URL 'someone:***@127.0.0.1/shop': ",
+        ),
+        (
+            "postgresql://someone:secret@127.0.0.1:port/shop",
+            "cannot read database URL 'postgresql://someone:***@127.0.0.1:port/shop': ",
+        ),
         (
             "mysql://root@127.0.0.1/shop",
             "unsupported database URL 'mysql://root@127.0.0.1/shop': Flask-DBNotify works "
@@ -87,11 +114,32 @@ def test_a_database_that_does_not_exist(pg_url: str) -> None:
         ),
         (None, "Flask-DBNotify needs a database: set DBNOTIFY_DATABASE_URI"),
     ],
-    ids=["unsupported", "none"],
+    ids=["unreadable", "bad-port", "unsupported", "none"],
 )
 def test_an_app_configured_wrongly(url: str | None, expected: str) -> None:
-    """Raised while the app is loaded, before any command of ours runs."""
-    assert one_line_error(flask("dbnotify", "status", url=url)).startswith(expected)
+    """Raised while the app is loaded, before any command of ours runs;
+    never showing a password."""
+    message = one_line_error(flask("dbnotify", "status", url=url))
+    assert message.startswith(expected) and "secret" not in message, message
+
+
+def test_in_code_it_stays_a_value_error() -> None:
+    """An app built inside a click command of the user's own: the error is
+    still the ValueError that the API documents."""
+    caught: list[str] = []
+
+    @click.command()
+    def build() -> None:
+        app = Flask(__name__)
+        app.config["DBNOTIFY_DATABASE_URI"] = "mysql://root@127.0.0.1/shop"
+        try:
+            DBNotify(app)
+        except ValueError as exc:
+            caught.append(str(exc))
+
+    result = CliRunner().invoke(build)
+    assert result.exit_code == 0, result.output
+    assert caught and caught[0].startswith("unsupported database URL"), caught
 
 
 def test_traceback_on_request(tmp_path: Path) -> None:

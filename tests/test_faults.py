@@ -473,6 +473,29 @@ def test_an_outage_is_one_warning_that_names_the_server(
     ], lines
 
 
+def test_a_connection_that_keeps_dropping_is_one_warning(
+    make_app: MakeApp, sql: SQL, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listener's session is killed four times in a row: one warning
+    for the first loss and one line when connected again; the other three
+    within the minute are held back (and counted on the next warning)."""
+    caplog.set_level(logging.WARNING, logger="flask_dbnotify")
+    app, ext = orders_app(make_app, sql, DBNOTIFY_RECONNECT_MAX_DELAY=0.05)
+    with Lifecycle().connected() as life:
+        ext.start(app)
+        for n in range(2, 6):
+            ((pid, _, _),) = wait_for_backends(sql, 1, "the listener's session")
+            assert sql("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+            life.wait_for_name("connected", n)
+    url = make_url(pg_url)
+    where = f"PostgreSQL at {url.host}:{url.port} (database {url.database}, user {url.username})"
+    lines = [r.getMessage() for r in caplog.records if r.name == "flask_dbnotify.listener"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"the listener lost its connection to {where}: "), lines
+    assert lines[0].endswith(" (reconnecting)"), lines
+    assert lines[1] == f"the listener is connected to {where} again", lines
+
+
 def test_half_open_connection_is_noticed_with_default_timings(
     make_app: MakeApp, sql: SQL, pg_url: str, proxy: Proxy, events: Recorder
 ) -> None:

@@ -7,6 +7,7 @@ A backend is chosen by the database URL's scheme. Every backend implements
 from __future__ import annotations
 
 import abc
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -310,24 +311,45 @@ def reason(exc: BaseException) -> str:
 
 def where(uri: str) -> str:
     """Where ``uri`` points, for people: ``PostgreSQL at HOST:PORT (database
-    D, user U)`` or ``SQLite file PATH``; never the password."""
+    D, user U)`` or ``SQLite file PATH``; never the password. Host and port
+    come from the URL, its query, else ``PGHOST``/``PGPORT``, as libpq
+    takes them."""
     url = sa.make_url(uri)
     if url.get_backend_name() == "sqlite":
-        return f"SQLite file {url.database}"
-    host = url.host or url.query.get("host") or "the local socket"
-    host = host if isinstance(host, str) else ",".join(host)
+        return f"SQLite file {url.database or '(none)'}"
+
+    def setting(value: Any, query: str, env: str) -> str | None:
+        # The query overrides the URL's own part, as it does when we connect.
+        value = url.query.get(query) or value or os.environ.get(env)
+        if value is None or isinstance(value, str | int):
+            return None if value is None else str(value)
+        return ",".join(value)
+
+    host = setting(url.host, "host", "PGHOST")
+    port = setting(url.port, "port", "PGPORT") or "5432"
     found = [f"database {url.database}"] if url.database else []
     found += [f"user {url.username}"] if url.username else []
-    return f"PostgreSQL at {host}:{url.port or 5432}" + (f" ({', '.join(found)})" if found else "")
+    if host is None:
+        return "PostgreSQL on the local socket (" + ", ".join([f"port {port}", *found]) + ")"
+    return f"PostgreSQL at {host}:{port}" + (f" ({', '.join(found)})" if found else "")
+
+
+_PASSWORD = re.compile(r"(^|://)([^:/@]*):[^/]*@")
+
+
+def parse_url(uri: str) -> sa.URL:
+    """``uri`` as a URL, or a ValueError that does not show its password."""
+    try:
+        return sa.make_url(uri)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        shown = _PASSWORD.sub(r"\1\2:***@", uri)
+        raise ValueError(f"cannot read database URL {shown!r}: {exc}") from None
 
 
 def backend_for(uri: str, listen_uri: str | None, schema: str, root: str) -> Backend:
     """Return the backend for a database URL; ``root`` anchors relative
     SQLite paths (the app's instance folder)."""
-    try:
-        url = sa.make_url(uri)
-    except sa.exc.ArgumentError as exc:
-        raise ValueError(f"cannot read database URL {uri!r}: {exc}") from None
+    url = parse_url(uri)
     name = url.get_backend_name()
     if name == "postgresql":
         from .postgresql import PostgreSQLBackend

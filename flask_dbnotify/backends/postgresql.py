@@ -43,7 +43,7 @@ from .._log import RateLimited
 from .._watch import Watch
 from ..errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Lost, Status, Stream, execute_on, reason
+from . import Backend, Item, Lost, Status, Stream, execute_on, parse_url, reason
 
 log = logging.getLogger(__name__)
 _skipped = RateLimited(log)
@@ -1009,7 +1009,7 @@ class PostgreSQLBackend(Backend):
             max_overflow=4,
             pool_pre_ping=True,
         )
-        listen_url = sa.make_url(listen_uri) if listen_uri else url
+        listen_url = parse_url(listen_uri) if listen_uri else url
         if listen_url.get_backend_name() != "postgresql":
             raise ValueError("DBNOTIFY_LISTEN_URI must be a postgresql:// URL")
         return cls(
@@ -1335,7 +1335,7 @@ class PostgreSQLBackend(Backend):
         try:
             with self._connect() as conn:
                 return list(conn.exec_driver_sql(statement, params).all())
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, DBNotifyError) as exc:
             raise _payload.PayloadError(f"cannot read the journal: {reason(exc)}") from exc
 
     def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
@@ -1565,15 +1565,36 @@ def _new_pieces() -> _payload.Pieces:
     return _payload.Pieces(MAX_MESSAGE_BYTES)
 
 
+# What libpq says when no server answers at the address.
+_UNREACHABLE = (
+    "Connection refused",
+    "No such file or directory",
+    "could not translate host name",
+    "server closed the connection",
+    "timeout expired",
+    "no answer from the server",
+    "No route to host",
+    "Network is unreachable",
+)
+
+
 def cannot_connect(where: str, exc: BaseException) -> DBNotifyError:
     """The error for a connection that failed, naming where and what to do."""
     why = reason(exc)
-    if "does not exist" in why and why.startswith("database"):
+    if why.startswith("database ") and why.endswith(" does not exist"):
         todo = "create the database, or fix the database name in the URL"
-    elif any(s in why for s in ("password", "role", "pg_hba.conf", "authentication")):
+    elif (
+        why.startswith("role ")
+        and why.endswith(" does not exist")
+        or any(s in why for s in ("password", "pg_hba.conf", "authentication failed"))
+    ):
         todo = "check the user and password in the URL, and the server's pg_hba.conf"
-    else:
+    elif "too many connections" in why or "remaining connection slots" in why:
+        todo = "the server has no connection free: close idle ones, or raise its limits"
+    elif any(s in why for s in _UNREACHABLE):
         todo = "is the server running there? Check the host and port in the URL"
+    else:
+        todo = "check the URL and the server"
     return DBNotifyError(f"cannot connect to {where}: {why}; {todo}")
 
 

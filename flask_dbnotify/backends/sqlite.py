@@ -341,7 +341,9 @@ class SQLiteBackend(Backend):
         try:
             conn = _connect(self.path, create)
         except sqlite3.Error as exc:
-            raise DBNotifyError(f"cannot open {self.path}: {exc}") from exc
+            raise DBNotifyError(
+                f"cannot open {self.path}: {exc}; check that its folder exists and is writable"
+            ) from exc
         try:
             return work(conn)
         except sqlite3.Error as exc:
