@@ -1,16 +1,20 @@
-"""Under a real gunicorn (-w 2, with and without --preload): one listener per
-worker and none in the master, started without any request; each committed
-row reaches each worker exactly once; a killed worker's replacement gets its
-own listener. And `flask shell` / `flask routes` never start one.
+"""Under a real gunicorn (-w 2, with and without --preload; worker classes
+sync, gthread and gevent): one listener per worker and none in the master,
+started without any request; each committed row reaches each worker exactly
+once; SIGTERM stops it all promptly, without a traceback; a killed worker's
+replacement gets its own listener. And `flask shell` / `flask routes` never
+start one.
 
 The app is tests/apps/workers_app.py (autostart on): each process writes a
 line on stdout when it imports the module, when its listener connects and
-for each row event, with its pid.
+for each row event, with its pid. tests/test_uwsgi.py runs it under uWSGI
+with the helpers here.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import signal
@@ -72,20 +76,31 @@ def session_owners(sql: SQL, pids: list[int]) -> dict[int, list[int]]:
     return {port: [pid for pid in pids if port in held[pid]] for port in ports}
 
 
-class Gunicorn:
-    """A gunicorn subprocess in its own process group, and its stdout."""
+class Server:
+    """A server (gunicorn, uWSGI) started in its own process group, its
+    stdout read line by line and its stderr kept in a file."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, stderr: Path) -> None:
-        self.proc = proc
-        self.master = proc.pid
+    def __init__(self, argv: list[str], env: dict[str, str], port: int, stderr: Path) -> None:
+        self.name = Path(argv[0]).name
+        with open(stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.master = self.proc.pid
         self.port = port
         self.stderr_path = stderr
-        self.out = Lines(proc.stdout, "gunicorn's stdout")
+        self.out = Lines(self.proc.stdout, f"{self.name}'s stdout")
         #: (what, pid) of every workers_app line read so far.
         self.lines: list[tuple[str, int]] = []
 
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-3000:]
+    def stderr(self, tail: int = 3000) -> str:
+        return self.stderr_path.read_text(errors="replace")[-tail:]
 
     def wait(self, check: Callable[[list[tuple[str, int]]], bool], what: str) -> None:
         """Read stdout until ``check(self.lines)`` holds (bounded)."""
@@ -95,7 +110,7 @@ class Gunicorn:
             try:
                 line = self.out.readline(what, max(left, 0.0))
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\ngunicorn's stderr:\n{self.stderr()}") from None
+                raise AssertionError(f"{exc}\n{self.name}'s stderr:\n{self.stderr()}") from None
             match = LINE.fullmatch(line)
             assert match, f"unexpected line on stdout: {line!r}"
             self.lines.append((match["what"], int(match["pid"])))
@@ -118,6 +133,24 @@ class Gunicorn:
             f"row {pk} in workers {sorted(pids)}",
         )
 
+    def wait_listeners(self, count: int) -> set[int]:
+        """Until ``count`` processes have connected a listener (and said
+        where receivers run): their pids, none twice, not the master's."""
+        self.wait(
+            lambda _: (
+                len(self.pids("listener connected")) >= count
+                and len([w for w, _ in self.lines if w.startswith("receivers run in")]) >= count
+            ),
+            f"{count} listeners connected",
+        )
+        workers = set(self.pids("listener connected"))
+        assert len(workers) == count, f"a worker connected twice: {self.lines}"
+        return workers
+
+    def threads(self) -> set[str]:
+        """Where receivers run, as each listener said."""
+        return {w.removeprefix("receivers run in ") for w, _ in self.lines if "run in" in w}
+
     def get(self, path: str) -> bytes:
         with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as conn:
             conn.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
@@ -126,63 +159,32 @@ class Gunicorn:
                 chunks.append(chunk)
         return b"".join(chunks)
 
+    def stop(self, sig: signal.Signals, group: bool = False) -> float:
+        """Send ``sig`` to the master (or the whole group); wait (bounded)
+        for it to exit; return how long that took. Its stdout is read to
+        the end, and its stderr must hold no traceback and no warning of
+        ours (say, a listener thread that did not stop)."""
+        t0 = time.monotonic()
+        (os.killpg if group else os.kill)(self.master, sig)
+        try:
+            self.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} still running {WAIT}s after {sig.name}; stderr:\n{self.stderr()}"
+            ) from None
+        took = time.monotonic() - t0
+        for line in self.out.rest():
+            match = LINE.fullmatch(line)
+            assert match, f"unexpected line on stdout: {line!r}"
+            self.lines.append((match["what"], int(match["pid"])))
+        stderr = self.stderr(tail=100_000)
+        for bad in ("Traceback", "Exception ignored", "still busy", "the listener"):
+            assert bad not in stderr, f"{bad!r} on {self.name}'s stderr:\n{stderr[-3000:]}"
+        return took
 
-def _no_control_socket() -> list[str]:
-    """gunicorn >= 24 opens a control socket in ~/.gunicorn by default,
-    shared by every gunicorn of the user: turn it off where it exists."""
-    config = importlib.import_module("gunicorn.config")
-    names = {setting.name for setting in config.KNOWN_SETTINGS}
-    return ["--no-control-socket"] if "control_socket_disable" in names else []
-
-
-@pytest.fixture()
-def env(pg_url: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PYTHON"))}
-    environ.update(
-        DBNOTIFY_TEST_APP_DATABASE_URL=pg_url,
-        PYTHONPATH=str(ROOT),
-        PYTHONUNBUFFERED="1",
-    )
-    return environ
-
-
-@pytest.fixture()
-def gunicorn(
-    env: dict[str, str], sql: SQL, tmp_path: Path, make_app: MakeApp
-) -> Iterator[Callable[[bool], Gunicorn]]:
-    """Start ``gunicorn -w 2 [--preload]`` serving workers_app (the orders
-    table and its triggers exist); afterwards its whole process group is
-    killed and its listener sessions are gone."""
-    if not (BIN / "gunicorn").exists():
-        if os.environ.get("CI"):
-            pytest.fail("gunicorn is not installed", pytrace=False)
-        pytest.skip("gunicorn tests NOT RUN: gunicorn is not installed")
-    orders_app(make_app, sql)
-    started: list[Gunicorn] = []
-
-    def start(preload: bool) -> Gunicorn:
-        port = free_port()
-        stderr = tmp_path / f"gunicorn-{len(started)}.err"
-        with open(stderr, "wb") as err:
-            proc = subprocess.Popen(
-                [str(BIN / "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}"]
-                + (["--preload"] if preload else [])
-                + _no_control_socket()
-                + ["--graceful-timeout", "5", f"{APP}:app"],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
-        server = Gunicorn(proc, port, stderr)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        proc = server.proc
+    def kill(self) -> None:
+        """Whatever is left of the process group: TERM, then KILL."""
+        proc = self.proc
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(proc.pid, sig)
@@ -200,40 +202,120 @@ def gunicorn(
         proc.wait(timeout=WAIT)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def assert_sessions_held_by(sql: SQL, workers: set[int], others: list[int]) -> None:
+    """One listener session per worker, each held by that worker alone, and
+    none by ``others`` (a master); waits for sessions of killed processes
+    to go (bounded)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        owners = session_owners(sql, [*others, *workers])
+        held = sorted(pid for pids in owners.values() for pid in pids)
+        if held == sorted(workers) and len(owners) == len(workers):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"listener sessions (client port -> holder) {owners}; expected one for each "
+                f"of {sorted(workers)}, none for {others}"
+            )
+        time.sleep(0.05)
+
+
+def app_env(pg_url: str) -> dict[str, str]:
+    """The environment a server of workers_app runs in."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PYTHON"))}
+    environ.update(
+        DBNOTIFY_TEST_APP_DATABASE_URL=pg_url,
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    return environ
+
+
+def require(program: str) -> Path:
+    """``program`` in the venv's bin; the test fails in CI without it, else skips."""
+    path = BIN / program
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is not installed", pytrace=False)
+        pytest.skip(f"{program} tests NOT RUN: {program} is not installed")
+    return path
+
+
+def _no_control_socket() -> list[str]:
+    """gunicorn >= 24 opens a control socket in ~/.gunicorn by default,
+    shared by every gunicorn of the user: turn it off where it exists."""
+    config = importlib.import_module("gunicorn.config")
+    names = {setting.name for setting in config.KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in names else []
+
+
+@pytest.fixture()
+def env(pg_url: str) -> dict[str, str]:
+    return app_env(pg_url)
+
+
+WORKER_CLASSES = ["sync", "gthread", "gevent"]
+
+
+@pytest.fixture()
+def gunicorn(
+    env: dict[str, str], sql: SQL, tmp_path: Path, make_app: MakeApp
+) -> Iterator[Callable[..., Server]]:
+    """Start ``gunicorn -w 2 [--preload] [-k CLASS]`` serving workers_app (the
+    orders table and its triggers exist); afterwards its whole process group
+    is killed and its listener sessions are gone."""
+    program = require("gunicorn")
+    orders_app(make_app, sql)
+    started: list[Server] = []
+
+    def start(preload: bool, worker_class: str = "sync") -> Server:
+        if worker_class == "gevent" and importlib.util.find_spec("gevent") is None:
+            if os.environ.get("CI"):
+                pytest.fail("gevent is not installed", pytrace=False)
+            pytest.skip("gevent worker NOT RUN: gevent is not installed")
+        port = free_port()
+        argv = [str(program), "-w", "2", "-k", worker_class, "-b", f"127.0.0.1:{port}"]
+        argv += ["--preload"] if preload else []
+        argv += _no_control_socket() + ["--graceful-timeout", "5", f"{APP}:app"]
+        server = Server(argv, env, port, tmp_path / f"gunicorn-{len(started)}.err")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
     wait_for_listeners(sql, 0, "after gunicorn ended")
 
 
-def _two_listeners(server: Gunicorn) -> set[int]:
-    server.wait(lambda _: len(server.pids("listener connected")) >= 2, "two listeners connected")
-    workers = set(server.pids("listener connected"))
-    assert len(workers) == 2, f"one worker connected twice: {server.lines}"
-    assert server.master not in workers, "the gunicorn master started a listener"
-    return workers
-
-
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
-def test_each_worker_listens_and_receives_each_row_once(
-    gunicorn: Callable[[bool], Gunicorn], sql: SQL, preload: bool
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_each_worker_listens_receives_each_row_once_and_stops(
+    gunicorn: Callable[..., Server], sql: SQL, preload: bool, worker_class: str
 ) -> None:
     """Each of the two workers has its own listener session, the master
     none, before any request; each row reaches each worker exactly once
     and the master never. With --preload the master imported the app (and
-    did not listen); without it each worker imported it."""
+    did not listen); without it each worker imported it. Under gevent the
+    listener's threads are the worker's greenlets (receivers run on its
+    main thread), even when the master imported the app before gevent
+    patched anything. SIGTERM to the master ends it all within the
+    graceful timeout, with no traceback, and the sessions close."""
     t0 = time.monotonic()
-    server = gunicorn(preload)
-    workers = _two_listeners(server)
+    server = gunicorn(preload, worker_class)
+    workers = server.wait_listeners(2)
+    assert server.master not in workers, "the gunicorn master started a listener"
     wait_for_listeners(sql, 2, "with two workers")
     t_listening = time.monotonic() - t0
-    owners = session_owners(sql, [server.master, *workers])
-    assert sorted(pid for pids in owners.values() for pid in pids) == sorted(workers), (
-        f"listener sessions (client port -> holder) {owners}; master {server.master}, "
-        f"workers {sorted(workers)}"
-    )
+    assert_sessions_held_by(sql, workers, [server.master])
     imported = server.pids("imported")
     if preload:
         assert imported == [server.master], server.lines
     else:
         assert sorted(imported) == sorted(workers), server.lines
+    where = "the main thread" if worker_class == "gevent" else "a thread of their own"
+    assert server.threads() == {where}, server.lines
 
     for pk in (1, 2, 3):
         sql("INSERT INTO orders VALUES (%s, 'x')", (pk,))
@@ -243,10 +325,6 @@ def test_each_worker_listens_and_receives_each_row_once(
     server.wait_received(workers, 4)
     got = server.received()
     assert got == {pid: [1, 2, 3, 4] for pid in workers}, got
-    print(
-        f"\ngunicorn {'--preload' if preload else '(no --preload)'}: master {server.master}, "
-        f"workers {sorted(workers)} listening {t_listening:.3f}s after start"
-    )
 
     # Only now the first request: the listeners did not need one.
     response = server.get("/")
@@ -254,16 +332,24 @@ def test_each_worker_listens_and_receives_each_row_once(
     assert int(response.rsplit(b"ok ", 1)[1]) in workers
     assert listener_count(sql) == 2
 
+    took = server.stop(signal.SIGTERM)
+    wait_for_listeners(sql, 0, "after gunicorn stopped")
+    assert server.received() == got, "a row arrived twice, or in the master"
+    print(
+        f"\ngunicorn -k {worker_class} {'--preload' if preload else '(no --preload)'}: "
+        f"workers listening {t_listening:.3f}s after start; stopped {took:.3f}s after SIGTERM"
+    )
+
 
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
 def test_a_killed_worker_is_replaced_with_its_own_listener(
-    gunicorn: Callable[[bool], Gunicorn], sql: SQL, preload: bool
+    gunicorn: Callable[..., Server], sql: SQL, preload: bool
 ) -> None:
     """SIGKILL one worker: gunicorn forks a replacement, which starts its
     own listener; the dead worker's session goes away; each row then
     reaches the survivor and the replacement once each."""
     server = gunicorn(preload)
-    workers = _two_listeners(server)
+    workers = server.wait_listeners(2)
     wait_for_listeners(sql, 2, "with two workers")
     victim = min(workers)
     t_kill = time.monotonic()
@@ -276,15 +362,7 @@ def test_a_killed_worker_is_replaced_with_its_own_listener(
     (replacement,) = [p for p in server.pids("listener connected") if p not in workers]
     assert replacement != server.master
     survivors = (workers - {victim}) | {replacement}
-    deadline = time.monotonic() + WAIT
-    while True:
-        owners = session_owners(sql, [server.master, *survivors])
-        if sorted(pid for pids in owners.values() for pid in pids) == sorted(survivors):
-            if len(owners) == 2:
-                break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"listener sessions {owners}, expected one each for {survivors}")
-        time.sleep(0.05)
+    assert_sessions_held_by(sql, survivors, [server.master])
     print(f"\nworker {victim} killed: replacement {replacement} listening after {t_replaced:.3f}s")
 
     sql("INSERT INTO orders VALUES (1, 'x')")
