@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._payload import ExactFloat
+from .backends import Status
 from .errors import DBNotifyError, ListenerError, WatchError
 from .events import ChangeEvent, Operation
 from .extension import DBNotify
@@ -23,9 +25,11 @@ __all__ = [
     "ChangeEvent",
     "DBNotify",
     "DBNotifyError",
+    "ExactFloat",
     "ListenerError",
     "ListenerState",
     "Operation",
+    "Status",
     "WatchError",
     "events_dropped",
     "listener_connected",

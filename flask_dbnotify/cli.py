@@ -160,8 +160,15 @@ def listen(count: int | None) -> None:
 @click.option("--receiver", default=None, help="Only this on() receiver (qualified name).")
 def replay(since: int, until: int | None, receiver: str | None) -> None:
     """Dispatch journaled events again, in this process."""
+    ext = _state().ext
+    if receiver is not None and not any(ext.subscriptions.values()):
+        raise click.BadParameter(
+            f"no on() receiver is named {receiver!r}: the app has no on() receivers "
+            "(leave out --receiver to replay to the row signals)",
+            param_hint="--receiver",
+        )
     try:
-        count = _state().ext.replay(since, until, receiver)
+        count = ext.replay(since, until, receiver)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--receiver") from None
     click.echo(f"replayed {count} event(s)")

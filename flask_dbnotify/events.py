@@ -39,32 +39,35 @@ class Operation(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ChangeEvent:
-    """One committed row change (or a TRUNCATE of a watched table).
+    """One committed row change (or a TRUNCATE of a watched table), as
+    receivers get it. Values of ``new`` and ``old`` are described in
+    :ref:`row-values`."""
 
-    :param table: the watched table name, as given to ``watch()``.
-    :param op: the operation.
-    :param pk: the primary key value; a tuple for composite keys. ``None``
-        for TRUNCATE.
-    :param new: the row after the change (``None`` for DELETE and
-        TRUNCATE), column name to JSON value, limited to the watch's
-        ``columns`` (plus the primary key).
-    :param old: the row before the change (``None`` for INSERT and TRUNCATE).
-    :param changed: names of the columns whose value changed (UPDATE only;
-        empty for the other operations, and for a cut event).
-    :param id: journal id when the event was journaled, else ``None``.
-    :param timestamp: when the change happened, by the database clock.
-    :param cut: the row was too large to carry (see ``MAX_ROW_BYTES`` in
-        the docs): ``new`` and ``old`` hold only the primary key columns.
-    """
-
+    #: The watched table name, as given to ``watch()``: the sender of the
+    #: row signals.
     table: str
+    #: The :class:`Operation`.
     op: Operation
+    #: The primary key value; a tuple for composite keys. ``None`` for
+    #: TRUNCATE.
     pk: Any
+    #: The row after the change, column name to JSON value, limited to the
+    #: watch's ``columns`` (plus the primary key). ``None`` for DELETE and
+    #: TRUNCATE.
     new: dict[str, Any] | None
+    #: The row before the change, like ``new``. ``None`` for INSERT and
+    #: TRUNCATE.
     old: dict[str, Any] | None
+    #: Names of the columns whose value changed: for UPDATE, of every
+    #: column of the table, whatever the watch carries. Empty for the
+    #: other operations, and for a cut event.
     changed: frozenset[str] = field(default_factory=frozenset)
+    #: The journal id when the event was journaled, else ``None``.
     id: int | None = None
+    #: When the change happened, by the database clock.
     timestamp: datetime | None = None
+    #: The row was too large to carry (see :ref:`cut-events`): ``new`` and
+    #: ``old`` hold only the primary key columns.
     cut: bool = False
 
     @property

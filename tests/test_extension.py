@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +37,7 @@ from flask_dbnotify import (
 from .conftest import SQL, WAIT, Recorder
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
+ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nothing"
 
 
@@ -206,23 +212,182 @@ def test_unsupported_database_url_names_it(bare_app: Any) -> None:
     assert "dbnotify" not in app.extensions
 
 
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("DBNOTIFY_CONNECT_TIMEOUT", "5"),
-        ("DBNOTIFY_CONNECT_TIMEOUT", 0),
-        ("DBNOTIFY_RECONNECT_MAX_DELAY", -1),
-        ("DBNOTIFY_PROBE_INTERVAL", True),
-        ("DBNOTIFY_KEEPALIVE_IDLE", None),
-    ],
-)
-def test_bad_numeric_config_names_the_key(pg_url: str, bare_app: Any, key: str, value: Any) -> None:
-    """A numeric setting that is not a positive number raises ValueError naming the key."""
-    app = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False, **{key: value})
+# Values a setting accepts, as Python code, a plain os.environ string, or
+# what Flask's from_prefixed_env() makes of one; and what it means.
+GOOD_CONFIG = [
+    ("DBNOTIFY_AUTOSTART", True, "autostart", True),
+    ("DBNOTIFY_AUTOSTART", False, "autostart", False),
+    ("DBNOTIFY_AUTOSTART", "false", "autostart", False),
+    ("DBNOTIFY_AUTOSTART", "False", "autostart", False),
+    ("DBNOTIFY_AUTOSTART", "0", "autostart", False),
+    ("DBNOTIFY_AUTOSTART", 0, "autostart", False),
+    ("DBNOTIFY_AUTOSTART", "no", "autostart", False),
+    ("DBNOTIFY_AUTOSTART", " OFF ", "autostart", False),
+    ("DBNOTIFY_AUTOSTART", "TRUE", "autostart", True),
+    ("DBNOTIFY_AUTOSTART", "1", "autostart", True),
+    ("DBNOTIFY_AUTOSTART", 1, "autostart", True),
+    ("DBNOTIFY_AUTOSTART", "Yes", "autostart", True),
+    ("DBNOTIFY_AUTOSTART", "on", "autostart", True),
+    ("DBNOTIFY_CHECK_TRIGGERS", "off", "check_triggers", False),
+    ("DBNOTIFY_FAST_MESSAGES", "no", "fast_messages", False),
+    ("DBNOTIFY_CONNECT_TIMEOUT", "30", "connect_timeout", 30.0),
+    ("DBNOTIFY_CONNECT_TIMEOUT", " 2.5 ", "connect_timeout", 2.5),
+    ("DBNOTIFY_CONNECT_TIMEOUT", 7, "connect_timeout", 7.0),
+    ("DBNOTIFY_CONNECT_TIMEOUT", 0.25, "connect_timeout", 0.25),
+    ("DBNOTIFY_RECONNECT_MAX_DELAY", "60", "reconnect_max_delay", 60.0),
+    ("DBNOTIFY_PROBE_INTERVAL", 2**31 - 1, "probe_interval", 2147483647.0),
+    ("DBNOTIFY_PAYLOAD_RETENTION", "86400", "payload_retention", 86400.0),
+    ("DBNOTIFY_POLL_INTERVAL", "0.01", "poll_interval", 0.01),
+    ("DBNOTIFY_ONCE_RETRY_DELAY", 0.5, "once_retry_delay", 0.5),
+    ("DBNOTIFY_ONCE_LEASE", "600", "once_lease", 600.0),
+    ("DBNOTIFY_KEEPALIVE_IDLE", "30", "keepalive_idle", 30),
+    ("DBNOTIFY_KEEPALIVE_IDLE", 30.0, "keepalive_idle", 30),
+    ("DBNOTIFY_KEEPALIVE_IDLE", 1, "keepalive_idle", 1),
+    ("DBNOTIFY_KEEPALIVE_IDLE", 32767, "keepalive_idle", 32767),
+    ("DBNOTIFY_QUEUE_SIZE", "500", "queue_size", 500),
+    ("DBNOTIFY_QUEUE_SIZE", 10**9, "queue_size", 10**9),
+    ("DBNOTIFY_ONCE_ATTEMPTS", "1", "once_attempts", 1),
+    ("DBNOTIFY_ONCE_ATTEMPTS", 1000, "once_attempts", 1000),
+    ("DBNOTIFY_SCHEMA", "dbnotify", "schema", "dbnotify"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "attribute", "expected"), GOOD_CONFIG)
+def test_config_values_that_are_accepted(
+    pg_url: str, bare_app: Any, key: str, value: Any, attribute: str, expected: Any
+) -> None:
+    """Each setting takes values of its own type, and the strings an
+    environment variable gives; the extension reads them as meant."""
+    config = {"DBNOTIFY_DATABASE_URI": pg_url, "DBNOTIFY_AUTOSTART": False, key: value}
+    app = bare_app(**config)
+    ext = DBNotify(app)
+    got = getattr(app.extensions["dbnotify"].settings, attribute)
+    assert got == expected and type(got) is type(expected), f"{key}={value!r} gave {got!r}"
+    assert ext.is_running(app) is (key == "DBNOTIFY_AUTOSTART" and expected)
+    assert app.config[key] == value, "init_app must leave the value it was given"
+
+
+BOOL_RULE = "'true', 'false', '1', '0', 'yes', 'no', 'on', 'off' (in any case)"
+SECONDS_RULE = "a number of seconds greater than 0 and at most 2147483647"
+BAD_CONFIG = [
+    ("DBNOTIFY_AUTOSTART", "maybe", BOOL_RULE),
+    ("DBNOTIFY_AUTOSTART", "", BOOL_RULE),
+    ("DBNOTIFY_AUTOSTART", 2, BOOL_RULE),
+    ("DBNOTIFY_AUTOSTART", None, BOOL_RULE),
+    ("DBNOTIFY_AUTOSTART", "disabled", BOOL_RULE),
+    ("DBNOTIFY_CHECK_TRIGGERS", "nope", BOOL_RULE),
+    ("DBNOTIFY_FAST_MESSAGES", [], BOOL_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", math.nan, SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", math.inf, SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", "NaN", SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", "inf", SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", 0, SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", "0", SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", "five", SECONDS_RULE),
+    ("DBNOTIFY_CONNECT_TIMEOUT", 2**31, SECONDS_RULE),
+    ("DBNOTIFY_RECONNECT_MAX_DELAY", -1, SECONDS_RULE),
+    ("DBNOTIFY_PROBE_INTERVAL", True, SECONDS_RULE),
+    ("DBNOTIFY_PAYLOAD_RETENTION", -math.inf, SECONDS_RULE),
+    ("DBNOTIFY_POLL_INTERVAL", None, SECONDS_RULE),
+    ("DBNOTIFY_ONCE_RETRY_DELAY", "1s", SECONDS_RULE),
+    ("DBNOTIFY_ONCE_LEASE", 10**400, SECONDS_RULE),
+    ("DBNOTIFY_KEEPALIVE_IDLE", 0.5, "a whole number of seconds, from 1 to 32767"),
+    ("DBNOTIFY_KEEPALIVE_IDLE", "10.5", "a whole number of seconds, from 1 to 32767"),
+    ("DBNOTIFY_KEEPALIVE_IDLE", 0, "a whole number of seconds, from 1 to 32767"),
+    ("DBNOTIFY_KEEPALIVE_IDLE", 32768, "a whole number of seconds, from 1 to 32767"),
+    ("DBNOTIFY_KEEPALIVE_IDLE", math.nan, "a whole number of seconds, from 1 to 32767"),
+    ("DBNOTIFY_KEEPALIVE_IDLE", None, "a whole number of seconds, from 1 to 32767"),
+    ("DBNOTIFY_QUEUE_SIZE", 0, "a whole number, 1 or more"),
+    ("DBNOTIFY_QUEUE_SIZE", 1.5, "a whole number, 1 or more"),
+    ("DBNOTIFY_QUEUE_SIZE", "many", "a whole number, 1 or more"),
+    ("DBNOTIFY_QUEUE_SIZE", False, "a whole number, 1 or more"),
+    ("DBNOTIFY_ONCE_ATTEMPTS", 0, "a whole number, from 1 to 1000"),
+    ("DBNOTIFY_ONCE_ATTEMPTS", 1001, "a whole number, from 1 to 1000"),
+    ("DBNOTIFY_SCHEMA", "", "a schema name (a non-empty string)"),
+    ("DBNOTIFY_SCHEMA", 5, "a schema name (a non-empty string)"),
+    ("DBNOTIFY_DATABASE_URI", 5, "a database URL, as a string or a sqlalchemy.engine.URL"),
+    ("DBNOTIFY_LISTEN_URI", 5, "a database URL, as a string or a sqlalchemy.engine.URL"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "rule"), BAD_CONFIG)
+def test_bad_config_names_the_key_the_value_and_the_rule(
+    pg_url: str, bare_app: Any, key: str, value: Any, rule: str
+) -> None:
+    """A value of the wrong type, not finite, or out of range raises
+    ValueError in init_app, saying which key, which value, and what it
+    takes; nothing is registered and no listener starts."""
+    config = {"DBNOTIFY_DATABASE_URI": pg_url, key: value}
+    if key != "DBNOTIFY_AUTOSTART":
+        config["DBNOTIFY_AUTOSTART"] = False
+    app = bare_app(**config)
     with pytest.raises(ValueError) as info:
         DBNotify(app)
-    assert key in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{key} must be "), message
+    assert rule in message, message
+    assert message.endswith(f", not {value!r}"), message
     assert "dbnotify" not in app.extensions
+
+
+def test_config_from_prefixed_env(
+    pg_url: str, bare_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings given as FLASK_DBNOTIFY_* environment variables and read
+    with app.config.from_prefixed_env() mean what they say."""
+    for name, value in {
+        "FLASK_DBNOTIFY_DATABASE_URI": pg_url,
+        "FLASK_DBNOTIFY_AUTOSTART": "off",
+        "FLASK_DBNOTIFY_CHECK_TRIGGERS": "false",
+        "FLASK_DBNOTIFY_CONNECT_TIMEOUT": "3",
+        "FLASK_DBNOTIFY_POLL_INTERVAL": "0.2",
+        "FLASK_DBNOTIFY_KEEPALIVE_IDLE": "30",
+        "FLASK_DBNOTIFY_SCHEMA": "dbnotify",
+    }.items():
+        monkeypatch.setenv(name, value)
+    app = bare_app()
+    app.config.from_prefixed_env()
+    ext = DBNotify(app)
+    settings = app.extensions["dbnotify"].settings
+    assert not ext.is_running(app)
+    assert (settings.autostart, settings.check_triggers) == (False, False)
+    assert (settings.connect_timeout, settings.poll_interval) == (3.0, 0.2)
+    assert (settings.keepalive_idle, settings.schema) == (30, "dbnotify")
+
+    monkeypatch.setenv("FLASK_DBNOTIFY_KEEPALIVE_IDLE", "0.5")
+    app = bare_app()
+    app.config.from_prefixed_env()
+    with pytest.raises(ValueError, match=r"^DBNOTIFY_KEEPALIVE_IDLE must be .*, not 0\.5$"):
+        DBNotify(app)
+
+
+def test_bad_config_under_the_flask_command_is_one_line(pg_url: str) -> None:
+    """Loaded by the `flask` command, a bad setting from the environment
+    ends the command with that one line, before any listener starts."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLASK_DBNOTIFY_DATABASE_URI": pg_url,
+        "FLASK_DBNOTIFY_AUTOSTART": "sometimes",
+    }
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "flask"),
+            "--app",
+            "tests.apps.env_app",
+            "dbnotify",
+            "status",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("Error: DBNOTIFY_AUTOSTART must be true or false"), lines
+    assert lines[0].endswith(", not 'sometimes'"), lines
 
 
 def test_defaults_are_visible_in_config(pg_url: str, bare_app: Any) -> None:

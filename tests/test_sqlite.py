@@ -501,6 +501,30 @@ def test_cli_install_status_uninstall(sqlite_app: SqliteApp, db: DB) -> None:
     assert db.objects() == []
 
 
+def test_cli_replay_for_a_receiver_when_there_are_none(
+    sqlite_app: SqliteApp, db: DB, events: Recorder
+) -> None:
+    """`replay --receiver NAME` in an app without on() receivers is a usage
+    error that says so; without --receiver the row signals get the events."""
+    db(ORDERS)
+    app, ext = sqlite_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    db("INSERT INTO orders VALUES (1, 'tea', 1)")
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["dbnotify", "replay", "--since", "1", "--receiver", "app.nope"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "no on() receiver is named 'app.nope': the app has no on() receivers" in message
+    assert "known are" not in message
+    assert events.items == []
+
+    result = runner.invoke(args=["dbnotify", "replay", "--since", "1"])
+    assert result.exit_code == 0, result.output
+    assert "replayed 1 event(s)" in result.output
+    assert [e.pk for e in events.items] == [1]
+
+
 def test_reinstalling_after_uninstall_everything_keeps_delivering(
     sqlite_app: SqliteApp, db: DB, events: Recorder
 ) -> None:
@@ -1356,11 +1380,12 @@ def test_journal_is_pruned_once_read_and_delivery_goes_on(
 ) -> None:
     """With DBNOTIFY_PAYLOAD_RETENTION=0.2, journal rows the listener has read
     are deleted once older than that; later changes still arrive, with
-    larger ids."""
+    larger ids. status() still shows the last id given out."""
     db(ORDERS)
     app, ext = sqlite_app(DBNOTIFY_PAYLOAD_RETENTION=0.2)
     ext.watch("orders")
     ext.install_triggers(app)
+    assert ext.status(app).health["journal"] == "0 rows, none written yet"
     ext.start(app)
     for n in range(1, 21):
         db("INSERT INTO orders VALUES (?, 'x', 1)", (n,))
@@ -1370,6 +1395,8 @@ def test_journal_is_pruned_once_read_and_delivery_goes_on(
         lambda: db("SELECT count(*) FROM dbnotify_journal") == [(0,)],
         "the listener prunes the 20 journal rows it has read",
     )
+    last_id = max(e.id for e in got if e.id is not None)
+    assert ext.status(app).health["journal"] == f"0 rows, last id {last_id}"
     db("INSERT INTO orders VALUES (21, 'x', 1)")
     (later,) = events.wait_for(21)[20:]
     events.assert_no_more(21, marker(ext, app))

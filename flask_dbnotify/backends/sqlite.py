@@ -416,16 +416,23 @@ class SQLiteBackend(Backend):
         health = status.health
         health["journal mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
         try:
-            count, last, oldest = conn.execute(
-                "SELECT count(*), max(id), min(created_at) FROM dbnotify_journal"
+            count, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM dbnotify_journal"
             ).fetchone()
+            # The last id given out, which pruning does not take back
+            # (AUTOINCREMENT); no row here until the first journal row.
+            last = conn.execute(
+                "SELECT max(seq) FROM sqlite_sequence WHERE name = 'dbnotify_journal'"
+            ).fetchone()[0]
             listeners = conn.execute(
                 "SELECT name, position, seen_at FROM dbnotify_listeners ORDER BY name"
             ).fetchall()
         except sqlite3.OperationalError:
             return  # Not installed.
-        health["journal"] = f"{count} rows, last id {last or 0}" + (
-            f", oldest {_iso(_unix(oldest))}" if oldest else ""
+        health["journal"] = (
+            f"{count} rows"
+            + (f", last id {last}" if last else ", none written yet")
+            + (f", oldest {_iso(_unix(oldest))}" if oldest else "")
         )
         health["listeners"] = str(len(listeners))
         for name, position, seen_at in listeners:
