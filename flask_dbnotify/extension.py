@@ -312,11 +312,10 @@ class DBNotify:
         done. Returns how many events were replayed."""
         state = self._state(app)
         subs = [s for subs in self.subscriptions.values() for s in subs]
-        if receiver is not None and receiver not in {s.name for s in subs}:
-            raise ValueError(
-                f"no on() receiver is named {receiver!r}: known are "
-                + ", ".join(sorted({s.name for s in subs}))
-            )
+        names = sorted({s.name for s in subs})
+        if receiver is not None and receiver not in names:
+            known = f"known are {', '.join(names)}" if names else "the app has no on() receivers"
+            raise ValueError(f"no on() receiver is named {receiver!r}: {known}")
         replayed = 0
         with state.app.app_context():
             while until is None or since <= until:

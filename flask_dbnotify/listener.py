@@ -12,6 +12,12 @@ of up to ~8 kB of rows each, or SQLite journal rows). When it is full a
 journaled backend simply stops reading (nothing is lost: the rows wait in
 the journal); otherwise new messages are dropped and ``events_dropped``
 reports how many events they held, in order, where they would have been.
+
+A connection that answers queries may still receive no notifications (a
+pooler in transaction or statement mode between it and the server). So on
+connecting, and then when idle, the listener sends itself a notification
+from another session, as real events come, and reports the connection as
+deaf if it does not arrive in time.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from collections import deque
@@ -31,7 +38,7 @@ from blinker import NamedSignal
 
 from ._log import RateLimited
 from ._once import OnceRunner
-from .backends import Lost, Notification, Stream, reason
+from .backends import DEAF, Lost, Notification, Stream, reason
 from .errors import DBNotifyError, ListenerError
 from .events import ChangeEvent, Operation
 from .signals import (
@@ -74,6 +81,10 @@ _PRUNE_EVERY = 60.0
 #: with once receivers (retries are due on time), this often.
 _CATCH_UP_EVERY = 5.0
 _ONCE_EVERY = 1.0
+#: After the hearing check made on connecting, an idle listener checks again
+#: at most this often (while deaf, every probe interval): each check is a
+#: NOTIFY, which wakes every listening session of the database.
+_RECHECK_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,14 @@ class ListenerState:
     #: Events delivered from the journal rather than from a notification
     #: (durable watches, after a reconnect or a full queue).
     replayed: int = 0
+    #: The connection answers queries but receives no notifications: the
+    #: last hearing check (a notification the listener sends itself from
+    #: another session, on connecting and then when idle) did not arrive
+    #: within ``DBNOTIFY_CONNECT_TIMEOUT``. Typically a pooler in
+    #: transaction or statement mode between the listener and the server.
+    deaf: bool = False
+    #: When a hearing check last arrived (``None`` before the first).
+    heard_at: datetime | None = None
 
 
 class _Signal:
@@ -129,6 +148,21 @@ _CHECK = _Signal(listener_connected)
 _PRUNE = _Signal(listener_connected)
 
 
+class _HearingCheck(_Signal):
+    """Asks the dispatcher to send ``token`` to the stream's check channel;
+    the reader waits for it on the stream from ``sent_at`` on."""
+
+    __slots__ = ("channel", "token", "sent_at", "failed", "probed")
+
+    def __init__(self, channel: str) -> None:
+        super().__init__(listener_connected)
+        self.channel = channel
+        self.token = secrets.token_hex(8)
+        self.sent_at: float | None = None
+        self.failed = False
+        self.probed = False
+
+
 class Listener:
     """One app's listener threads and their queue."""
 
@@ -141,9 +175,12 @@ class Listener:
         self._replayed = 0
         self._connected_since: datetime | None = None
         self._last_error: str | None = None
+        self._deaf = False
+        self._heard_at: datetime | None = None
         # An outage is one warning (and its end one line), at most one a
         # minute however often the connection drops, with a count.
         self._outage_log = RateLimited(log, interval=60.0)
+        self._deaf_log = RateLimited(log, interval=300.0)
 
     def _reset(self) -> None:
         """Fresh threads, pipe and queue (at init and after fork)."""
@@ -177,6 +214,8 @@ class Listener:
             reconnects=self._reconnects,
             last_error=self._last_error,
             replayed=self._replayed,
+            deaf=self._deaf,
+            heard_at=self._heard_at,
         )
 
     def start(self, timeout: float | None, raise_on_failure: bool) -> None:
@@ -259,6 +298,7 @@ class Listener:
         self._received = self._dispatched = self._dropped = self._reconnects = 0
         self._replayed = 0
         self._connected_since = None
+        self._deaf, self._heard_at = False, None
 
     # -- the reader ---------------------------------------------------------
 
@@ -332,13 +372,19 @@ class Listener:
     def _serve(self, run: _Run, stream: Stream) -> None:
         settings = self._state.settings
         idle_limit = settings.probe_interval
+        answer_within = settings.connect_timeout
         prune_every = min(_PRUNE_EVERY, settings.payload_retention / 2)
-        last_seen = last_prune = time.monotonic()
+        last_seen = last_prune = last_check = time.monotonic()
+        check = self._ask_hearing(run, stream)
         while True:
             if self._check_pending:
                 self._check_pending = False
                 self._put(run, [_CHECK], 0)
-            stream.wait(min(idle_limit, prune_every), self._wake_r)
+            timeout = min(idle_limit, prune_every)
+            if check is not None and check.sent_at is not None:
+                left = check.sent_at + answer_within - time.monotonic()
+                timeout = max(0.0, min(timeout, left))
+            stream.wait(timeout, self._wake_r)
             self._drain_wake()
             if run.stop.is_set():
                 return
@@ -348,12 +394,62 @@ class Listener:
                 last_seen = now
                 self._received += len(raw)
                 self._put(run, raw, len(raw))
+                # Notifications arrive, so a connection thought deaf may
+                # hear after all: check again without waiting to be idle.
+                if self._deaf and check is None and now - last_check >= idle_limit:
+                    check = self._ask_hearing(run, stream)
             elif now - last_seen >= idle_limit:
                 stream.probe()
                 last_seen = now
+                # Liveness first: a check cannot arrive during that query.
+                recheck = idle_limit if self._deaf else _RECHECK_EVERY
+                if check is None and now - last_check >= recheck:
+                    check = self._ask_hearing(run, stream)
+            if check is not None and self._judge_hearing(check, stream, now, answer_within):
+                check, last_check = None, now
+                stream.expect(None)
             if now - last_prune >= prune_every:
                 last_prune = now
                 self._put(run, [_PRUNE], 0)
+            # An idle process keeps one connection: this one.
+            self._state.backend.release_idle(idle_limit)
+
+    def _ask_hearing(self, run: _Run, stream: Stream) -> _HearingCheck | None:
+        """Have the dispatcher send the stream a hearing check, if it takes them."""
+        if stream.check_channel is None:
+            return None
+        check = _HearingCheck(stream.check_channel)
+        stream.expect(check.token)
+        self._put(run, [check], 0)
+        return check
+
+    def _judge_hearing(
+        self, check: _HearingCheck, stream: Stream, now: float, answer_within: float
+    ) -> bool:
+        """Settle ``check`` if it can be: whether it is done with."""
+        if stream.heard():
+            self._heard_at = datetime.now(UTC)
+            if self._deaf:
+                self._deaf = False
+                where = self._state.backend.listen_where
+                log.warning("the listener's connection to %s receives notifications again", where)
+            return True
+        if check.failed:
+            return True  # Not sent: no verdict; another check comes later.
+        if check.sent_at is None or now - check.sent_at < answer_within:
+            return False
+        if not check.probed:
+            # Not arrived in time. If the connection were dead, that would
+            # be why: the probe raises then, and the listener reconnects.
+            # What the probe brought in is read on the next round.
+            stream.probe()
+            check.probed = True
+            return False
+        self._deaf = True
+        self._deaf_log.warning(
+            "the listener's connection to %s %s", self._state.backend.listen_where, DEAF
+        )
+        return True
 
     def _put(self, run: _Run, items: list[Any], count: int) -> None:
         """Queue ``items`` (``count`` of them raw messages, the rest signals)."""
@@ -418,6 +514,16 @@ class Listener:
                     f" ({detail})" if detail else "",
                 )
 
+    def _send_hearing_check(self, check: _HearingCheck) -> None:
+        try:
+            self._state.backend.send_check(check.channel, check.token)
+        except Exception as exc:  # noqa: BLE001 - a check must not stop listening
+            _limited.warning("could not send the listener's hearing check: %s", exc)
+            check.failed = True
+        else:
+            check.sent_at = time.monotonic()
+        self.wake()  # The reader's wait ends at the check's deadline.
+
     def _prune(self) -> None:
         try:
             self._state.backend.prune(self._state.settings.payload_retention)
@@ -477,7 +583,9 @@ class Listener:
                         backend.rewind([r for r in batch[n:] if not isinstance(r, _Signal)])
                     break
                 try:
-                    if raw is _CHECK:
+                    if isinstance(raw, _HearingCheck):
+                        self._send_hearing_check(raw)
+                    elif raw is _CHECK:
                         self._check_triggers()
                     elif raw is _PRUNE:
                         self._prune()

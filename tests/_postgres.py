@@ -122,7 +122,8 @@ class ThrowawayServer:
     :meth:`destroy` stops it for good and removes its files.
     """
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, settings: dict[str, str] | None = None) -> None:
+        self.settings = settings or {}
         # PostgreSQL refuses to run as root, so as root run it as `nobody`.
         self.user = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
         self.tmp = Path(tempfile.mkdtemp(prefix="dbnotify-pg-"))
@@ -190,6 +191,7 @@ class ThrowawayServer:
                 f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                 "unix_socket_directories = ''\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                + "".join(f"{name} = {value}\n" for name, value in self.settings.items())
             )
 
     @property
@@ -247,13 +249,14 @@ class ThrowawayServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def start_private_postgres() -> ThrowawayServer:
+def start_private_postgres(settings: dict[str, str] | None = None) -> ThrowawayServer:
     """Start a throwaway server for one test module to stop and start at
-    will (never the shared server); raise RuntimeError if none can start."""
+    will (never the shared server), with ``settings`` added to its
+    postgresql.conf; raise RuntimeError if none can start."""
     tried: list[str] = []
     for kind, bindir in _binary_dirs():
         try:
-            return ThrowawayServer(bindir)
+            return ThrowawayServer(bindir, settings)
         except (RuntimeError, OSError, KeyError, subprocess.SubprocessError) as exc:
             tried.append(f"{kind} ({bindir}): {exc}")
     if not tried:

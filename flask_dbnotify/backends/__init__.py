@@ -20,6 +20,15 @@ from ..events import ChangeEvent
 
 WatchState = Literal["installed", "outdated", "missing", "error"]
 
+#: What a listener whose connection hears nothing is told (after "the
+#: listener's connection to WHERE").
+DEAF = (
+    "receives no notifications, so events and messages that are not journaled "
+    "are lost: a transaction- or statement-pooling proxy (pgbouncer, RDS Proxy) "
+    "between the listener and the server? Point DBNOTIFY_LISTEN_URI at the server "
+    "directly or at a session-pooled address"
+)
+
 
 @dataclass(frozen=True)
 class Notification:
@@ -102,6 +111,18 @@ class Status:
 
 class Stream(abc.ABC):
     """A listening connection, owned by the listener thread."""
+
+    #: Where this stream's hearing checks are sent (see
+    #: :meth:`Backend.send_check`); ``None`` for a stream that cannot go
+    #: deaf (a poll loop reads the data itself).
+    check_channel: str | None = None
+
+    def expect(self, token: str | None) -> None:  # noqa: B027 - optional hook
+        """Watch for a hearing check carrying ``token`` (forget any earlier one)."""
+
+    def heard(self) -> bool:
+        """Whether the check named by the last :meth:`expect` has arrived."""
+        return False
 
     @abc.abstractmethod
     def wait(self, timeout: float, wake_fd: int) -> None:
@@ -246,6 +267,12 @@ class Backend(abc.ABC):
         """Journaled events and messages of up to ``limit`` journal rows with
         ids from ``since``, in id order, and the last id read."""
 
+    def send_check(self, channel: str, token: str) -> None:
+        """Send a hearing check, ``token``, to a stream's ``check_channel``
+        from a session of our own pool: the way real events reach the
+        listener, from another session."""
+        raise NotImplementedError(f"{type(self).__name__} has no hearing checks")
+
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""
         return 1
@@ -262,6 +289,11 @@ class Backend(abc.ABC):
     def after_fork(self) -> None:
         """In a forked child: forget pooled connections without closing them."""
         self.engine.dispose(close=False)
+
+    def release_idle(self, idle: float) -> None:  # noqa: B027 - optional hook
+        """Close pooled connections that nothing used for ``idle`` seconds,
+        so that an idle process holds only its listener's connection.
+        Called often by the listener's reader thread: must be cheap."""
 
     @abc.abstractmethod
     def execute_all(self, statements: Sequence[str]) -> None:

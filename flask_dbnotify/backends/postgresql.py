@@ -27,7 +27,9 @@ import json
 import logging
 import os
 import re
+import secrets
 import select
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from .._log import RateLimited
 from .._watch import Watch
 from ..errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Lost, Status, Stream, execute_on, parse_url, reason
+from . import DEAF, Backend, Item, Lost, Status, Stream, execute_on, parse_url, reason
 
 log = logging.getLogger(__name__)
 _skipped = RateLimited(log)
@@ -51,6 +53,14 @@ _skipped = RateLimited(log)
 CHANNEL = "dbnotify"
 #: application_name of listener sessions, as pg_stat_activity shows them.
 LISTENER_NAME = "flask-dbnotify listener"
+#: application_name of the session ``status`` opens to check the listener's URL.
+CHECK_NAME = "flask-dbnotify check"
+#: How long ``status`` waits for its check notification to arrive.
+STATUS_CHECK_WAIT = 3.0
+#: What identifies a database, as the server says it (not as a URL or a
+#: pooler's alias names it): the same in two sessions if and only if both
+#: are in the same database of the same running server.
+_IDENTITY = "current_database(), pg_postmaster_start_time()"
 #: Bumped whenever the generated SQL changes shape; part of every hash.
 DDL_VERSION = 6
 #: PostgreSQL rejects a NOTIFY payload of 8000 bytes or more.
@@ -991,6 +1001,19 @@ class PostgreSQLBackend(Backend):
     ) -> None:
         super().__init__(uri, listen_uri, schema, engine)
         self.connect_kwargs = connect_kwargs
+        # When a pooled connection was last given back (see release_idle()).
+        self._returned = time.monotonic()
+        self._pool_lock = threading.Lock()
+        self._checkouts = 0  # under way, in _connect()
+        sa.event.listen(engine, "checkin", self._checked_in)
+        # For what runs rarely (trigger checks, status, DDL, pruning, the
+        # listener's hearing checks): a connection that is closed at once,
+        # so that none is held for it in an idle process, nor by the many
+        # processes of a fleet that start together.
+        self.rare = sa.create_engine(
+            engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+        )
+        sa.event.listen(self.rare, "connect", _autocommit, insert=True)
         # Durable delivery: where replay resumes, and journal ids delivered
         # past it (id -> transaction id).
         self._cursor: tuple[int, int] | None = None
@@ -1002,13 +1025,19 @@ class PostgreSQLBackend(Backend):
 
     @classmethod
     def from_url(cls, url: sa.URL, listen_uri: str | None, schema: str) -> PostgreSQLBackend:
-        # Our own small engine for DDL and notify(); always psycopg2.
+        # Our own small engine for DDL and notify(); always psycopg2. Its
+        # connections are in autocommit: all we run on them is single
+        # statements, which then also work through a pooler in statement
+        # mode (it refuses BEGIN); install() begins its transaction itself.
         engine = sa.create_engine(
             url.set(drivername="postgresql+psycopg2"),
             pool_size=2,
             max_overflow=4,
             pool_pre_ping=True,
+            isolation_level="AUTOCOMMIT",
         )
+        # First, before SQLAlchemy's own first queries on a new connection.
+        sa.event.listen(engine, "connect", _autocommit, insert=True)
         listen_url = parse_url(listen_uri) if listen_uri else url
         if listen_url.get_backend_name() != "postgresql":
             raise ValueError("DBNOTIFY_LISTEN_URI must be a postgresql:// URL")
@@ -1022,42 +1051,93 @@ class PostgreSQLBackend(Backend):
 
     # -- DDL ----------------------------------------------------------------
 
-    def _connect(self) -> sa.Connection:
+    def _engine(self, rare: bool) -> sa.Engine:
+        """The pool, or for a rare task the engine without one, unless the
+        pool holds a connection that nobody uses right now."""
+        pool = self.engine.pool
+        if rare and not (isinstance(pool, sa.pool.QueuePool) and pool.checkedin()):
+            return self.rare
+        return self.engine
+
+    def _connect(self, rare: bool = False) -> sa.Connection:
+        engine = self._engine(rare)
         try:
-            return self.engine.connect()
+            if engine is self.rare:
+                return engine.connect()
+            # While a checkout is under way, release_idle() leaves the pool.
+            with self._pool_lock:
+                self._checkouts += 1
+            try:
+                return engine.connect()
+            finally:
+                with self._pool_lock:
+                    self._checkouts -= 1
         except sa.exc.DBAPIError as exc:
             raise cannot_connect(self.where, exc) from exc
 
-    def _cursor_do(self, work: Any, commit: bool = False) -> Any:
-        """Run ``work(cursor)`` in one transaction on a raw DB-API cursor
-        (no parameter parsing of our statements), rolled back unless
-        ``commit``. Database errors become :class:`DBNotifyError`."""
+    def _cursor_do(self, work: Any, transaction: bool = False) -> Any:
+        """Run ``work(cursor)`` on a raw DB-API cursor (no parameter parsing
+        of our statements): each statement on its own, or with
+        ``transaction`` all in one transaction, committed when ``work``
+        returns. Database errors become :class:`DBNotifyError`. On a
+        connection of its own, closed after (these are rare tasks)."""
         try:
-            conn = self.engine.raw_connection()
+            conn = self.rare.raw_connection()  # DDL, status: rare, and maybe long
         except (psycopg2.Error, sa.exc.DBAPIError) as exc:
             raise cannot_connect(self.where, exc) from exc
+        dbapi: Any = conn.driver_connection
         try:
             try:
+                dbapi.autocommit = not transaction
                 cur: Any = conn.cursor()
                 try:
                     result = work(cur)
                 finally:
                     cur.close()
-                if commit:
+                if transaction:
                     conn.commit()
                 return result
             finally:
-                conn.rollback()
-                conn.close()
+                try:
+                    if not dbapi.closed:
+                        conn.rollback()
+                        dbapi.autocommit = True
+                finally:
+                    if dbapi.closed:
+                        conn.invalidate()
+                    conn.close()
         except (psycopg2.Error, sa.exc.DBAPIError) as exc:
+            # pgbouncer 1.18 closes the connection without a word; others
+            # may say why.
+            if transaction and (
+                "statement pooling" in reason(exc) or dbapi.closed and self._statement_pooling()
+            ):
+                raise DBNotifyError(
+                    f"installing triggers needs a transaction, and {self.where} closed "
+                    "the connection as one began while single statements work: a pooler "
+                    "in statement pooling mode (pgbouncer pool_mode = statement)? Run "
+                    "install-triggers with DBNOTIFY_DATABASE_URI set to the server "
+                    "directly or to a session-pooled address (or run the output of "
+                    "`flask dbnotify install-triggers --sql` there, in one transaction)"
+                ) from exc
             raise DBNotifyError(f"the database refused: {reason(exc)}") from exc
 
-    def execute_all(self, statements: Sequence[str]) -> None:
-        def work(cur: Any) -> None:
-            for statement in statements:
-                cur.execute(statement)
+    def _statement_pooling(self) -> bool:
+        """Whether a single statement works where beginning a transaction
+        just lost the connection: what a pooler in statement mode does."""
+        try:
+            with self._connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except (DBNotifyError, sa.exc.SQLAlchemyError):
+            return False
+        return True
 
-        self._cursor_do(work, commit=True)
+    def execute_all(self, statements: Sequence[str]) -> None:
+        # As one query, which PostgreSQL runs in one (implicit) transaction
+        # and a pooler in statement mode lets through. Each statement ends
+        # on a line of its own, in case it ends in a comment.
+        if statements:
+            self._cursor_do(lambda cur: cur.execute("\n;\n".join(statements)))
 
     def _resolve_all(self, cur: Any, watches: Sequence[Watch]) -> list[Resolved]:
         resolved = [resolve(cur, w) for w in watches]
@@ -1123,7 +1203,7 @@ class PostgreSQLBackend(Backend):
             for statement in self._install_sql(cur, watches):
                 cur.execute(statement)
 
-        self._cursor_do(work, commit=True)
+        self._cursor_do(work, transaction=True)
 
     def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
         def work(cur: Any) -> list[str]:
@@ -1201,6 +1281,7 @@ class PostgreSQLBackend(Backend):
                 )
             if health:
                 self._health(cur, status)
+                self._check_listen_url(cur, status)
             return status
 
         return self._cursor_do(work)  # type: ignore[no-any-return]
@@ -1239,11 +1320,60 @@ class PostgreSQLBackend(Backend):
             ident(self.schema, "dbnotify_receivers"),
         )
 
+    def _check_listen_url(self, cur: Any, status: Status) -> None:
+        """Whether a session at the listener's URL is in our database and
+        receives a notification sent from this one (``cur``'s session), as
+        the listener's must: a pooler in transaction or statement mode
+        lets LISTEN run, then passes nothing on."""
+        label, where = "listener URL", self.listen_where
+        channel, token = f"{CHANNEL}_check_{secrets.token_hex(8)}", secrets.token_hex(8)
+        try:
+            conn = psycopg2.connect(
+                **{"connect_timeout": 5, **self.connect_kwargs, "application_name": CHECK_NAME}
+            )
+        except psycopg2.Error as exc:
+            status.health[label] = f"cannot connect: {reason(exc)}"
+            status.warnings.append(f"the listener {cannot_connect(where, exc)}")
+            return
+        try:
+            conn.autocommit = True
+            with conn.cursor() as theirs:
+                theirs.execute(
+                    sql.SQL("LISTEN {}; SELECT " + _IDENTITY).format(sql.Identifier(channel))
+                )
+                identity = tuple(theirs.fetchone() or ())
+            cur.execute("SELECT " + _IDENTITY)
+            ours = tuple(cur.fetchone())
+            if identity != ours:
+                status.health[label] = f"{where}: another database"
+                status.warnings.append(
+                    f"DBNOTIFY_LISTEN_URI ({where}) leads to {_identity_text(identity)}, "
+                    f"DBNOTIFY_DATABASE_URI to {_identity_text(ours)}: the listener refuses "
+                    "to start; point both at the same database"
+                )
+                return
+            cur.execute("SELECT pg_notify(%s, %s)", (channel, token))
+            deadline = time.monotonic() + STATUS_CHECK_WAIT
+            while not any(n.channel == channel and n.payload == token for n in conn.notifies):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    status.health[label] = f"{where}: receives NO notifications"
+                    status.warnings.append(f"the listener's connection to {where} {DEAF}")
+                    return
+                select.select([conn], [], [], left)
+                conn.poll()
+            status.health[label] = f"{where}: receives notifications"
+        except psycopg2.Error as exc:
+            status.health[label] = f"{where}: {reason(exc)}"
+        finally:
+            conn.close()
+
     def prune(self, retention: float) -> None:
         self._once(
             "DELETE FROM {claims} WHERE state = 'done' "
             "AND claimed_at < now() - make_interval(secs => %(age)s)",
             {"age": retention},
+            rare=True,
         )
         # Old rows that no once receiver still has to claim and no claim
         # still needs (failed ones are kept for inspection).
@@ -1253,6 +1383,7 @@ class PostgreSQLBackend(Backend):
             "AND NOT EXISTS (SELECT 1 FROM {claims} AS c "
             "  WHERE c.event_id = j.id AND c.state <> 'done')",
             {"age": retention},
+            rare=True,
         )
 
     # -- messages ----------------------------------------------------------
@@ -1292,17 +1423,53 @@ class PostgreSQLBackend(Backend):
 
     def open_stream(self, settings: Any) -> Stream:
         stream = PostgreSQLStream(self, settings)
+        # What had committed once we listen is not ours to replay: the
+        # listener's session says, in the query that ran LISTEN.
+        snapshot = stream.snapshot
+        try:
+            # Which database the application's URL leads to, as the server
+            # says (asked only where the URLs differ: no second connection).
+            identity = stream.identity
+            if self.listen_uri != self.uri:
+                try:
+                    with self._connect(rare=True) as conn:
+                        identity = tuple(conn.exec_driver_sql("SELECT " + _IDENTITY).one())
+                except sa.exc.SQLAlchemyError as exc:
+                    raise DBNotifyError(f"cannot query {self.where}: {reason(exc)}") from exc
+            if tuple(identity) != stream.identity:
+                raise DBNotifyError(
+                    f"cannot listen at {self.listen_where}: it leads to "
+                    f"{_identity_text(stream.identity)}, but DBNOTIFY_DATABASE_URI "
+                    f"({self.where}) to {_identity_text(identity)}; point "
+                    "DBNOTIFY_LISTEN_URI at the same database as DBNOTIFY_DATABASE_URI"
+                )
+        except BaseException:
+            stream.close()
+            raise
         self._pieces = _new_pieces()
         if self._cursor is None:
-            # What had committed once we listen is not ours to replay. Read
-            # on a pooled connection: the listener's runs LISTEN only.
-            try:
-                ((snapshot,),) = self._query("SELECT pg_current_snapshot()::text", {})
-            except BaseException:
-                stream.close()
-                raise
             self.started(snapshot)
         return stream
+
+    def _checked_in(self, *args: Any) -> None:
+        self._returned = time.monotonic()
+
+    def release_idle(self, idle: float) -> None:
+        pool = self.engine.pool
+        if not isinstance(pool, sa.pool.QueuePool) or not pool.checkedin():
+            return
+        if time.monotonic() - self._returned < idle or not self._pool_lock.acquire(False):
+            return
+        try:
+            # No checkout can start meanwhile: none is left in the old pool
+            # when the engine gets a new, empty one (with the same hooks).
+            if not self._checkouts and not pool.checkedout():
+                self.engine.dispose()
+        finally:
+            self._pool_lock.release()
+
+    def send_check(self, channel: str, token: str) -> None:
+        self._once("SELECT pg_notify(%(c)s, %(t)s)", {"c": channel, "t": token}, rare=True)
 
     def decode(self, raw: Any) -> list[Item]:
         pid, text = raw
@@ -1419,11 +1586,12 @@ class PostgreSQLBackend(Backend):
 
     # -- exactly-once receivers ------------------------------------------------
 
-    def _once(self, statement: str, params: dict[str, Any]) -> list[Any]:
-        """Run one statement of ours, in its own transaction."""
+    def _once(self, statement: str, params: dict[str, Any], rare: bool = False) -> list[Any]:
+        """Run one statement of ours, in its own transaction (on a
+        connection of its own, closed after, if ``rare``)."""
         names = {n: ident(self.schema, f"dbnotify_{n}") for n in ("journal", "receivers", "claims")}
         try:
-            with self._connect() as conn, conn.begin():
+            with self._connect(rare) as conn, conn.begin():
                 result = conn.exec_driver_sql(statement.format(**names), params)
                 return list(result.all()) if result.returns_rows else []
         except sa.exc.SQLAlchemyError as exc:
@@ -1598,6 +1766,15 @@ def cannot_connect(where: str, exc: BaseException) -> DBNotifyError:
     return DBNotifyError(f"cannot connect to {where}: {why}; {todo}")
 
 
+def _autocommit(dbapi_connection: Any, record: Any) -> None:
+    dbapi_connection.autocommit = True
+
+
+def _identity_text(identity: Sequence[Any]) -> str:
+    database, started = identity
+    return f"database {database!r} of the server started at {started:%Y-%m-%d %H:%M:%S.%f%z}"
+
+
 def _connect_kwargs(url: sa.URL) -> dict[str, Any]:
     kwargs: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
     for key, value in url.query.items():
@@ -1616,6 +1793,11 @@ class PostgreSQLStream(Stream):
     query waits in ``select()`` with a deadline: a peer that stops answering
     without closing (a stalled proxy or load balancer) is noticed by the
     probe's timeout, not only by TCP keepalives.
+
+    With our channel it listens on a channel of its own, where the listener
+    sends itself hearing checks from another session: a connection that
+    answers queries can still receive nothing (a pooler in transaction or
+    statement mode hands the LISTENing server session to other clients).
     """
 
     def __init__(self, backend: PostgreSQLBackend, settings: Any) -> None:
@@ -1634,6 +1816,12 @@ class PostgreSQLStream(Stream):
             # Pieces of long messages are cut at UTF-8 character boundaries.
             "client_encoding": "UTF8",
         }
+        #: Hearing checks come on a channel of this connection's own, so
+        #: no other process handles them (the server still signals every
+        #: listening session), and they never reach decode().
+        self.check_channel = f"{CHANNEL}_check_{secrets.token_hex(8)}"
+        self._expected: str | None = None
+        self._arrived = False
         try:
             self.conn = psycopg2.connect(**kwargs, async_=True)
         except psycopg2.Error as exc:
@@ -1645,7 +1833,18 @@ class PostgreSQLStream(Stream):
                 raise cannot_connect(backend.listen_where, exc) from exc
             self.cur = self.conn.cursor()
             try:
-                self._run(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                # One query, so one server session even through a pooler;
+                # the result is the last statement's.
+                self._run(
+                    sql.SQL(
+                        "LISTEN {}; LISTEN {}; SELECT pg_current_snapshot()::text, " + _IDENTITY
+                    ).format(sql.Identifier(CHANNEL), sql.Identifier(self.check_channel))
+                )
+                snapshot, *identity = self.cur.fetchone()
+                #: What had committed when LISTEN took effect.
+                self.snapshot: str = snapshot
+                #: Which database of which server this session is in.
+                self.identity: tuple[Any, ...] = tuple(identity)
             except psycopg2.Error as exc:
                 where = backend.listen_where
                 raise DBNotifyError(f"cannot LISTEN at {where}: {reason(exc)}") from exc
@@ -1688,7 +1887,21 @@ class PostgreSQLStream(Stream):
         if not notes:
             return []
         self.conn.notifies = []
-        return [(note.pid, note.payload) for note in notes if note.channel == CHANNEL]
+        raw = [(note.pid, note.payload) for note in notes if note.channel == CHANNEL]
+        if len(raw) != len(notes):
+            # Anyone may send to the check channel; only the token we wait
+            # for counts, so a forger can at worst make a check pass.
+            expected = self._expected
+            for note in notes:
+                if note.channel == self.check_channel and note.payload == expected:
+                    self._arrived = True
+        return raw
+
+    def expect(self, token: str | None) -> None:
+        self._expected, self._arrived = token, False
+
+    def heard(self) -> bool:
+        return self._arrived
 
     def probe(self) -> None:
         self._run("SELECT 1")
