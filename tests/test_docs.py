@@ -22,10 +22,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import flask_dbnotify
+
+from .conftest import poll_until
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -219,3 +222,21 @@ def test_what_the_docs_import_exists() -> None:
                 elif module is flask_dbnotify and name not in flask_dbnotify.__all__:
                     problems.append(f"{page.name}: {name} is not in flask_dbnotify.__all__")
     assert not problems, "imports in the docs that fail:\n" + "\n".join(problems)
+
+
+def test_the_health_endpoint_of_the_deployment_page_works(make_app: Any) -> None:
+    """The deployment page's health endpoint, run as printed: 503 until the
+    listener is connected and hears, 200 after."""
+    page = (DOCS / "deployment.rst").read_text()
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", page)
+    (code,) = [textwrap.dedent(b) for b in blocks if "/health/dbnotify" in b]
+    app, dbnotify = make_app()
+    exec(code, {"app": app, "dbnotify": dbnotify})
+    client = app.test_client()
+    assert client.get("/health/dbnotify").status_code == 503
+    dbnotify.start(app)
+    response = poll_until(
+        lambda: (r := client.get("/health/dbnotify")).status_code == 200 and r,
+        "the health endpoint to say ready",
+    )
+    assert response.json["connected"] is True and response.json["deaf"] is False

@@ -1086,6 +1086,7 @@ class PostgreSQLBackend(Backend):
         except (psycopg2.Error, sa.exc.DBAPIError) as exc:
             raise cannot_connect(self.where, exc) from exc
         dbapi: Any = conn.driver_connection
+        lost = False  # whether the server side closed the connection
         try:
             try:
                 dbapi.autocommit = not transaction
@@ -1098,6 +1099,7 @@ class PostgreSQLBackend(Backend):
                     conn.commit()
                 return result
             finally:
+                lost = bool(dbapi.closed)  # before close() closes it for good
                 try:
                     if not dbapi.closed:
                         conn.rollback()
@@ -1110,7 +1112,7 @@ class PostgreSQLBackend(Backend):
             # pgbouncer 1.18 closes the connection without a word; others
             # may say why.
             if transaction and (
-                "statement pooling" in reason(exc) or dbapi.closed and self._statement_pooling()
+                "statement pooling" in reason(exc) or lost and self._statement_pooling()
             ):
                 raise DBNotifyError(
                     f"installing triggers needs a transaction, and {self.where} closed "
