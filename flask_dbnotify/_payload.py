@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from .backends import Item, Notification
+from ._items import Item, Notification
 from .events import ChangeEvent, Operation
 
 VERSION = 1

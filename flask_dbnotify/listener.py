@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 
+from ._items import Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
-from .backends import DEAF, Lost, Notification, Stream, reason
+from .backends import DEAF, Stream, reason
 from .errors import DBNotifyError, ListenerError
 from .events import ChangeEvent, Operation
 from .signals import (

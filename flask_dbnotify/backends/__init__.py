@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from .._items import Item
 from .._watch import Watch
 from ..events import ChangeEvent
 
@@ -28,28 +29,6 @@ DEAF = (
     "between the listener and the server? Point DBNOTIFY_LISTEN_URI at the server "
     "directly or at a session-pooled address"
 )
-
-
-@dataclass(frozen=True)
-class Notification:
-    """An application message read from the database."""
-
-    channel: str
-    payload: Any
-    #: Journal id when the message was journaled (``notify(durable=True)``,
-    #: and every message on SQLite), else ``None``.
-    id: int | None = None
-
-
-@dataclass(frozen=True)
-class Lost:
-    """Events that were read but cannot be delivered (a long message with
-    a piece missing): reported with ``events_dropped``."""
-
-    count: int
-
-
-Item = ChangeEvent | Notification | Lost
 
 
 @dataclass

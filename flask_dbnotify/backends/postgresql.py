@@ -41,11 +41,12 @@ import sqlalchemy as sa
 from psycopg2 import sql
 
 from .. import _payload
+from .._items import Item, Lost
 from .._log import RateLimited
 from .._watch import Watch
 from ..errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import DEAF, Backend, Item, Lost, Status, Stream, execute_on, parse_url, reason
+from . import DEAF, Backend, Status, Stream, execute_on, parse_url, reason
 
 log = logging.getLogger(__name__)
 _skipped = RateLimited(log)

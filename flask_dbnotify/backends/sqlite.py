@@ -29,10 +29,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import _payload
+from .._items import Item
 from .._watch import Watch
 from ..errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
 from ..events import ChangeEvent, Operation
-from . import Backend, Item, Status, Stream, execute_on
+from . import Backend, Status, Stream, execute_on
 from ._inotify import open_watch
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,35 @@
+"""What a backend reads from the database for the listener: row events,
+application messages, and counts of events that cannot be delivered.
+
+A module of its own, below both the backends and the payload decoder,
+which use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .events import ChangeEvent
+
+
+@dataclass(frozen=True)
+class Notification:
+    """An application message read from the database."""
+
+    channel: str
+    payload: Any
+    #: Journal id when the message was journaled (``notify(durable=True)``,
+    #: and every message on SQLite), else ``None``.
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Events that were read but cannot be delivered (a long message with
+    a piece missing): reported with ``events_dropped``."""
+
+    count: int
+
+
+Item = ChangeEvent | Notification | Lost
