@@ -147,6 +147,15 @@ class DBNotify:
         state.wanted = False
         state.listener.stop(timeout)
 
+    def close(self, app: Flask | None = None, timeout: float | None = 10.0) -> None:
+        """Stop the app's listener, as :meth:`stop` does, and close every
+        database connection Flask-DBNotify keeps for the app: for the end
+        of a test or a script. The app stays usable: :meth:`start`,
+        :meth:`notify` and the rest connect again when called."""
+        state = self._state(app)
+        self.stop(app, timeout)
+        state.backend.close()
+
     def is_running(self, app: Flask | None = None) -> bool:
         """Whether the app's listener thread is alive."""
         return self._state(app).listener.running

@@ -141,8 +141,7 @@ def make_app(pg_url: str) -> Iterator[Callable[..., tuple[Flask, DBNotify]]]:
 
     yield factory
     for app, ext in made:
-        ext.stop(app)
-        app.extensions["dbnotify"].backend.engine.dispose()
+        ext.close(app)
 
 
 class Recorder:

@@ -68,7 +68,7 @@ def test_64_processes_listen_under_max_connections_100(small_server: ThrowawaySe
     ext = DBNotify(app)
     ext.watch("orders")
     ext.install_triggers(app)
-    app.extensions["dbnotify"].backend.engine.dispose()
+    ext.close(app)
     assert sessions(sql) == []
 
     fleet = subprocess.Popen(

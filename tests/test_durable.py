@@ -604,7 +604,7 @@ def test_new_process_gets_nothing_from_before_its_first_start_sqlite(
         got = read_until(lines, {"pk": 3})
     finally:
         db.close()
-        app.extensions["dbnotify"].backend.engine.dispose()
+        ext.close(app)
     assert summary(got) == [2, "after", 3], got
 
 
@@ -948,8 +948,7 @@ def test_sqlite_durable_watch_behaves_like_a_plain_watch(tmp_path: Path, events:
             kinds = connected.wait_for(2, "listener_connected")
     finally:
         db.close()
-        ext.stop(app)
-        app.extensions["dbnotify"].backend.engine.dispose()
+        ext.close(app)
     plain, durable = rows(got, "plain"), rows(got, "durable")
     assert [key(e) for e in durable] == [key(e) for e in plain]
     assert [(e.op.value, e.pk) for e in durable] == [

@@ -57,8 +57,7 @@ def bare_app() -> Iterator[Callable[..., Flask]]:
     for app in made:
         state = app.extensions.get("dbnotify")
         if state is not None:
-            state.ext.stop(app)
-            state.backend.engine.dispose()
+            state.ext.close(app)
 
 
 def orders_table(sql: SQL) -> None:

@@ -22,7 +22,7 @@ from flask_dbnotify import (
     row_changed,
 )
 
-from .conftest import SQL, WAIT, Recorder
+from .conftest import SQL, WAIT, Recorder, poll_until
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 LISTENER_NAME = "flask-dbnotify listener"
@@ -256,3 +256,26 @@ def test_fork_child_gets_its_own_listener_and_parent_keeps_its(
         assert [e.pk for e in events.wait_for(2)] == [1, 2]
     assert disconnected.items == [], "the parent's listener lost its connection"
     assert listener_backends(sql)[0][0] == parent_pid_db
+
+
+def test_close_leaves_no_connection_and_the_app_usable(make_app: MakeApp, sql: SQL) -> None:
+    """close() stops the listener and closes the pooled connections too;
+    afterwards the app connects again when used."""
+    app, ext = orders_app(make_app, sql)
+    ext.start(app)
+    ext.notify("cache", "warm", app=app)  # through the pool
+
+    def others() -> int:
+        ((count,),) = sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        return int(count)
+
+    assert others() >= 1
+    ext.close(app)
+    poll_until(lambda: others() == 0, "every connection of the app closed")
+    assert not ext.is_running(app)
+    ext.start(app)
+    ext.notify("cache", "again", app=app)
+    assert ext.listener_state(app).connected

@@ -131,7 +131,7 @@ def install(db: Database, receivers: list[str], **config: Any) -> None:
     try:
         ext.install_triggers(app)
     finally:
-        app.extensions["dbnotify"].backend.engine.dispose()
+        ext.close(app)
 
 
 # -- the processes ---------------------------------------------------------------

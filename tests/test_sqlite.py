@@ -118,8 +118,7 @@ def sqlite_app(db_path: str) -> Iterator[SqliteApp]:
 
     yield factory
     for app, ext in made:
-        ext.stop(app)
-        app.extensions["dbnotify"].backend.engine.dispose()
+        ext.close(app)
 
 
 @pytest.fixture()
@@ -1589,8 +1588,7 @@ def test_relative_url_is_the_file_flask_sqlalchemy_uses(tmp_path: Path, events: 
             )
             assert event.instance(Note).text == "hello"
     finally:
-        ext.stop(app)
-        backend.engine.dispose()
+        ext.close(app)
         with app.app_context():
             fsa.engine.dispose()
 

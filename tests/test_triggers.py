@@ -629,3 +629,35 @@ def test_start_says_what_to_do_about_each_watch(
         "the search_path): create it first (run your migrations), or fix the name given to "
         "watch()",
     ]
+
+
+def test_the_ddl_is_built_without_a_database(make_app: MakeApp, sql: SQL) -> None:
+    """install_plan() needs no connection: from the watches and the tables as
+    the catalog would describe them, it builds exactly the statements that
+    install_sql() reads the database to build."""
+    from flask_dbnotify.backends.postgresql import Catalog, Resolved, install_plan
+
+    offline = DBNotify()
+    watches = [
+        offline.watch("orders"),
+        offline.watch('"Mixed Case"', durable=True, columns=["id", "note"]),
+    ]
+    tables = [
+        ("orders", ("id", "item", "qty"), ("id",)),
+        ("Mixed Case", ("id", "note", "extra"), ("id",)),
+    ]
+    resolved = [
+        Resolved(w, 10_000 + n, "public", table, columns, pk, ((10_000 + n, "public", table),))
+        for n, (w, (table, columns, pk)) in enumerate(zip(watches, tables, strict=True))
+    ]
+    empty = Catalog(schema_exists=True, functions={}, triggers=[], tables={}, exposed=[])
+    built = install_plan(empty, resolved, "public")
+    assert any("CREATE TRIGGER" in s and '"Mixed Case"' in s for s in built), built
+
+    # The same tables in a real database: the same statements.
+    sql("CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)")
+    sql('CREATE TABLE "Mixed Case" (id int PRIMARY KEY, note text, extra int)')
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.watch('"Mixed Case"', durable=True, columns=["id", "note"])
+    assert ext.install_sql(app) == built

@@ -269,6 +269,10 @@ class Backend(abc.ABC):
         """In a forked child: forget pooled connections without closing them."""
         self.engine.dispose(close=False)
 
+    def close(self) -> None:
+        """Close the pooled connections (the listener's is closed by its stream)."""
+        self.engine.dispose()
+
     def release_idle(self, idle: float) -> None:  # noqa: B027 - optional hook
         """Close pooled connections that nothing used for ``idle`` seconds,
         so that an idle process holds only its listener's connection.

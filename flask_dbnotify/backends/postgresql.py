@@ -974,6 +974,45 @@ def shared_sql(catalog: Catalog, schema: str) -> list[str]:
     return statements
 
 
+def install_plan(catalog: Catalog, resolved: Sequence[Resolved], schema: str) -> list[str]:
+    """The statements that make a database holding ``catalog`` match the
+    ``resolved`` watches, our objects in ``schema``. Pure: the catalog and
+    the tables come from the caller (the database, or a test)."""
+    statements = shared_sql(catalog, schema)
+    drops: list[str] = []
+    wanted_functions: set[str] = set()
+    for r in resolved:
+        functions = watch_functions(r, schema)
+        wanted_functions |= set(functions)
+        for name, f in functions.items():
+            statements += create_function(schema, name, f, r.watch.name)
+        # A table detached from the tree keeps our triggers, and would go
+        # on sending events under the watch's name.
+        tree = {oid for oid, _, _ in r.tree}
+        drops += [
+            drop_trigger(o)
+            for o in catalog.triggers
+            if o.function in functions and o.table_oid not in tree
+        ]
+        for oid, table_schema, table in r.tree:
+            present = {o.trigger for o in catalog.triggers if o.table_oid == oid}
+            drops += [
+                drop_trigger(o)
+                for o in catalog.triggers
+                if o.table_oid == oid and o.trigger not in functions
+            ]
+            statements += [
+                create_trigger(table_schema, table, name, f, schema)
+                for name, f in functions.items()
+                if name not in present
+            ]
+    # The new triggers are in place before the old ones go, in one
+    # transaction: a table is never without triggers.
+    statements += drops
+    statements += [drop_function(schema, f) for f in unused(catalog, wanted_functions, drops)]
+    return statements
+
+
 def unused(catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str]) -> list[Function]:
     """Our trigger functions that no trigger uses once ``dropped_triggers``
     (drop statements) have run, other than ``keep``."""
@@ -1157,39 +1196,7 @@ class PostgreSQLBackend(Backend):
 
     def _install_sql(self, cur: Any, watches: Sequence[Watch]) -> list[str]:
         catalog = read_catalog(cur, self.schema)
-        statements = shared_sql(catalog, self.schema)
-        drops: list[str] = []
-        wanted_functions: set[str] = set()
-        for r in self._resolve_all(cur, watches):
-            functions = watch_functions(r, self.schema)
-            wanted_functions |= set(functions)
-            for name, f in functions.items():
-                statements += create_function(self.schema, name, f, r.watch.name)
-            # A table detached from the tree keeps our triggers, and would
-            # go on sending events under the watch's name.
-            tree = {oid for oid, _, _ in r.tree}
-            drops += [
-                drop_trigger(o)
-                for o in catalog.triggers
-                if o.function in functions and o.table_oid not in tree
-            ]
-            for oid, schema, table in r.tree:
-                present = {o.trigger for o in catalog.triggers if o.table_oid == oid}
-                drops += [
-                    drop_trigger(o)
-                    for o in catalog.triggers
-                    if o.table_oid == oid and o.trigger not in functions
-                ]
-                statements += [
-                    create_trigger(schema, table, name, f, self.schema)
-                    for name, f in functions.items()
-                    if name not in present
-                ]
-        # The new triggers are in place before the old ones go, in one
-        # transaction: a table is never without triggers.
-        statements += drops
-        statements += self._unused_functions(catalog, wanted_functions, drops)
-        return statements
+        return install_plan(catalog, self._resolve_all(cur, watches), self.schema)
 
     def _unused_functions(
         self, catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str]
@@ -1453,6 +1460,10 @@ class PostgreSQLBackend(Backend):
         if self._cursor is None:
             self.started(snapshot)
         return stream
+
+    def close(self) -> None:
+        super().close()
+        self.rare.dispose()
 
     def _checked_in(self, *args: Any) -> None:
         self._returned = time.monotonic()

@@ -140,5 +140,4 @@ def main() -> None:
     ext.start(app)
     emit({"ready": True, "pid": os.getpid()})
     sys.stdin.read()
-    ext.stop(app)
-    app.extensions["dbnotify"].backend.engine.dispose()
+    ext.close(app)

@@ -51,8 +51,7 @@ def main() -> None:
     dbnotify.start(app)
     emit({"ready": True})
     sys.stdin.read()
-    dbnotify.stop(app)
-    app.extensions["dbnotify"].backend.engine.dispose()
+    dbnotify.close(app)
 
 
 if __name__ == "__main__":
