@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -25,6 +25,14 @@ from ._postgres import Found, ThrowawayServer, find_or_start_postgres, start_pri
 
 WAIT = 10.0  # seconds any single wait in a test may take
 T = TypeVar("T")
+
+
+def not_here(reason: str) -> NoReturn:
+    """For a test that needs what this machine lacks: fail under CI, where
+    everything must run, else skip; ``reason`` says NOT RUN and why."""
+    if os.environ.get("CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
 
 
 _postgres: list[Found | RuntimeError] = []
@@ -60,9 +68,7 @@ def pg_server(pytestconfig: pytest.Config) -> Iterator[str]:
     """URL of a scratch database on a real server, dropped at the end."""
     found = _find_postgres(pytestconfig)
     if isinstance(found, RuntimeError):
-        if os.environ.get("CI"):
-            pytest.fail(f"no PostgreSQL server for the tests: {found}", pytrace=False)
-        pytest.skip(f"PostgreSQL tests NOT RUN, no server: {found}")
+        not_here(f"PostgreSQL tests NOT RUN, no server: {found}")
     url = found.url
     name = f"dbnotify_test_{os.getpid()}"
     admin = psycopg2.connect(url)
@@ -264,9 +270,7 @@ def private_server() -> Iterator[ThrowawayServer]:
     try:
         server = start_private_postgres()
     except RuntimeError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"no private PostgreSQL server: {exc}", pytrace=False)
-        pytest.skip(f"private PostgreSQL server NOT STARTED: {exc}")
+        not_here(f"private PostgreSQL server NOT STARTED: {exc}")
     yield server
     server.destroy()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import WAIT
+from .conftest import WAIT, not_here
 from .test_example_app import (
     Writer,
     example_database,
@@ -206,10 +206,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture()
 def page(tmp_path: Path) -> Iterator[Chromium]:
     if not os.access(CHROMIUM, os.X_OK):
-        reason = f"browser tests NOT RUN: no {CHROMIUM} (`apt-get install chromium`)"
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+        not_here(f"browser tests NOT RUN: no {CHROMIUM} (`apt-get install chromium`)")
     browser = Chromium(tmp_path / "profile")
     try:
         yield browser

@@ -144,22 +144,7 @@ def spawn(env: dict[str, str], sql: SQL) -> Iterator[Callable[..., subprocess.Po
 
     yield start
     for proc in procs:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # The reloader's child is in the same group: make sure it is gone too.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
+        kill_group(proc, 5)  # the reloader's child is in the same group
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
@@ -247,6 +232,27 @@ def test_other_commands_start_no_listener(
     assert expected in "\n".join(stdout), stdout
     assert sessions == 0, "a listener session was open while the command ran"
     assert not [line for line in stderr if CONNECTED in line], stderr
+
+
+def kill_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """End ``proc`` and everything left in its process group: TERM, then
+    KILL if it has not ended within ``timeout``; then KILL the group for
+    children that outlived it, and reap ``proc``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
 
 
 def free_port() -> int:

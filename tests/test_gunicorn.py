@@ -30,8 +30,8 @@ from flask import Flask
 
 from flask_dbnotify import DBNotify
 
-from .conftest import SQL, WAIT
-from .test_cli_listen import Lines, free_port, listener_count, wait_for_listeners
+from .conftest import SQL, WAIT, not_here
+from .test_cli_listen import Lines, free_port, kill_group, listener_count, wait_for_listeners
 from .test_listener import orders_app
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
@@ -185,21 +185,7 @@ class Server:
     def kill(self) -> None:
         """Whatever is left of the process group: TERM, then KILL."""
         proc = self.proc
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=WAIT)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # workers left behind by a master that died first
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=WAIT)
+        kill_group(proc, WAIT)  # and workers left behind by a master that died first
         assert proc.stdout is not None
         proc.stdout.close()
 
@@ -237,9 +223,7 @@ def require(program: str) -> Path:
     """``program`` in the venv's bin; the test fails in CI without it, else skips."""
     path = BIN / program
     if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{program} is not installed", pytrace=False)
-        pytest.skip(f"{program} tests NOT RUN: {program} is not installed")
+        not_here(f"{program} tests NOT RUN: {program} is not installed")
     return path
 
 
@@ -272,9 +256,7 @@ def gunicorn(
 
     def start(preload: bool, worker_class: str = "sync") -> Server:
         if worker_class == "gevent" and importlib.util.find_spec("gevent") is None:
-            if os.environ.get("CI"):
-                pytest.fail("gevent is not installed", pytrace=False)
-            pytest.skip("gevent worker NOT RUN: gevent is not installed")
+            not_here("gevent worker NOT RUN: gevent is not installed")
         port = free_port()
         argv = [str(program), "-w", "2", "-k", worker_class, "-b", f"127.0.0.1:{port}"]
         argv += ["--preload"] if preload else []
