@@ -1009,8 +1009,15 @@ def install_plan(catalog: Catalog, resolved: Sequence[Resolved], schema: str) ->
     # The new triggers are in place before the old ones go, in one
     # transaction: a table is never without triggers.
     statements += drops
-    statements += [drop_function(schema, f) for f in unused(catalog, wanted_functions, drops)]
+    statements += drop_unused(catalog, wanted_functions, drops, schema)
     return statements
+
+
+def drop_unused(
+    catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str], schema: str
+) -> list[str]:
+    """Drop statements for our trigger functions no trigger will use."""
+    return [drop_function(schema, f) for f in unused(catalog, keep, dropped_triggers)]
 
 
 def unused(catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str]) -> list[Function]:
@@ -1198,12 +1205,6 @@ class PostgreSQLBackend(Backend):
         catalog = read_catalog(cur, self.schema)
         return install_plan(catalog, self._resolve_all(cur, watches), self.schema)
 
-    def _unused_functions(
-        self, catalog: Catalog, keep: set[str], dropped_triggers: Sequence[str]
-    ) -> list[str]:
-        """Drop statements for our trigger functions no trigger will use."""
-        return [drop_function(self.schema, f) for f in unused(catalog, keep, dropped_triggers)]
-
     def install_sql(self, watches: Sequence[Watch]) -> list[str]:
         return self._cursor_do(lambda cur: self._install_sql(cur, watches))  # type: ignore[no-any-return]
 
@@ -1220,7 +1221,7 @@ class PostgreSQLBackend(Backend):
             catalog = read_catalog(cur, self.schema)
             if everything:
                 drops = [drop_trigger(o) for o in catalog.triggers]
-                statements = drops + self._unused_functions(catalog, set(), drops)
+                statements = drops + drop_unused(catalog, set(), drops, self.schema)
                 spill = catalog.functions.get("dbnotify_spill")
                 if spill is not None:
                     statements.append(drop_function(self.schema, spill))
