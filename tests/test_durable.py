@@ -962,3 +962,31 @@ def test_sqlite_durable_watch_behaves_like_a_plain_watch(tmp_path: Path, events:
     assert ids == sorted({i for i in ids if i is not None}), ids
     assert [(e.op.value, e.pk) for e in rows(later)] == [("INSERT", 3), ("DELETE", 1)]
     assert [k["gap"] for k in kinds] == [False, False]
+
+
+def test_rows_committed_after_start_keep_commit_order_across_fast_and_durable(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """The catch-up that follows a connect replays only what was missed
+    before LISTEN took effect. Here it runs late (the dispatcher waits for a
+    pooled connection) while a fast row and then a durable row commit:
+    both arrive as notifications, in commit order, the durable row once."""
+    app, ext = durable_app(make_app, sql, "payments", fast=("orders",))
+    engine = app.extensions["dbnotify"].backend.engine
+    gate = threading.Event()
+
+    def slow_pool(*args: Any) -> None:
+        if threading.current_thread().name.startswith("dbnotify-dispatch"):
+            gate.wait(LONG)
+
+    sa.event.listen(engine, "checkout", slow_pool)
+    try:
+        ext.start(app)
+        sql("INSERT INTO orders VALUES (1, 'fast, first')")
+        sql("INSERT INTO payments VALUES (2, 'durable, second')")
+        gate.set()
+        got = settle(events, ext, app)
+    finally:
+        gate.set()
+        sa.event.remove(engine, "checkout", slow_pool)
+    assert [(e.table, e.pk) for e in rows(got)] == [("orders", 1), ("payments", 2)]

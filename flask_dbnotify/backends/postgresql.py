@@ -1068,6 +1068,10 @@ class PostgreSQLBackend(Backend):
         # (xmax, running xids) of the first snapshot: older transactions
         # not running then had committed before we listened.
         self._before: tuple[int, set[int]] | None = None
+        # The first catch-up after a connect replays only transactions that
+        # had ended when LISTEN took effect: younger ones notify us, and are
+        # delivered in their turn among the queued notifications.
+        self._bound: int | None = None
         self._pieces = _new_pieces()
 
     @classmethod
@@ -1460,6 +1464,7 @@ class PostgreSQLBackend(Backend):
         self._pieces = _new_pieces()
         if self._cursor is None:
             self.started(snapshot)
+        self._bound = stream.listening_from
         return stream
 
     def close(self) -> None:
@@ -1565,13 +1570,20 @@ class PostgreSQLBackend(Backend):
             return []
         journal = ident(self.schema, "dbnotify_journal")
         items: list[Item] = []
+        bound = self._bound
         while True:
             rows = self._query(
                 f"SELECT xid::text AS xid_text, id, body FROM {journal} "
                 "WHERE (xid, id) > (%(x)s::xid8, %(id)s) "
                 "AND xid < pg_snapshot_xmin(pg_current_snapshot()) "
+                "AND (%(bound)s::xid8 IS NULL OR xid < %(bound)s::xid8) "
                 "ORDER BY xid, id LIMIT %(n)s",
-                {"x": str(self._cursor[0]), "id": self._cursor[1], "n": _CATCH_UP_BATCH},
+                {
+                    "x": str(self._cursor[0]),
+                    "id": self._cursor[1],
+                    "bound": None if bound is None else str(bound),
+                    "n": _CATCH_UP_BATCH,
+                },
             )
             for xid_text, row_id, body in rows:
                 xid = int(xid_text)
@@ -1588,6 +1600,9 @@ class PostgreSQLBackend(Backend):
         self._seen = {k: v for k, v in self._seen.items() if v >= floor}
         if self._before is not None and floor >= self._before[0]:
             self._before = None
+        # Right after a connect, only what had ended when LISTEN took
+        # effect; the rest comes as notifications (or at the next catch-up).
+        self._bound = None
         return items
 
     def _committed_before(self, xid: int) -> bool:
@@ -1740,7 +1755,7 @@ class PostgreSQLBackend(Backend):
 
     def after_fork(self) -> None:
         super().after_fork()
-        self._cursor, self._seen, self._before = None, {}, None
+        self._cursor, self._seen, self._before, self._bound = None, {}, None, None
         self._pieces = _new_pieces()
 
 
@@ -1850,12 +1865,22 @@ class PostgreSQLStream(Stream):
             try:
                 # One query, so one server session even through a pooler;
                 # the result is the last statement's.
+                # The snapshot is taken before LISTEN is in effect (at the
+                # COMMIT), the bound after: kept in a setting of this session
+                # across the COMMIT, as only the last result comes back.
                 self._run(
                     sql.SQL(
-                        "LISTEN {}; LISTEN {}; SELECT pg_current_snapshot()::text, " + _IDENTITY
+                        "LISTEN {}; LISTEN {}; "
+                        "SELECT set_config('dbnotify.listen_snapshot', "
+                        "pg_current_snapshot()::text, false); COMMIT; "
+                        "SELECT current_setting('dbnotify.listen_snapshot'), "
+                        "pg_snapshot_xmin(pg_current_snapshot())::text, " + _IDENTITY
                     ).format(sql.Identifier(CHANNEL), sql.Identifier(self.check_channel))
                 )
-                snapshot, *identity = self.cur.fetchone()
+                snapshot, bound, *identity = self.cur.fetchone()
+                #: Every transaction older than this had ended by the time
+                #: LISTEN was in effect; a younger one may notify us.
+                self.listening_from = int(bound)
                 #: What had committed when LISTEN took effect.
                 self.snapshot: str = snapshot
                 #: Which database of which server this session is in.
