@@ -62,7 +62,7 @@ class OnceRunner:
         backend = self.state.backend
         names = {sub.name for _, sub in receivers}
         if not names <= self.registered:
-            backend.once_register(sorted(names - self.registered))
+            backend.once.register(sorted(names - self.registered))
             self.registered |= names
         offered, self.offered = self.offered, []
         by_receiver: dict[str, list[ChangeEvent]] = {}
@@ -70,28 +70,28 @@ class OnceRunner:
         for sub, event in offered:
             by_receiver.setdefault(sub.name, []).append(event)
         for name, events in by_receiver.items():
-            won = backend.once_claim(name, [e.id for e in events if e.id], self.worker)
+            won = backend.once.claim(name, [e.id for e in events if e.id], self.worker)
             mine = [e for e in events if e.id in won]
             if not self.attempt_all(subs[name], mine, stop):
                 return
         for watch, sub in receivers:
             while True:
-                events, cursor = backend.once_scan(sub.name, [watch], _BATCH)
+                events, cursor = backend.once.scan(sub.name, [watch], _BATCH)
                 wanted = [e for e in events if sub.matches(e)]
-                won = backend.once_claim(sub.name, [e.id for e in wanted if e.id], self.worker)
-                backend.once_advance(sub.name, cursor)
+                won = backend.once.claim(sub.name, [e.id for e in wanted if e.id], self.worker)
+                backend.once.advance(sub.name, cursor)
                 if not self.attempt_all(sub, [e for e in wanted if e.id in won], stop):
                     return
                 if len(events) < _BATCH:
                     break
             settings = self.state.settings
-            due_now = backend.once_due(sub.name, self.worker, settings.once_lease, _BATCH)
+            due_now = backend.once.due(sub.name, self.worker, settings.once_lease, _BATCH)
             for n, (event_id, attempt, due) in enumerate(due_now):
                 if stop.is_set():
-                    backend.once_release(sub.name, [i for i, _, _ in due_now[n:]])
+                    backend.once.release(sub.name, [i for i, _, _ in due_now[n:]])
                     return
                 if due is None:
-                    backend.once_finish(sub.name, event_id, "journal row is gone", None)
+                    backend.once.finish(sub.name, event_id, "journal row is gone", None)
                 else:
                     self.attempt(sub, due, attempt)
 
@@ -102,7 +102,7 @@ class OnceRunner:
         rest given back) if ``stop`` is set meanwhile."""
         for n, event in enumerate(events):
             if stop.is_set():
-                self.state.backend.once_release(sub.name, [e.id for e in events[n:] if e.id])
+                self.state.backend.once.release(sub.name, [e.id for e in events[n:] if e.id])
                 return False
             self.attempt(sub, event, 1)
         return True
@@ -111,7 +111,7 @@ class OnceRunner:
         """Run a once receiver for an operator's replay: claim the event if
         nobody has, then attempt it whatever its claim said."""
         assert event.id is not None
-        self.state.backend.once_reset(sub.name, event.id, self.worker)
+        self.state.backend.once.reset(sub.name, event.id, self.worker)
         self.attempt(sub, event, 1)
 
     def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:
@@ -131,7 +131,7 @@ class OnceRunner:
                     delay,
                     error,
                 )
-                backend.once_finish(sub.name, event.id, error, delay)
+                backend.once.finish(sub.name, event.id, error, delay)
                 return
             log.error(
                 "once receiver %s failed on event %s after %d attempts: %s",
@@ -140,7 +140,7 @@ class OnceRunner:
                 attempt,
                 error,
             )
-            backend.once_finish(sub.name, event.id, error, None)
+            backend.once.finish(sub.name, event.id, error, None)
             app = self.state.app
             for failed in receiver_failed.receivers_for(app):
                 try:
@@ -148,4 +148,4 @@ class OnceRunner:
                 except Exception:  # noqa: BLE001
                     log.exception("receiver_failed receiver %r failed", failed)
             return
-        backend.once_finish(sub.name, event.id, None, None)
+        backend.once.finish(sub.name, event.id, None, None)

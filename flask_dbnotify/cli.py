@@ -73,7 +73,7 @@ def uninstall_triggers(print_sql: bool, everything: bool) -> None:
         for statement in statements:
             click.echo(statement + ";")
         return
-    _state().backend.execute_all(statements)
+    _state().backend.admin.execute_all(statements)
     click.echo("uninstalled triggers")
 
 

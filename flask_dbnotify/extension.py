@@ -336,38 +336,38 @@ class DBNotify:
     def forget_receiver(self, name: str, app: Flask | None = None) -> None:
         """Drop a retired once receiver's watermark and claims, so the
         journal can be pruned past it."""
-        self._state(app).backend.once_forget(name)
+        self._state(app).backend.once.forget(name)
 
     # -- triggers -----------------------------------------------------------
 
     def install_sql(self, app: Flask | None = None) -> list[str]:
         """The DDL that ``install_triggers()`` would run."""
-        return self._state(app).backend.install_sql(list(self.watches.values()))
+        return self._state(app).backend.admin.install_sql(list(self.watches.values()))
 
     def install_triggers(self, app: Flask | None = None) -> None:
         """Create or update the triggers for every watch, in one
         transaction; superseded ones are dropped."""
         state = self._state(app)
-        state.backend.install(list(self.watches.values()))
+        state.backend.admin.install(list(self.watches.values()))
         # From now on, events for once receivers wait for them in the journal.
         once = sorted({s.name for subs in self.subscriptions.values() for s in subs if s.once})
         if once:
-            state.backend.once_register(once)
+            state.backend.once.register(once)
         state.listener.recheck_triggers()
 
     def uninstall_sql(self, app: Flask | None = None, everything: bool = False) -> list[str]:
         """The DDL that ``uninstall_triggers()`` would run."""
-        return self._state(app).backend.uninstall_sql(list(self.watches.values()), everything)
+        return self._state(app).backend.admin.uninstall_sql(list(self.watches.values()), everything)
 
     def uninstall_triggers(self, app: Flask | None = None, everything: bool = False) -> None:
         """Drop the triggers of every watch (with ``everything``, every
         object Flask-DBNotify created in the database)."""
-        backend = self._state(app).backend
-        backend.execute_all(backend.uninstall_sql(list(self.watches.values()), everything))
+        admin = self._state(app).backend.admin
+        admin.execute_all(admin.uninstall_sql(list(self.watches.values()), everything))
 
     def status(self, app: Flask | None = None) -> Status:
         """Compare the database with the watches."""
-        return self._state(app).backend.status(list(self.watches.values()))
+        return self._state(app).backend.admin.status(list(self.watches.values()))
 
 
 def _check_subscription(watch: Watch, sub: Subscription) -> None:

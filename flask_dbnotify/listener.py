@@ -171,6 +171,7 @@ class Listener:
         self._state = state
         self._lock = threading.Lock()
         self._once = OnceRunner(state)
+        self._feed = state.backend.feed()
         self._reset()
         self._received = self._dispatched = self._dropped = self._reconnects = 0
         self._replayed = 0
@@ -295,6 +296,7 @@ class Listener:
         os.close(self._wake_w)
         self._lock = threading.Lock()
         self._once = OnceRunner(self._state)  # claims carry this process's pid
+        self._feed = self._state.backend.feed()  # reads from now on, as a new listener
         self._reset()
         self._received = self._dispatched = self._dropped = self._reconnects = 0
         self._replayed = 0
@@ -311,7 +313,7 @@ class Listener:
         reported = False  # whether this outage was warned about
         while not run.stop.is_set():
             try:
-                stream = state.backend.open_stream(state.settings)
+                stream = self._feed.open_stream(state.settings)
             except Exception as exc:  # noqa: BLE001 - any failure means retry
                 self._last_error = str(exc)
                 first = not self._first_attempt.is_set()
@@ -470,7 +472,7 @@ class Listener:
             if kept:
                 run.queue.append(kept)
                 run.queued += len(kept)
-        events = sum(self._state.backend.count(raw) for raw in lost)
+        events = sum(self._feed.count(raw) for raw in lost)
         self._dropped += events
         with run.ready:
             last = run.queue[-1] if run.queue else None
@@ -498,7 +500,7 @@ class Listener:
             return
         try:
             # Watch states only: the health figures can take a while.
-            status = state.backend.status(list(state.ext.watches.values()), health=False)
+            status = state.backend.admin.status(list(state.ext.watches.values()), health=False)
         except Exception as exc:  # noqa: BLE001 - a check must not stop listening
             log.warning("could not check triggers: %s", exc)
             return
@@ -527,7 +529,7 @@ class Listener:
 
     def _prune(self) -> None:
         try:
-            self._state.backend.prune(self._state.settings.payload_retention)
+            self._feed.prune(self._state.settings.payload_retention)
         except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
             log.warning("could not prune old payloads or journal rows: %s", exc)
 
@@ -538,9 +540,7 @@ class Listener:
         return bool(watches) and all(w.durable for w in watches)
 
     def _durable_in_use(self) -> bool:
-        return self._state.backend.replaying() or any(
-            w.durable for w in self._state.ext.watches.values()
-        )
+        return self._feed.replaying() or any(w.durable for w in self._state.ext.watches.values())
 
     def _dispatch_loop(self, run: _Run) -> None:
         ready, queue = run.ready, run.queue
@@ -569,19 +569,19 @@ class Listener:
         if raw:
             log.info("listener stopped with %d messages undelivered", len(raw))
             if run is self._current:
-                self._state.backend.rewind(raw)
+                self._feed.rewind(raw)
 
     def _dispatch(self, run: _Run, batch: list[Any]) -> None:
         subscriptions = self._state.ext.subscriptions
-        backend = self._state.backend
-        decode = backend.decode
+        feed = self._feed
+        decode = feed.decode
         with self._state.app.app_context():
             for n, raw in enumerate(batch):
                 if run.stop.is_set():
                     # Left for the next start (a journaled backend reads it
                     # again; durable rows are replayed).
                     if run is self._current:
-                        backend.rewind([r for r in batch[n:] if not isinstance(r, _Signal)])
+                        feed.rewind([r for r in batch[n:] if not isinstance(r, _Signal)])
                     break
                 try:
                     if isinstance(raw, _HearingCheck):
@@ -612,7 +612,7 @@ class Listener:
 
     def _catch_up(self, subscriptions: dict[str, Any]) -> None:
         try:
-            items = self._state.backend.catch_up()
+            items = self._feed.catch_up()
         except Exception as exc:  # noqa: BLE001 - retried at the next chance
             log.warning("could not replay the journal: %s", exc)
             return

@@ -39,7 +39,6 @@ NOT_API: dict[str, dict[str, str]] = {
     "Status": {
         "compare": "the backends build the report with it",
         "error": "the backends build the report with it",
-        "once_health": "the backends build the report with it",
     },
 }
 

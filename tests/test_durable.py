@@ -406,7 +406,7 @@ def test_row_committed_right_after_start_is_replayed_when_the_link_dies_at_once(
         DBNOTIFY_CONNECT_TIMEOUT=1,
         DBNOTIFY_CHECK_TRIGGERS=False,
     )
-    engine = app.extensions["dbnotify"].backend.engine
+    engine = app.extensions["dbnotify"].backend.db.pool
     gate = threading.Event()
 
     def slow_pool(*args: Any) -> None:
@@ -972,7 +972,7 @@ def test_rows_committed_after_start_keep_commit_order_across_fast_and_durable(
     pooled connection) while a fast row and then a durable row commit:
     both arrive as notifications, in commit order, the durable row once."""
     app, ext = durable_app(make_app, sql, "payments", fast=("orders",))
-    engine = app.extensions["dbnotify"].backend.engine
+    engine = app.extensions["dbnotify"].backend.db.pool
     gate = threading.Event()
 
     def slow_pool(*args: Any) -> None:

@@ -441,7 +441,7 @@ def test_forged_and_broken_pieces_are_skipped(
     # The over-limit, the short and the overlong message were begun; a
     # piece 2 alone or a malformed header begins nothing.
     assert sum(item["count"] for item in dropped.items) == 3
-    assert app.extensions["dbnotify"].backend._pieces._open is None
+    assert app.extensions["dbnotify"].listener._feed._pieces._open is None
     state = ext.listener_state(app)
     assert state.connected and state.reconnects == 0, state
 

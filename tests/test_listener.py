@@ -99,9 +99,9 @@ def test_foreign_and_malformed_payloads_are_skipped(
 ) -> None:
     """Notifications on our channel that are not ours are skipped, logged
     once however many come (rate-limited); events after them arrive."""
-    from flask_dbnotify.backends import postgresql
+    from flask_dbnotify.backends.postgresql import journal
 
-    postgresql._skipped.reset()
+    journal.skipped.reset()
     caplog.set_level(logging.WARNING, logger="flask_dbnotify")
     app, ext = orders_app(make_app, sql)
     ext.start(app)

@@ -83,7 +83,7 @@ def everything_arrives(app: Flask, ext: DBNotify, sql: SQL, events: Recorder) ->
     status = ext.status(app)
     assert status.watches == {"orders": "installed", "payments": "installed"}, status
     assert status.health["journal"].startswith("2 rows"), status.health
-    app.extensions["dbnotify"].backend.prune(3600.0)
+    app.extensions["dbnotify"].backend.feed().prune(3600.0)
 
 
 # -- session pooling: everything ---------------------------------------------------

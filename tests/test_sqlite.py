@@ -1371,7 +1371,7 @@ def listener_rows(db: DB) -> dict[str, tuple[int, float]]:
 
 
 def listener_name(app: Flask) -> str:
-    return str(app.extensions["dbnotify"].backend.listener_name)
+    return str(app.extensions["dbnotify"].listener._feed.name)
 
 
 def test_journal_is_pruned_once_read_and_delivery_goes_on(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -635,7 +638,8 @@ def test_the_ddl_is_built_without_a_database(make_app: MakeApp, sql: SQL) -> Non
     """install_plan() needs no connection: from the watches and the tables as
     the catalog would describe them, it builds exactly the statements that
     install_sql() reads the database to build."""
-    from flask_dbnotify.backends.postgresql import Catalog, Resolved, install_plan
+    from flask_dbnotify.backends.postgresql.catalog import Catalog, Resolved
+    from flask_dbnotify.backends.postgresql.ddl import install_plan
 
     offline = DBNotify()
     watches = [
@@ -660,4 +664,30 @@ def test_the_ddl_is_built_without_a_database(make_app: MakeApp, sql: SQL) -> Non
     app, ext = make_app()
     ext.watch("orders")
     ext.watch('"Mixed Case"', durable=True, columns=["id", "note"])
+    assert ext.install_sql(app) == built
+
+
+def test_the_sqlite_ddl_is_built_without_a_database(tmp_path: Path) -> None:
+    """The same on SQLite: from the tables as the catalog would describe
+    them, the statements install_sql() builds from the database file."""
+    from flask_dbnotify.backends.sqlite.ddl import install_plan
+
+    offline = DBNotify()
+    watches = [offline.watch("orders", when_changed=["qty"]), offline.watch("Mixed Case")]
+    tables = [
+        ("orders", [("id", "INTEGER"), ("item", "TEXT"), ("qty", "INTEGER")], ["id"]),
+        ("Mixed Case", [("id", "INTEGER"), ("note", "JSON")], ["id"]),
+    ]
+    built = install_plan([], list(zip(watches, tables, strict=True)))
+    assert any("CREATE TRIGGER" in s and '"Mixed Case"' in s for s in built), built
+
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT, qty INTEGER)")
+        conn.execute('CREATE TABLE "Mixed Case" (id INTEGER PRIMARY KEY, note JSON)')
+    app = Flask(__name__)
+    app.config.update(DBNOTIFY_DATABASE_URI=f"sqlite:///{path}", DBNOTIFY_AUTOSTART=False)
+    ext = DBNotify(app)
+    ext.watch("orders", when_changed=["qty"])
+    ext.watch("Mixed Case")
     assert ext.install_sql(app) == built

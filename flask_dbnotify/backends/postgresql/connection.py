@@ -1,0 +1,213 @@
+"""Every statement the PostgreSQL backend runs goes through :class:`Database`:
+a small pool for what runs often (journal reads, claims, ``notify``), a
+connection of its own for what runs rarely (DDL, status, pruning, hearing
+checks), and one translation of errors.
+
+Connections are in autocommit: what we run is single statements, which
+then also work through a pooler in statement mode (it refuses BEGIN);
+``cursor(transaction=True)`` begins its transaction itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg2
+import sqlalchemy as sa
+
+from ...errors import DBNotifyError
+from ..common import reason
+
+T = TypeVar("T")
+
+# What libpq says when no server answers at the address.
+_UNREACHABLE = (
+    "Connection refused",
+    "No such file or directory",
+    "could not translate host name",
+    "server closed the connection",
+    "timeout expired",
+    "no answer from the server",
+    "No route to host",
+    "Network is unreachable",
+)
+
+
+def cannot_connect(where: str, exc: BaseException) -> DBNotifyError:
+    """The error for a connection that failed, naming where and what to do."""
+    why = reason(exc)
+    if why.startswith("database ") and why.endswith(" does not exist"):
+        todo = "create the database, or fix the database name in the URL"
+    elif (
+        why.startswith("role ")
+        and why.endswith(" does not exist")
+        or any(s in why for s in ("password", "pg_hba.conf", "authentication failed"))
+    ):
+        todo = "check the user and password in the URL, and the server's pg_hba.conf"
+    elif "too many connections" in why or "remaining connection slots" in why:
+        todo = "the server has no connection free: close idle ones, or raise its limits"
+    elif any(s in why for s in _UNREACHABLE):
+        todo = "is the server running there? Check the host and port in the URL"
+    else:
+        todo = "check the URL and the server"
+    return DBNotifyError(f"cannot connect to {where}: {why}; {todo}")
+
+
+def refused(exc: BaseException) -> DBNotifyError:
+    """The error for a statement the server (or the connection) refused."""
+    return DBNotifyError(f"the database refused: {reason(exc)}")
+
+
+_STATEMENT_POOLING = (
+    "installing triggers needs a transaction, and {where} closed the connection "
+    "as one began while single statements work: a pooler in statement pooling "
+    "mode (pgbouncer pool_mode = statement)? Run install-triggers with "
+    "DBNOTIFY_DATABASE_URI set to the server directly or to a session-pooled "
+    "address (or run the output of `flask dbnotify install-triggers --sql` "
+    "there, in one transaction)"
+)
+
+
+def connect_kwargs(url: sa.URL) -> dict[str, Any]:
+    """psycopg2.connect() arguments for ``url`` (its query included)."""
+    kwargs: dict[str, Any] = url.translate_connect_args(username="user", database="dbname")
+    for key, value in url.query.items():
+        kwargs[key] = value if isinstance(value, str) else value[-1]
+    return kwargs
+
+
+def _autocommit(dbapi_connection: Any, record: Any) -> None:
+    dbapi_connection.autocommit = True
+
+
+def _engine(url: sa.URL, **pooling: Any) -> sa.Engine:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **pooling)
+    # First, before SQLAlchemy's own first queries on a new connection.
+    sa.event.listen(engine, "connect", _autocommit, insert=True)
+    return engine
+
+
+class Database:
+    """Where the application's database is, and how we run SQL there."""
+
+    def __init__(self, url: sa.URL, where: str) -> None:
+        url = url.set(drivername="postgresql+psycopg2")
+        self.where = where
+        self.pool = _engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True)
+        # For what runs rarely: a connection that is closed at once, so that
+        # none is held for it in an idle process, nor by the many processes
+        # of a fleet that start together.
+        self.rare = _engine(url, poolclass=sa.pool.NullPool)
+        # When a pooled connection was last given back (see release_idle()).
+        self._returned = time.monotonic()
+        self._pool_lock = threading.Lock()
+        self._checkouts = 0  # under way, in connect()
+        sa.event.listen(self.pool, "checkin", self._checked_in)
+
+    def connect(self, rare: bool = False) -> sa.Connection:
+        """A connection from the pool; for a rare task, one of its own
+        unless the pool holds a connection that nobody uses right now."""
+        pool = self.pool.pool
+        use_pool = not rare or (isinstance(pool, sa.pool.QueuePool) and pool.checkedin())
+        try:
+            if not use_pool:
+                return self.rare.connect()
+            # While a checkout is under way, release_idle() leaves the pool.
+            with self._pool_lock:
+                self._checkouts += 1
+            try:
+                return self.pool.connect()
+            finally:
+                with self._pool_lock:
+                    self._checkouts -= 1
+        except sa.exc.DBAPIError as exc:
+            raise cannot_connect(self.where, exc) from exc
+
+    def run(self, statement: str, params: Any = None, rare: bool = False) -> list[Any]:
+        """Run one statement of ours (psycopg2 parameters), on its own, and
+        return its rows."""
+        try:
+            with self.connect(rare) as conn:
+                result = conn.exec_driver_sql(statement, params)
+                return list(result.all()) if result.returns_rows else []
+        except sa.exc.SQLAlchemyError as exc:
+            raise refused(exc) from exc
+
+    def cursor(self, work: Callable[[Any], T], transaction: bool = False) -> T:
+        """Run ``work(cursor)`` on a raw DB-API cursor of a connection of
+        its own, closed after (DDL, status: rare, and maybe long): each
+        statement on its own, or with ``transaction`` all in one
+        transaction, committed when ``work`` returns."""
+        try:
+            conn = self.rare.raw_connection()
+        except (psycopg2.Error, sa.exc.DBAPIError) as exc:
+            raise cannot_connect(self.where, exc) from exc
+        dbapi: Any = conn.driver_connection
+        lost = False  # whether the server side closed the connection
+        try:
+            try:
+                dbapi.autocommit = not transaction
+                cur: Any = conn.cursor()
+                try:
+                    result = work(cur)
+                finally:
+                    cur.close()
+                if transaction:
+                    conn.commit()
+                return result
+            finally:
+                lost = bool(dbapi.closed)  # before close() closes it for good
+                try:
+                    if not dbapi.closed:
+                        conn.rollback()
+                        dbapi.autocommit = True
+                finally:
+                    if dbapi.closed:
+                        conn.invalidate()
+                    conn.close()
+        except (psycopg2.Error, sa.exc.DBAPIError) as exc:
+            # pgbouncer 1.18 closes the connection without a word; others
+            # may say why.
+            if transaction and (
+                "statement pooling" in reason(exc) or lost and self._statement_pooling()
+            ):
+                raise DBNotifyError(_STATEMENT_POOLING.format(where=self.where)) from exc
+            raise refused(exc) from exc
+
+    def _statement_pooling(self) -> bool:
+        """Whether a single statement works where beginning a transaction
+        just lost the connection: what a pooler in statement mode does."""
+        try:
+            self.run("SELECT 1")
+        except DBNotifyError:
+            return False
+        return True
+
+    def _checked_in(self, *args: Any) -> None:
+        self._returned = time.monotonic()
+
+    def release_idle(self, idle: float) -> None:
+        """Close the pool's connections when none was used for ``idle``
+        seconds. Cheap: called by the listener's reader on every round."""
+        pool = self.pool.pool
+        if not isinstance(pool, sa.pool.QueuePool) or not pool.checkedin():
+            return
+        if time.monotonic() - self._returned < idle or not self._pool_lock.acquire(False):
+            return
+        try:
+            # No checkout can start meanwhile: none is left in the old pool
+            # when the engine gets a new, empty one (with the same hooks).
+            if not self._checkouts and not pool.checkedout():
+                self.pool.dispose()
+        finally:
+            self._pool_lock.release()
+
+    def after_fork(self) -> None:
+        self.pool.dispose(close=False)
+
+    def close(self) -> None:
+        self.pool.dispose()
+        self.rare.dispose()

@@ -1,0 +1,192 @@
+"""The journal as listeners and once receivers read it: rows turned back
+into events (:class:`Rows`), and what one listener has read
+(:class:`SQLiteFeed`: its position, recorded for pruning)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ... import _payload
+from ..._items import Item
+from ...events import ChangeEvent, Operation
+from ..base import Feed, Stream
+from .admin import julian, unix
+from .connection import Database, write_transaction
+from .stream import SQLiteStream
+
+if TYPE_CHECKING:
+    from . import SQLiteBackend
+
+log = logging.getLogger(__name__)
+
+_OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
+_EMPTY: frozenset[str] = frozenset()
+#: What a journal row is read as, everywhere.
+COLUMNS = "id, created_at, shape, body"
+
+
+def _flatten(chunks: list[list[Any]]) -> list[Any]:
+    return chunks[0] if len(chunks) == 1 else [v for chunk in chunks for v in chunk]
+
+
+class Rows:
+    """Turns journal rows (:data:`COLUMNS`) into events, with the shapes
+    (names, keys) their triggers stored, read once each."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._shapes: dict[str, dict[str, Any]] = {}
+
+    def decode(self, raw: Any) -> list[Item]:
+        """One journal row as events (or a message); a row we cannot read
+        is logged and skipped."""
+        journal_id, created_at, shape, body = raw
+        try:
+            if shape is None:
+                return _payload.decode(body, journal_id)
+            return [self._event(journal_id, created_at, self._shape(shape), body)]
+        except (_payload.PayloadError, KeyError, ValueError, TypeError, IndexError) as exc:
+            log.warning("skipped journal row %s: %s", journal_id, exc)
+            return []
+
+    def event(self, raw: Any) -> ChangeEvent | None:
+        """The event of a journal row (None if it holds none)."""
+        items = [] if raw is None else self.decode(raw)
+        return items[0] if items and isinstance(items[0], ChangeEvent) else None
+
+    def read(self, since: int, limit: int) -> tuple[list[Item], int | None]:
+        """Up to ``limit`` journal rows from id ``since``, decoded, and the last id."""
+        rows = self.db.run(
+            f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
+            (since, limit),
+        )
+        items = [item for raw in rows for item in self.decode(raw)]
+        return items, (rows[-1][0] if rows else None)
+
+    def _shape(self, key: str) -> dict[str, Any]:
+        shape = self._shapes.get(key)
+        if shape is None:
+            rows = self.db.run("SELECT header FROM dbnotify_shapes WHERE key = ?", (key,))
+            if not rows:
+                raise _payload.PayloadError(f"unknown shape {key!r}")
+            shape = json.loads(rows[0][0])
+            shape["op"] = _OPS[shape["o"]]
+            self._shapes[key] = shape
+        return shape
+
+    def _event(
+        self, journal_id: int, created_at: float, shape: dict[str, Any], body: str
+    ) -> ChangeEvent:
+        columns, keep, keys = shape["c"], shape["keep"], shape["k"]
+        values = _payload.loads(body)
+        op = shape["op"]
+        old = new = None
+        changed = _EMPTY
+        timestamp = datetime.fromtimestamp(unix(created_at), UTC)
+        if type(values) is dict:
+            cut = values["cut"]
+            if op is Operation.UPDATE:
+                new = dict(zip(keys, _flatten(cut[0]), strict=True))
+                old = dict(zip(keys, _flatten(cut[1]), strict=True))
+            elif op is Operation.INSERT:
+                new = dict(zip(keys, _flatten(cut), strict=True))
+            else:
+                old = dict(zip(keys, _flatten(cut), strict=True))
+            row = new if new is not None else old
+            assert row is not None
+            pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+            return ChangeEvent(shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True)
+        if op is Operation.UPDATE:
+            new_values, old_values = _flatten(values[0]), _flatten(values[1])
+            pairs = zip(columns, new_values, old_values, strict=True)
+            changed = frozenset([c for c, a, b in pairs if _payload.differs(a, b)])
+            new = dict(zip(columns, new_values, strict=True))
+            old = dict(zip(columns, old_values, strict=True))
+            row = new
+        else:
+            row = dict(zip(columns, _flatten(values), strict=True))
+            if op is Operation.INSERT:
+                new = row
+            else:
+                old = row
+        pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+        if keep is not None:
+            new = None if new is None else {c: new[c] for c in keep}
+            old = None if old is None else {c: old[c] for c in keep}
+        return ChangeEvent(shape["t"], op, pk, new, old, changed, journal_id, timestamp)
+
+
+class SQLiteFeed(Feed):
+    """One listener's position in the journal. It reads from the newest
+    row when its first stream opens, and records how far it has read in
+    ``dbnotify_listeners`` when pruning, so that rows nobody has read are
+    kept."""
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self.db = backend.db
+        self.rows = backend.rows
+        self.where = backend.where
+        #: The last journal id read (None until the first stream opens).
+        self.position: int | None = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+
+    def open_stream(self, settings: Any) -> Stream:
+        return SQLiteStream(self, settings)
+
+    def decode(self, raw: Any) -> list[Item]:
+        return self.rows.decode(raw)
+
+    def rewind(self, raw: list[Any]) -> None:
+        if raw:
+            # Only ever back: undelivered rows of an interrupted batch come
+            # before the queued ones.
+            first = min(journal_id for journal_id, *_ in raw) - 1
+            self.position = first if self.position is None else min(self.position, first)
+
+    def prune(self, retention: float) -> None:
+        """Record how far this listener has read, then delete journal rows
+        older than ``retention`` that every live listener has read."""
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA busy_timeout = 1000")  # housekeeping can wait
+            with write_transaction(conn):
+                if self.position is not None:
+                    conn.execute(
+                        "INSERT INTO dbnotify_listeners (name, position, seen_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
+                        "seen_at = excluded.seen_at",
+                        (self.name, self.position, now),
+                    )
+                # A listener silent for this long is gone.
+                conn.execute(
+                    "DELETE FROM dbnotify_listeners WHERE seen_at < ?",
+                    (now - max(retention, 600.0),),
+                )
+                conn.execute(
+                    "DELETE FROM dbnotify_claims WHERE state = 'done' AND claimed_at < ?",
+                    (now - retention,),
+                )
+                # Old rows every live listener has read, that no once
+                # receiver still has to claim, and that no claim still
+                # needs (failed ones are kept for inspection).
+                conn.execute(
+                    "DELETE FROM dbnotify_journal WHERE created_at < ? AND id <= coalesce("
+                    "(SELECT min(position) FROM dbnotify_listeners), "
+                    "(SELECT max(id) FROM dbnotify_journal)) "
+                    "AND id <= coalesce((SELECT min(id) FROM dbnotify_receivers), id) "
+                    "AND NOT EXISTS (SELECT 1 FROM dbnotify_claims AS c "
+                    "  WHERE c.event_id = dbnotify_journal.id AND c.state <> 'done')",
+                    (julian(now - retention),),
+                )
+
+        self.db.with_connection(work)
+
+    # -- messages ----------------------------------------------------------
