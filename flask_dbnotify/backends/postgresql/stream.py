@@ -112,9 +112,6 @@ class PostgreSQLStream(Stream):
         self.cur.execute(statement, params)
         self._wait("running a query")
 
-    def fileno(self) -> int:
-        return self.conn.fileno()  # type: ignore[no-any-return]
-
     def wait(self, timeout: float, wake_fd: int) -> None:
         if self.conn.notifies:
             return
