@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import WAIT, not_here
+from ._helpers import WAIT, not_here
 from .test_example_app import (
     Writer,
     example_database,

@@ -29,7 +29,7 @@ from flask_dbnotify import (
     row_updated,
 )
 
-from .conftest import SQL, Recorder, listening, marker, xml_supported
+from ._helpers import SQL, Recorder, listening, marker, xml_supported
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 

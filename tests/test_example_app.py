@@ -21,17 +21,10 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from .conftest import WAIT
-from .test_cli_listen import Lines
+from ._helpers import WAIT, Lines, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = str(Path(sys.executable).parent / "flask")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

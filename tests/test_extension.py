@@ -34,7 +34,7 @@ from flask_dbnotify import (
     row_inserted,
 )
 
-from .conftest import SQL, WAIT, Recorder
+from ._helpers import SQL, WAIT, Recorder
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent

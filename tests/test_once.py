@@ -26,8 +26,8 @@ import pytest
 
 from flask_dbnotify import ChangeEvent, DBNotify
 
+from ._helpers import WAIT
 from .apps import once_app
-from .conftest import WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = 60.0  # the 1,000-event run may take this long on a slow machine

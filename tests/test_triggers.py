@@ -20,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_dbnotify import DBNotify, DBNotifyError, WatchError, notification_received, row_changed
 
-from .conftest import SQL, Recorder, marker, poll_until
+from ._helpers import SQL, Recorder, marker, poll_until
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
