@@ -30,7 +30,6 @@ from flask_dbnotify import (
     DBNotify,
     DBNotifyError,
     Operation,
-    WatchError,
     listener_connected,
     listener_disconnected,
     notification_received,
@@ -40,7 +39,7 @@ from flask_dbnotify import (
     row_updated,
 )
 
-from ._helpers import WAIT, Lines, Recorder, SQLiteDB, listening, marker, poll_until
+from ._helpers import WAIT, Lines, Recorder, SQLiteDB, listening, marker, poll_until, quote
 
 T = TypeVar("T")
 SqliteApp = Callable[..., tuple[Flask, DBNotify]]
@@ -87,118 +86,6 @@ def finish(proc: subprocess.Popen[bytes], what: str) -> str:
 
 
 # -- installing, inspecting and removing triggers ------------------------------
-
-
-def test_install_is_idempotent(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """Installing twice leaves one trigger per operation, which work; status
-    says installed."""
-    sqlite_db(ORDERS)
-    app, ext = sqlite_app()
-    ext.watch("orders")
-    assert ext.status(app).watches == {"orders": "missing"}
-    ext.install_triggers(app)
-    first = sqlite_db.triggers()
-    ext.install_triggers(app)
-    assert sqlite_db.triggers() == first
-    assert len(first) == 3 and all(table == "orders" for _, table in first)
-    assert all(name.startswith("dbnotify_") for name, _ in first)
-    status = ext.status(app)
-    assert status.watches == {"orders": "installed"} and status.orphaned == []
-    ext.start(app)
-    sqlite_db("INSERT INTO orders VALUES (1, 'a', 1)")
-    assert [e.pk for e in events.wait_for(1)] == [1]
-    events.assert_no_more(1, marker(ext, app))
-
-
-@pytest.mark.parametrize(
-    "bad",
-    ["missing_table", "nokey", "orders_bad_column"],
-)
-def test_install_is_all_or_nothing(sqlite_app: SqliteApp, sqlite_db: SQLiteDB, bad: str) -> None:
-    """If one watch cannot be installed, nothing of any watch is installed:
-    no trigger, no journal table."""
-    sqlite_db(ORDERS)
-    sqlite_db("CREATE TABLE nokey (a INTEGER, b TEXT)")
-    sqlite_db("CREATE TABLE other (id INTEGER PRIMARY KEY, v TEXT)")
-    app, ext = sqlite_app()
-    ext.watch("other")
-    if bad == "orders_bad_column":
-        ext.watch("orders", columns=["qty", "ghost_col"])
-    else:
-        ext.watch(bad)
-    name = "orders" if bad == "orders_bad_column" else bad
-    with pytest.raises(WatchError, match="ghost_col" if name == "orders" else name):
-        ext.install_triggers(app)
-    assert sqlite_db.objects() == []
-    assert ext.status(app).watches == {"other": "missing", name: "error"}
-
-
-def test_install_sql_and_cli_sql_change_nothing_and_the_script_works(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """install_sql() and `install-triggers --sql` only print; the printed
-    script, run as is by the sqlite3 shell's engine, installs working triggers."""
-    sqlite_db(ORDERS)
-    app, ext = sqlite_app()
-    ext.watch("orders", columns=["qty"], when_changed=["qty"])
-    statements = ext.install_sql(app)
-    assert statements and all(isinstance(s, str) for s in statements)
-    result = app.test_cli_runner().invoke(args=["dbnotify", "install-triggers", "--sql"])
-    assert result.exit_code == 0, result.output
-    assert all(s in result.output for s in statements)
-    assert sqlite_db.objects() == []
-    assert ext.status(app).watches == {"orders": "missing"}
-
-    sqlite_db.conn.executescript(result.output)
-    assert ext.status(app).watches == {"orders": "installed"}
-    ext.start(app)
-    sqlite_db("INSERT INTO orders VALUES (1, 'a', 1)")
-    sqlite_db("UPDATE orders SET item = 'b'")
-    sqlite_db("UPDATE orders SET qty = 2")
-    got = events.wait_for(2)
-    events.assert_no_more(2, marker(ext, app))
-    assert [(e.op.value, e.new) for e in got] == [
-        ("INSERT", {"id": 1, "qty": 1}),
-        ("UPDATE", {"id": 1, "qty": 2}),
-    ]
-
-
-def test_status_follows_the_watch_definition(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """missing -> installed -> outdated when the watch changes; installing
-    the new definition replaces the old triggers (no double events)."""
-    sqlite_db(ORDERS)
-    app, ext = sqlite_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    assert ext.status(app).watches == {"orders": "installed"}
-
-    changes: list[dict[str, Any]] = [
-        {"columns": ["qty"]},
-        {"when_changed": ["qty"]},
-        {"operations": "insert"},
-    ]
-    for options in changes:
-        other_app, other = sqlite_app()
-        other.watch("orders", **options)
-        status = other.status(other_app)
-        assert status.watches == {"orders": "outdated"}, options
-        assert status.details["orders"]
-
-    new_app, new = sqlite_app()
-    new.watch("orders", columns=["qty"])
-    new.install_triggers(new_app)
-    assert new.status(new_app).watches == {"orders": "installed"}
-    assert ext.status(app).watches == {"orders": "outdated"}
-    assert len(sqlite_db.triggers()) == 3
-    new.start(new_app)
-    sqlite_db("INSERT INTO orders VALUES (1, 'a', 1)")
-    (event,) = events.wait_for(1)
-    events.assert_no_more(1, marker(new, new_app))
-    assert event.new == {"id": 1, "qty": 1}
 
 
 def test_added_column_makes_status_outdated_until_reinstalled(
@@ -264,78 +151,6 @@ def test_table_names_match_without_regard_to_case(
     assert (event.table, event.pk) == ("ORDERS", 1)
 
 
-def test_status_reports_errors_with_details(sqlite_app: SqliteApp, sqlite_db: SQLiteDB) -> None:
-    """A watch the database cannot satisfy has status 'error' and says why;
-    install raises WatchError naming the problem."""
-    sqlite_db(ORDERS)
-    sqlite_db("CREATE TABLE nokey (a INTEGER, line TEXT)")
-    app, ext = sqlite_app()
-    ext.watch("orders", columns=["ghost_column"])
-    ext.watch("missing_table")
-    ext.watch("nokey")
-    status = ext.status(app)
-    assert status.watches == {"orders": "error", "missing_table": "error", "nokey": "error"}
-    assert "ghost_column" in status.details["orders"]
-    assert "missing_table" in status.details["missing_table"]
-    assert "does not exist" in status.details["missing_table"]
-    assert "primary key" in status.details["nokey"]
-
-    cases: list[tuple[str, dict[str, Any], str]] = [
-        ("orders", {"when_changed": ["ghost_column"]}, "ghost_column"),
-        ("missing_table", {}, "missing_table"),
-        ("nokey", {}, "primary key"),
-    ]
-    for target, options, expected in cases:
-        one_app, one = sqlite_app()
-        one.watch(target, **options)
-        with pytest.raises(WatchError, match=expected):
-            one.install_triggers(one_app)
-        with pytest.raises(WatchError, match=expected):
-            one.install_sql(one_app)
-
-
-def test_status_lists_orphaned_triggers(sqlite_app: SqliteApp, sqlite_db: SQLiteDB) -> None:
-    """Triggers on tables no watch covers are listed as orphaned; they go
-    with uninstall_triggers(everything=True)."""
-    sqlite_db("CREATE TABLE a (id INTEGER PRIMARY KEY)")
-    sqlite_db("CREATE TABLE b (id INTEGER PRIMARY KEY)")
-    old_app, old = sqlite_app()
-    old.watch("a")
-    old.watch("b")
-    old.install_triggers(old_app)
-    b_triggers = [name for name, table in sqlite_db.triggers() if table == "b"]
-    assert len(b_triggers) == 3
-
-    app, ext = sqlite_app()
-    ext.watch("a")
-    status = ext.status(app)
-    assert status.watches == {"a": "installed"}
-    assert len(status.orphaned) == 3
-    for name in b_triggers:
-        assert any(name in line for line in status.orphaned), status.orphaned
-    ext.uninstall_triggers(app)
-    assert [table for _, table in sqlite_db.triggers()] == ["b"] * 3
-    ext.uninstall_triggers(app, everything=True)
-    assert sqlite_db.triggers() == []
-    assert ext.status(app).orphaned == []
-
-
-def test_uninstall_stops_delivery(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """After uninstall_triggers(), writes deliver nothing and status is missing;
-    the journal stays, so messages still arrive."""
-    sqlite_db(ORDERS)
-    app, ext = listening(sqlite_app, "orders")
-    ext.uninstall_triggers(app)
-    assert sqlite_db.triggers() == []
-    assert ext.status(app).watches == {"orders": "missing"}
-    sqlite_db("INSERT INTO orders VALUES (1, 'a', 1)")
-    sqlite_db("UPDATE orders SET qty = 2")
-    sqlite_db("DELETE FROM orders")
-    events.assert_no_more(0, marker(ext, app))
-
-
 def test_uninstall_everything_drops_journal_and_listeners(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB
 ) -> None:
@@ -365,43 +180,6 @@ def test_uninstall_everything_drops_journal_and_listeners(
     assert sqlite_db("SELECT count(*) FROM orders") == [(0,)]
     with pytest.raises(DBNotifyError, match="install-triggers"):
         ext.notify("cache", "x", app=app)
-
-
-def test_cli_install_status_uninstall(sqlite_app: SqliteApp, sqlite_db: SQLiteDB) -> None:
-    """The CLI commands work on SQLite: status exits 1 unless installed;
-    uninstall --sql prints and changes nothing; --all removes everything."""
-    sqlite_db(ORDERS)
-    sqlite_db("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
-    app, ext = sqlite_app()
-    ext.watch("orders")
-    ext.watch("customers")
-    runner = app.test_cli_runner()
-    status = runner.invoke(args=["dbnotify", "status"])
-    assert status.exit_code == 1
-    assert "missing" in status.output
-
-    result = runner.invoke(args=["dbnotify", "install-triggers"])
-    assert result.exit_code == 0, result.output
-    assert len(sqlite_db.triggers()) == 6
-    status = runner.invoke(args=["dbnotify", "status"])
-    assert status.exit_code == 0, status.output
-    assert status.output.count("installed") == 2
-    assert "journal mode: wal" in status.output
-    assert "journal: 0 rows" in status.output
-
-    result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--sql"])
-    assert result.exit_code == 0, result.output
-    assert "DROP TRIGGER" in result.output
-    assert len(sqlite_db.triggers()) == 6
-
-    result = runner.invoke(args=["dbnotify", "uninstall-triggers"])
-    assert result.exit_code == 0, result.output
-    assert sqlite_db.triggers() == []
-    assert runner.invoke(args=["dbnotify", "status"]).exit_code == 1
-
-    result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--all"])
-    assert result.exit_code == 0, result.output
-    assert sqlite_db.objects() == []
 
 
 def test_cli_replay_for_a_receiver_when_there_are_none(
@@ -827,10 +605,6 @@ def test_instance_builds_python_values_from_what_sqlalchemy_stored(
 # -- names ---------------------------------------------------------------------------
 
 
-def quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 @pytest.mark.parametrize("form", ["table", "string"])
 def test_quoted_table_and_column_names(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, form: str
@@ -868,42 +642,6 @@ def test_quoted_table_and_column_names(
     assert got[1].old == {"id": 1, column: 5} and got[1].new == {"id": 1, column: 6}
     assert got[1].changed == {column}
     assert got[2].old == {"id": 1, column: 6}
-
-
-def test_hostile_names_are_quoted_not_pasted(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """A table, column, value and channel named like SQL injections install
-    and deliver, and the victims table survives install, use and uninstall."""
-    table = "x'; DROP TABLE victims; --"
-    column = "q'\"); DROP TABLE victims; --"
-    sqlite_db("CREATE TABLE victims (id INTEGER PRIMARY KEY)")
-    sqlite_db(
-        f"CREATE TABLE {quote(table)} (id INTEGER PRIMARY KEY, {quote(column)} TEXT, other INTEGER)"
-    )
-    app, ext = listening(sqlite_app, table, columns=[column], when_changed=[column])
-    assert ext.status(app).watches == {table: "installed"}
-    own = Recorder()
-    with row_changed.connected_to(own, sender=table):
-        sqlite_db(f"INSERT INTO {quote(table)} VALUES (1, ?, 0)", ("'; DROP TABLE victims; --",))
-        sqlite_db(f"UPDATE {quote(table)} SET other = 1")
-        sqlite_db(f"UPDATE {quote(table)} SET {quote(column)} = 'safe'")
-        sqlite_db(f"DELETE FROM {quote(table)}")
-        got = own.wait_for(3)
-    events.assert_no_more(3, marker(ext, app))
-    assert [e.op.value for e in got] == ["INSERT", "UPDATE", "DELETE"]
-    assert got[0].new == {"id": 1, column: "'; DROP TABLE victims; --"}
-    assert got[1].changed == {column}
-    assert sqlite_db("SELECT name FROM sqlite_schema WHERE name = 'victims'") == [("victims",)]
-
-    on_channel = Recorder()
-    with notification_received.connected_to(on_channel, sender=table):
-        ext.notify(table, table, app=app)
-        assert on_channel.wait_for(1, "messages on the hostile channel") == [table]
-    ext.stop(app)
-    ext.uninstall_triggers(app, everything=True)
-    assert sqlite_db.objects() == []
-    assert sqlite_db("SELECT name FROM sqlite_schema WHERE name = 'victims'") == [("victims",)]
 
 
 # -- notify() --------------------------------------------------------------------------
