@@ -1,6 +1,11 @@
-"""The SQLite backend on real database files: the same public contract as
-PostgreSQL (code that works on one works on the other by changing the URL),
-with writers and listeners in separate processes."""
+"""The SQLite backend on real database files: what is SQLite's own (WAL,
+journal pruning by listener position, the trigger column lists, SQLite's
+value types, in-memory and relative URLs, writers and listeners in
+separate processes, locking).
+
+The public contract SQLite shares with PostgreSQL (code that works on one
+works on the other by changing the URL) is tested on both by the tests that
+take the ``backend`` fixture, in test_events.py and test_triggers.py."""
 
 from __future__ import annotations
 
@@ -29,14 +34,10 @@ from flask_dbnotify import (
     ChangeEvent,
     DBNotify,
     DBNotifyError,
-    Operation,
     listener_connected,
     listener_disconnected,
-    notification_received,
     row_changed,
-    row_deleted,
     row_inserted,
-    row_updated,
 )
 
 from ._helpers import WAIT, Lines, Recorder, SQLiteDB, listening, marker, poll_until, quote
@@ -206,97 +207,7 @@ def test_cli_replay_for_a_receiver_when_there_are_none(
     assert [e.pk for e in events.items] == [1]
 
 
-def test_reinstalling_after_uninstall_everything_keeps_delivering(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """`uninstall-triggers --all` then `install-triggers` while an app keeps
-    running (a reset during a deploy): changes after the reinstall arrive."""
-    sqlite_db(ORDERS)
-    app, ext = listening(sqlite_app, "orders")
-    for n in range(1, 4):
-        sqlite_db("INSERT INTO orders VALUES (?, 'before', 1)", (n,))
-    events.wait_for(3)
-    events.assert_no_more(3, marker(ext, app))
-    del events.items[:]
-
-    cli_app, cli = sqlite_app()
-    cli.watch("orders")
-    cli.uninstall_triggers(cli_app, everything=True)
-    cli.install_triggers(cli_app)
-    sqlite_db("INSERT INTO orders VALUES (10, 'after', 1)")
-    (event,) = events.wait_for(1, "the insert made after the reinstall")
-    assert (event.op, event.pk) == ("INSERT", 10)
-    events.assert_no_more(1, marker(ext, app))
-
-
-def test_wide_table_can_be_watched(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """A table with 250 columns (SQLite allows 2000, PostgreSQL 1600) installs
-    and delivers every column."""
-    names = [f"c{i}" for i in range(250)]
-    sqlite_db(
-        f"CREATE TABLE wide (id INTEGER PRIMARY KEY, {', '.join(n + ' INTEGER' for n in names)})"
-    )
-    app, ext = listening(sqlite_app, "wide")
-    sqlite_db(f"INSERT INTO wide VALUES (1, {', '.join(str(i) for i in range(250))})")
-    sqlite_db("UPDATE wide SET c249 = -1")
-    ins, upd = events.wait_for(2)
-    events.assert_no_more(2, marker(ext, app))
-    assert ins.new == {"id": 1} | {n: i for i, n in enumerate(names)}
-    assert upd.changed == {"c249"} and upd.new["c249"] == -1
-
-
 # -- row events ------------------------------------------------------------------
-
-
-def test_insert_update_delete_deliver_change_events(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """Each operation delivers a ChangeEvent with table, op, pk, new/old,
-    changed, a UTC timestamp from the database clock, and its journal id."""
-    sqlite_db(ORDERS)
-    app, ext = listening(sqlite_app, "orders")
-    inserted, updated, deleted, other = Recorder(), Recorder(), Recorder(), Recorder()
-    with (
-        row_inserted.connected_to(inserted, sender="orders"),
-        row_updated.connected_to(updated, sender="orders"),
-        row_deleted.connected_to(deleted, sender="orders"),
-        row_inserted.connected_to(other, sender="other_table"),
-    ):
-        before = dt.datetime.now(dt.UTC)
-        sqlite_db("INSERT INTO orders (item, qty) VALUES ('apple', 1)")
-        sqlite_db("UPDATE orders SET qty = 5 WHERE id = 1")
-        sqlite_db("DELETE FROM orders WHERE id = 1")
-        after = dt.datetime.now(dt.UTC)
-        ins, upd, dele = events.wait_for(3)
-        assert inserted.wait_for(1, "row_inserted") == [ins]
-        assert updated.wait_for(1, "row_updated") == [upd]
-        assert deleted.wait_for(1, "row_deleted") == [dele]
-        journal = sqlite_db.journal_ids()
-        events.assert_no_more(3, marker(ext, app))
-    assert other.items == []
-
-    for event in (ins, upd, dele):
-        assert isinstance(event, ChangeEvent)
-        assert event.table == "orders"
-        assert isinstance(event.op, Operation)
-        assert event.pk == 1
-        assert event.timestamp is not None
-        assert event.timestamp.utcoffset() == dt.timedelta(0)
-        slack = dt.timedelta(milliseconds=5)
-        assert before - slack <= event.timestamp <= after + slack
-    assert [e.id for e in (ins, upd, dele)] == journal
-    assert all(type(e.id) is int for e in (ins, upd, dele))
-    assert ins.id < upd.id < dele.id
-    assert (ins.op, upd.op, dele.op) == ("INSERT", "UPDATE", "DELETE")
-    assert ins.new == {"id": 1, "item": "apple", "qty": 1} and ins.old is None
-    assert ins.changed == frozenset()
-    assert upd.new == {"id": 1, "item": "apple", "qty": 5}
-    assert upd.old == {"id": 1, "item": "apple", "qty": 1}
-    assert upd.changed == frozenset({"qty"})
-    assert dele.new is None and dele.old == {"id": 1, "item": "apple", "qty": 5}
-    assert dele.changed == frozenset()
 
 
 def test_update_changes_name_exactly_the_changed_columns(
@@ -316,102 +227,6 @@ def test_update_changes_name_exactly_the_changed_columns(
     assert second.changed == {"a", "d"}
     assert third.changed == {"id", "b"}
     assert third.pk == 2 and third.old["id"] == 1
-
-
-def test_rolled_back_transaction_sends_nothing(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """Changes of a rolled-back transaction never reach receivers."""
-    sqlite_db(ORDERS)
-    sqlite_db("INSERT INTO orders VALUES (1, 'kept', 1)")
-    app, ext = listening(sqlite_app, "orders")
-    sqlite_db("BEGIN")
-    sqlite_db("INSERT INTO orders (item, qty) VALUES ('ghost', 1)")
-    sqlite_db("UPDATE orders SET qty = 2")
-    sqlite_db("DELETE FROM orders")
-    sqlite_db("ROLLBACK")
-    events.assert_no_more(0, marker(ext, app))
-
-
-def test_update_that_changes_nothing_sends_nothing(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """An UPDATE writing the values a row already has is not an event; in a
-    statement that changes some rows, only those arrive."""
-    sqlite_db(
-        "CREATE TABLE things (id INTEGER PRIMARY KEY, item TEXT, qty INTEGER, data BLOB, x REAL)"
-    )
-    sqlite_db(
-        "INSERT INTO things VALUES "
-        "(1, 'a', 1, x'01', NULL), (2, 'b', 2, NULL, 0.5), (3, 'c', 3, x'', 2)"
-    )
-    app, ext = listening(sqlite_app, "things")
-    sqlite_db("UPDATE things SET qty = qty, item = item, data = data, x = x")
-    sqlite_db("UPDATE things SET qty = 1 WHERE id = 1")
-    events.assert_no_more(0, marker(ext, app))
-    del events.items[:]
-    sqlite_db("UPDATE things SET qty = 2")
-    got = events.wait_for(2)
-    events.assert_no_more(2, marker(ext, app))
-    assert sorted((e.pk, e.old["qty"], e.new["qty"]) for e in got) == [(1, 1, 2), (3, 3, 2)]
-
-
-def test_when_changed_filters_updates(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """With when_changed, only UPDATEs touching one of those columns arrive."""
-    sqlite_db("CREATE TABLE tasks (id INTEGER PRIMARY KEY, status TEXT, title TEXT, hits INTEGER)")
-    sqlite_db("INSERT INTO tasks VALUES (1, 'new', 't', 0)")
-    app, ext = listening(sqlite_app, "tasks", when_changed=["status", "title"])
-    sqlite_db("UPDATE tasks SET hits = hits + 1")
-    sqlite_db("UPDATE tasks SET hits = hits + 1")
-    events.assert_no_more(0, marker(ext, app))
-    del events.items[:]
-    sqlite_db("UPDATE tasks SET status = 'done', hits = hits + 1")
-    sqlite_db("UPDATE tasks SET title = NULL")
-    first, second = events.wait_for(2)
-    events.assert_no_more(2, marker(ext, app))
-    assert first.changed == {"status", "hits"}
-    assert first.new == {"id": 1, "status": "done", "title": "t", "hits": 3}
-    assert second.changed == {"title"} and second.new["title"] is None
-
-
-def test_columns_limit_new_and_old(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """columns= limits new/old to those columns plus the primary key;
-    changed still names every changed column."""
-    sqlite_db(
-        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, password TEXT, visits INTEGER)"
-    )
-    app, ext = listening(sqlite_app, "users", columns=["email"])
-    sqlite_db("INSERT INTO users VALUES (1, 'a@x', 'secret', 0)")
-    sqlite_db("UPDATE users SET email = 'b@x', password = 'other'")
-    sqlite_db("UPDATE users SET visits = 1")
-    sqlite_db("DELETE FROM users")
-    ins, upd, upd2, dele = events.wait_for(4)
-    events.assert_no_more(4, marker(ext, app))
-    assert ins.new == {"id": 1, "email": "a@x"}
-    assert upd.new == {"id": 1, "email": "b@x"} and upd.old == {"id": 1, "email": "a@x"}
-    assert upd.changed == {"email", "password"}
-    assert upd2.changed == {"visits"} and upd2.new == upd2.old == {"id": 1, "email": "b@x"}
-    assert dele.old == {"id": 1, "email": "b@x"}
-
-
-def test_composite_primary_key_is_a_tuple_in_key_order(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
-) -> None:
-    """pk follows the PRIMARY KEY's column order, not the table's."""
-    sqlite_db(
-        "CREATE TABLE stock (region TEXT, num INTEGER, qty INTEGER, PRIMARY KEY (num, region))"
-    )
-    app, ext = listening(sqlite_app, "stock")
-    sqlite_db("INSERT INTO stock VALUES ('eu', 7, 1)")
-    sqlite_db("UPDATE stock SET qty = 2")
-    sqlite_db("DELETE FROM stock")
-    got = events.wait_for(3)
-    events.assert_no_more(3, marker(ext, app))
-    assert [e.pk for e in got] == [(7, "eu")] * 3
 
 
 def test_one_transaction_of_many_rows_arrives_whole_and_in_order(
@@ -645,102 +460,6 @@ def test_quoted_table_and_column_names(
 
 
 # -- notify() --------------------------------------------------------------------------
-
-
-NOTIFY_PAYLOADS: list[Any] = [
-    'it\'s "quoted"',
-    "back\\slash \\x00 \\n",
-    "'; DROP TABLE orders; --",
-    "ünïcödé 🐍 中文",
-    {"nested": [1, {"deep": [None, True, 1.5]}], "": "empty key"},
-    None,
-    0,
-    "",
-    [],
-    {"big": "ü" * 50_000},  # 100 kB of UTF-8
-]
-
-
-def test_notify_payloads_arrive_intact(sqlite_app: SqliteApp, events: Recorder) -> None:
-    """notify() payloads of every JSON shape, up to 100 kB, arrive unchanged,
-    in order, with the channel as sender."""
-    app, ext = listening(sqlite_app)
-    on_channel = Recorder()
-    with notification_received.connected_to(on_channel, sender="cache"):
-        for payload in NOTIFY_PAYLOADS:
-            ext.notify("cache", payload, app=app)
-        got = on_channel.wait_for(len(NOTIFY_PAYLOADS), "messages on 'cache'")
-    assert got == NOTIFY_PAYLOADS
-    events.assert_no_more(len(NOTIFY_PAYLOADS), marker(ext, app))
-
-
-def test_notify_on_connection_waits_for_commit(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, engine: sa.Engine
-) -> None:
-    """notify(connection=conn) is sent when conn's transaction commits, and
-    not at all when it rolls back."""
-    app, ext = listening(sqlite_app)
-    with engine.connect() as conn:
-        with conn.begin():
-            ext.notify("jobs", {"n": 1}, connection=conn, app=app)
-            # SQLite has one writer at a time, so no marker can be written
-            # now: another connection shows the message is not committed.
-            assert sqlite_db("SELECT count(*) FROM dbnotify_journal") == [(0,)]
-            assert events.items == []
-        assert events.wait_for(1) == [{"n": 1}]
-        tx = conn.begin()
-        ext.notify("jobs", {"n": 2}, connection=conn, app=app)
-        tx.rollback()
-    events.assert_no_more(1, marker(ext, app))
-
-
-def test_notify_on_session_waits_for_commit(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, engine: sa.Engine
-) -> None:
-    """notify(connection=session) follows the Session's commit or rollback."""
-    app, ext = listening(sqlite_app)
-    with Session(engine) as session:
-        ext.notify("jobs", "kept", connection=session, app=app)
-        assert sqlite_db("SELECT count(*) FROM dbnotify_journal") == [(0,)]
-        session.commit()
-        assert events.wait_for(1) == ["kept"]
-        ext.notify("jobs", "dropped", connection=session, app=app)
-        session.rollback()
-    events.assert_no_more(1, marker(ext, app))
-
-
-def test_notify_on_dbapi_connection_waits_for_commit(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, sqlite_path: str, events: Recorder
-) -> None:
-    """notify(connection=<sqlite3 connection>) follows its transaction too."""
-    app, ext = listening(sqlite_app)
-    conn = sqlite3.connect(sqlite_path, timeout=WAIT)
-    try:
-        ext.notify("jobs", "kept", connection=conn, app=app)
-        assert sqlite_db("SELECT count(*) FROM dbnotify_journal") == [(0,)]
-        conn.commit()
-        assert events.wait_for(1) == ["kept"]
-        ext.notify("jobs", "dropped", connection=conn, app=app)
-        conn.rollback()
-    finally:
-        conn.close()
-    events.assert_no_more(1, marker(ext, app))
-
-
-def test_row_changes_and_notify_share_one_transaction(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, engine: sa.Engine
-) -> None:
-    """Row events and a notify() in one transaction arrive together, in
-    statement order, after the commit."""
-    sqlite_db(ORDERS)
-    app, ext = listening(sqlite_app, "orders")
-    with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO orders VALUES (1, 'a', 1)"))
-        ext.notify("orders-changed", {"ids": [1]}, connection=conn, app=app)
-        conn.execute(sa.text("UPDATE orders SET qty = 2"))
-    ins, message, upd = events.wait_for(3)
-    events.assert_no_more(3, marker(ext, app))
-    assert (ins.op, message, upd.op) == ("INSERT", {"ids": [1]}, "UPDATE")
 
 
 # -- writers and listeners in other processes ----------------------------------------

@@ -20,7 +20,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_dbnotify import DBNotify, DBNotifyError, WatchError, notification_received, row_changed
 
-from ._helpers import SQL, Backend, Recorder, marker, pg_objects, pg_triggers, poll_until, quote
+from ._helpers import (
+    SQL,
+    Backend,
+    Recorder,
+    listening,
+    marker,
+    pg_objects,
+    pg_triggers,
+    poll_until,
+    quote,
+)
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
@@ -682,3 +692,26 @@ def test_the_ddl_is_built_without_a_database(make_app: MakeApp, sql: SQL) -> Non
     ext.watch("orders")
     ext.watch('"Mixed Case"', durable=True, columns=["id", "note"])
     assert ext.install_sql(app) == built
+
+
+def test_reinstalling_after_uninstall_everything_keeps_delivering(
+    backend: Backend, events: Recorder
+) -> None:
+    """`uninstall-triggers --all` then `install-triggers` while an app keeps
+    running (a reset during a deploy): changes after the reinstall arrive."""
+    backend.sql(ORDERS)
+    app, ext = listening(backend.make_app, "orders")
+    for n in range(1, 4):
+        backend.sql("INSERT INTO orders VALUES (?, 'before', 1)", (n,))
+    events.wait_for(3)
+    events.assert_no_more(3, marker(ext, app))
+    del events.items[:]
+
+    cli_app, cli = backend.make_app()
+    cli.watch("orders")
+    cli.uninstall_triggers(cli_app, everything=True)
+    cli.install_triggers(cli_app)
+    backend.sql("INSERT INTO orders VALUES (10, 'after', 1)")
+    (event,) = events.wait_for(1, "the insert made after the reinstall")
+    assert (event.op, event.pk) == ("INSERT", 10)
+    events.assert_no_more(1, marker(ext, app))
