@@ -60,6 +60,13 @@ def bare_app() -> Iterator[Callable[..., Flask]]:
             state.ext.close(app)
 
 
+@pytest.fixture()
+def sqlite_url(sqlite_path: str) -> str:
+    """A database URL for checks that never ask the database (registration,
+    config, argument validation): a SQLite file, so no server is needed."""
+    return "sqlite:///" + sqlite_path
+
+
 def orders_table(sql: SQL) -> None:
     sql("CREATE TABLE orders (id int PRIMARY KEY, status text, note text)")
 
@@ -71,23 +78,23 @@ def pks(items: list[Any]) -> list[tuple[str, Any]]:
 # -- registration and config -------------------------------------------------
 
 
-def test_constructor_and_init_app_register_state(pg_url: str, bare_app: Any) -> None:
+def test_constructor_and_init_app_register_state(sqlite_url: str, bare_app: Any) -> None:
     """Both registration forms put the extension's state in app.extensions."""
-    app1 = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False)
+    app1 = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_AUTOSTART=False)
     ext1 = DBNotify(app1)
     assert app1.extensions["dbnotify"].ext is ext1
 
-    app2 = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False)
+    app2 = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_AUTOSTART=False)
     ext2 = DBNotify()
     assert "dbnotify" not in app2.extensions
     ext2.init_app(app2)
     assert app2.extensions["dbnotify"].ext is ext2
 
 
-def test_registering_twice_raises_with_fix(pg_url: str, bare_app: Any) -> None:
+def test_registering_twice_raises_with_fix(sqlite_url: str, bare_app: Any) -> None:
     """A second registration on the same app, by the same or another
     DBNotify, raises RuntimeError that says what to do instead."""
-    app = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False)
+    app = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_AUTOSTART=False)
     ext = DBNotify(app)
     for again in (lambda: ext.init_app(app), lambda: DBNotify(app)):
         with pytest.raises(RuntimeError) as info:
@@ -253,11 +260,11 @@ GOOD_CONFIG = [
 
 @pytest.mark.parametrize(("key", "value", "attribute", "expected"), GOOD_CONFIG)
 def test_config_values_that_are_accepted(
-    pg_url: str, bare_app: Any, key: str, value: Any, attribute: str, expected: Any
+    sqlite_url: str, bare_app: Any, key: str, value: Any, attribute: str, expected: Any
 ) -> None:
     """Each setting takes values of its own type, and the strings an
     environment variable gives; the extension reads them as meant."""
-    config = {"DBNOTIFY_DATABASE_URI": pg_url, "DBNOTIFY_AUTOSTART": False, key: value}
+    config = {"DBNOTIFY_DATABASE_URI": sqlite_url, "DBNOTIFY_AUTOSTART": False, key: value}
     app = bare_app(**config)
     ext = DBNotify(app)
     got = getattr(app.extensions["dbnotify"].settings, attribute)
@@ -311,12 +318,12 @@ BAD_CONFIG = [
 
 @pytest.mark.parametrize(("key", "value", "rule"), BAD_CONFIG)
 def test_bad_config_names_the_key_the_value_and_the_rule(
-    pg_url: str, bare_app: Any, key: str, value: Any, rule: str
+    sqlite_url: str, bare_app: Any, key: str, value: Any, rule: str
 ) -> None:
     """A value of the wrong type, not finite, or out of range raises
     ValueError in init_app, saying which key, which value, and what it
     takes; nothing is registered and no listener starts."""
-    config = {"DBNOTIFY_DATABASE_URI": pg_url, key: value}
+    config = {"DBNOTIFY_DATABASE_URI": sqlite_url, key: value}
     if key != "DBNOTIFY_AUTOSTART":
         config["DBNOTIFY_AUTOSTART"] = False
     app = bare_app(**config)
@@ -330,12 +337,12 @@ def test_bad_config_names_the_key_the_value_and_the_rule(
 
 
 def test_config_from_prefixed_env(
-    pg_url: str, bare_app: Any, monkeypatch: pytest.MonkeyPatch
+    sqlite_url: str, bare_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settings given as FLASK_DBNOTIFY_* environment variables and read
     with app.config.from_prefixed_env() mean what they say."""
     for name, value in {
-        "FLASK_DBNOTIFY_DATABASE_URI": pg_url,
+        "FLASK_DBNOTIFY_DATABASE_URI": sqlite_url,
         "FLASK_DBNOTIFY_AUTOSTART": "off",
         "FLASK_DBNOTIFY_CHECK_TRIGGERS": "false",
         "FLASK_DBNOTIFY_CONNECT_TIMEOUT": "3",
@@ -360,13 +367,13 @@ def test_config_from_prefixed_env(
         DBNotify(app)
 
 
-def test_bad_config_under_the_flask_command_is_one_line(pg_url: str) -> None:
+def test_bad_config_under_the_flask_command_is_one_line(sqlite_url: str) -> None:
     """Loaded by the `flask` command, a bad setting from the environment
     ends the command with that one line, before any listener starts."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "FLASK_DBNOTIFY_DATABASE_URI": pg_url,
+        "FLASK_DBNOTIFY_DATABASE_URI": sqlite_url,
         "FLASK_DBNOTIFY_AUTOSTART": "sometimes",
     }
     done = subprocess.run(
@@ -389,9 +396,9 @@ def test_bad_config_under_the_flask_command_is_one_line(pg_url: str) -> None:
     assert lines[0].endswith(", not 'sometimes'"), lines
 
 
-def test_defaults_are_visible_in_config(pg_url: str, bare_app: Any) -> None:
+def test_defaults_are_visible_in_config(sqlite_url: str, bare_app: Any) -> None:
     """init_app fills in every default with setdefault: values the user set stay."""
-    app = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_CONNECT_TIMEOUT=2.5)
+    app = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_CONNECT_TIMEOUT=2.5)
     DBNotify(app)
     assert app.config["DBNOTIFY_CONNECT_TIMEOUT"] == 2.5
     assert app.config["DBNOTIFY_AUTOSTART"] is True
@@ -475,9 +482,9 @@ def test_every_kind_of_target_and_its_sender(make_app: MakeApp, sql: SQL, pg_url
 
 
 @pytest.mark.parametrize("operations", ["upsert", ["insert", "merge"], []])
-def test_bad_operations_raise(make_app: MakeApp, operations: Any) -> None:
+def test_bad_operations_raise(sqlite_app: MakeApp, operations: Any) -> None:
     """Operations other than insert/update/delete/truncate (or none) raise ValueError."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError):
         ext.watch("orders", operations)
     with pytest.raises(ValueError):
@@ -485,16 +492,16 @@ def test_bad_operations_raise(make_app: MakeApp, operations: Any) -> None:
     assert "orders" not in ext.watches
 
 
-def test_operations_accept_any_case_and_enum(make_app: MakeApp) -> None:
+def test_operations_accept_any_case_and_enum(sqlite_app: MakeApp) -> None:
     """Operations may be given as "insert", "INSERT" or Operation.INSERT."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     watch = ext.watch("orders", ["insert", "UPDATE", Operation.DELETE])
     assert set(watch.operations) == {Operation.INSERT, Operation.UPDATE, Operation.DELETE}
 
 
-def test_watching_twice_raises_with_fix(make_app: MakeApp) -> None:
+def test_watching_twice_raises_with_fix(sqlite_app: MakeApp) -> None:
     """Watching the same name twice raises ValueError telling to use one call."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.watch("orders", "insert")
     with pytest.raises(ValueError) as info:
         ext.watch("orders", "delete")
@@ -502,15 +509,15 @@ def test_watching_twice_raises_with_fix(make_app: MakeApp) -> None:
     assert "one watch() call" in str(info.value)
 
 
-def test_when_changed_needs_update(make_app: MakeApp) -> None:
+def test_when_changed_needs_update(sqlite_app: MakeApp) -> None:
     """when_changed on a watch without UPDATE raises ValueError."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError) as info:
         ext.watch("orders", ["insert", "delete"], when_changed=["status"])
     assert "update" in str(info.value).lower()
 
 
-def test_model_with_unknown_column_fails_at_watch_time(make_app: MakeApp) -> None:
+def test_model_with_unknown_column_fails_at_watch_time(sqlite_app: MakeApp) -> None:
     """A typo in columns= or when_changed= of a model watch raises at watch()."""
 
     class Base(DeclarativeBase):
@@ -521,7 +528,7 @@ def test_model_with_unknown_column_fails_at_watch_time(make_app: MakeApp) -> Non
         id: Mapped[int] = mapped_column(primary_key=True)
         email: Mapped[str]
 
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError) as info:
         ext.watch(Customer, columns=["id", "emial"])
     assert "emial" in str(info.value)
@@ -534,7 +541,7 @@ def test_model_with_unknown_column_fails_at_watch_time(make_app: MakeApp) -> Non
 # -- on() -------------------------------------------------------------------
 
 
-def test_where_on_unknown_model_column_raises(make_app: MakeApp) -> None:
+def test_where_on_unknown_model_column_raises(sqlite_app: MakeApp) -> None:
     """With a model target, a typo in where= raises at on() time, as it does
     in watch(columns=...), instead of a receiver that silently never runs."""
 
@@ -546,7 +553,7 @@ def test_where_on_unknown_model_column_raises(make_app: MakeApp) -> None:
         id: Mapped[int] = mapped_column(primary_key=True)
         status: Mapped[str]
 
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError) as info:
         ext.on(Customer, where={"stauts": "active"})(lambda event: None)
     assert "stauts" in str(info.value)
@@ -604,9 +611,9 @@ def test_on_where_filters_rows(make_app: MakeApp, sql: SQL) -> None:
     ]
 
 
-def test_on_for_an_operation_not_watched_raises(make_app: MakeApp) -> None:
+def test_on_for_an_operation_not_watched_raises(sqlite_app: MakeApp) -> None:
     """on() for an operation the watch does not cover raises ValueError with a fix."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.watch("orders", "insert")
     with pytest.raises(ValueError) as info:
         ext.on("orders", "delete")(lambda event: None)
@@ -638,18 +645,18 @@ def test_on_watches_implicitly_and_watch_replaces_it(make_app: MakeApp, sql: SQL
         ext.watch("orders")
 
 
-def test_explicit_watch_must_cover_existing_on(make_app: MakeApp) -> None:
+def test_explicit_watch_must_cover_existing_on(sqlite_app: MakeApp) -> None:
     """An explicit watch() that no longer covers an on() receiver raises."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.on("orders", "delete")(lambda event: None)
     with pytest.raises(ValueError) as info:
         ext.watch("orders", "insert")
     assert "delete" in str(info.value)
 
 
-def test_where_on_a_column_not_carried_raises(make_app: MakeApp) -> None:
+def test_where_on_a_column_not_carried_raises(sqlite_app: MakeApp) -> None:
     """where= on a column the watch does not carry raises ValueError naming it."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.watch("orders", columns=["id", "status"])
     with pytest.raises(ValueError) as info:
         ext.on("orders", where={"note": "x"})(lambda event: None)
