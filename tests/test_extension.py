@@ -34,7 +34,7 @@ from flask_dbnotify import (
     row_inserted,
 )
 
-from ._helpers import SQL, WAIT, Recorder
+from ._helpers import SQL, WAIT, Backend, Recorder
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +67,8 @@ def sqlite_url(sqlite_path: str) -> str:
     return "sqlite:///" + sqlite_path
 
 
-def orders_table(sql: SQL) -> None:
-    sql("CREATE TABLE orders (id int PRIMARY KEY, status text, note text)")
+def orders_table(sql: Callable[..., Any]) -> None:
+    sql("CREATE TABLE orders (id integer PRIMARY KEY, status text, note text)")
 
 
 def pks(items: list[Any]) -> list[tuple[str, Any]]:
@@ -559,50 +559,50 @@ def test_where_on_unknown_model_column_raises(sqlite_app: MakeApp) -> None:
     assert "stauts" in str(info.value)
 
 
-def test_on_keeps_a_strong_reference(make_app: MakeApp, sql: SQL) -> None:
+def test_on_keeps_a_strong_reference(backend: Backend) -> None:
     """A lambda registered with on() and referenced nowhere else still runs."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders")(lambda event: got.add(event))
     gc.collect()
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
     assert pks(got.wait_for(1)) == [("INSERT", 1)]
 
 
-def test_on_filters_operations(make_app: MakeApp, sql: SQL) -> None:
+def test_on_filters_operations(backend: Backend) -> None:
     """on(target, "delete") runs for deletes only."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders", "delete")(got.add)
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders (id) VALUES (1)")
-    sql("UPDATE orders SET status = 'x' WHERE id = 1")
-    sql("DELETE FROM orders WHERE id = 1")
-    sql("INSERT INTO orders (id) VALUES (2)")
-    sql("DELETE FROM orders WHERE id = 2")  # the marker
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("UPDATE orders SET status = 'x' WHERE id = 1")
+    backend.sql("DELETE FROM orders WHERE id = 1")
+    backend.sql("INSERT INTO orders (id) VALUES (2)")
+    backend.sql("DELETE FROM orders WHERE id = 2")  # the marker
     assert pks(got.wait_for(2)) == [("DELETE", 1), ("DELETE", 2)]
 
 
-def test_on_where_filters_rows(make_app: MakeApp, sql: SQL) -> None:
+def test_on_where_filters_rows(backend: Backend) -> None:
     """where= lets through only rows with those values: the new row, or the
     old row for DELETE."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders", where={"status": "paid"})(got.add)
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders (id, status) VALUES (1, 'new'), (2, 'paid')")
-    sql("UPDATE orders SET status = 'paid' WHERE id = 1")
-    sql("UPDATE orders SET status = 'new' WHERE id = 2")
-    sql("DELETE FROM orders WHERE id = 1")  # was paid
-    sql("DELETE FROM orders WHERE id = 2")  # was new
-    sql("INSERT INTO orders (id, status) VALUES (3, 'paid')")  # the marker
+    backend.sql("INSERT INTO orders (id, status) VALUES (1, 'new'), (2, 'paid')")
+    backend.sql("UPDATE orders SET status = 'paid' WHERE id = 1")
+    backend.sql("UPDATE orders SET status = 'new' WHERE id = 2")
+    backend.sql("DELETE FROM orders WHERE id = 1")  # was paid
+    backend.sql("DELETE FROM orders WHERE id = 2")  # was new
+    backend.sql("INSERT INTO orders (id, status) VALUES (3, 'paid')")  # the marker
     assert pks(got.wait_for(4)) == [
         ("INSERT", 2),
         ("UPDATE", 1),
@@ -622,23 +622,23 @@ def test_on_for_an_operation_not_watched_raises(sqlite_app: MakeApp) -> None:
     assert ext.subscriptions.get("orders", ()) == ()
 
 
-def test_on_watches_implicitly_and_watch_replaces_it(make_app: MakeApp, sql: SQL) -> None:
+def test_on_watches_implicitly_and_watch_replaces_it(backend: Backend) -> None:
     """on() on an unwatched table watches it; a later explicit watch() of it
     is accepted and is the one that counts."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders", "insert")(got.add)
     assert "orders" in ext.watches
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders VALUES (1, 'new', 'first')")
+    backend.sql("INSERT INTO orders VALUES (1, 'new', 'first')")
     (first,) = got.wait_for(1)
     assert first.new == {"id": 1, "status": "new", "note": "first"}
 
     ext.watch("orders", "insert", columns=["status"])
     ext.install_triggers(app)
-    sql("INSERT INTO orders VALUES (2, 'paid', 'second')")
+    backend.sql("INSERT INTO orders VALUES (2, 'paid', 'second')")
     second = got.wait_for(2)[1]
     assert second.new == {"id": 2, "status": "paid"}
     with pytest.raises(ValueError):
@@ -667,20 +667,18 @@ def test_where_on_a_column_not_carried_raises(sqlite_app: MakeApp) -> None:
 # -- start() and stop() -----------------------------------------------------
 
 
-def test_start_returns_when_listening_and_restarts(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_start_returns_when_listening_and_restarts(backend: Backend, events: Recorder) -> None:
     """A row committed right after start() returns arrives, every time,
     across stop()/start() cycles; stop() twice is fine; is_running() follows."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders", "insert")
     ext.install_triggers(app)
     assert not ext.is_running(app)
     for n in range(1, 5):
         ext.start(app)
         assert ext.is_running(app)
-        sql("INSERT INTO orders (id) VALUES (%s)", (n,))
+        backend.sql("INSERT INTO orders (id) VALUES (?)", (n,))
         assert pks(events.wait_for(n))[-1] == ("INSERT", n)
         ext.stop(app)
         assert not ext.is_running(app)
@@ -689,15 +687,15 @@ def test_start_returns_when_listening_and_restarts(
     assert pks(events.items) == [("INSERT", n) for n in range(1, 5)]
 
 
-def test_start_twice_keeps_one_listener(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
+def test_start_twice_keeps_one_listener(backend: Backend, events: Recorder) -> None:
     """start() on a running listener does nothing: each row arrives once."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders", "insert")
     ext.install_triggers(app)
     ext.start(app)
     ext.start(app)
-    sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
     events.wait_for(1)
     events.assert_no_more(1, marker=lambda: ext.notify("marker", app=app))
 
@@ -721,14 +719,14 @@ def test_start_with_unreachable_database_raises_fast(make_app: MakeApp) -> None:
 
 
 def test_failing_receiver_is_logged_and_reported(
-    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A receiver that raises is logged and reported by receiver_failed
     (sender the app; receiver, event, error); later receivers and later
     events still arrive."""
     caplog.set_level(logging.ERROR, logger="flask_dbnotify")
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders")
     ext.install_triggers(app)
     errors: list[Exception] = []
@@ -749,8 +747,8 @@ def test_failing_receiver_is_logged_and_reported(
         receiver_failed.connected_to(on_failed),
     ):
         ext.start(app)
-        sql("INSERT INTO orders (id) VALUES (1)")
-        sql("INSERT INTO orders (id) VALUES (2)")
+        backend.sql("INSERT INTO orders (id) VALUES (1)")
+        backend.sql("INSERT INTO orders (id) VALUES (2)")
         assert pks(good.wait_for(2)) == [("INSERT", 1), ("INSERT", 2)]
         reports = failed.wait_for(2, "receiver_failed reports")
     assert len(reports) == 2
@@ -764,12 +762,10 @@ def test_failing_receiver_is_logged_and_reported(
     assert all(r.levelno >= logging.ERROR for r in logged)
 
 
-def test_failing_receiver_failed_receiver_does_not_stop_delivery(
-    make_app: MakeApp, sql: SQL
-) -> None:
+def test_failing_receiver_failed_receiver_does_not_stop_delivery(backend: Backend) -> None:
     """A receiver_failed receiver that raises itself does not stop delivery."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders")
     ext.install_triggers(app)
 
@@ -788,21 +784,21 @@ def test_failing_receiver_failed_receiver_does_not_stop_delivery(
         receiver_failed.connected_to(failed),
     ):
         ext.start(app)
-        sql("INSERT INTO orders (id) VALUES (1)")
-        sql("INSERT INTO orders (id) VALUES (2)")
+        backend.sql("INSERT INTO orders (id) VALUES (1)")
+        backend.sql("INSERT INTO orders (id) VALUES (2)")
         assert pks(good.wait_for(2)) == [("INSERT", 1), ("INSERT", 2)]
         failed.wait_for(2, "receiver_failed reports")
     assert ext.is_running(app)
 
 
 def test_failing_on_function_is_reported(
-    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An on() function that raises is logged and reported the same way; the
     next on() function and the next events still run."""
     caplog.set_level(logging.ERROR, logger="flask_dbnotify")
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     boom = ValueError("boom")
 
     @ext.on("orders")
@@ -819,8 +815,8 @@ def test_failing_on_function_is_reported(
 
     with receiver_failed.connected_to(on_failed):
         ext.start(app)
-        sql("INSERT INTO orders (id) VALUES (1)")
-        sql("INSERT INTO orders (id) VALUES (2)")
+        backend.sql("INSERT INTO orders (id) VALUES (1)")
+        backend.sql("INSERT INTO orders (id) VALUES (2)")
         assert pks(good.wait_for(2)) == [("INSERT", 1), ("INSERT", 2)]
         reports = failed.wait_for(2, "receiver_failed reports")
     for (sender, kwargs), pk in zip(reports, (1, 2), strict=True):
@@ -834,10 +830,10 @@ def test_failing_on_function_is_reported(
 # -- lifecycle and start-up checks ---------------------------------------------
 
 
-def test_listener_connected_on_start(make_app: MakeApp) -> None:
+def test_listener_connected_on_start(backend: Backend) -> None:
     """start() sends listener_connected with the real app as sender,
     reconnect=False and gap=False."""
-    app, ext = make_app()
+    app, ext = backend.make_app()
     got = Recorder()
 
     def on_connected(sender: Any, **kwargs: Any) -> None:
@@ -864,14 +860,12 @@ class _FlagHandler(logging.Handler):
             self.seen.set()
 
 
-def test_missing_triggers_warn_at_start(
-    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_missing_triggers_warn_at_start(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
     """Starting with a watch whose triggers are not installed logs a warning
     naming the watch and the command that installs them."""
     caplog.set_level(logging.WARNING, logger="flask_dbnotify")
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders")
 
     def matches(record: logging.LogRecord) -> bool:
@@ -893,12 +887,12 @@ def test_missing_triggers_warn_at_start(
     assert warned and all(r.levelno == logging.WARNING for r in warned)
 
 
-def test_two_apps_each_get_events(make_app: MakeApp, sql: SQL) -> None:
+def test_two_apps_each_get_events(backend: Backend) -> None:
     """Two apps in one process, each with its own DBNotify and listener,
     each receive every event, in their own app context."""
-    orders_table(sql)
-    app1, ext1 = make_app()
-    app2, ext2 = make_app()
+    orders_table(backend.sql)
+    app1, ext1 = backend.make_app()
+    app2, ext2 = backend.make_app()
     got1, got2 = Recorder(), Recorder()
 
     def recorder(got: Recorder) -> Callable[[ChangeEvent], None]:
@@ -914,14 +908,14 @@ def test_two_apps_each_get_events(make_app: MakeApp, sql: SQL) -> None:
     ext1.start(app1)
     ext2.start(app2)
     assert ext1.is_running(app1) and ext2.is_running(app2)
-    sql("INSERT INTO orders (id) VALUES (1)")
-    sql("INSERT INTO orders (id) VALUES (2)")
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("INSERT INTO orders (id) VALUES (2)")
     assert got1.wait_for(2, "events in app 1") == [(app1, 1), (app1, 2)]
     assert got2.wait_for(2, "events in app 2") == [(app2, 1), (app2, 2)]
 
     ext1.stop(app1)
     assert not ext1.is_running(app1) and ext2.is_running(app2)
-    sql("INSERT INTO orders (id) VALUES (3)")
+    backend.sql("INSERT INTO orders (id) VALUES (3)")
     assert got2.wait_for(3, "events in app 2")[-1] == (app2, 3)
 
 
