@@ -52,13 +52,6 @@ def writer(pg_url: str) -> Iterator[Any]:
     conn.close()
 
 
-@pytest.fixture()
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(sa.make_url(pg_url).set(drivername="postgresql+psycopg2"))
-    yield eng
-    eng.dispose()
-
-
 def test_insert_update_delete_deliver_change_events(backend: Backend, events: Recorder) -> None:
     """Each operation delivers a ChangeEvent with table, op, pk, new/old,
     changed and a timestamp from the database clock; a journal id on
@@ -518,7 +511,7 @@ def test_numeric_changes_a_float_cannot_see_are_in_changed(
 
 
 def test_instance_works_before_the_models_are_first_used(
-    make_app: MakeApp, sql: SQL, events: Recorder
+    backend: Backend, events: Recorder
 ) -> None:
     """event.instance(Model) works in a process whose mappers are not
     configured yet (the listener may get an event before any query ran)."""
@@ -531,9 +524,9 @@ def test_instance_works_before_the_models_are_first_used(
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(sa.Text)
 
-    sql("CREATE TABLE fresh (id int PRIMARY KEY, name text)")
-    app, ext = listening(make_app, Fresh)
-    sql("INSERT INTO fresh VALUES (1, 'new')")
+    backend.sql("CREATE TABLE fresh (id integer PRIMARY KEY, name text)")
+    app, ext = listening(backend.make_app, Fresh)
+    backend.sql("INSERT INTO fresh VALUES (1, 'new')")
     (event,) = events.wait_for(1)
     fresh = event.instance(Fresh)
     assert (fresh.id, fresh.name) == (1, "new")
@@ -681,21 +674,21 @@ def test_notify_on_dbapi_connection_waits_for_commit(backend: Backend, events: R
 
 
 def test_identical_notifies_in_one_transaction_are_not_folded(
-    make_app: MakeApp, events: Recorder, engine: sa.Engine
+    backend: Backend, events: Recorder
 ) -> None:
     """Two equal notify() calls in one transaction deliver two messages."""
-    app, ext = listening(make_app)
-    with engine.begin() as conn:
+    app, ext = listening(backend.make_app)
+    with backend.engine().begin() as conn:
         ext.notify("jobs", {"same": True}, connection=conn, app=app)
         ext.notify("jobs", {"same": True}, connection=conn, app=app)
     assert events.wait_for(2) == [{"same": True}, {"same": True}]
     events.assert_no_more(2, marker(ext, app))
 
 
-def test_receivers_run_in_listener_thread_with_app_context(make_app: MakeApp, sql: SQL) -> None:
+def test_receivers_run_in_listener_thread_with_app_context(backend: Backend) -> None:
     """Inside a receiver, current_app is the app, on the listener's thread."""
-    sql(ORDERS)
-    app, ext = listening(make_app, "orders")
+    backend.sql(AUTO_ORDERS[backend.name])
+    app, ext = listening(backend.make_app, "orders")
     seen = Recorder()
 
     def receiver(sender: Any, **kwargs: Any) -> None:
@@ -703,7 +696,7 @@ def test_receivers_run_in_listener_thread_with_app_context(make_app: MakeApp, sq
         seen.add((real_app is app, threading.current_thread()))
 
     with row_changed.connected_to(receiver), notification_received.connected_to(receiver):
-        sql("INSERT INTO orders (item, qty) VALUES ('a', 1)")
+        backend.sql("INSERT INTO orders (item, qty) VALUES ('a', 1)")
         ext.notify("ping", None, app=app)
         got = seen.wait_for(2)
     assert [is_app for is_app, _ in got] == [True, True]
