@@ -1,19 +1,16 @@
-"""Fixtures: a real PostgreSQL database per test, apps, and recorders."""
+"""Fixtures: a real PostgreSQL database per test, a SQLite file per test,
+the ``backend`` fixture that gives a test one of each in turn, apps, and
+recorders. Helpers the fixtures and tests share are in tests/_helpers.py."""
 
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
 
 import psycopg2
-import psycopg2.errors
 import pytest
 from flask import Flask
 from psycopg2 import sql as pgsql
@@ -21,19 +18,18 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify, notification_received, row_changed
 
+from ._helpers import (
+    SQL,
+    WAIT,
+    Backend,
+    Lines,
+    Proxy,
+    Recorder,
+    SQLiteDB,
+    app_factory,
+    not_here,
+)
 from ._postgres import Found, ThrowawayServer, find_or_start_postgres, start_private_postgres
-
-WAIT = 10.0  # seconds any single wait in a test may take
-T = TypeVar("T")
-
-
-def not_here(reason: str) -> NoReturn:
-    """For a test that needs what this machine lacks: fail under CI, where
-    everything must run, else skip; ``reason`` says NOT RUN and why."""
-    if os.environ.get("CI"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
 
 _postgres: list[Found | RuntimeError] = []
 
@@ -59,7 +55,8 @@ def _find_postgres(config: pytest.Config) -> Found | RuntimeError:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # At the start of the run, so its first lines say which server it uses.
-    if any("pg_server" in getattr(item, "fixturenames", ()) for item in session.items):
+    wanted = ("pg_server", "backend")  # backend: its postgresql half
+    if any(set(wanted) & set(getattr(item, "fixturenames", ())) for item in session.items):
         _find_postgres(session.config)
 
 
@@ -99,31 +96,6 @@ def pg_url(pg_server: str) -> str:
     return pg_server
 
 
-class SQL:
-    """Another writer: its own autocommit connection."""
-
-    def __init__(self, url: str) -> None:
-        self.conn = psycopg2.connect(url)
-        self.conn.autocommit = True
-
-    def __call__(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with self.conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def xml_supported(sql: SQL) -> bool:
-    """Whether the server was built with libxml (the throwaway one is not)."""
-    try:
-        sql("SELECT '<a/>'::xml")
-    except psycopg2.errors.FeatureNotSupported:
-        return False
-    return True
-
-
 @pytest.fixture()
 def sql(pg_url: str) -> Iterator[SQL]:
     runner = SQL(pg_url)
@@ -133,60 +105,60 @@ def sql(pg_url: str) -> Iterator[SQL]:
 
 @pytest.fixture()
 def make_app(pg_url: str) -> Iterator[Callable[..., tuple[Flask, DBNotify]]]:
-    """Build ``(app, dbnotify)``; autostart is off unless asked for."""
-    made: list[tuple[Flask, DBNotify]] = []
-
-    def factory(**config: Any) -> tuple[Flask, DBNotify]:
-        app = Flask(f"test_app_{len(made)}")
-        app.config["DBNOTIFY_DATABASE_URI"] = pg_url
-        app.config["DBNOTIFY_AUTOSTART"] = False
-        app.config.update(config)
-        ext = DBNotify(app)
-        made.append((app, ext))
-        return app, ext
-
+    """Build ``(app, dbnotify)`` on PostgreSQL; autostart is off unless asked for."""
+    factory, made = app_factory(pg_url, "test_app")
     yield factory
     for app, ext in made:
         ext.close(app)
 
 
-class Recorder:
-    """Collects what a signal delivers; waits are bounded."""
+# -- SQLite ------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-        self.threads: set[str] = set()
-        self._cond = threading.Condition()
 
-    def add(self, item: Any) -> None:
-        with self._cond:
-            self.items.append(item)
-            self.threads.add(threading.current_thread().name)
-            self._cond.notify_all()
+@pytest.fixture()
+def sqlite_path(tmp_path: Path) -> str:
+    """The test's SQLite database file (not created yet)."""
+    return str(tmp_path / "app.db")
 
-    def __call__(self, sender: Any, **kwargs: Any) -> None:
-        self.add(kwargs.get("event", kwargs.get("payload", kwargs)))
 
-    def wait_for(self, count: int, what: str = "events", timeout: float = WAIT) -> list[Any]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
-                raise AssertionError(
-                    f"expected {count} {what} within {timeout}s, got {len(self.items)}: "
-                    f"{self.items[:5]!r}"
-                )
-            return list(self.items)
+@pytest.fixture()
+def sqlite_db(sqlite_path: str) -> Iterator[SQLiteDB]:
+    """Another writer on the test's SQLite file."""
+    runner = SQLiteDB(sqlite_path)
+    yield runner
+    runner.close()
 
-    def assert_no_more(self, count: int, marker: Callable[[], None] | None = None) -> None:
-        """Assert exactly ``count`` items arrived. ``marker`` sends something
-        that must arrive after anything pending, so waiting for it proves
-        nothing else is in flight."""
-        if marker is not None:
-            marker()
-            self.wait_for(count + 1, "items and the marker")
-            extra = self.items[count:-1]
-        else:
-            extra = self.items[count:]
-        assert not extra, f"unexpected extra items: {extra!r}"
+
+@pytest.fixture()
+def sqlite_app(sqlite_path: str) -> Iterator[Callable[..., tuple[Flask, DBNotify]]]:
+    """Build ``(app, dbnotify)`` on the test's SQLite file; autostart is off
+    unless asked for. Also for checks that need no database server (argument
+    validation, config errors): nothing is written until a test asks."""
+    factory, made = app_factory("sqlite:///" + sqlite_path, "sqlite_app")
+    yield factory
+    for app, ext in made:
+        ext.close(app)
+
+
+# -- either database -----------------------------------------------------------------
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A fresh database of each kind in turn (a scratch PostgreSQL database,
+    a SQLite file in tmp_path), with apps on it and a writer of its own; see
+    :class:`Backend`. Apps are closed and connections dropped afterwards."""
+    if request.param == "postgresql":
+        url, path = request.getfixturevalue("pg_url"), None
+    else:
+        path = str(tmp_path / "app.db")
+        url = "sqlite:///" + path
+    factory, made = app_factory(url, f"{request.param}_app")
+    runner = Backend(request.param, url, factory, path)
+    yield runner
+    for app, ext in made:
+        ext.close(app)
+    runner.close()
 
 
 @pytest.fixture()
@@ -195,72 +167,6 @@ def events() -> Iterator[Recorder]:
     rec = Recorder()
     with row_changed.connected_to(rec), notification_received.connected_to(rec):
         yield rec
-
-
-def listening(
-    factory: Callable[..., tuple[Flask, DBNotify]], *targets: Any, **options: Any
-) -> tuple[Flask, DBNotify]:
-    """An app from ``factory`` watching ``targets``, triggers installed,
-    listener running."""
-    app, ext = factory()
-    for target in targets:
-        ext.watch(target, **options)
-    ext.install_triggers(app)
-    ext.start(app)
-    return app, ext
-
-
-def captured_notifications(
-    url: str, send: Callable[[], object], timeout: float = WAIT
-) -> list[str]:
-    """The payloads on the listener's channel that ``send()`` causes, as a
-    plain LISTENing session sees them (a marker on another channel, sent
-    after, tells when all have arrived)."""
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LISTEN dbnotify; LISTEN test_done")
-        send()
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_notify('test_done', '')")
-        payloads: list[str] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            # Our own marker may already be in: psycopg2 collects
-            # notifications after each query.
-            for note in conn.notifies:
-                if note.channel == "test_done":
-                    return payloads
-                payloads.append(note.payload)
-            conn.notifies.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"the marker did not arrive within {timeout}s ({len(payloads)} so far)"
-                )
-            select.select([conn], [], [], left)
-            conn.poll()
-    finally:
-        conn.close()
-
-
-def marker(ext: DBNotify, app: Flask) -> Callable[[], None]:
-    """Something sent after the writes under test; it arrives after anything pending."""
-    return lambda: ext.notify("marker", "end", app=app)
-
-
-def poll_until(check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
-    """Call ``check`` until it returns something true; fail after ``timeout``.
-    For state no signal announces (catalog rows, counters)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {timeout}s (last: {result!r})")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +182,9 @@ def private_server() -> Iterator[ThrowawayServer]:
 
 
 @pytest.fixture()
-def proxy(pg_url: str) -> Iterator[Any]:
-    """A TCP proxy in front of the test database's server (tests/test_faults.py
-    has the Proxy), for a listener connection that tests cut or stall."""
-    from .test_faults import Proxy
-
+def proxy(pg_url: str) -> Iterator[Proxy]:
+    """A TCP proxy in front of the test database's server, for a listener
+    connection that tests cut or stall."""
     url = make_url(pg_url)
     running = Proxy((url.host or "127.0.0.1", url.port or 5432))
     yield running
@@ -288,15 +192,14 @@ def proxy(pg_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture()
-def spawn() -> Iterator[Callable[..., Any]]:
-    """Start ``sys.executable ARGS`` with pipes, read through test_sqlite's
-    Lines; killed and reaped afterwards."""
-    from .test_sqlite import Lines
-
+def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Lines]]]:
+    """Start ``sys.executable ARGS`` with pipes; its stdout read through
+    Lines (which shows its stderr if it exits early); killed and reaped
+    afterwards."""
     procs: list[subprocess.Popen[bytes]] = []
     root = Path(__file__).resolve().parent.parent
 
-    def start(*args: str, name: str = "child") -> tuple[subprocess.Popen[bytes], Any]:
+    def start(*args: str, name: str = "child") -> tuple[subprocess.Popen[bytes], Lines]:
         proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=root,
@@ -306,7 +209,7 @@ def spawn() -> Iterator[Callable[..., Any]]:
             stderr=subprocess.PIPE,
         )
         procs.append(proc)
-        return proc, Lines(proc, name)
+        return proc, Lines(proc.stdout, name, proc.stderr)
 
     yield start
     for proc in procs:

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import WAIT, not_here
+from ._helpers import WAIT, Backend, not_here
 from .test_example_app import (
     Writer,
-    example_database,
     next_event,
     open_stream,
     running_example,
@@ -198,11 +197,6 @@ class Chromium:
         os.close(self.answers)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return example_database(request, tmp_path)
-
-
 @pytest.fixture()
 def page(tmp_path: Path) -> Iterator[Chromium]:
     if not os.access(CHROMIUM, os.X_OK):
@@ -230,7 +224,10 @@ def assert_drawn_live(drawn: dict[str, Any], like: dict[str, Any], status: str) 
     assert drawn["background"] != NO_BACKGROUND, "the changed row is not highlighted"
 
 
-def test_the_board_shows_every_change_live(database: str, page: Chromium, tmp_path: Path) -> None:
+def test_the_board_shows_every_change_live(
+    backend: Backend, page: Chromium, tmp_path: Path
+) -> None:
+    database = backend.url
     with running_example(database) as example, closing(Writer(database)) as writer:
 
         def insert(item: str) -> int:

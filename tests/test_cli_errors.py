@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify
 
-from .test_cli_listen import free_port
+from ._helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = str(Path(sys.executable).parent / "flask")

@@ -10,104 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flask import Flask
 
 from flask_dbnotify import DBNotify
 
-from .conftest import SQL, WAIT
+from ._helpers import SQL, WAIT, Lines, free_port, kill_group, listener_count, wait_for_listeners
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = str(Path(sys.executable).parent / "flask")
 APP = "tests.apps.orders_app"
-LISTENER_NAME = "flask-dbnotify listener"
 CONNECTED = "orders_app: listener connected"
-
-
-class Lines:
-    """Reads lines from a pipe with bounded waits."""
-
-    def __init__(self, stream: Any, name: str) -> None:
-        self.fd = stream.fileno()
-        self.name = name
-        self.buf = b""
-        self.seen: list[str] = []
-
-    def _fill(self, deadline: float) -> bool:
-        """Read what is available before ``deadline``; False at end of file."""
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-            return True
-        chunk = os.read(self.fd, 65536)
-        self.buf += chunk
-        return bool(chunk)
-
-    def drain(self) -> None:
-        """Take in whatever is ready now, without waiting."""
-        self._fill(time.monotonic() + 0.005)
-
-    def readline(self, what: str, timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"no {what} on {self.name} within {timeout}s; so far: {self.seen!r} "
-                    f"+ {self.buf!r}"
-                )
-            if not self._fill(deadline):
-                raise AssertionError(f"{self.name} closed before {what}; got {self.seen!r}")
-        raw, _, self.buf = self.buf.partition(b"\n")
-        line = raw.decode()
-        self.seen.append(line)
-        return line
-
-    def wait_for(self, text: str, timeout: float = WAIT) -> str:
-        """The first line containing ``text``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.readline(repr(text), max(0.0, deadline - time.monotonic()))
-            if text in line:
-                return line
-
-    def rest(self, timeout: float = WAIT) -> list[str]:
-        """Every remaining line, up to end of file."""
-        deadline = time.monotonic() + timeout
-        while self._fill(deadline):
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name} still open after {timeout}s")
-        lines = self.buf.decode().splitlines()
-        self.buf = b""
-        self.seen += lines
-        return lines
-
-
-def listener_count(sql: SQL) -> int:
-    rows = sql(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND application_name = %s",
-        (LISTENER_NAME,),
-    )
-    return int(rows[0][0])
-
-
-def wait_for_listeners(sql: SQL, count: int, what: str) -> None:
-    """Poll pg_stat_activity (bounded) until ``count`` listener sessions exist."""
-    deadline = time.monotonic() + WAIT
-    while (found := listener_count(sql)) != count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {count} listener sessions {what}, found {found}")
-        time.sleep(0.02)
 
 
 @pytest.fixture()
@@ -232,34 +153,6 @@ def test_other_commands_start_no_listener(
     assert expected in "\n".join(stdout), stdout
     assert sessions == 0, "a listener session was open while the command ran"
     assert not [line for line in stderr if CONNECTED in line], stderr
-
-
-def kill_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """End ``proc`` and everything left in its process group: TERM, then
-    KILL if it has not ended within ``timeout``; then KILL the group for
-    children that outlived it, and reap ``proc``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=timeout)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -24,9 +24,8 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify
 
+from ._helpers import SQL, Lines, not_here, poll_until
 from ._postgres import ThrowawayServer, start_private_postgres
-from .conftest import SQL, not_here, poll_until
-from .test_cli_listen import Lines
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 64

@@ -28,7 +28,7 @@ import pytest
 
 import flask_dbnotify
 
-from .conftest import poll_until
+from ._helpers import poll_until
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

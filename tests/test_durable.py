@@ -33,11 +33,18 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, events_dropped, listener_connected
 
+from ._helpers import (
+    SQL,
+    WAIT,
+    Lifecycle,
+    Lines,
+    Proxy,
+    Recorder,
+    captured_notifications,
+    wait_for_backends,
+    wait_for_state,
+)
 from ._postgres import ThrowawayServer
-from .conftest import SQL, WAIT, Recorder, captured_notifications
-from .test_faults import Lifecycle, Proxy, wait_for_state
-from .test_listener import wait_for_backends
-from .test_sqlite import Lines
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -578,11 +585,13 @@ def test_new_process_gets_nothing_from_before_its_first_start_postgresql(
 
 
 def test_new_process_gets_nothing_from_before_its_first_start_sqlite(
-    tmp_path: Path, spawn: Callable[..., tuple[subprocess.Popen[bytes], Lines]]
+    sqlite_app: MakeApp,
+    sqlite_path: str,
+    spawn: Callable[..., tuple[subprocess.Popen[bytes], Lines]],
 ) -> None:
     """SQLite: the same, for a new process on the same database file."""
-    path = str(tmp_path / "app.db")
-    app, ext = sqlite_app(path)
+    path = sqlite_path
+    app, ext = sqlite_app()
     db = sqlite3.connect(path, timeout=WAIT, isolation_level=None)
     try:
         db.execute(ORDERS.format("orders"))
@@ -900,20 +909,14 @@ def test_durable_rows_dropped_from_a_full_queue_arrive_once(
 # -- SQLite ----------------------------------------------------------------------------------
 
 
-def sqlite_app(path: str, **config: Any) -> tuple[Flask, DBNotify]:
-    app = Flask(f"durable_sqlite_{time.monotonic_ns()}")
-    app.config["DBNOTIFY_DATABASE_URI"] = "sqlite:///" + path
-    app.config["DBNOTIFY_AUTOSTART"] = False
-    app.config.update(config)
-    return app, DBNotify(app)
-
-
-def test_sqlite_durable_watch_behaves_like_a_plain_watch(tmp_path: Path, events: Recorder) -> None:
+def test_sqlite_durable_watch_behaves_like_a_plain_watch(
+    sqlite_app: MakeApp, sqlite_path: str, events: Recorder
+) -> None:
     """On SQLite watch(durable=True) installs and works like a plain watch:
     the same events with journal ids, nothing for a rollback, and what is
     committed while stopped arrives after start(), without a gap."""
-    path = str(tmp_path / "app.db")
-    app, ext = sqlite_app(path)
+    path = sqlite_path
+    app, ext = sqlite_app()
     db = sqlite3.connect(path, timeout=WAIT, isolation_level=None)
     connected = Recorder()
     try:

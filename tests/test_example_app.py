@@ -21,30 +21,10 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from .conftest import WAIT
-from .test_cli_listen import Lines
+from ._helpers import WAIT, Backend, Lines, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = str(Path(sys.executable).parent / "flask")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return example_database(request, tmp_path)
-
-
-def example_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A SQLite file in ``tmp_path``, or a fresh PostgreSQL database, as
-    ``request.param`` says."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'example.db'}"
-    return str(request.getfixturevalue("pg_url"))
 
 
 @contextmanager
@@ -83,8 +63,9 @@ def running_example(database: str) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture()
-def example(database: str) -> Iterator[dict[str, Any]]:
-    with running_example(database) as running:
+def example(backend: Backend) -> Iterator[dict[str, Any]]:
+    """The example running on each kind of database in turn."""
+    with running_example(backend.url) as running:
         yield running
 
 
@@ -175,7 +156,7 @@ def test_outside_changes_reach_the_page(example: dict[str, Any]) -> None:
     assert json.loads(body) == [{"id": event["id"], "item": "green tea", "status": "packed"}]
 
 
-@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_the_board_answers_forms_and_fetch(example: dict[str, Any]) -> None:
     """The page's forms work without JavaScript (a redirect back to the
     board) and with fetch() (the order as JSON); the list is newest first."""

@@ -34,7 +34,7 @@ from flask_dbnotify import (
     row_inserted,
 )
 
-from .conftest import SQL, WAIT, Recorder
+from ._helpers import SQL, WAIT, Backend, Recorder
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,15 @@ def bare_app() -> Iterator[Callable[..., Flask]]:
             state.ext.close(app)
 
 
-def orders_table(sql: SQL) -> None:
-    sql("CREATE TABLE orders (id int PRIMARY KEY, status text, note text)")
+@pytest.fixture()
+def sqlite_url(sqlite_path: str) -> str:
+    """A database URL for checks that never ask the database (registration,
+    config, argument validation): a SQLite file, so no server is needed."""
+    return "sqlite:///" + sqlite_path
+
+
+def orders_table(sql: Callable[..., Any]) -> None:
+    sql("CREATE TABLE orders (id integer PRIMARY KEY, status text, note text)")
 
 
 def pks(items: list[Any]) -> list[tuple[str, Any]]:
@@ -71,23 +78,23 @@ def pks(items: list[Any]) -> list[tuple[str, Any]]:
 # -- registration and config -------------------------------------------------
 
 
-def test_constructor_and_init_app_register_state(pg_url: str, bare_app: Any) -> None:
+def test_constructor_and_init_app_register_state(sqlite_url: str, bare_app: Any) -> None:
     """Both registration forms put the extension's state in app.extensions."""
-    app1 = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False)
+    app1 = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_AUTOSTART=False)
     ext1 = DBNotify(app1)
     assert app1.extensions["dbnotify"].ext is ext1
 
-    app2 = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False)
+    app2 = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_AUTOSTART=False)
     ext2 = DBNotify()
     assert "dbnotify" not in app2.extensions
     ext2.init_app(app2)
     assert app2.extensions["dbnotify"].ext is ext2
 
 
-def test_registering_twice_raises_with_fix(pg_url: str, bare_app: Any) -> None:
+def test_registering_twice_raises_with_fix(sqlite_url: str, bare_app: Any) -> None:
     """A second registration on the same app, by the same or another
     DBNotify, raises RuntimeError that says what to do instead."""
-    app = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_AUTOSTART=False)
+    app = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_AUTOSTART=False)
     ext = DBNotify(app)
     for again in (lambda: ext.init_app(app), lambda: DBNotify(app)):
         with pytest.raises(RuntimeError) as info:
@@ -253,11 +260,11 @@ GOOD_CONFIG = [
 
 @pytest.mark.parametrize(("key", "value", "attribute", "expected"), GOOD_CONFIG)
 def test_config_values_that_are_accepted(
-    pg_url: str, bare_app: Any, key: str, value: Any, attribute: str, expected: Any
+    sqlite_url: str, bare_app: Any, key: str, value: Any, attribute: str, expected: Any
 ) -> None:
     """Each setting takes values of its own type, and the strings an
     environment variable gives; the extension reads them as meant."""
-    config = {"DBNOTIFY_DATABASE_URI": pg_url, "DBNOTIFY_AUTOSTART": False, key: value}
+    config = {"DBNOTIFY_DATABASE_URI": sqlite_url, "DBNOTIFY_AUTOSTART": False, key: value}
     app = bare_app(**config)
     ext = DBNotify(app)
     got = getattr(app.extensions["dbnotify"].settings, attribute)
@@ -311,12 +318,12 @@ BAD_CONFIG = [
 
 @pytest.mark.parametrize(("key", "value", "rule"), BAD_CONFIG)
 def test_bad_config_names_the_key_the_value_and_the_rule(
-    pg_url: str, bare_app: Any, key: str, value: Any, rule: str
+    sqlite_url: str, bare_app: Any, key: str, value: Any, rule: str
 ) -> None:
     """A value of the wrong type, not finite, or out of range raises
     ValueError in init_app, saying which key, which value, and what it
     takes; nothing is registered and no listener starts."""
-    config = {"DBNOTIFY_DATABASE_URI": pg_url, key: value}
+    config = {"DBNOTIFY_DATABASE_URI": sqlite_url, key: value}
     if key != "DBNOTIFY_AUTOSTART":
         config["DBNOTIFY_AUTOSTART"] = False
     app = bare_app(**config)
@@ -330,12 +337,12 @@ def test_bad_config_names_the_key_the_value_and_the_rule(
 
 
 def test_config_from_prefixed_env(
-    pg_url: str, bare_app: Any, monkeypatch: pytest.MonkeyPatch
+    sqlite_url: str, bare_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settings given as FLASK_DBNOTIFY_* environment variables and read
     with app.config.from_prefixed_env() mean what they say."""
     for name, value in {
-        "FLASK_DBNOTIFY_DATABASE_URI": pg_url,
+        "FLASK_DBNOTIFY_DATABASE_URI": sqlite_url,
         "FLASK_DBNOTIFY_AUTOSTART": "off",
         "FLASK_DBNOTIFY_CHECK_TRIGGERS": "false",
         "FLASK_DBNOTIFY_CONNECT_TIMEOUT": "3",
@@ -360,13 +367,13 @@ def test_config_from_prefixed_env(
         DBNotify(app)
 
 
-def test_bad_config_under_the_flask_command_is_one_line(pg_url: str) -> None:
+def test_bad_config_under_the_flask_command_is_one_line(sqlite_url: str) -> None:
     """Loaded by the `flask` command, a bad setting from the environment
     ends the command with that one line, before any listener starts."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "FLASK_DBNOTIFY_DATABASE_URI": pg_url,
+        "FLASK_DBNOTIFY_DATABASE_URI": sqlite_url,
         "FLASK_DBNOTIFY_AUTOSTART": "sometimes",
     }
     done = subprocess.run(
@@ -389,9 +396,9 @@ def test_bad_config_under_the_flask_command_is_one_line(pg_url: str) -> None:
     assert lines[0].endswith(", not 'sometimes'"), lines
 
 
-def test_defaults_are_visible_in_config(pg_url: str, bare_app: Any) -> None:
+def test_defaults_are_visible_in_config(sqlite_url: str, bare_app: Any) -> None:
     """init_app fills in every default with setdefault: values the user set stay."""
-    app = bare_app(DBNOTIFY_DATABASE_URI=pg_url, DBNOTIFY_CONNECT_TIMEOUT=2.5)
+    app = bare_app(DBNOTIFY_DATABASE_URI=sqlite_url, DBNOTIFY_CONNECT_TIMEOUT=2.5)
     DBNotify(app)
     assert app.config["DBNOTIFY_CONNECT_TIMEOUT"] == 2.5
     assert app.config["DBNOTIFY_AUTOSTART"] is True
@@ -475,9 +482,9 @@ def test_every_kind_of_target_and_its_sender(make_app: MakeApp, sql: SQL, pg_url
 
 
 @pytest.mark.parametrize("operations", ["upsert", ["insert", "merge"], []])
-def test_bad_operations_raise(make_app: MakeApp, operations: Any) -> None:
+def test_bad_operations_raise(sqlite_app: MakeApp, operations: Any) -> None:
     """Operations other than insert/update/delete/truncate (or none) raise ValueError."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError):
         ext.watch("orders", operations)
     with pytest.raises(ValueError):
@@ -485,16 +492,16 @@ def test_bad_operations_raise(make_app: MakeApp, operations: Any) -> None:
     assert "orders" not in ext.watches
 
 
-def test_operations_accept_any_case_and_enum(make_app: MakeApp) -> None:
+def test_operations_accept_any_case_and_enum(sqlite_app: MakeApp) -> None:
     """Operations may be given as "insert", "INSERT" or Operation.INSERT."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     watch = ext.watch("orders", ["insert", "UPDATE", Operation.DELETE])
     assert set(watch.operations) == {Operation.INSERT, Operation.UPDATE, Operation.DELETE}
 
 
-def test_watching_twice_raises_with_fix(make_app: MakeApp) -> None:
+def test_watching_twice_raises_with_fix(sqlite_app: MakeApp) -> None:
     """Watching the same name twice raises ValueError telling to use one call."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.watch("orders", "insert")
     with pytest.raises(ValueError) as info:
         ext.watch("orders", "delete")
@@ -502,15 +509,15 @@ def test_watching_twice_raises_with_fix(make_app: MakeApp) -> None:
     assert "one watch() call" in str(info.value)
 
 
-def test_when_changed_needs_update(make_app: MakeApp) -> None:
+def test_when_changed_needs_update(sqlite_app: MakeApp) -> None:
     """when_changed on a watch without UPDATE raises ValueError."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError) as info:
         ext.watch("orders", ["insert", "delete"], when_changed=["status"])
     assert "update" in str(info.value).lower()
 
 
-def test_model_with_unknown_column_fails_at_watch_time(make_app: MakeApp) -> None:
+def test_model_with_unknown_column_fails_at_watch_time(sqlite_app: MakeApp) -> None:
     """A typo in columns= or when_changed= of a model watch raises at watch()."""
 
     class Base(DeclarativeBase):
@@ -521,7 +528,7 @@ def test_model_with_unknown_column_fails_at_watch_time(make_app: MakeApp) -> Non
         id: Mapped[int] = mapped_column(primary_key=True)
         email: Mapped[str]
 
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError) as info:
         ext.watch(Customer, columns=["id", "emial"])
     assert "emial" in str(info.value)
@@ -534,7 +541,7 @@ def test_model_with_unknown_column_fails_at_watch_time(make_app: MakeApp) -> Non
 # -- on() -------------------------------------------------------------------
 
 
-def test_where_on_unknown_model_column_raises(make_app: MakeApp) -> None:
+def test_where_on_unknown_model_column_raises(sqlite_app: MakeApp) -> None:
     """With a model target, a typo in where= raises at on() time, as it does
     in watch(columns=...), instead of a receiver that silently never runs."""
 
@@ -546,56 +553,56 @@ def test_where_on_unknown_model_column_raises(make_app: MakeApp) -> None:
         id: Mapped[int] = mapped_column(primary_key=True)
         status: Mapped[str]
 
-    app, ext = make_app()
+    app, ext = sqlite_app()
     with pytest.raises(ValueError) as info:
         ext.on(Customer, where={"stauts": "active"})(lambda event: None)
     assert "stauts" in str(info.value)
 
 
-def test_on_keeps_a_strong_reference(make_app: MakeApp, sql: SQL) -> None:
+def test_on_keeps_a_strong_reference(backend: Backend) -> None:
     """A lambda registered with on() and referenced nowhere else still runs."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders")(lambda event: got.add(event))
     gc.collect()
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
     assert pks(got.wait_for(1)) == [("INSERT", 1)]
 
 
-def test_on_filters_operations(make_app: MakeApp, sql: SQL) -> None:
+def test_on_filters_operations(backend: Backend) -> None:
     """on(target, "delete") runs for deletes only."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders", "delete")(got.add)
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders (id) VALUES (1)")
-    sql("UPDATE orders SET status = 'x' WHERE id = 1")
-    sql("DELETE FROM orders WHERE id = 1")
-    sql("INSERT INTO orders (id) VALUES (2)")
-    sql("DELETE FROM orders WHERE id = 2")  # the marker
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("UPDATE orders SET status = 'x' WHERE id = 1")
+    backend.sql("DELETE FROM orders WHERE id = 1")
+    backend.sql("INSERT INTO orders (id) VALUES (2)")
+    backend.sql("DELETE FROM orders WHERE id = 2")  # the marker
     assert pks(got.wait_for(2)) == [("DELETE", 1), ("DELETE", 2)]
 
 
-def test_on_where_filters_rows(make_app: MakeApp, sql: SQL) -> None:
+def test_on_where_filters_rows(backend: Backend) -> None:
     """where= lets through only rows with those values: the new row, or the
     old row for DELETE."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders", where={"status": "paid"})(got.add)
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders (id, status) VALUES (1, 'new'), (2, 'paid')")
-    sql("UPDATE orders SET status = 'paid' WHERE id = 1")
-    sql("UPDATE orders SET status = 'new' WHERE id = 2")
-    sql("DELETE FROM orders WHERE id = 1")  # was paid
-    sql("DELETE FROM orders WHERE id = 2")  # was new
-    sql("INSERT INTO orders (id, status) VALUES (3, 'paid')")  # the marker
+    backend.sql("INSERT INTO orders (id, status) VALUES (1, 'new'), (2, 'paid')")
+    backend.sql("UPDATE orders SET status = 'paid' WHERE id = 1")
+    backend.sql("UPDATE orders SET status = 'new' WHERE id = 2")
+    backend.sql("DELETE FROM orders WHERE id = 1")  # was paid
+    backend.sql("DELETE FROM orders WHERE id = 2")  # was new
+    backend.sql("INSERT INTO orders (id, status) VALUES (3, 'paid')")  # the marker
     assert pks(got.wait_for(4)) == [
         ("INSERT", 2),
         ("UPDATE", 1),
@@ -604,9 +611,9 @@ def test_on_where_filters_rows(make_app: MakeApp, sql: SQL) -> None:
     ]
 
 
-def test_on_for_an_operation_not_watched_raises(make_app: MakeApp) -> None:
+def test_on_for_an_operation_not_watched_raises(sqlite_app: MakeApp) -> None:
     """on() for an operation the watch does not cover raises ValueError with a fix."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.watch("orders", "insert")
     with pytest.raises(ValueError) as info:
         ext.on("orders", "delete")(lambda event: None)
@@ -615,41 +622,41 @@ def test_on_for_an_operation_not_watched_raises(make_app: MakeApp) -> None:
     assert ext.subscriptions.get("orders", ()) == ()
 
 
-def test_on_watches_implicitly_and_watch_replaces_it(make_app: MakeApp, sql: SQL) -> None:
+def test_on_watches_implicitly_and_watch_replaces_it(backend: Backend) -> None:
     """on() on an unwatched table watches it; a later explicit watch() of it
     is accepted and is the one that counts."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     got = Recorder()
     ext.on("orders", "insert")(got.add)
     assert "orders" in ext.watches
     ext.install_triggers(app)
     ext.start(app)
-    sql("INSERT INTO orders VALUES (1, 'new', 'first')")
+    backend.sql("INSERT INTO orders VALUES (1, 'new', 'first')")
     (first,) = got.wait_for(1)
     assert first.new == {"id": 1, "status": "new", "note": "first"}
 
     ext.watch("orders", "insert", columns=["status"])
     ext.install_triggers(app)
-    sql("INSERT INTO orders VALUES (2, 'paid', 'second')")
+    backend.sql("INSERT INTO orders VALUES (2, 'paid', 'second')")
     second = got.wait_for(2)[1]
     assert second.new == {"id": 2, "status": "paid"}
     with pytest.raises(ValueError):
         ext.watch("orders")
 
 
-def test_explicit_watch_must_cover_existing_on(make_app: MakeApp) -> None:
+def test_explicit_watch_must_cover_existing_on(sqlite_app: MakeApp) -> None:
     """An explicit watch() that no longer covers an on() receiver raises."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.on("orders", "delete")(lambda event: None)
     with pytest.raises(ValueError) as info:
         ext.watch("orders", "insert")
     assert "delete" in str(info.value)
 
 
-def test_where_on_a_column_not_carried_raises(make_app: MakeApp) -> None:
+def test_where_on_a_column_not_carried_raises(sqlite_app: MakeApp) -> None:
     """where= on a column the watch does not carry raises ValueError naming it."""
-    app, ext = make_app()
+    app, ext = sqlite_app()
     ext.watch("orders", columns=["id", "status"])
     with pytest.raises(ValueError) as info:
         ext.on("orders", where={"note": "x"})(lambda event: None)
@@ -660,20 +667,18 @@ def test_where_on_a_column_not_carried_raises(make_app: MakeApp) -> None:
 # -- start() and stop() -----------------------------------------------------
 
 
-def test_start_returns_when_listening_and_restarts(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_start_returns_when_listening_and_restarts(backend: Backend, events: Recorder) -> None:
     """A row committed right after start() returns arrives, every time,
     across stop()/start() cycles; stop() twice is fine; is_running() follows."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders", "insert")
     ext.install_triggers(app)
     assert not ext.is_running(app)
     for n in range(1, 5):
         ext.start(app)
         assert ext.is_running(app)
-        sql("INSERT INTO orders (id) VALUES (%s)", (n,))
+        backend.sql("INSERT INTO orders (id) VALUES (?)", (n,))
         assert pks(events.wait_for(n))[-1] == ("INSERT", n)
         ext.stop(app)
         assert not ext.is_running(app)
@@ -682,15 +687,15 @@ def test_start_returns_when_listening_and_restarts(
     assert pks(events.items) == [("INSERT", n) for n in range(1, 5)]
 
 
-def test_start_twice_keeps_one_listener(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
+def test_start_twice_keeps_one_listener(backend: Backend, events: Recorder) -> None:
     """start() on a running listener does nothing: each row arrives once."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders", "insert")
     ext.install_triggers(app)
     ext.start(app)
     ext.start(app)
-    sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
     events.wait_for(1)
     events.assert_no_more(1, marker=lambda: ext.notify("marker", app=app))
 
@@ -714,14 +719,14 @@ def test_start_with_unreachable_database_raises_fast(make_app: MakeApp) -> None:
 
 
 def test_failing_receiver_is_logged_and_reported(
-    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A receiver that raises is logged and reported by receiver_failed
     (sender the app; receiver, event, error); later receivers and later
     events still arrive."""
     caplog.set_level(logging.ERROR, logger="flask_dbnotify")
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders")
     ext.install_triggers(app)
     errors: list[Exception] = []
@@ -742,8 +747,8 @@ def test_failing_receiver_is_logged_and_reported(
         receiver_failed.connected_to(on_failed),
     ):
         ext.start(app)
-        sql("INSERT INTO orders (id) VALUES (1)")
-        sql("INSERT INTO orders (id) VALUES (2)")
+        backend.sql("INSERT INTO orders (id) VALUES (1)")
+        backend.sql("INSERT INTO orders (id) VALUES (2)")
         assert pks(good.wait_for(2)) == [("INSERT", 1), ("INSERT", 2)]
         reports = failed.wait_for(2, "receiver_failed reports")
     assert len(reports) == 2
@@ -757,12 +762,10 @@ def test_failing_receiver_is_logged_and_reported(
     assert all(r.levelno >= logging.ERROR for r in logged)
 
 
-def test_failing_receiver_failed_receiver_does_not_stop_delivery(
-    make_app: MakeApp, sql: SQL
-) -> None:
+def test_failing_receiver_failed_receiver_does_not_stop_delivery(backend: Backend) -> None:
     """A receiver_failed receiver that raises itself does not stop delivery."""
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders")
     ext.install_triggers(app)
 
@@ -781,21 +784,21 @@ def test_failing_receiver_failed_receiver_does_not_stop_delivery(
         receiver_failed.connected_to(failed),
     ):
         ext.start(app)
-        sql("INSERT INTO orders (id) VALUES (1)")
-        sql("INSERT INTO orders (id) VALUES (2)")
+        backend.sql("INSERT INTO orders (id) VALUES (1)")
+        backend.sql("INSERT INTO orders (id) VALUES (2)")
         assert pks(good.wait_for(2)) == [("INSERT", 1), ("INSERT", 2)]
         failed.wait_for(2, "receiver_failed reports")
     assert ext.is_running(app)
 
 
 def test_failing_on_function_is_reported(
-    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An on() function that raises is logged and reported the same way; the
     next on() function and the next events still run."""
     caplog.set_level(logging.ERROR, logger="flask_dbnotify")
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     boom = ValueError("boom")
 
     @ext.on("orders")
@@ -812,8 +815,8 @@ def test_failing_on_function_is_reported(
 
     with receiver_failed.connected_to(on_failed):
         ext.start(app)
-        sql("INSERT INTO orders (id) VALUES (1)")
-        sql("INSERT INTO orders (id) VALUES (2)")
+        backend.sql("INSERT INTO orders (id) VALUES (1)")
+        backend.sql("INSERT INTO orders (id) VALUES (2)")
         assert pks(good.wait_for(2)) == [("INSERT", 1), ("INSERT", 2)]
         reports = failed.wait_for(2, "receiver_failed reports")
     for (sender, kwargs), pk in zip(reports, (1, 2), strict=True):
@@ -827,10 +830,10 @@ def test_failing_on_function_is_reported(
 # -- lifecycle and start-up checks ---------------------------------------------
 
 
-def test_listener_connected_on_start(make_app: MakeApp) -> None:
+def test_listener_connected_on_start(backend: Backend) -> None:
     """start() sends listener_connected with the real app as sender,
     reconnect=False and gap=False."""
-    app, ext = make_app()
+    app, ext = backend.make_app()
     got = Recorder()
 
     def on_connected(sender: Any, **kwargs: Any) -> None:
@@ -857,14 +860,12 @@ class _FlagHandler(logging.Handler):
             self.seen.set()
 
 
-def test_missing_triggers_warn_at_start(
-    make_app: MakeApp, sql: SQL, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_missing_triggers_warn_at_start(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
     """Starting with a watch whose triggers are not installed logs a warning
     naming the watch and the command that installs them."""
     caplog.set_level(logging.WARNING, logger="flask_dbnotify")
-    orders_table(sql)
-    app, ext = make_app()
+    orders_table(backend.sql)
+    app, ext = backend.make_app()
     ext.watch("orders")
 
     def matches(record: logging.LogRecord) -> bool:
@@ -886,12 +887,12 @@ def test_missing_triggers_warn_at_start(
     assert warned and all(r.levelno == logging.WARNING for r in warned)
 
 
-def test_two_apps_each_get_events(make_app: MakeApp, sql: SQL) -> None:
+def test_two_apps_each_get_events(backend: Backend) -> None:
     """Two apps in one process, each with its own DBNotify and listener,
     each receive every event, in their own app context."""
-    orders_table(sql)
-    app1, ext1 = make_app()
-    app2, ext2 = make_app()
+    orders_table(backend.sql)
+    app1, ext1 = backend.make_app()
+    app2, ext2 = backend.make_app()
     got1, got2 = Recorder(), Recorder()
 
     def recorder(got: Recorder) -> Callable[[ChangeEvent], None]:
@@ -907,14 +908,14 @@ def test_two_apps_each_get_events(make_app: MakeApp, sql: SQL) -> None:
     ext1.start(app1)
     ext2.start(app2)
     assert ext1.is_running(app1) and ext2.is_running(app2)
-    sql("INSERT INTO orders (id) VALUES (1)")
-    sql("INSERT INTO orders (id) VALUES (2)")
+    backend.sql("INSERT INTO orders (id) VALUES (1)")
+    backend.sql("INSERT INTO orders (id) VALUES (2)")
     assert got1.wait_for(2, "events in app 1") == [(app1, 1), (app1, 2)]
     assert got2.wait_for(2, "events in app 2") == [(app2, 1), (app2, 2)]
 
     ext1.stop(app1)
     assert not ext1.is_running(app1) and ext2.is_running(app2)
-    sql("INSERT INTO orders (id) VALUES (3)")
+    backend.sql("INSERT INTO orders (id) VALUES (3)")
     assert got2.wait_for(3, "events in app 2")[-1] == (app2, 3)
 
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,73 +28,27 @@ from sqlalchemy.engine import make_url
 from flask_dbnotify import (
     ChangeEvent,
     DBNotify,
-    ListenerState,
     events_dropped,
-    listener_connected,
-    listener_disconnected,
 )
 
+from ._helpers import (
+    SQL,
+    WAIT,
+    Lifecycle,
+    Lines,
+    Proxy,
+    Recorder,
+    captured_notifications,
+    listener_backends,
+    orders_app,
+    poll_until,
+    wait_for_backends,
+    wait_for_state,
+)
 from ._postgres import ThrowawayServer
-from .conftest import SQL, WAIT, Recorder, captured_notifications, poll_until
-from .test_cli_listen import Lines
-from .test_listener import listener_backends, orders_app, wait_for_backends
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for_state(
-    ext: DBNotify, app: Flask, check: Callable[[ListenerState], bool], what: str
-) -> ListenerState:
-    """Poll listener_state() until ``check`` accepts it; fail showing the last one."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        state = ext.listener_state(app)
-        if check(state):
-            return state
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {WAIT}s; listener_state() = {state}")
-        time.sleep(0.02)
-
-
-class Lifecycle(Recorder):
-    """``listener_connected``, ``listener_disconnected`` and
-    ``events_dropped``, in the order receivers saw them, each as
-    ``(name, kwargs, monotonic time)``."""
-
-    def _record(self, name: str) -> Callable[..., None]:
-        def receiver(sender: Any, **kwargs: Any) -> None:
-            self.add((name, kwargs, time.monotonic()))
-
-        return receiver
-
-    @contextmanager
-    def connected(self) -> Iterator[Lifecycle]:
-        with (
-            listener_connected.connected_to(self._record("connected")),
-            listener_disconnected.connected_to(self._record("disconnected")),
-            events_dropped.connected_to(self._record("dropped")),
-        ):
-            yield self
-
-    def wait_for_name(self, name: str, nth: int = 1, timeout: float = WAIT) -> tuple[Any, ...]:
-        """The ``nth`` item called ``name``, waiting (bounded) for it."""
-
-        def found() -> tuple[Any, ...] | None:
-            hits = [item for item in self.items if item[0] == name]
-            return hits[nth - 1] if len(hits) >= nth else None
-
-        with self._cond:
-            if not self._cond.wait_for(found, timeout):
-                raise AssertionError(
-                    f"no {name} #{nth} within {timeout}s; got {[i[:2] for i in self.items]!r}"
-                )
-            item = found()
-            assert item is not None
-            return item
-
-    def names(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(name, kwargs) for name, kwargs, _ in self.items]
 
 
 # -- a killed session ---------------------------------------------------------
@@ -249,128 +200,6 @@ def test_listener_rides_out_a_server_restart(
 
 
 # -- a half-open connection -----------------------------------------------------
-
-
-class _Link:
-    """One proxied connection."""
-
-    def __init__(self, client: socket.socket) -> None:
-        self.client = client
-        self.upstream: socket.socket | None = None
-        self.lock = threading.Lock()
-        self.hole = threading.Event()
-
-    def close(self) -> None:
-        for sock in (self.client, self.upstream):
-            if sock is not None:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-
-class Proxy:
-    """A TCP proxy on 127.0.0.1 in front of ``upstream``.
-
-    :meth:`black_hole` turns every open connection into a black hole: both
-    sockets stay open, nothing is relayed or even read, so to each side the
-    other has silently gone away (a dead peer, a dropped NAT entry).
-    Connections accepted meanwhile are black holes too, unless
-    ``new_connections=False`` or until :meth:`forward`. :meth:`refuse`
-    closes new connections at once (a server that is down or restarting).
-    """
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.server.getsockname()[1]
-        self.accepted = 0
-        self._forwarding = True
-        self._refusing = False
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._links: list[_Link] = []
-        self._threads: list[threading.Thread] = []
-        self._spawn(self._accept_loop)
-
-    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name="proxy", daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            if not select.select([self.server], [], [], 0.05)[0]:
-                continue
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            link = _Link(client)
-            with self._lock:
-                self.accepted += 1
-                if self._refusing:
-                    link.close()
-                    continue
-                self._links.append(link)
-                if not self._forwarding:
-                    link.hole.set()  # held open, never read
-                    continue
-            try:
-                link.upstream = socket.create_connection(self.upstream, timeout=WAIT)
-            except OSError:
-                link.close()
-                continue
-            self._spawn(self._pump, link, client, link.upstream)
-            self._spawn(self._pump, link, link.upstream, client)
-
-    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
-        while not self._closed.is_set() and not link.hole.is_set():
-            try:
-                if not select.select([src], [], [], 0.05)[0]:
-                    continue
-            except (OSError, ValueError):
-                return
-            with link.lock:
-                if link.hole.is_set():
-                    break
-                try:
-                    data = src.recv(65536)
-                    if data:
-                        dst.sendall(data)
-                except OSError:
-                    data = b""
-                if not data:
-                    link.close()
-                    return
-
-    def black_hole(self, new_connections: bool = True) -> None:
-        with self._lock:
-            self._forwarding = not new_connections
-            links = list(self._links)
-        for link in links:
-            with link.lock:  # no relay is half done once this returns
-                link.hole.set()
-
-    def refuse(self) -> None:
-        """Close connections accepted from now on at once."""
-        with self._lock:
-            self._refusing = True
-
-    def forward(self) -> None:
-        """Relay connections accepted from now on."""
-        with self._lock:
-            self._forwarding, self._refusing = True, False
-
-    def close(self) -> None:
-        self._closed.set()
-        self.server.close()
-        with self._lock:
-            links = list(self._links)
-        for link in links:
-            link.close()
-        for thread in self._threads:
-            thread.join(2)
 
 
 def _proxied_orders_app(

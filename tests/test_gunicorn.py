@@ -30,9 +30,17 @@ from flask import Flask
 
 from flask_dbnotify import DBNotify
 
-from .conftest import SQL, WAIT, not_here
-from .test_cli_listen import Lines, free_port, kill_group, listener_count, wait_for_listeners
-from .test_listener import orders_app
+from ._helpers import (
+    SQL,
+    WAIT,
+    Lines,
+    free_port,
+    kill_group,
+    listener_count,
+    not_here,
+    orders_app,
+    wait_for_listeners,
+)
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ROOT = Path(__file__).resolve().parent.parent

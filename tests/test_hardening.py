@@ -25,7 +25,7 @@ from flask_dbnotify.backends.postgresql import (
     PIECE_BYTES,
 )
 
-from .conftest import SQL, WAIT, Recorder, captured_notifications, listening, marker, poll_until
+from ._helpers import SQL, WAIT, Recorder, captured_notifications, listening, marker, poll_until
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 

@@ -22,43 +22,17 @@ from flask_dbnotify import (
     row_changed,
 )
 
-from .conftest import SQL, WAIT, Recorder, poll_until
+from ._helpers import (
+    SQL,
+    WAIT,
+    Recorder,
+    listener_backends,
+    orders_app,
+    poll_until,
+    wait_for_backends,
+)
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
-LISTENER_NAME = "flask-dbnotify listener"
-
-
-def listener_backends(sql: SQL) -> list[tuple[int, str, str]]:
-    """``(pid, state, query)`` of every listener session on the test database."""
-    return [
-        (pid, state, query)
-        for pid, state, query in sql(
-            "SELECT pid, state, query FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = %s ORDER BY pid",
-            (LISTENER_NAME,),
-        )
-    ]
-
-
-def wait_for_backends(sql: SQL, count: int, what: str) -> list[tuple[int, str, str]]:
-    """Poll pg_stat_activity until ``count`` listener sessions remain (a
-    closed session leaves the view a moment after its client has gone)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        rows = listener_backends(sql)
-        if len(rows) == count:
-            return rows
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {count} listener sessions {what}, got {rows!r}")
-        time.sleep(0.02)
-
-
-def orders_app(make_app: MakeApp, sql: SQL, **config: Any) -> tuple[Flask, DBNotify]:
-    sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
-    app, ext = make_app(**config)
-    ext.watch("orders")
-    ext.install_triggers(app)
-    return app, ext
 
 
 def test_listener_connection_is_dedicated(make_app: MakeApp, sql: SQL) -> None:

@@ -26,8 +26,8 @@ import pytest
 
 from flask_dbnotify import ChangeEvent, DBNotify
 
+from ._helpers import WAIT, Backend
 from .apps import once_app
-from .conftest import WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = 60.0  # the 1,000-event run may take this long on a slow machine
@@ -111,15 +111,11 @@ class Database:
         self.conn.close()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    """An empty database with an ``orders`` table; PostgreSQL or SQLite."""
-    if request.param == "postgresql":
-        db = Database("postgresql", request.getfixturevalue("pg_url"), None)
-    else:
-        path = str(tmp_path / "app.db")
-        db = Database("sqlite", "sqlite:///" + path, path)
-    db(TABLES[request.param])
+@pytest.fixture()
+def database(backend: Backend) -> Iterator[Database]:
+    """An empty database with an ``orders`` table; PostgreSQL, then SQLite."""
+    db = Database(backend.name, backend.url, backend.path)
+    db(TABLES[backend.name])
     yield db
     db.close()
 
@@ -446,7 +442,7 @@ def test_receiver_not_yet_registered_gets_events_committed_after_start(
 ) -> None:
     """A once receiver added without running install-triggers again (so
     not registered yet) still gets every event committed after ``start()``
-    has returned in the first process that runs it."""
+    has returned in the first process that runs it, each exactly once."""
     install(database, [], durable_watch=True)
     config = {"durable_watch": True}
     a = fleet.start("A", database, ["plain", "record"], config)
@@ -455,6 +451,20 @@ def test_receiver_not_yet_registered_gets_events_committed_after_start(
         lambda: first in [line["pk"] for line in a.handled("record")],
         "the once receiver to handle the event committed right after start() returned",
     )
+    flush(fleet, database, [a])  # two more events, and a once pass since
+    # Every event committed after start(), as the ordinary receiver saw it.
+    expected = set(ids(a.handled("plain")))
+    assert len(expected) == 3
+    fleet.wait(
+        lambda: set(ids(a.handled("record"))) >= expected,
+        "the once receiver to handle every event committed after start()",
+    )
+    got = ids(a.handled("record"))
+    assert not repeated(got), f"handled more than once: {repeated(got)}"
+    assert set(got) == expected
+    claims = settled_claims(fleet, database, RECORD)
+    assert set(claims) == expected
+    assert {(c["state"], c["attempts"]) for c in claims.values()} == {("done", 1)}
 
 
 # -- failures -------------------------------------------------------------------
@@ -590,22 +600,36 @@ def test_open_transaction_elsewhere_does_not_hold_back_once_receivers(
     pg_database: Database, fleet: Fleet
 ) -> None:
     """PostgreSQL: while another session keeps a transaction open (a long
-    migration or batch job, on another table), an event committed now is
-    still handled by the once receiver, as it is by an ordinary one."""
+    migration or batch job, on another table), events committed now are
+    still handled by the once receiver, as by an ordinary one, each exactly
+    once (also after that transaction ends)."""
     install(pg_database, ["plain", "record"])
     a = fleet.start("A", pg_database, ["plain", "record"], {})
     other = pg_database.another()
     try:
         other("BEGIN")
         other("SELECT pg_current_xact_id()")  # it now holds a transaction id
-        first = pg_database.insert("first")
-        wait_handled(fleet, "plain", "first")
+        first, second = pg_database.insert("first"), pg_database.insert("second")
+        wait_handled(fleet, "plain", "second")
         fleet.wait(
-            lambda: first in [line["pk"] for line in a.handled("record")],
-            "the once receiver to handle an event while another transaction is open",
+            lambda: {first, second} <= {line["pk"] for line in a.handled("record")},
+            "the once receiver to handle the events while another transaction is open",
         )
     finally:
         other.close()
+    flush(fleet, pg_database, [a])  # two more events, and a once pass since
+    expected = set(ids(a.handled("plain")))
+    assert len(expected) == 4
+    fleet.wait(
+        lambda: set(ids(a.handled("record"))) >= expected,
+        "the once receiver to handle every event",
+    )
+    got = ids(a.handled("record"))
+    assert not repeated(got), f"handled more than once: {repeated(got)}"
+    assert set(got) == expected
+    claims = settled_claims(fleet, pg_database, RECORD)
+    assert set(claims) == expected
+    assert {(c["state"], c["attempts"]) for c in claims.values()} == {("done", 1)}
 
 
 # -- a process that dies mid-event ----------------------------------------------

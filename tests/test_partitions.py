@@ -25,7 +25,7 @@ from flask_dbnotify import (
     table_truncated,
 )
 
-from .conftest import SQL, WAIT, Recorder, listening, marker
+from ._helpers import SQL, WAIT, Recorder, listening, marker
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 

@@ -28,9 +28,8 @@ from sqlalchemy.engine import make_url
 from flask_dbnotify import ChangeEvent, DBNotify
 from flask_dbnotify.errors import DBNotifyError, ListenerError
 
+from ._helpers import SQL, Recorder, not_here, wait_for_state
 from ._pgbouncer import PgBouncer
-from .conftest import SQL, Recorder, not_here
-from .test_faults import wait_for_state
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 DEAF = "receives no notifications"

@@ -11,8 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .test_cli_listen import Lines
-from .test_example_app import free_port
+from ._helpers import Lines, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

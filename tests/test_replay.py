@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from flask import Flask
 
 from flask_dbnotify import ChangeEvent, DBNotify, row_changed
 
-from .conftest import SQL, Recorder, listening, poll_until
+from ._helpers import SQL, Recorder, listening, poll_until
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
@@ -96,18 +95,7 @@ def test_replay_until_and_for_one_receiver(make_app: MakeApp, sql: SQL, events: 
     assert "receiver_a" in result.output and "receiver_b" in result.output
 
 
-def sqlite_app(path: Path, **config: Any) -> tuple[Flask, DBNotify]:
-    app = Flask(f"replay_{path.stem}")
-    app.config.update(
-        DBNOTIFY_DATABASE_URI=f"sqlite:///{path}",
-        DBNOTIFY_AUTOSTART=False,
-        DBNOTIFY_ONCE_ATTEMPTS=1,
-        **config,
-    )
-    return app, DBNotify(app)
-
-
-def claims(path: Path) -> list[tuple[Any, ...]]:
+def claims(path: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(path)
     try:
         return conn.execute(
@@ -117,15 +105,17 @@ def claims(path: Path) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-def test_replay_heals_a_failed_once_event_and_forget_drops_a_receiver(tmp_path: Path) -> None:
+def test_replay_heals_a_failed_once_event_and_forget_drops_a_receiver(
+    sqlite_app: MakeApp, sqlite_path: str
+) -> None:
     """After a once receiver failed for good, fixing it and replaying the
     event for that receiver marks the claim done and status no longer
     counts it failed; forget-receiver drops a retired receiver's state."""
-    path = tmp_path / "app.db"
+    path = sqlite_path
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, n INTEGER)")
     conn.commit()
-    app, ext = sqlite_app(path)
+    app, ext = sqlite_app(DBNOTIFY_ONCE_ATTEMPTS=1)
     broken = True
     handled: list[int] = []
 
@@ -162,11 +152,13 @@ def test_replay_heals_a_failed_once_event_and_forget_drops_a_receiver(tmp_path: 
 
 
 @pytest.mark.parametrize("once", [True, False])
-def test_replay_of_an_empty_range_replays_nothing(tmp_path: Path, once: bool) -> None:
+def test_replay_of_an_empty_range_replays_nothing(
+    sqlite_app: MakeApp, sqlite_path: str, once: bool
+) -> None:
     """Ids past the end of the journal replay nothing and say so."""
-    path = tmp_path / "app.db"
+    path = sqlite_path
     sqlite3.connect(path).execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY)").connection.close()
-    app, ext = sqlite_app(path)
+    app, ext = sqlite_app(DBNOTIFY_ONCE_ATTEMPTS=1)
 
     @ext.on("jobs", once=once)
     def handler(event: ChangeEvent) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify, DBNotifyError, row_changed, row_inserted, table_truncated
 
-from .conftest import SQL, WAIT, Recorder, listening, marker
+from ._helpers import SQL, WAIT, Recorder, listening, marker
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 

@@ -23,63 +23,63 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_dbnotify import DBNotify, DBNotifyError, WatchError, notification_received, row_changed
 
-from .conftest import SQL, Recorder, marker, poll_until
+from ._helpers import (
+    SQL,
+    Backend,
+    Recorder,
+    listening,
+    marker,
+    pg_objects,
+    pg_triggers,
+    poll_until,
+    quote,
+)
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
-ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
+ORDERS = "CREATE TABLE orders (id integer PRIMARY KEY, item text, qty integer)"
 
 
-def triggers(sql: SQL) -> list[tuple[str, str]]:
-    """(trigger, table) of every dbnotify trigger in the database."""
-    return [
-        (name, table)
-        for name, table in sql(
-            "SELECT t.tgname, c.relname FROM pg_trigger t "
-            "JOIN pg_class c ON c.oid = t.tgrelid "
-            "WHERE NOT t.tgisinternal ORDER BY c.relname, t.tgname"
-        )
-        if name.startswith("dbnotify")
-    ]
-
-
-def our_objects(sql: SQL) -> list[str]:
-    """Every trigger, function, table, sequence or index whose name starts with dbnotify."""
-    rows = sql(
-        "SELECT 'trigger ' || tgname FROM pg_trigger WHERE NOT tgisinternal "
-        "UNION ALL SELECT 'function ' || proname FROM pg_proc "
-        "UNION ALL SELECT 'relation ' || relname FROM pg_class"
-    )
-    return sorted(name for (name,) in rows if name.split(" ", 1)[1].startswith("dbnotify"))
-
-
-def test_install_is_idempotent(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
-    """Installing twice leaves one set of working triggers."""
-    sql(ORDERS)
-    app, ext = make_app()
+def test_install_is_idempotent(backend: Backend, events: Recorder) -> None:
+    """Installing twice leaves one set of working triggers, one per
+    operation, named dbnotify_*; status goes from missing to installed."""
+    backend.sql(ORDERS)
+    app, ext = backend.make_app()
     ext.watch("orders")
+    assert ext.status(app).watches == {"orders": "missing"}
     ext.install_triggers(app)
-    first = triggers(sql)
+    first = backend.triggers()
     ext.install_triggers(app)
-    assert triggers(sql) == first
-    assert len(first) == 4  # insert, update, delete, and truncate
-    assert ext.status(app).watches == {"orders": "installed"}
+    assert backend.triggers() == first
+    # insert, update, delete; and truncate on PostgreSQL (SQLite has no TRUNCATE)
+    assert len(first) == (4 if backend.pg else 3)
+    assert all(table == "orders" and name.startswith("dbnotify_") for name, table in first)
+    status = ext.status(app)
+    assert status.watches == {"orders": "installed"} and status.orphaned == []
     ext.start(app)
-    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    backend.sql("INSERT INTO orders VALUES (1, 'a', 1)")
     assert [e.pk for e in events.wait_for(1)] == [1]
     events.assert_no_more(1, marker(ext, app))
 
 
-def test_install_is_all_or_nothing(make_app: MakeApp, sql: SQL) -> None:
-    """If one watch cannot be installed, nothing is installed."""
-    sql(ORDERS)
-    app, ext = make_app()
-    ext.watch("orders")
-    ext.watch("no_such_table")
-    with pytest.raises(WatchError, match="no_such_table"):
+@pytest.mark.parametrize("bad", ["missing_table", "nokey", "orders_bad_column"])
+def test_install_is_all_or_nothing(backend: Backend, bad: str) -> None:
+    """If one watch cannot be installed (no such table, no primary key, no
+    such column), nothing of any watch is installed, journal included."""
+    backend.sql(ORDERS)
+    backend.sql("CREATE TABLE nokey (a integer, b text)")
+    backend.sql("CREATE TABLE other (id integer PRIMARY KEY, v text)")
+    app, ext = backend.make_app()
+    ext.watch("other")
+    if bad == "orders_bad_column":
+        ext.watch("orders", columns=["qty", "ghost_col"])
+    else:
+        ext.watch(bad)
+    name = "orders" if bad == "orders_bad_column" else bad
+    with pytest.raises(WatchError, match="ghost_col" if name == "orders" else name):
         ext.install_triggers(app)
-    assert our_objects(sql) == []
-    assert ext.status(app).watches == {"orders": "missing", "no_such_table": "error"}
+    assert backend.objects() == []
+    assert ext.status(app).watches == {"other": "missing", name: "error"}
 
 
 @pytest.fixture()
@@ -119,32 +119,31 @@ def test_install_failing_midway_leaves_nothing(
     with pytest.raises((DBNotifyError, psycopg2.Error, sa.exc.SQLAlchemyError)) as info:
         ext.install_triggers(app)
     assert "locked" in str(info.value)
-    assert our_objects(sql) == []
+    assert pg_objects(sql) == []
     assert ext.status(app).watches == {"orders": "missing", "locked": "missing"}
 
 
-def test_install_sql_changes_nothing_and_works_when_run(
-    make_app: MakeApp, sql: SQL, events: Recorder
-) -> None:
+def test_install_sql_changes_nothing_and_works_when_run(backend: Backend, events: Recorder) -> None:
     """install_sql() and `install-triggers --sql` only print; the printed
-    script, run as is, installs working triggers."""
-    sql(ORDERS)
-    app, ext = make_app()
+    script, run as is (as psql or the sqlite3 shell would), installs
+    working triggers."""
+    backend.sql(ORDERS)
+    app, ext = backend.make_app()
     ext.watch("orders", columns=["qty"], when_changed=["qty"])
     statements = ext.install_sql(app)
     assert statements and all(isinstance(s, str) for s in statements)
     result = app.test_cli_runner().invoke(args=["dbnotify", "install-triggers", "--sql"])
     assert result.exit_code == 0, result.output
     assert all(s in result.output for s in statements)
-    assert our_objects(sql) == []
+    assert backend.objects() == []
     assert ext.status(app).watches == {"orders": "missing"}
 
-    sql(result.output)  # the whole script, as psql would run it
+    backend.script(result.output)
     assert ext.status(app).watches == {"orders": "installed"}
     ext.start(app)
-    sql("INSERT INTO orders VALUES (1, 'a', 1)")
-    sql("UPDATE orders SET item = 'b'")
-    sql("UPDATE orders SET qty = 2")
+    backend.sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    backend.sql("UPDATE orders SET item = 'b'")
+    backend.sql("UPDATE orders SET qty = 2")
     got = events.wait_for(2)
     events.assert_no_more(2, marker(ext, app))
     assert [(e.op.value, e.new) for e in got] == [
@@ -217,11 +216,11 @@ def test_sql_output_run_by_psql_makes_what_install_makes(
     assert catalog_of_ours(sql) == by_psql
 
 
-def test_status_follows_the_watch_definition(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
+def test_status_follows_the_watch_definition(backend: Backend, events: Recorder) -> None:
     """missing -> installed -> outdated when the watch changes; installing
     the new definition replaces the old triggers (no double events)."""
-    sql(ORDERS)
-    app, ext = make_app()
+    backend.sql(ORDERS)
+    app, ext = backend.make_app()
     ext.watch("orders")
     assert ext.status(app).watches == {"orders": "missing"}
     ext.install_triggers(app)
@@ -235,30 +234,31 @@ def test_status_follows_the_watch_definition(make_app: MakeApp, sql: SQL, events
         {"operations": "insert"},
     ]
     for options in changes:
-        other_app, other = make_app()
+        other_app, other = backend.make_app()
         other.watch("orders", **options)
         status = other.status(other_app)
         assert status.watches == {"orders": "outdated"}, options
         assert status.details["orders"]
 
-    new_app, new = make_app()
+    new_app, new = backend.make_app()
     new.watch("orders", columns=["qty"])
     new.install_triggers(new_app)
     assert new.status(new_app).watches == {"orders": "installed"}
     assert ext.status(app).watches == {"orders": "outdated"}
-    assert len(triggers(sql)) == 4
+    assert len(backend.triggers()) == (4 if backend.pg else 3)  # + TRUNCATE on PostgreSQL
     new.start(new_app)
-    sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    backend.sql("INSERT INTO orders VALUES (1, 'a', 1)")
     (event,) = events.wait_for(1)
     events.assert_no_more(1, marker(new, new_app))
     assert event.new == {"id": 1, "qty": 1}
 
 
-def test_status_reports_errors_with_details(make_app: MakeApp, sql: SQL) -> None:
-    """A watch the database cannot satisfy has status 'error' and says why."""
-    sql(ORDERS)
-    sql("CREATE TABLE nokey (a int)")
-    app, ext = make_app()
+def test_status_reports_errors_with_details(backend: Backend) -> None:
+    """A watch the database cannot satisfy has status 'error' and says why;
+    install_triggers() and install_sql() raise WatchError naming the problem."""
+    backend.sql(ORDERS)
+    backend.sql("CREATE TABLE nokey (a integer, line text)")
+    app, ext = backend.make_app()
     ext.watch("orders", columns=["ghost_column"])
     ext.watch("missing_table")
     ext.watch("nokey")
@@ -273,49 +273,74 @@ def test_status_reports_errors_with_details(make_app: MakeApp, sql: SQL) -> None
     assert "does not exist" in status.details["missing_table"]
     assert "primary key" in status.details["nokey"]
 
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("orders", {"when_changed": ["ghost_column"]}, "ghost_column"),
+        ("missing_table", {}, "missing_table"),
+        ("nokey", {}, "primary key"),
+    ]
+    for target, options, expected in cases:
+        one_app, one = backend.make_app()
+        one.watch(target, **options)
+        with pytest.raises(WatchError, match=expected):
+            one.install_triggers(one_app)
+        with pytest.raises(WatchError, match=expected):
+            one.install_sql(one_app)
 
-def test_status_lists_orphaned_objects(make_app: MakeApp, sql: SQL) -> None:
-    """Triggers on tables no watch covers, and functions left by a dropped
-    table, are listed as orphaned."""
-    sql("CREATE TABLE a (id int PRIMARY KEY)")
-    sql("CREATE TABLE b (id int PRIMARY KEY)")
-    old_app, old = make_app()
+
+def test_status_lists_orphaned_objects(backend: Backend) -> None:
+    """Triggers on tables no watch covers are listed as orphaned. On
+    PostgreSQL, functions left by a dropped table are too, and installing
+    clears them; on SQLite (no functions: a dropped table takes its
+    triggers along) uninstall_triggers(everything=True) removes orphans."""
+    backend.sql("CREATE TABLE a (id integer PRIMARY KEY)")
+    backend.sql("CREATE TABLE b (id integer PRIMARY KEY)")
+    old_app, old = backend.make_app()
     old.watch("a")
     old.watch("b")
     old.install_triggers(old_app)
-    b_triggers = [name for name, table in triggers(sql) if table == "b"]
-    assert len(b_triggers) == 4
+    per_table = 4 if backend.pg else 3  # + TRUNCATE on PostgreSQL
+    b_triggers = [name for name, table in backend.triggers() if table == "b"]
+    assert len(b_triggers) == per_table
 
-    app, ext = make_app()
+    app, ext = backend.make_app()
     ext.watch("a")
     status = ext.status(app)
     assert status.watches == {"a": "installed"}
-    assert len(status.orphaned) == 4
+    assert len(status.orphaned) == per_table
     for name in b_triggers:
         assert any(name in line for line in status.orphaned), status.orphaned
 
-    sql("DROP TABLE b")  # its triggers go, their functions stay
-    status = ext.status(app)
-    assert len(status.orphaned) == 4
-    for name in b_triggers:
-        assert any(name in line and "function" in line for line in status.orphaned)
-    ext.install_triggers(app)
-    assert ext.status(app).orphaned == []
+    if backend.pg:
+        # PostgreSQL only: trigger functions outlive their table.
+        backend.sql("DROP TABLE b")  # its triggers go, their functions stay
+        status = ext.status(app)
+        assert len(status.orphaned) == 4
+        for name in b_triggers:
+            assert any(name in line and "function" in line for line in status.orphaned)
+        ext.install_triggers(app)
+        assert ext.status(app).orphaned == []
+    else:
+        ext.uninstall_triggers(app)
+        assert [table for _, table in backend.triggers()] == ["b"] * 3
+        ext.uninstall_triggers(app, everything=True)
+        assert backend.triggers() == []
+        assert ext.status(app).orphaned == []
 
 
-def test_uninstall_stops_delivery(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
-    """After uninstall_triggers(), writes deliver nothing and status is missing."""
-    sql(ORDERS)
-    app, ext = make_app()
+def test_uninstall_stops_delivery(backend: Backend, events: Recorder) -> None:
+    """After uninstall_triggers(), writes deliver nothing and status is
+    missing; messages (the marker) still arrive."""
+    backend.sql(ORDERS)
+    app, ext = backend.make_app()
     ext.watch("orders")
     ext.install_triggers(app)
     ext.start(app)
     ext.uninstall_triggers(app)
-    assert triggers(sql) == []
+    assert backend.triggers() == []
     assert ext.status(app).watches == {"orders": "missing"}
-    sql("INSERT INTO orders VALUES (1, 'a', 1)")
-    sql("UPDATE orders SET qty = 2")
-    sql("DELETE FROM orders")
+    backend.sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    backend.sql("UPDATE orders SET qty = 2")
+    backend.sql("DELETE FROM orders")
     events.assert_no_more(0, marker(ext, app))
 
 
@@ -328,14 +353,14 @@ def test_uninstall_everything_removes_every_object(make_app: MakeApp, sql: SQL) 
     old.watch("a")
     old.watch("b")
     old.install_triggers(old_app)
-    installed = our_objects(sql)
+    installed = pg_objects(sql)
     assert "relation dbnotify_journal" in installed
     assert len([o for o in installed if o.startswith("trigger")]) == 8
 
     app, ext = make_app()
     ext.watch("a")
     ext.uninstall_triggers(app, everything=True)
-    assert our_objects(sql) == []
+    assert pg_objects(sql) == []
     assert ext.status(app).watches == {"a": "missing"}
     assert ext.status(app).orphaned == []
 
@@ -356,7 +381,7 @@ def test_object_names_are_prefixed_short_and_distinct(
     ext.watch(long_a)
     ext.watch(long_b)
     ext.install_triggers(app)
-    names = [name for name, _ in triggers(sql)]
+    names = [name for name, _ in pg_triggers(sql)]
     assert len(set(names)) == 8
     for name in names:
         assert name.startswith("dbnotify_")
@@ -373,25 +398,25 @@ def test_object_names_are_prefixed_short_and_distinct(
     other.watch(long_a, columns=["id"])
     other.watch(long_b)
     other.install_triggers(other_app)
-    renamed = {name for name, table in triggers(sql) if table == long_a}
+    renamed = {name for name, table in pg_triggers(sql) if table == long_a}
     assert len(renamed) == 4
     assert renamed.isdisjoint(names)
-    assert {name for name, table in triggers(sql) if table == long_b} <= set(names)
+    assert {name for name, table in pg_triggers(sql) if table == long_b} <= set(names)
 
 
-def test_unknown_table_is_a_watch_error(make_app: MakeApp) -> None:
+def test_unknown_table_is_a_watch_error(backend: Backend) -> None:
     """Installing a watch on a missing table names the table."""
-    app, ext = make_app()
+    app, ext = backend.make_app()
     ext.watch("nowhere_table")
     with pytest.raises(WatchError, match="nowhere_table"):
         ext.install_triggers(app)
 
 
 @pytest.mark.parametrize("option", ["columns", "when_changed"])
-def test_unknown_column_is_a_watch_error(make_app: MakeApp, sql: SQL, option: str) -> None:
+def test_unknown_column_is_a_watch_error(backend: Backend, option: str) -> None:
     """A column the table does not have is named in the error."""
-    sql(ORDERS)
-    app, ext = make_app()
+    backend.sql(ORDERS)
+    app, ext = backend.make_app()
     options: dict[str, Any] = {option: ["qty", "ghost_col"]}
     ext.watch("orders", **options)
     with pytest.raises(WatchError, match="ghost_col"):
@@ -401,8 +426,9 @@ def test_unknown_column_is_a_watch_error(make_app: MakeApp, sql: SQL, option: st
 
 
 @pytest.mark.parametrize("option", ["columns", "when_changed"])
-def test_unknown_column_of_a_model_fails_at_watch(make_app: MakeApp, option: str) -> None:
-    """With a model target the typo is caught by watch() itself."""
+def test_unknown_column_of_a_model_fails_at_watch(sqlite_app: MakeApp, option: str) -> None:
+    """With a model target the typo is caught by watch() itself (no database
+    is asked: a SQLite app stands for either)."""
 
     class Base(DeclarativeBase):
         pass
@@ -412,7 +438,7 @@ def test_unknown_column_of_a_model_fails_at_watch(make_app: MakeApp, option: str
         id: Mapped[int] = mapped_column(primary_key=True)
         qty: Mapped[int]
 
-    app, ext = make_app()
+    app, ext = sqlite_app()
     options: dict[str, Any] = {option: ["ghost_col"]}
     with pytest.raises(ValueError, match="ghost_col"):
         ext.watch(Order, **options)
@@ -437,10 +463,10 @@ def test_same_table_under_two_names_is_a_watch_error(make_app: MakeApp, sql: SQL
     ext.watch("public.orders")
     with pytest.raises(WatchError, match="same table"):
         ext.install_triggers(app)
-    assert triggers(sql) == []
+    assert pg_triggers(sql) == []
 
 
-def cli_status(app: Flask) -> tuple[int, dict[str, str]]:
+def cli_status(app: Flask, backend: str = "postgresql") -> tuple[int, dict[str, str]]:
     """Exit code of `flask dbnotify status`, and the state it shows per name."""
     result = app.test_cli_runner().invoke(args=["dbnotify", "status"])
     states = {}
@@ -450,40 +476,49 @@ def cli_status(app: Flask) -> tuple[int, dict[str, str]]:
         if state in ("installed", "outdated", "missing", "error", "orphaned"):
             states[rest.strip().split("  (")[0]] = state
     # After the watches: the database side's health, one "label: value" a line.
-    assert any(line.startswith("notification queue: ") for line in lines), result.output
-    assert "listeners: " in result.output, result.output
+    if backend == "postgresql":
+        assert any(line.startswith("notification queue: ") for line in lines), result.output
+        assert "listeners: " in result.output, result.output
+    else:  # SQLite's health starts with its journal mode (listeners: once installed)
+        assert any(line.startswith("journal mode: ") for line in lines), result.output
     return result.exit_code, states
 
 
-def test_cli_install_status_uninstall(make_app: MakeApp, sql: SQL) -> None:
+def test_cli_install_status_uninstall(backend: Backend) -> None:
     """`flask dbnotify status` names each watch and its state and exits 1
-    unless all are installed; install/uninstall change what it shows."""
-    sql(ORDERS)
-    sql("CREATE TABLE customers (id int PRIMARY KEY)")
-    app, ext = make_app()
+    unless all are installed; install/uninstall change what it shows;
+    uninstall --sql prints and changes nothing; --all removes everything."""
+    backend.sql(ORDERS)
+    backend.sql("CREATE TABLE customers (id integer PRIMARY KEY)")
+    app, ext = backend.make_app()
     ext.watch("orders")
     ext.watch("customers")
     runner = app.test_cli_runner()
-    assert cli_status(app) == (1, {"orders": "missing", "customers": "missing"})
+    per_table = 4 if backend.pg else 3  # + TRUNCATE on PostgreSQL
+    assert cli_status(app, backend.name) == (1, {"orders": "missing", "customers": "missing"})
 
     result = runner.invoke(args=["dbnotify", "install-triggers"])
     assert result.exit_code == 0, result.output
-    assert len(triggers(sql)) == 8
-    assert cli_status(app) == (0, {"orders": "installed", "customers": "installed"})
+    assert len(backend.triggers()) == 2 * per_table
+    assert cli_status(app, backend.name) == (0, {"orders": "installed", "customers": "installed"})
+    if not backend.pg:  # SQLite's own health lines
+        status = runner.invoke(args=["dbnotify", "status"])
+        assert "journal mode: wal" in status.output
+        assert "journal: 0 rows" in status.output
 
     result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--sql"])
     assert result.exit_code == 0, result.output
     assert "DROP TRIGGER" in result.output
-    assert len(triggers(sql)) == 8
+    assert len(backend.triggers()) == 2 * per_table
 
     result = runner.invoke(args=["dbnotify", "uninstall-triggers"])
     assert result.exit_code == 0, result.output
-    assert triggers(sql) == []
-    assert cli_status(app) == (1, {"orders": "missing", "customers": "missing"})
+    assert backend.triggers() == []
+    assert cli_status(app, backend.name) == (1, {"orders": "missing", "customers": "missing"})
 
     result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--all"])
     assert result.exit_code == 0, result.output
-    assert our_objects(sql) == []
+    assert backend.objects() == []
 
 
 def test_cli_status_shows_errors_and_orphans(make_app: MakeApp, sql: SQL) -> None:
@@ -501,7 +536,7 @@ def test_cli_status_shows_errors_and_orphans(make_app: MakeApp, sql: SQL) -> Non
     code, states = cli_status(app)
     assert code == 0
     assert states.pop("orders") == "installed"
-    customers = [name for name, table in triggers(sql) if table == "customers"]
+    customers = [name for name, table in pg_triggers(sql) if table == "customers"]
     assert len(customers) == 4
     assert list(states.values()) == ["orphaned"] * 4
     assert all(any(name in line for line in states) for name in customers), states
@@ -513,9 +548,11 @@ def test_cli_status_shows_errors_and_orphans(make_app: MakeApp, sql: SQL) -> Non
     assert "does not exist" in result.output
 
 
-def test_cli_notify_reaches_a_running_listener(make_app: MakeApp) -> None:
+def test_cli_notify_reaches_a_running_listener(backend: Backend) -> None:
     """`flask dbnotify notify CHANNEL JSON` delivers; bad JSON is a usage error."""
-    app, ext = make_app()
+    app, ext = backend.make_app()
+    if not backend.pg:  # SQLite: messages go through the journal install-triggers makes
+        ext.install_triggers(app)
     ext.start(app)
     runner = app.test_cli_runner()
     received = Recorder()
@@ -530,36 +567,32 @@ def test_cli_notify_reaches_a_running_listener(make_app: MakeApp) -> None:
         received.assert_no_more(1, lambda: ext.notify("cache", "marker", app=app))
 
 
-def test_hostile_names_are_quoted_not_pasted(make_app: MakeApp, sql: SQL, events: Recorder) -> None:
-    """A table and column named like SQL injections install and deliver,
-    and nothing else in the database is touched."""
+def test_hostile_names_are_quoted_not_pasted(backend: Backend, events: Recorder) -> None:
+    """A table, column, value and channel named like SQL injections install
+    and deliver, and the victims table survives install, use and uninstall."""
     table = "x'; DROP TABLE victims; --"
     column = "q'\"); DROP TABLE victims; --"
-    sql("CREATE TABLE victims (id int PRIMARY KEY)")
-    sql(
-        pgsql.SQL("CREATE TABLE {} (id int PRIMARY KEY, {} text, other int)")
-        .format(pgsql.Identifier(table), pgsql.Identifier(column))
-        .as_string(sql.conn)
+    backend.sql("CREATE TABLE victims (id integer PRIMARY KEY)")
+    backend.sql(
+        f"CREATE TABLE {quote(table)} (id integer PRIMARY KEY, {quote(column)} text, other integer)"
     )
-    app, ext = make_app()
+    app, ext = backend.make_app()
     ext.watch(table, columns=[column], when_changed=[column])
     ext.install_triggers(app)
     assert ext.status(app).watches == {table: "installed"}
     ext.start(app)
-    quoted_table = pgsql.Identifier(table).as_string(sql.conn)
-    quoted_column = pgsql.Identifier(column).as_string(sql.conn)
     own = Recorder()
     with row_changed.connected_to(own, sender=table):
-        sql(f"INSERT INTO {quoted_table} VALUES (1, %s, 0)", ("'; DROP TABLE victims; --",))
-        sql(f"UPDATE {quoted_table} SET other = 1")
-        sql(f"UPDATE {quoted_table} SET {quoted_column} = 'safe'")
-        sql(f"DELETE FROM {quoted_table}")
+        backend.sql(f"INSERT INTO {quote(table)} VALUES (1, ?, 0)", ("'; DROP TABLE victims; --",))
+        backend.sql(f"UPDATE {quote(table)} SET other = 1")
+        backend.sql(f"UPDATE {quote(table)} SET {quote(column)} = 'safe'")
+        backend.sql(f"DELETE FROM {quote(table)}")
         got = own.wait_for(3)
     events.assert_no_more(3, marker(ext, app))
     assert [e.op.value for e in got] == ["INSERT", "UPDATE", "DELETE"]
     assert got[0].new == {"id": 1, column: "'; DROP TABLE victims; --"}
     assert got[1].changed == {column}
-    assert sql("SELECT to_regclass('victims') IS NOT NULL") == [(True,)]
+    assert backend.table_exists("victims")
 
     on_channel = Recorder()
     with notification_received.connected_to(on_channel, sender=table):
@@ -567,8 +600,8 @@ def test_hostile_names_are_quoted_not_pasted(make_app: MakeApp, sql: SQL, events
         assert on_channel.wait_for(1, "messages on the hostile channel") == [table]
 
     ext.uninstall_triggers(app, everything=True)
-    assert our_objects(sql) == []
-    assert sql("SELECT to_regclass('victims') IS NOT NULL") == [(True,)]
+    assert backend.objects() == []
+    assert backend.table_exists("victims")
 
 
 @pytest.mark.parametrize(
@@ -691,3 +724,26 @@ def test_the_sqlite_ddl_is_built_without_a_database(tmp_path: Path) -> None:
     ext.watch("orders", when_changed=["qty"])
     ext.watch("Mixed Case")
     assert ext.install_sql(app) == built
+
+
+def test_reinstalling_after_uninstall_everything_keeps_delivering(
+    backend: Backend, events: Recorder
+) -> None:
+    """`uninstall-triggers --all` then `install-triggers` while an app keeps
+    running (a reset during a deploy): changes after the reinstall arrive."""
+    backend.sql(ORDERS)
+    app, ext = listening(backend.make_app, "orders")
+    for n in range(1, 4):
+        backend.sql("INSERT INTO orders VALUES (?, 'before', 1)", (n,))
+    events.wait_for(3)
+    events.assert_no_more(3, marker(ext, app))
+    del events.items[:]
+
+    cli_app, cli = backend.make_app()
+    cli.watch("orders")
+    cli.uninstall_triggers(cli_app, everything=True)
+    cli.install_triggers(cli_app)
+    backend.sql("INSERT INTO orders VALUES (10, 'after', 1)")
+    (event,) = events.wait_for(1, "the insert made after the reinstall")
+    assert (event.op, event.pk) == ("INSERT", 10)
+    events.assert_no_more(1, marker(ext, app))

@@ -31,10 +31,8 @@ from flask import Flask
 
 from flask_dbnotify import DBNotify
 
-from .conftest import SQL
-from .test_cli_listen import free_port, listener_count, wait_for_listeners
+from ._helpers import SQL, free_port, listener_count, orders_app, wait_for_listeners
 from .test_gunicorn import APP, Server, app_env, assert_sessions_held_by, require
-from .test_listener import orders_app
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
