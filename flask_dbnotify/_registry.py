@@ -65,9 +65,9 @@ class Registry:
             check_subscription(watch, sub)
         self.watches[watch.name] = watch
 
-    def check_once_name(self, sub: Subscription, func: Any) -> None:
+    def check_once_name(self, sub: Subscription) -> None:
         """A once receiver needs a name of its own: processes recognise it by it."""
-        if "<lambda>" in sub.name or not hasattr(func, "__qualname__"):
+        if "<lambda>" in sub.name or not hasattr(sub.func, "__qualname__"):
             raise ValueError(
                 "once=True needs a named function: processes recognise a "
                 "receiver by its qualified name"

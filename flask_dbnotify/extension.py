@@ -236,7 +236,7 @@ class DBNotify:
         def decorator(func: F) -> F:
             sub = Subscription.create(func, operations, where, once)
             if once:
-                registry.check_once_name(sub, func)
+                registry.check_once_name(sub)
             if table is not None:
                 check_where_columns(name, table, sub)
             watch, changed = registry.watch_for(target, name, once)
