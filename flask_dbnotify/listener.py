@@ -18,6 +18,11 @@ pooler in transaction or statement mode between it and the server). So on
 connecting, and then when idle, the listener sends itself a notification
 from another session, as real events come, and reports the connection as
 deaf if it does not arrive in time.
+
+This module holds the threads, start and stop, and the reader (connecting,
+backoff, probing, housekeeping requests); the queue and its control items
+are in ``_queue``, what the dispatcher does in ``_dispatch``, and the
+hearing checks' verdicts in ``_hearing``.
 """
 
 from __future__ import annotations
