@@ -22,8 +22,12 @@ from .events import ChangeEvent
 from .signals import receiver_failed
 
 if TYPE_CHECKING:
+    from flask import Flask
+
+    from ._registry import Registry
+    from ._settings import Settings
     from ._watch import Subscription
-    from .extension import _State
+    from .backends import OnceStore
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +35,26 @@ _BATCH = 500
 _MAX_RETRY_DELAY = 300.0
 
 
+def register(store: OnceStore, names: list[str]) -> None:
+    """Make the journal keep events for the once receivers ``names`` from
+    now on, whether or not a process runs them yet."""
+    if names:
+        store.register(names)
+
+
+def forget(store: OnceStore, name: str) -> None:
+    """Drop a retired once receiver's watermark and claims."""
+    store.forget(name)
+
+
 class OnceRunner:
-    def __init__(self, state: _State) -> None:
-        self.state = state
+    def __init__(
+        self, app: Flask, settings: Settings, store: OnceStore, registry: Registry
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = store
+        self.registry = registry
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.registered: set[str] = set()
         # Events that arrived live since the last run(): claimed first, so
@@ -44,56 +65,70 @@ class OnceRunner:
     def offer(self, sub: Subscription, event: ChangeEvent) -> None:
         self.offered.append((sub, event))
 
-    def receivers(self) -> list[tuple[str, Subscription]]:
-        return [
-            (name, sub)
-            for name, subs in self.state.ext.subscriptions.items()
-            for sub in subs
-            if sub.once
-        ]
-
     def run(self, stop: threading.Event) -> None:
         """Claim and run whatever is due; called on the dispatcher thread
         with an app context pushed. When ``stop`` is set, claims not yet
         run are given back, so another process takes them at once."""
-        receivers = self.receivers()
+        receivers = self.registry.once_receivers()
         if not receivers:
             return
-        backend = self.state.backend
+        self.register_new(receivers)
+        if not self.run_offered(receivers, stop):
+            return
+        for table, sub in receivers:
+            if not self.scan(table, sub, stop) or not self.take_over_due(sub, stop):
+                return
+
+    def register_new(self, receivers: list[tuple[str, Subscription]]) -> None:
+        """Register the receivers this process has not registered yet."""
         names = {sub.name for _, sub in receivers}
         if not names <= self.registered:
-            backend.once.register(sorted(names - self.registered))
+            register(self.store, sorted(names - self.registered))
             self.registered |= names
+
+    def run_offered(self, receivers: list[tuple[str, Subscription]], stop: threading.Event) -> bool:
+        """Claim what arrived live and run what this process won; False
+        if ``stop`` was set meanwhile."""
         offered, self.offered = self.offered, []
         by_receiver: dict[str, list[ChangeEvent]] = {}
         subs = {sub.name: sub for _, sub in receivers}
         for sub, event in offered:
             by_receiver.setdefault(sub.name, []).append(event)
         for name, events in by_receiver.items():
-            won = backend.once.claim(name, [e.id for e in events if e.id], self.worker)
-            mine = [e for e in events if e.id in won]
-            if not self.attempt_all(subs[name], mine, stop):
-                return
-        for watch, sub in receivers:
-            while True:
-                events, cursor = backend.once.scan(sub.name, [watch], _BATCH)
-                wanted = [e for e in events if sub.matches(e)]
-                won = backend.once.claim(sub.name, [e.id for e in wanted if e.id], self.worker)
-                backend.once.advance(sub.name, cursor)
-                if not self.attempt_all(sub, [e for e in wanted if e.id in won], stop):
-                    return
-                if len(events) < _BATCH:
-                    break
-            settings = self.state.settings
-            due_now = backend.once.due(sub.name, self.worker, settings.once_lease, _BATCH)
-            for n, (event_id, attempt, due) in enumerate(due_now):
-                if stop.is_set():
-                    backend.once.release(sub.name, [i for i, _, _ in due_now[n:]])
-                    return
-                if due is None:
-                    backend.once.finish(sub.name, event_id, "journal row is gone", None)
-                else:
-                    self.attempt(sub, due, attempt)
+            won = self.store.claim(name, [e.id for e in events if e.id], self.worker)
+            if not self.attempt_all(subs[name], [e for e in events if e.id in won], stop):
+                return False
+        return True
+
+    def scan(self, table: str, sub: Subscription, stop: threading.Event) -> bool:
+        """Claim and run the journal's events of ``table`` past the
+        receiver's watermark, moving it on; False if ``stop`` was set."""
+        store = self.store
+        while True:
+            events, cursor = store.scan(sub.name, [table], _BATCH)
+            wanted = [e for e in events if sub.matches(e)]
+            won = store.claim(sub.name, [e.id for e in wanted if e.id], self.worker)
+            store.advance(sub.name, cursor)
+            if not self.attempt_all(sub, [e for e in wanted if e.id in won], stop):
+                return False
+            if len(events) < _BATCH:
+                return True
+
+    def take_over_due(self, sub: Subscription, stop: threading.Event) -> bool:
+        """Retry this process's failed events that are due, and take over
+        claims whose lease ran out; False (with the rest given back) if
+        ``stop`` was set."""
+        store = self.store
+        due_now = store.due(sub.name, self.worker, self.settings.once_lease, _BATCH)
+        for n, (event_id, attempt, due) in enumerate(due_now):
+            if stop.is_set():
+                store.release(sub.name, [i for i, _, _ in due_now[n:]])
+                return False
+            if due is None:
+                store.finish(sub.name, event_id, "journal row is gone", None)
+            else:
+                self.attempt(sub, due, attempt)
+        return True
 
     def attempt_all(
         self, sub: Subscription, events: list[ChangeEvent], stop: threading.Event
@@ -102,7 +137,7 @@ class OnceRunner:
         rest given back) if ``stop`` is set meanwhile."""
         for n, event in enumerate(events):
             if stop.is_set():
-                self.state.backend.once.release(sub.name, [e.id for e in events[n:] if e.id])
+                self.store.release(sub.name, [e.id for e in events[n:] if e.id])
                 return False
             self.attempt(sub, event, 1)
         return True
@@ -111,12 +146,12 @@ class OnceRunner:
         """Run a once receiver for an operator's replay: claim the event if
         nobody has, then attempt it whatever its claim said."""
         assert event.id is not None
-        self.state.backend.once.reset(sub.name, event.id, self.worker)
+        self.store.reset(sub.name, event.id, self.worker)
         self.attempt(sub, event, 1)
 
     def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:
         assert event.id is not None
-        backend, settings = self.state.backend, self.state.settings
+        store, settings = self.store, self.settings
         try:
             sub.func(event)
         except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
@@ -131,7 +166,7 @@ class OnceRunner:
                     delay,
                     error,
                 )
-                backend.once.finish(sub.name, event.id, error, delay)
+                store.finish(sub.name, event.id, error, delay)
                 return
             log.error(
                 "once receiver %s failed on event %s after %d attempts: %s",
@@ -140,12 +175,12 @@ class OnceRunner:
                 attempt,
                 error,
             )
-            backend.once.finish(sub.name, event.id, error, None)
-            app = self.state.app
+            store.finish(sub.name, event.id, error, None)
+            app = self.app
             for failed in receiver_failed.receivers_for(app):
                 try:
                     failed(app, receiver=sub.func, event=event, error=exc)
                 except Exception:  # noqa: BLE001
                     log.exception("receiver_failed receiver %r failed", failed)
             return
-        backend.once.finish(sub.name, event.id, None, None)
+        store.finish(sub.name, event.id, None, None)

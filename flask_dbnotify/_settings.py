@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from flask import Flask
 from sqlalchemy.engine import URL
-
-DEFAULTS: dict[str, Any] = {
-    "DBNOTIFY_DATABASE_URI": None,
-    "DBNOTIFY_LISTEN_URI": None,
-    "DBNOTIFY_AUTOSTART": True,
-    "DBNOTIFY_SCHEMA": "public",
-    "DBNOTIFY_CHECK_TRIGGERS": True,
-    "DBNOTIFY_CONNECT_TIMEOUT": 5.0,
-    "DBNOTIFY_RECONNECT_MAX_DELAY": 5.0,
-    "DBNOTIFY_PROBE_INTERVAL": 10.0,
-    "DBNOTIFY_KEEPALIVE_IDLE": 10,
-    "DBNOTIFY_PAYLOAD_RETENTION": 3600.0,
-    "DBNOTIFY_POLL_INTERVAL": 0.05,
-    "DBNOTIFY_QUEUE_SIZE": 10000,
-    "DBNOTIFY_ONCE_ATTEMPTS": 5,
-    "DBNOTIFY_ONCE_RETRY_DELAY": 1.0,
-    "DBNOTIFY_ONCE_LEASE": 300.0,
-    "DBNOTIFY_FAST_MESSAGES": True,
-}
 
 #: The strings a boolean setting accepts (compared in lower case), as an
 #: environment variable would give them.
@@ -49,18 +31,6 @@ MAX_KEEPALIVE_IDLE = 32767
 #: Retry delays double at each attempt; past this many the arithmetic
 #: overflows a float.
 MAX_ONCE_ATTEMPTS = 1000
-
-#: Durations in seconds, more than 0.
-SECONDS = (
-    "DBNOTIFY_CONNECT_TIMEOUT",
-    "DBNOTIFY_RECONNECT_MAX_DELAY",
-    "DBNOTIFY_PROBE_INTERVAL",
-    "DBNOTIFY_PAYLOAD_RETENTION",
-    "DBNOTIFY_POLL_INTERVAL",
-    "DBNOTIFY_ONCE_RETRY_DELAY",
-    "DBNOTIFY_ONCE_LEASE",
-)
-BOOLEANS = ("DBNOTIFY_AUTOSTART", "DBNOTIFY_CHECK_TRIGGERS", "DBNOTIFY_FAST_MESSAGES")
 
 
 def read_bool(key: str, value: Any) -> bool:
@@ -142,26 +112,51 @@ def read_uri(key: str, value: Any) -> str | None:
     )
 
 
+def read_schema(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a schema name (a non-empty string), not {value!r}")
+    return value
+
+
+Reader = Callable[[str, Any], Any]
+
+
+def whole(minimum: int, maximum: int | None, unit: str = "") -> Reader:
+    """A reader of whole numbers from ``minimum`` to ``maximum``."""
+    return lambda key, value: read_int(key, value, minimum, maximum, unit)
+
+
+def setting(key: str, default: Any, read: Reader) -> Any:
+    """A field of :class:`Settings`: read from the config ``key`` with
+    ``read(key, value)``, ``default`` when the app does not set it."""
+    return field(metadata={"key": key, "default": default, "read": read})
+
+
 @dataclass(frozen=True)
 class Settings:
     """The ``DBNOTIFY_*`` keys of one app, read once by ``init_app``."""
 
-    database_uri: str
-    listen_uri: str
-    autostart: bool
-    schema: str
-    check_triggers: bool
-    connect_timeout: float
-    reconnect_max_delay: float
-    probe_interval: float
-    keepalive_idle: int
-    payload_retention: float
-    poll_interval: float
-    queue_size: int
-    once_attempts: int
-    once_retry_delay: float
-    once_lease: float
-    fast_messages: bool = True
+    #: Else ``SQLALCHEMY_DATABASE_URI``; one of the two is needed.
+    database_uri: str = setting("DBNOTIFY_DATABASE_URI", None, read_uri)
+    #: Else ``database_uri``.
+    listen_uri: str = setting("DBNOTIFY_LISTEN_URI", None, read_uri)
+    autostart: bool = setting("DBNOTIFY_AUTOSTART", True, read_bool)
+    schema: str = setting("DBNOTIFY_SCHEMA", "public", read_schema)
+    check_triggers: bool = setting("DBNOTIFY_CHECK_TRIGGERS", True, read_bool)
+    connect_timeout: float = setting("DBNOTIFY_CONNECT_TIMEOUT", 5.0, read_seconds)
+    reconnect_max_delay: float = setting("DBNOTIFY_RECONNECT_MAX_DELAY", 5.0, read_seconds)
+    probe_interval: float = setting("DBNOTIFY_PROBE_INTERVAL", 10.0, read_seconds)
+    # libpq takes whole seconds: refuse a fraction rather than round it.
+    keepalive_idle: int = setting(
+        "DBNOTIFY_KEEPALIVE_IDLE", 10, whole(1, MAX_KEEPALIVE_IDLE, " of seconds")
+    )
+    payload_retention: float = setting("DBNOTIFY_PAYLOAD_RETENTION", 3600.0, read_seconds)
+    poll_interval: float = setting("DBNOTIFY_POLL_INTERVAL", 0.05, read_seconds)
+    queue_size: int = setting("DBNOTIFY_QUEUE_SIZE", 10000, whole(1, None))
+    once_attempts: int = setting("DBNOTIFY_ONCE_ATTEMPTS", 5, whole(1, MAX_ONCE_ATTEMPTS))
+    once_retry_delay: float = setting("DBNOTIFY_ONCE_RETRY_DELAY", 1.0, read_seconds)
+    once_lease: float = setting("DBNOTIFY_ONCE_LEASE", 300.0, read_seconds)
+    fast_messages: bool = setting("DBNOTIFY_FAST_MESSAGES", True, read_bool)
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -172,7 +167,12 @@ class Settings:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         config = app.config
-        uri = read_uri("DBNOTIFY_DATABASE_URI", config["DBNOTIFY_DATABASE_URI"])
+
+        def read(name: str) -> Any:
+            meta = _FIELDS[name].metadata
+            return meta["read"](meta["key"], config[meta["key"]])
+
+        uri = read("database_uri")
         if uri is None:
             uri = read_uri("SQLALCHEMY_DATABASE_URI", config.get("SQLALCHEMY_DATABASE_URI"))
         if uri is None:
@@ -180,38 +180,11 @@ class Settings:
                 "Flask-DBNotify needs a database: set DBNOTIFY_DATABASE_URI "
                 "(or SQLALCHEMY_DATABASE_URI) before calling init_app()"
             )
-        listen_uri = read_uri("DBNOTIFY_LISTEN_URI", config["DBNOTIFY_LISTEN_URI"])
-        schema = config["DBNOTIFY_SCHEMA"]
-        if not isinstance(schema, str) or not schema:
-            raise ValueError(
-                f"DBNOTIFY_SCHEMA must be a schema name (a non-empty string), not {schema!r}"
-            )
-        flags = {key: read_bool(key, config[key]) for key in BOOLEANS}
-        seconds = {key: read_seconds(key, config[key]) for key in SECONDS}
-        return cls(
-            database_uri=uri,
-            listen_uri=listen_uri or uri,
-            autostart=flags["DBNOTIFY_AUTOSTART"],
-            schema=schema,
-            check_triggers=flags["DBNOTIFY_CHECK_TRIGGERS"],
-            connect_timeout=seconds["DBNOTIFY_CONNECT_TIMEOUT"],
-            reconnect_max_delay=seconds["DBNOTIFY_RECONNECT_MAX_DELAY"],
-            probe_interval=seconds["DBNOTIFY_PROBE_INTERVAL"],
-            # libpq takes whole seconds: refuse a fraction rather than round it.
-            keepalive_idle=read_int(
-                "DBNOTIFY_KEEPALIVE_IDLE",
-                config["DBNOTIFY_KEEPALIVE_IDLE"],
-                1,
-                MAX_KEEPALIVE_IDLE,
-                " of seconds",
-            ),
-            payload_retention=seconds["DBNOTIFY_PAYLOAD_RETENTION"],
-            poll_interval=seconds["DBNOTIFY_POLL_INTERVAL"],
-            queue_size=read_int("DBNOTIFY_QUEUE_SIZE", config["DBNOTIFY_QUEUE_SIZE"], 1, None),
-            once_attempts=read_int(
-                "DBNOTIFY_ONCE_ATTEMPTS", config["DBNOTIFY_ONCE_ATTEMPTS"], 1, MAX_ONCE_ATTEMPTS
-            ),
-            once_retry_delay=seconds["DBNOTIFY_ONCE_RETRY_DELAY"],
-            once_lease=seconds["DBNOTIFY_ONCE_LEASE"],
-            fast_messages=flags["DBNOTIFY_FAST_MESSAGES"],
-        )
+        values = {name: read(name) for name in _FIELDS if name != "database_uri"}
+        values["listen_uri"] = values["listen_uri"] or uri
+        return cls(database_uri=uri, **values)
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+#: Each config key and its default.
+DEFAULTS: dict[str, Any] = {f.metadata["key"]: f.metadata["default"] for f in _FIELDS.values()}

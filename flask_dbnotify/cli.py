@@ -40,15 +40,16 @@ def dbnotify_cli(traceback: bool) -> None:
     """Manage Flask-DBNotify triggers and listen to events."""
 
 
-def _state() -> Any:
-    return current_app.extensions["dbnotify"]
+def _ext() -> Any:
+    """The app's :class:`~flask_dbnotify.DBNotify`: commands go through its methods."""
+    return current_app.extensions["dbnotify"].ext
 
 
 @dbnotify_cli.command("install-triggers")
 @click.option("--sql", "print_sql", is_flag=True, help="Print the DDL; change nothing.")
 def install_triggers(print_sql: bool) -> None:
     """Create or update the triggers of every watch."""
-    ext = _state().ext
+    ext = _ext()
     if print_sql:
         for statement in ext.install_sql():
             click.echo(statement + ";")
@@ -67,13 +68,12 @@ def install_triggers(print_sql: bool) -> None:
 )
 def uninstall_triggers(print_sql: bool, everything: bool) -> None:
     """Drop the triggers of every watch."""
-    ext = _state().ext
-    statements = ext.uninstall_sql(everything=everything)
+    ext = _ext()
     if print_sql:
-        for statement in statements:
+        for statement in ext.uninstall_sql(everything=everything):
             click.echo(statement + ";")
         return
-    _state().backend.admin.execute_all(statements)
+    ext.uninstall_triggers(everything=everything)
     click.echo("uninstalled triggers")
 
 
@@ -82,7 +82,7 @@ def status() -> None:
     """Show each watch as installed, outdated, missing or error, and
     objects in the database that no watch owns. Exits 1 unless every watch
     is installed."""
-    result = _state().ext.status()
+    result = _ext().status()
     for name, value in result.watches.items():
         detail = result.details.get(name)
         click.echo(f"{value:<10} {name}" + (f"  ({detail})" if detail else ""))
@@ -116,7 +116,8 @@ def _event_json(event: ChangeEvent) -> dict[str, Any]:
 @click.option("--count", type=int, default=None, help="Exit after this many events.")
 def listen(count: int | None) -> None:
     """Listen in the foreground; print one JSON object per event."""
-    state = _state()
+    state = current_app.extensions["dbnotify"]
+    ext, app = state.ext, state.app
     done = threading.Event()
     seen = 0
     lock = threading.Lock()
@@ -131,7 +132,7 @@ def listen(count: int | None) -> None:
                 done.set()
 
     def on_row(sender: str, event: ChangeEvent, **extra: Any) -> None:
-        if sender in state.ext.watches:
+        if sender in ext.watches:
             emit(_event_json(event))
 
     def on_message(sender: str, payload: Any, **extra: Any) -> None:
@@ -143,7 +144,7 @@ def listen(count: int | None) -> None:
         table_truncated.connected_to(on_row),
         notification_received.connected_to(on_message),
     ):
-        state.ext.start(app=state.app)
+        ext.start(app=app)
         click.echo("listening; press Ctrl+C to stop", err=True)
         try:
             while not done.wait(0.5):
@@ -151,7 +152,7 @@ def listen(count: int | None) -> None:
         except KeyboardInterrupt:
             pass
         finally:
-            state.ext.stop(app=state.app)
+            ext.stop(app=app)
 
 
 @dbnotify_cli.command("replay")
@@ -160,7 +161,7 @@ def listen(count: int | None) -> None:
 @click.option("--receiver", default=None, help="Only this on() receiver (qualified name).")
 def replay(since: int, until: int | None, receiver: str | None) -> None:
     """Dispatch journaled events again, in this process."""
-    ext = _state().ext
+    ext = _ext()
     if receiver is not None and not any(ext.subscriptions.values()):
         raise click.BadParameter(
             f"no on() receiver is named {receiver!r}: the app has no on() receivers "
@@ -179,7 +180,7 @@ def replay(since: int, until: int | None, receiver: str | None) -> None:
 def forget_receiver(name: str) -> None:
     """Drop a retired once receiver's watermark and claims (NAME is its
     qualified name, as status shows it)."""
-    _state().ext.forget_receiver(name)
+    _ext().forget_receiver(name)
     click.echo(f"forgot {name}")
 
 
@@ -193,6 +194,6 @@ def notify(channel: str, payload: str | None) -> None:
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
     try:
-        _state().ext.notify(channel, value)
+        _ext().notify(channel, value)
     except (ValueError, TypeError) as exc:  # a bad channel name, too long a message
         raise click.ClickException(str(exc)) from exc

@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 import click
 from flask import Flask, current_app, has_app_context
 
-from . import _payload, _process
+from . import _once, _payload, _process
+from ._registry import Registry, check_where_columns
 from ._settings import Settings
 from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
-from .events import ChangeEvent, Operation
+from .events import Operation
 from .listener import Listener, ListenerState
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,7 +39,7 @@ class _State:
         self.backend: Backend = backend_for(
             settings.database_uri, settings.listen_uri, settings.schema, app.instance_path
         )
-        self.listener = Listener(self)
+        self.listener = Listener(app, settings, self.backend, ext._registry)
         # True when the listener should run in this process (or in its forks).
         self.wanted = False
         # The process whose listener and connections these are.
@@ -55,11 +56,21 @@ class DBNotify:
     """
 
     def __init__(self, app: Flask | None = None) -> None:
-        self.watches: dict[str, Watch] = {}
-        self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
+        #: The watches and ``on()`` receivers, shared by every app.
+        self._registry = Registry()
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
+
+    @property
+    def watches(self) -> dict[str, Watch]:
+        """Watched names and their watches (the registry's own dict)."""
+        return self._registry.watches
+
+    @property
+    def subscriptions(self) -> dict[str, tuple[Subscription, ...]]:
+        """Watched names and their ``on()`` receivers (the registry's own dict)."""
+        return self._registry.subscriptions
 
     def init_app(self, app: Flask) -> None:
         """Register on ``app``: read its ``DBNOTIFY_*`` config, add the
@@ -194,14 +205,7 @@ class DBNotify:
         The triggers are created by ``flask dbnotify install-triggers``.
         """
         watch = Watch.create(target, operations, columns, when_changed, durable)
-        existing = self.watches.get(watch.name)
-        if existing is not None and not existing.implicit:
-            raise ValueError(
-                f"{watch.name!r} is already watched: pass all options in one watch() call"
-            )
-        for sub in self.subscriptions.get(watch.name, ()):
-            _check_subscription(watch, sub)
-        self.watches[watch.name] = watch
+        self._registry.add_watch(watch)
         self._watches_changed()
         return watch
 
@@ -227,41 +231,18 @@ class DBNotify:
         Processes recognise the receiver by its qualified name.
         """
         name, _, _, table = resolve_target(target)
+        registry = self._registry
 
         def decorator(func: F) -> F:
             sub = Subscription.create(func, operations, where, once)
             if once:
-                if "<lambda>" in sub.name or not hasattr(func, "__qualname__"):
-                    raise ValueError(
-                        "once=True needs a named function: processes recognise a "
-                        "receiver by its qualified name"
-                    )
-                taken = [s.name for subs in self.subscriptions.values() for s in subs if s.once]
-                if sub.name in taken:
-                    raise ValueError(
-                        f"a once receiver named {sub.name!r} exists already: processes "
-                        "recognise a receiver by its qualified name, so give it another"
-                    )
+                registry.check_once_name(sub)
             if table is not None:
-                for col, _ in sub.where:
-                    if col not in table.columns:
-                        raise ValueError(
-                            f"where= uses column {col!r}, which table {name!r} does not have"
-                        )
-            watch = self.watches.get(name)
-            if watch is None:
-                watch = Watch.create(target, durable=once, implicit=True)
-                self.watches[name] = watch
+                check_where_columns(name, table, sub)
+            watch, changed = registry.watch_for(target, name, once)
+            if changed:
                 self._watches_changed()
-            elif once and not watch.durable:
-                if not watch.implicit:
-                    raise ValueError(
-                        f"once=True needs a durable watch: watch({name!r}, durable=True)"
-                    )
-                watch = self.watches[name] = Watch.create(target, durable=True, implicit=True)
-                self._watches_changed()
-            _check_subscription(watch, sub)
-            self.subscriptions[name] = (*self.subscriptions.get(name, ()), sub)
+            registry.subscribe(watch, sub)
             return func
 
         return decorator
@@ -313,30 +294,16 @@ class DBNotify:
         ``receiver``; a once receiver that succeeds has its claim marked
         done. Returns how many events were replayed."""
         state = self._state(app)
-        subs = [s for subs in self.subscriptions.values() for s in subs]
-        names = sorted({s.name for s in subs})
+        names = self._registry.receiver_names()
         if receiver is not None and receiver not in names:
             known = f"known are {', '.join(names)}" if names else "the app has no on() receivers"
             raise ValueError(f"no on() receiver is named {receiver!r}: {known}")
-        replayed = 0
-        with state.app.app_context():
-            while until is None or since <= until:
-                items, last = state.backend.journal(since, 500)
-                if last is None:
-                    break
-                for event in items:
-                    if not isinstance(event, ChangeEvent) or event.id is None:
-                        continue
-                    if until is None or event.id <= until:
-                        state.listener.redeliver(event, receiver)
-                        replayed += 1
-                since = last + 1
-        return replayed
+        return state.listener.replay(since, until, receiver)
 
     def forget_receiver(self, name: str, app: Flask | None = None) -> None:
         """Drop a retired once receiver's watermark and claims, so the
         journal can be pruned past it."""
-        self._state(app).backend.once.forget(name)
+        _once.forget(self._state(app).backend.once, name)
 
     # -- triggers -----------------------------------------------------------
 
@@ -350,9 +317,7 @@ class DBNotify:
         state = self._state(app)
         state.backend.admin.install(list(self.watches.values()))
         # From now on, events for once receivers wait for them in the journal.
-        once = sorted({s.name for subs in self.subscriptions.values() for s in subs if s.once})
-        if once:
-            state.backend.once.register(once)
+        _once.register(state.backend.once, self._registry.once_names())
         state.listener.recheck_triggers()
 
     def uninstall_sql(self, app: Flask | None = None, everything: bool = False) -> list[str]:
@@ -368,24 +333,6 @@ class DBNotify:
     def status(self, app: Flask | None = None) -> Status:
         """Compare the database with the watches."""
         return self._state(app).backend.admin.status(list(self.watches.values()))
-
-
-def _check_subscription(watch: Watch, sub: Subscription) -> None:
-    if sub.once and not watch.durable:
-        raise ValueError(f"once=True needs a durable watch: watch({watch.name!r}, durable=True)")
-    # Every watched table reports TRUNCATE.
-    missing = sub.operations - set(watch.operations) - {Operation.TRUNCATE}
-    if missing:
-        names = ", ".join(sorted(op.value.lower() for op in missing))
-        raise ValueError(
-            f"{watch.name!r} is not watched for {names}: add it to watch(operations=...)"
-        )
-    for col, _ in sub.where:
-        if watch.columns is not None and col not in watch.columns:
-            raise ValueError(
-                f"where= uses column {col!r}, which the watch of {watch.name!r} does not "
-                "carry: add it to watch(columns=...)"
-            )
 
 
 __all__ = ["DBNotify"]

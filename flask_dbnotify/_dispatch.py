@@ -1,0 +1,316 @@
+"""The listener's dispatcher thread: what it does with the queue.
+
+It decodes raw messages and delivers their events and messages to the
+row signals, ``notification_received`` and ``on()`` receivers, each
+receiver isolated from the others' failures; it sends the lifecycle
+signals in order between them, runs the housekeeping the reader asks for
+(catching up with the journal, checking the triggers, pruning, sending
+hearing checks), and runs the once receivers. It also replays journaled
+events for an operator (``DBNotify.replay``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from blinker import NamedSignal
+
+from ._items import Lost, Notification
+from ._log import RateLimited
+from ._once import OnceRunner
+from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, raw_only
+from .events import ChangeEvent, Operation
+from .signals import (
+    events_dropped,
+    listener_disconnected,
+    notification_received,
+    receiver_failed,
+    row_changed,
+    row_deleted,
+    row_inserted,
+    row_updated,
+    table_truncated,
+)
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ._registry import Registry
+    from ._settings import Settings
+    from .backends import Backend, Feed
+
+# The listener's logger, as documented: receivers' failures are logged there.
+log = logging.getLogger("flask_dbnotify.listener")
+_limited = RateLimited(log)
+
+_OP_SIGNALS: dict[Operation, NamedSignal] = {
+    Operation.INSERT: row_inserted,
+    Operation.UPDATE: row_updated,
+    Operation.DELETE: row_deleted,
+}
+_TRUNCATE = (table_truncated,)
+#: With durable watches, an idle dispatcher checks the journal this often;
+#: with once receivers (retries are due on time), this often.
+_CATCH_UP_EVERY = 5.0
+_ONCE_EVERY = 1.0
+#: Journal rows read at a time by replay().
+_REPLAY_BATCH = 500
+
+
+class Dispatcher:
+    """One app's dispatcher: one per process, serving each run in turn."""
+
+    def __init__(
+        self,
+        app: Flask,
+        settings: Settings,
+        backend: Backend,
+        feed: Feed,
+        registry: Registry,
+        counts: Counts,
+        wake: Callable[[], None],
+        is_current: Callable[[Run], bool],
+    ) -> None:
+        self._app = app
+        self._settings = settings
+        self._backend = backend
+        #: What this process's listener reads, and how far it has read.
+        self._feed = feed
+        self._registry = registry
+        self._counts = counts
+        #: Interrupts the reader's wait.
+        self._wake = wake
+        #: Whether a run is the listener's latest (only that one may rewind).
+        self._is_current = is_current
+        # Claims carry this process's pid: a fork makes a new dispatcher.
+        self._once = OnceRunner(app, settings, backend.once, registry)
+
+    # -- the queue ----------------------------------------------------------
+
+    def loop(self, run: Run) -> None:
+        """The dispatcher thread: deliver ``run``'s queue until it stops."""
+        ready, queue = run.ready, run.queue
+        while True:
+            with ready:
+                while not queue and not run.stop.is_set():
+                    tick = _ONCE_EVERY if self._registry.once_receivers() else _CATCH_UP_EVERY
+                    if not ready.wait(tick) and self._durable_in_use():
+                        break  # Idle: catch up below, then wait again.
+                if run.stop.is_set():
+                    break
+                batch = queue.popleft() if queue else [Task.CATCH_UP]
+            try:
+                self._dispatch(run, batch)
+            except Exception:  # noqa: BLE001 - never let the dispatcher die
+                log.exception("dispatcher error; going on")
+        self.discard(run)
+
+    def discard(self, run: Run) -> None:
+        """Forget what was read but not delivered; a journaled backend will
+        read it again after the next start."""
+        with run.ready:
+            raw = [item for batch in run.queue for item in raw_only(batch)]
+            run.queue.clear()
+            run.queued = 0
+        if raw:
+            log.info("listener stopped with %d messages undelivered", len(raw))
+            if self._is_current(run):
+                self._feed.rewind(raw)
+
+    def _dispatch(self, run: Run, batch: list[Any]) -> None:
+        decode = self._feed.decode
+        with self._app.app_context():
+            for n, item in enumerate(batch):
+                if run.stop.is_set():
+                    # Left for the next start (a journaled backend reads it
+                    # again; durable rows are replayed).
+                    if self._is_current(run):
+                        self._feed.rewind(raw_only(batch[n:]))
+                    break
+                try:
+                    if isinstance(item, (HearingCheck, Task, LifecycleSignal)):
+                        self._control(item)
+                    else:
+                        self._deliver(decode(item))
+                except Exception:  # noqa: BLE001 - the dispatcher must go on
+                    log.exception("could not dispatch %r; skipped", item)
+            if self._registry.once_receivers():
+                try:
+                    self._once.run(run.stop)
+                except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                    log.warning("could not run once receivers: %s", exc)
+        with run.ready:
+            run.queued -= len(raw_only(batch))
+            run.ready.notify()
+
+    def _control(self, item: HearingCheck | Task | LifecycleSignal) -> None:
+        if isinstance(item, HearingCheck):
+            self._send_hearing_check(item)
+        elif item is Task.CHECK_TRIGGERS:
+            self._check_triggers()
+        elif item is Task.PRUNE:
+            self._prune()
+        elif item is Task.CATCH_UP:
+            if self._durable_in_use():
+                self._catch_up()
+        elif isinstance(item, LifecycleSignal):
+            # Replay what the journal has and we missed before saying we
+            # are (re)connected or that events dropped.
+            if item.signal is not listener_disconnected and self._durable_in_use():
+                self._catch_up()
+            self._send_lifecycle(item)
+
+    # -- housekeeping -------------------------------------------------------
+
+    def _durable_in_use(self) -> bool:
+        return self._feed.replaying() or self._registry.any_durable()
+
+    def _catch_up(self) -> None:
+        try:
+            items = self._feed.catch_up()
+        except Exception as exc:  # noqa: BLE001 - retried at the next chance
+            log.warning("could not replay the journal: %s", exc)
+            return
+        if items:
+            self._counts.replayed += len(items)
+            log.info("replayed %d journaled events", len(items))
+            self._deliver(items)
+
+    def _check_triggers(self) -> None:
+        watches = self._registry.watches
+        if not self._settings.check_triggers or not watches:
+            return
+        try:
+            # Watch states only: the health figures can take a while.
+            status = self._backend.admin.status(list(watches.values()), health=False)
+        except Exception as exc:  # noqa: BLE001 - a check must not stop listening
+            log.warning("could not check triggers: %s", exc)
+            return
+        for name, value in status.watches.items():
+            detail = status.details.get(name, "")
+            if value == "error":
+                # The watch does not match the database: the error says what to fix.
+                log.warning("watch %r does not match the database: %s", name, detail)
+            elif value != "installed":
+                log.warning(
+                    "triggers for %r are %s%s: run `flask dbnotify install-triggers`",
+                    name,
+                    "not installed" if value == "missing" else value,
+                    f" ({detail})" if detail else "",
+                )
+
+    def _send_hearing_check(self, check: HearingCheck) -> None:
+        try:
+            self._backend.send_check(check.channel, check.token)
+        except Exception as exc:  # noqa: BLE001 - a check must not stop listening
+            _limited.warning("could not send the listener's hearing check: %s", exc)
+            check.failed = True
+        else:
+            check.sent_at = time.monotonic()
+        self._wake()  # The reader's wait ends at the check's deadline.
+
+    def _prune(self) -> None:
+        try:
+            self._feed.prune(self._settings.payload_retention)
+        except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
+            log.warning("could not prune old payloads or journal rows: %s", exc)
+
+    # -- delivery -----------------------------------------------------------
+
+    def _deliver(self, items: list[Any], on_receivers: bool = True) -> None:
+        """Deliver decoded ``items`` to the signals and, unless told not
+        to, the ``on()`` receivers."""
+        for item in items:
+            if isinstance(item, ChangeEvent):
+                if item.id is None and self._registry.is_durable(item.table):
+                    # A durable watch's triggers only ever send journal ids:
+                    # anyone who can connect may send the rest.
+                    _limited.warning(
+                        "ignored a notification for durable watch %r without a journal id",
+                        item.table,
+                    )
+                    continue
+                self._deliver_event(item, on_receivers)
+            elif isinstance(item, Notification):
+                if item.id is None and not self._settings.fast_messages:
+                    _limited.warning("ignored a message on %r that was not journaled", item.channel)
+                    continue
+                if notification_received.receivers:
+                    for receiver in notification_received.receivers_for(item.channel):
+                        self._call(receiver, item.payload, item.channel, payload=item.payload)
+            elif isinstance(item, Lost):
+                self._counts.dropped += item.count
+                self._send_lifecycle(LifecycleSignal(events_dropped, count=item.count))
+                continue
+            self._counts.dispatched += 1
+
+    def _deliver_event(self, event: ChangeEvent, on_receivers: bool) -> None:
+        table, op = event.table, event.op
+        signals = _TRUNCATE if op is Operation.TRUNCATE else (_OP_SIGNALS[op], row_changed)
+        for signal in signals:
+            if signal.receivers:
+                for receiver in signal.receivers_for(table):
+                    self._call(receiver, event, table, event=event)
+        if not on_receivers:
+            return
+        for sub in self._registry.subscriptions_for(table):
+            if sub.matches(event):
+                if not sub.once:
+                    self._call(sub.func, event, event)
+                elif event.id is not None:
+                    self._once.offer(sub, event)
+
+    def replay(self, since: int, until: int | None, receiver: str | None) -> int:
+        """Deliver journaled events from id ``since`` (to ``until``) again,
+        in this thread: to signals and every ``on()`` receiver, or to the
+        one named ``receiver``. How many events were replayed."""
+        replayed = 0
+        with self._app.app_context():
+            while until is None or since <= until:
+                items, last = self._backend.journal(since, _REPLAY_BATCH)
+                if last is None:
+                    break
+                for event in items:
+                    if not isinstance(event, ChangeEvent) or event.id is None:
+                        continue
+                    if until is None or event.id <= until:
+                        self._redeliver(event, receiver)
+                        replayed += 1
+                since = last + 1
+        return replayed
+
+    def _redeliver(self, event: ChangeEvent, receiver: str | None) -> None:
+        if receiver is None:
+            self._deliver([event], on_receivers=False)
+        for sub in self._registry.subscriptions_for(event.table):
+            if (receiver is None or sub.name == receiver) and sub.matches(event):
+                if sub.once:
+                    self._once.claim_and_attempt(sub, event)
+                else:
+                    self._call(sub.func, event, event)
+
+    def _call(
+        self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any
+    ) -> None:
+        """Run one receiver; if it raises, log it and send ``receiver_failed``."""
+        try:
+            receiver(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - isolate receivers
+            log.exception("receiver %r failed", receiver)
+            app = self._app
+            for failed in receiver_failed.receivers_for(app):
+                try:
+                    failed(app, receiver=receiver, event=subject, error=exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("receiver_failed receiver %r failed", failed)
+
+    def _send_lifecycle(self, item: LifecycleSignal) -> None:
+        app = self._app
+        for receiver in item.signal.receivers_for(app):
+            try:
+                receiver(app, **item.kwargs)
+            except Exception:  # noqa: BLE001
+                log.exception("%s receiver %r failed", item.signal.name, receiver)
