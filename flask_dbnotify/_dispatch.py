@@ -18,40 +18,27 @@ from typing import TYPE_CHECKING, Any
 
 from blinker import NamedSignal
 
+from . import signals
 from ._items import Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
 from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, raw_only
 from .events import ChangeEvent, Operation
-from .signals import (
-    events_dropped,
-    listener_disconnected,
-    notification_received,
-    receiver_failed,
-    row_changed,
-    row_deleted,
-    row_inserted,
-    row_updated,
-    table_truncated,
-)
 
 if TYPE_CHECKING:
-    from flask import Flask
-
-    from ._registry import Registry
-    from ._settings import Settings
-    from .backends import Backend, Feed
+    from ._registry import Served
+    from .backends import Feed
 
 # The listener's logger, as documented: receivers' failures are logged there.
 log = logging.getLogger("flask_dbnotify.listener")
 _limited = RateLimited(log)
 
 _OP_SIGNALS: dict[Operation, NamedSignal] = {
-    Operation.INSERT: row_inserted,
-    Operation.UPDATE: row_updated,
-    Operation.DELETE: row_deleted,
+    Operation.INSERT: signals.row_inserted,
+    Operation.UPDATE: signals.row_updated,
+    Operation.DELETE: signals.row_deleted,
 }
-_TRUNCATE = (table_truncated,)
+_TRUNCATE = (signals.table_truncated,)
 #: With durable watches, an idle dispatcher checks the journal this often;
 #: with once receivers (retries are due on time), this often.
 _CATCH_UP_EVERY = 5.0
@@ -65,28 +52,22 @@ class Dispatcher:
 
     def __init__(
         self,
-        app: Flask,
-        settings: Settings,
-        backend: Backend,
+        served: Served,
         feed: Feed,
-        registry: Registry,
         counts: Counts,
         wake: Callable[[], None],
         is_current: Callable[[Run], bool],
     ) -> None:
-        self._app = app
-        self._settings = settings
-        self._backend = backend
+        self._served = served
         #: What this process's listener reads, and how far it has read.
         self._feed = feed
-        self._registry = registry
         self._counts = counts
         #: Interrupts the reader's wait.
         self._wake = wake
         #: Whether a run is the listener's latest (only that one may rewind).
         self._is_current = is_current
         # Claims carry this process's pid: a fork makes a new dispatcher.
-        self._once = OnceRunner(app, settings, backend.once, registry)
+        self._once = OnceRunner(served)
 
     # -- the queue ----------------------------------------------------------
 
@@ -96,7 +77,9 @@ class Dispatcher:
         while True:
             with ready:
                 while not queue and not run.stop.is_set():
-                    tick = _ONCE_EVERY if self._registry.once_receivers() else _CATCH_UP_EVERY
+                    tick = (
+                        _ONCE_EVERY if self._served.registry.once_receivers() else _CATCH_UP_EVERY
+                    )
                     if not ready.wait(tick) and self._durable_in_use():
                         break  # Idle: catch up below, then wait again.
                 if run.stop.is_set():
@@ -122,7 +105,7 @@ class Dispatcher:
 
     def _dispatch(self, run: Run, batch: list[Any]) -> None:
         decode = self._feed.decode
-        with self._app.app_context():
+        with self._served.app.app_context():
             for n, item in enumerate(batch):
                 if run.stop.is_set():
                     # Left for the next start (a journaled backend reads it
@@ -137,7 +120,7 @@ class Dispatcher:
                         self._deliver(decode(item))
                 except Exception:  # noqa: BLE001 - the dispatcher must go on
                     log.exception("could not dispatch %r; skipped", item)
-            if self._registry.once_receivers():
+            if self._served.registry.once_receivers():
                 try:
                     self._once.run(run.stop)
                 except Exception as exc:  # noqa: BLE001 - retried at the next tick
@@ -159,14 +142,14 @@ class Dispatcher:
         elif isinstance(item, LifecycleSignal):
             # Replay what the journal has and we missed before saying we
             # are (re)connected or that events dropped.
-            if item.signal is not listener_disconnected and self._durable_in_use():
+            if item.signal is not signals.listener_disconnected and self._durable_in_use():
                 self._catch_up()
             self._send_lifecycle(item)
 
     # -- housekeeping -------------------------------------------------------
 
     def _durable_in_use(self) -> bool:
-        return self._feed.replaying() or self._registry.any_durable()
+        return self._feed.replaying() or self._served.registry.any_durable()
 
     def _catch_up(self) -> None:
         try:
@@ -180,12 +163,12 @@ class Dispatcher:
             self._deliver(items)
 
     def _check_triggers(self) -> None:
-        watches = self._registry.watches
-        if not self._settings.check_triggers or not watches:
+        watches = self._served.registry.watches
+        if not self._served.settings.check_triggers or not watches:
             return
         try:
             # Watch states only: the health figures can take a while.
-            status = self._backend.admin.status(list(watches.values()), health=False)
+            status = self._served.backend.admin.status(list(watches.values()), health=False)
         except Exception as exc:  # noqa: BLE001 - a check must not stop listening
             log.warning("could not check triggers: %s", exc)
             return
@@ -204,7 +187,7 @@ class Dispatcher:
 
     def _send_hearing_check(self, check: HearingCheck) -> None:
         try:
-            self._backend.send_check(check.channel, check.token)
+            self._served.backend.send_check(check.channel, check.token)
         except Exception as exc:  # noqa: BLE001 - a check must not stop listening
             _limited.warning("could not send the listener's hearing check: %s", exc)
             check.failed = True
@@ -214,7 +197,7 @@ class Dispatcher:
 
     def _prune(self) -> None:
         try:
-            self._feed.prune(self._settings.payload_retention)
+            self._feed.prune(self._served.settings.payload_retention)
         except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
             log.warning("could not prune old payloads or journal rows: %s", exc)
 
@@ -225,7 +208,7 @@ class Dispatcher:
         to, the ``on()`` receivers."""
         for item in items:
             if isinstance(item, ChangeEvent):
-                if item.id is None and self._registry.is_durable(item.table):
+                if item.id is None and self._served.registry.is_durable(item.table):
                     # A durable watch's triggers only ever send journal ids:
                     # anyone who can connect may send the rest.
                     _limited.warning(
@@ -235,28 +218,28 @@ class Dispatcher:
                     continue
                 self._deliver_event(item, on_receivers)
             elif isinstance(item, Notification):
-                if item.id is None and not self._settings.fast_messages:
+                if item.id is None and not self._served.settings.fast_messages:
                     _limited.warning("ignored a message on %r that was not journaled", item.channel)
                     continue
-                if notification_received.receivers:
-                    for receiver in notification_received.receivers_for(item.channel):
+                if signals.notification_received.receivers:
+                    for receiver in signals.notification_received.receivers_for(item.channel):
                         self._call(receiver, item.payload, item.channel, payload=item.payload)
             elif isinstance(item, Lost):
                 self._counts.dropped += item.count
-                self._send_lifecycle(LifecycleSignal(events_dropped, count=item.count))
+                self._send_lifecycle(LifecycleSignal(signals.events_dropped, count=item.count))
                 continue
             self._counts.dispatched += 1
 
     def _deliver_event(self, event: ChangeEvent, on_receivers: bool) -> None:
         table, op = event.table, event.op
-        signals = _TRUNCATE if op is Operation.TRUNCATE else (_OP_SIGNALS[op], row_changed)
-        for signal in signals:
+        sent = _TRUNCATE if op is Operation.TRUNCATE else (_OP_SIGNALS[op], signals.row_changed)
+        for signal in sent:
             if signal.receivers:
                 for receiver in signal.receivers_for(table):
                     self._call(receiver, event, table, event=event)
         if not on_receivers:
             return
-        for sub in self._registry.subscriptions_for(table):
+        for sub in self._served.registry.subscriptions_for(table):
             if sub.matches(event):
                 if not sub.once:
                     self._call(sub.func, event, event)
@@ -268,9 +251,9 @@ class Dispatcher:
         in this thread: to signals and every ``on()`` receiver, or to the
         one named ``receiver``. How many events were replayed."""
         replayed = 0
-        with self._app.app_context():
+        with self._served.app.app_context():
             while until is None or since <= until:
-                items, last = self._backend.journal(since, _REPLAY_BATCH)
+                items, last = self._served.backend.journal(since, _REPLAY_BATCH)
                 if last is None:
                     break
                 for event in items:
@@ -285,7 +268,7 @@ class Dispatcher:
     def _redeliver(self, event: ChangeEvent, receiver: str | None) -> None:
         if receiver is None:
             self._deliver([event], on_receivers=False)
-        for sub in self._registry.subscriptions_for(event.table):
+        for sub in self._served.registry.subscriptions_for(event.table):
             if (receiver is None or sub.name == receiver) and sub.matches(event):
                 if sub.once:
                     self._once.claim_and_attempt(sub, event)
@@ -300,15 +283,15 @@ class Dispatcher:
             receiver(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - isolate receivers
             log.exception("receiver %r failed", receiver)
-            app = self._app
-            for failed in receiver_failed.receivers_for(app):
+            app = self._served.app
+            for failed in signals.receiver_failed.receivers_for(app):
                 try:
                     failed(app, receiver=receiver, event=subject, error=exc)
                 except Exception:  # noqa: BLE001
                     log.exception("receiver_failed receiver %r failed", failed)
 
     def _send_lifecycle(self, item: LifecycleSignal) -> None:
-        app = self._app
+        app = self._served.app
         for receiver in item.signal.receivers_for(app):
             try:
                 receiver(app, **item.kwargs)

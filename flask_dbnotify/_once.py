@@ -22,10 +22,7 @@ from .events import ChangeEvent
 from .signals import receiver_failed
 
 if TYPE_CHECKING:
-    from flask import Flask
-
-    from ._registry import Registry
-    from ._settings import Settings
+    from ._registry import Served
     from ._watch import Subscription
     from .backends import OnceStore
 
@@ -48,13 +45,9 @@ def forget(store: OnceStore, name: str) -> None:
 
 
 class OnceRunner:
-    def __init__(
-        self, app: Flask, settings: Settings, store: OnceStore, registry: Registry
-    ) -> None:
-        self.app = app
-        self.settings = settings
-        self.store = store
-        self.registry = registry
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.store = served.backend.once
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.registered: set[str] = set()
         # Events that arrived live since the last run(): claimed first, so
@@ -69,7 +62,7 @@ class OnceRunner:
         """Claim and run whatever is due; called on the dispatcher thread
         with an app context pushed. When ``stop`` is set, claims not yet
         run are given back, so another process takes them at once."""
-        receivers = self.registry.once_receivers()
+        receivers = self.served.registry.once_receivers()
         if not receivers:
             return
         self.register_new(receivers)
@@ -119,7 +112,7 @@ class OnceRunner:
         claims whose lease ran out; False (with the rest given back) if
         ``stop`` was set."""
         store = self.store
-        due_now = store.due(sub.name, self.worker, self.settings.once_lease, _BATCH)
+        due_now = store.due(sub.name, self.worker, self.served.settings.once_lease, _BATCH)
         for n, (event_id, attempt, due) in enumerate(due_now):
             if stop.is_set():
                 store.release(sub.name, [i for i, _, _ in due_now[n:]])
@@ -151,7 +144,7 @@ class OnceRunner:
 
     def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:
         assert event.id is not None
-        store, settings = self.store, self.settings
+        store, settings = self.store, self.served.settings
         try:
             sub.func(event)
         except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
@@ -176,7 +169,7 @@ class OnceRunner:
                 error,
             )
             store.finish(sub.name, event.id, error, None)
-            app = self.app
+            app = self.served.app
             for failed in receiver_failed.receivers_for(app):
                 try:
                     failed(app, receiver=sub.func, event=event, error=exc)

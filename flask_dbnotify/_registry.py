@@ -8,10 +8,17 @@ on shares its one registry.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ._watch import Subscription, Target, Watch
 from .events import Operation
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ._settings import Settings
+    from .backends import Backend
 
 
 class Registry:
@@ -122,3 +129,15 @@ def check_subscription(watch: Watch, sub: Subscription) -> None:
                 f"where= uses column {col!r}, which the watch of {watch.name!r} does not "
                 "carry: add it to watch(columns=...)"
             )
+
+
+@dataclass(frozen=True)
+class Served:
+    """One app as its listener, dispatcher and once runner see it: the app
+    (for its context and the lifecycle signals), its settings, its backend,
+    and the registry of what its extension watches."""
+
+    app: Flask
+    settings: Settings
+    backend: Backend
+    registry: Registry

@@ -11,7 +11,7 @@ import click
 from flask import Flask, current_app, has_app_context
 
 from . import _once, _payload, _process
-from ._registry import Registry, check_where_columns
+from ._registry import Registry, Served, check_where_columns
 from ._settings import Settings
 from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
@@ -39,7 +39,7 @@ class _State:
         self.backend: Backend = backend_for(
             settings.database_uri, settings.listen_uri, settings.schema, app.instance_path
         )
-        self.listener = Listener(app, settings, self.backend, ext._registry)
+        self.listener = Listener(Served(app, settings, self.backend, ext._registry))
         # True when the listener should run in this process (or in its forks).
         self.wanted = False
         # The process whose listener and connections these are.

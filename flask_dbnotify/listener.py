@@ -45,11 +45,7 @@ from .errors import DBNotifyError, ListenerError
 from .signals import listener_connected, listener_disconnected
 
 if TYPE_CHECKING:
-    from flask import Flask
-
-    from ._registry import Registry
-    from ._settings import Settings
-    from .backends import Backend
+    from ._registry import Served
 
 log = logging.getLogger(__name__)
 _limited = RateLimited(log)
@@ -101,15 +97,10 @@ class ListenerState:
 class Listener:
     """One app's listener threads and their queue."""
 
-    def __init__(
-        self, app: Flask, settings: Settings, backend: Backend, registry: Registry
-    ) -> None:
-        self._app = app
-        self._settings = settings
-        self._backend = backend
-        self._registry = registry
+    def __init__(self, served: Served) -> None:
+        self._served = served
         self._lock = threading.Lock()
-        self._hearing = Hearing(backend.listen_where)
+        self._hearing = Hearing(served.backend.listen_where)
         self._reset()
         self._last_error: str | None = None
         # An outage is one warning (and its end one line), at most one a
@@ -134,14 +125,11 @@ class Listener:
         self._connected_since: datetime | None = None
         self._hearing.reset()
         # Reads from now on: a forked child is a listener of its own.
-        self._feed = self._backend.feed()
+        self._feed = self._served.backend.feed()
         # Claims of once receivers carry this process's pid: a new one after fork.
         self._dispatcher = Dispatcher(
-            self._app,
-            self._settings,
-            self._backend,
+            self._served,
             self._feed,
-            self._registry,
             self._counts,
             self.wake,
             lambda run: run is self._current,
@@ -180,7 +168,7 @@ class Listener:
             # start() raises the first failure itself: no warning for it.
             self._first_raises = raise_on_failure and (timeout is None or timeout > 0)
             self._check_pending = True
-            name = self._app.name
+            name = self._served.app.name
             self._dispatch_thread = threading.Thread(
                 target=self._dispatcher.loop,
                 args=(run,),
@@ -252,14 +240,14 @@ class Listener:
     # -- the reader ---------------------------------------------------------
 
     def _run(self, run: Run) -> None:
-        backend = self._backend
+        backend = self._served.backend
         connected_before = False
         failures = 0  # since the last connection, a loss included (for the backoff)
         attempts = 0  # failed attempts to connect since the last connection
         reported = False  # whether this outage was warned about
         while not run.stop.is_set():
             try:
-                stream = self._feed.open_stream(self._settings)
+                stream = self._feed.open_stream(self._served.settings)
             except Exception as exc:  # noqa: BLE001 - any failure means retry
                 self._last_error = str(exc)
                 first = not self._first_attempt.is_set()
@@ -288,7 +276,7 @@ class Listener:
                 self._counts.reconnects += 1
             failures = attempts = 0
             gap = connected_before and not (
-                backend.durable_by_nature or self._registry.all_durable()
+                backend.durable_by_nature or self._served.registry.all_durable()
             )
             connected = LifecycleSignal(listener_connected, reconnect=connected_before, gap=gap)
             self._put(run, [connected], 0)
@@ -317,12 +305,12 @@ class Listener:
         self._first_attempt.set()
 
     def _backoff(self, run: Run, failures: int) -> None:
-        cap = self._settings.reconnect_max_delay
+        cap = self._served.settings.reconnect_max_delay
         delay = min(cap, 0.05 * 2 ** min(failures, 16))
         run.stop.wait(delay * random.uniform(0.5, 1.0))
 
     def _serve(self, run: Run, stream: Stream) -> None:
-        settings = self._settings
+        settings = self._served.settings
         idle_limit = settings.probe_interval
         answer_within = settings.connect_timeout
         prune_every = min(_PRUNE_EVERY, settings.payload_retention / 2)
@@ -364,7 +352,7 @@ class Listener:
                 last_prune = now
                 self._put(run, [Task.PRUNE], 0)
             # An idle process keeps one connection: this one.
-            self._backend.release_idle(idle_limit)
+            self._served.backend.release_idle(idle_limit)
 
     def _ask_hearing(self, run: Run, stream: Stream) -> HearingCheck | None:
         """Have the dispatcher send the stream a hearing check, if it takes them."""
@@ -375,8 +363,8 @@ class Listener:
 
     def _put(self, run: Run, items: list[Any], count: int) -> None:
         """Queue ``items``: ``count`` raw messages, or control items (``count`` 0)."""
-        capacity = self._settings.queue_size
-        lost = run.put(items, count, capacity, self._backend.durable_by_nature)
+        capacity = self._served.settings.queue_size
+        lost = run.put(items, count, capacity, self._served.backend.durable_by_nature)
         if not lost:
             return
         events = sum(self._feed.count(raw) for raw in lost)
