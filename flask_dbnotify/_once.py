@@ -39,11 +39,6 @@ def register(store: OnceStore, names: list[str]) -> None:
         store.register(names)
 
 
-def forget(store: OnceStore, name: str) -> None:
-    """Drop a retired once receiver's watermark and claims."""
-    store.forget(name)
-
-
 class OnceRunner:
     def __init__(self, served: Served) -> None:
         self.served = served

@@ -4,8 +4,8 @@ and the control items queued between raw messages.
 A queue item is a raw message (undecoded, as the backend's stream read
 it) or a control item: a :class:`LifecycleSignal`, a housekeeping
 :class:`Task`, or a :class:`HearingCheck`. Only raw messages count
-towards ``DBNOTIFY_QUEUE_SIZE`` and go back to the backend when they are
-not delivered: :func:`is_raw` tells them apart.
+towards ``DBNOTIFY_QUEUE_SIZE`` and go back to the listener's feed
+(``Feed.rewind``) when they are not delivered: :func:`is_raw` tells them apart.
 """
 
 from __future__ import annotations

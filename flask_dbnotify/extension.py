@@ -303,7 +303,7 @@ class DBNotify:
     def forget_receiver(self, name: str, app: Flask | None = None) -> None:
         """Drop a retired once receiver's watermark and claims, so the
         journal can be pruned past it."""
-        _once.forget(self._state(app).backend.once, name)
+        self._state(app).backend.once.forget(name)
 
     # -- triggers -----------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sqlite3
 import subprocess
 import threading
@@ -220,6 +221,33 @@ def test_durable_events_carry_journal_ids_and_what_fast_events_carry(
     for event in fast + durable:
         assert event.timestamp is not None and event.timestamp.tzinfo is not None
         assert before - slack <= event.timestamp <= after + slack, (event, before, after)
+
+
+def test_a_journal_that_cannot_be_read_is_reported_as_such(
+    make_app: MakeApp, sql: SQL, events: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notification naming journal rows the listener cannot read (here the
+    journal was renamed away) is skipped with a warning that says the
+    journal could not be read, not that the notification was malformed;
+    events after it arrive."""
+    from flask_dbnotify.backends.postgresql import journal
+
+    journal.skipped.reset()  # rate-limited for the whole process
+    caplog.set_level(logging.WARNING, logger="flask_dbnotify")
+    app, ext = durable_app(make_app, sql, "orders", fast=("items",))
+    ext.start(app)
+    sql("ALTER TABLE dbnotify_journal RENAME TO dbnotify_journal_away")
+    sql(
+        'SELECT pg_notify(\'dbnotify\', \'{"v": 1, "J": [1, 1], "x": \' '
+        "|| pg_current_xact_id() || '}')"
+    )
+    sql("INSERT INTO items VALUES (1, 'after')")
+    (event,) = events.wait_for(1, "the fast event after the unreadable reference")
+    assert (event.table, event.pk) == ("items", 1)
+    said = [r.getMessage() for r in caplog.records if "skipped a notification" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "cannot read the journal" in said[0] and "dbnotify_journal" in said[0], said
+    assert "malformed" not in said[0], said
 
 
 def test_durable_notification_names_a_range_so_big_writes_arrive_whole(

@@ -117,7 +117,7 @@ class PostgreSQLBackend(Backend):
             statement = _NOTIFY_PIECES
             params["pieces"] = _payload.pieces(payload, NOTIFY_LIMIT, PIECE_BYTES)
         if connection is None:
-            self.db.run(statement, params)
+            self.db.run(statement, params, failed="notify() failed")
         else:
             execute_on(connection, statement, params)
 

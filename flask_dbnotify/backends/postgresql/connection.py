@@ -1,7 +1,10 @@
-"""Every statement the PostgreSQL backend runs goes through :class:`Database`:
-a small pool for what runs often (journal reads, claims, ``notify``), a
-connection of its own for what runs rarely (DDL, status, pruning, hearing
-checks), and one translation of errors.
+"""Every statement the PostgreSQL backend runs on the application's
+database goes through :class:`Database`: a small pool for what runs often
+(journal reads, claims, ``notify``), a connection of its own for what runs
+rarely (DDL, status, pruning, hearing checks), and one translation of
+errors. Only the listener's stream and the session ``status`` opens at the
+listener's URL have connections of their own; ``notify(connection=...)``
+runs on the caller's.
 
 Connections are in autocommit: what we run is single statements, which
 then also work through a pooler in statement mode (it refuses BEGIN);
@@ -56,9 +59,10 @@ def cannot_connect(where: str, exc: BaseException) -> DBNotifyError:
     return DBNotifyError(f"cannot connect to {where}: {why}; {todo}")
 
 
-def refused(exc: BaseException) -> DBNotifyError:
-    """The error for a statement the server (or the connection) refused."""
-    return DBNotifyError(f"the database refused: {reason(exc)}")
+def refused(exc: BaseException, what: str = "the database refused") -> DBNotifyError:
+    """The error for a statement the server (or the connection) refused,
+    saying ``what`` failed."""
+    return DBNotifyError(f"{what}: {reason(exc)}")
 
 
 _STATEMENT_POOLING = (
@@ -126,15 +130,21 @@ class Database:
         except sa.exc.DBAPIError as exc:
             raise cannot_connect(self.where, exc) from exc
 
-    def run(self, statement: str, params: Any = None, rare: bool = False) -> list[Any]:
+    def run(
+        self,
+        statement: str,
+        params: Any = None,
+        rare: bool = False,
+        failed: str = "the database refused",
+    ) -> list[Any]:
         """Run one statement of ours (psycopg2 parameters), on its own, and
-        return its rows."""
+        return its rows. A refusal raises DBNotifyError("FAILED: why")."""
         try:
             with self.connect(rare) as conn:
                 result = conn.exec_driver_sql(statement, params)
                 return list(result.all()) if result.returns_rows else []
         except sa.exc.SQLAlchemyError as exc:
-            raise refused(exc) from exc
+            raise refused(exc, failed) from exc
 
     def cursor(self, work: Callable[[Any], T], transaction: bool = False) -> T:
         """Run ``work(cursor)`` on a raw DB-API cursor of a connection of

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 skipped = RateLimited(log)
 
 _CATCH_UP_BATCH = 5000
+_UNREADABLE = "cannot read the journal"
 
 
 def decode_row(row_id: int, body: str) -> list[Item]:
@@ -112,7 +113,7 @@ class PostgreSQLFeed(Feed):
         if self._cursor is None:
             # What had committed once we listen is not ours to replay: the
             # listener's session says, in the query that ran LISTEN.
-            self.started(stream.snapshot)
+            self._start_from(stream.snapshot)
         self._bound = stream.listening_from
         return stream
 
@@ -122,7 +123,8 @@ class PostgreSQLFeed(Feed):
         backend = self.backend
         if backend.listen_uri == backend.uri:
             return
-        identity = tuple(self.db.run("SELECT " + IDENTITY, rare=True)[0])
+        failed = f"cannot query {backend.where}"
+        identity = tuple(self.db.run("SELECT " + IDENTITY, rare=True, failed=failed)[0])
         if identity != stream.identity:
             raise DBNotifyError(
                 f"cannot listen at {backend.listen_where}: it leads to "
@@ -131,9 +133,9 @@ class PostgreSQLFeed(Feed):
                 "DBNOTIFY_LISTEN_URI at the same database as DBNOTIFY_DATABASE_URI"
             )
 
-    def started(self, snapshot: str) -> None:
-        """Called with the listener's first snapshot, taken right after
-        LISTEN: what had committed by then is not ours to replay."""
+    def _start_from(self, snapshot: str) -> None:
+        """Set the cursor from the listener's first snapshot, taken when
+        LISTEN took effect: what had committed by then is not ours to replay."""
         xmin, xmax, xip = snapshot.split(":")
         self._cursor = (int(xmin), 0)
         self._before = (int(xmax), {int(x) for x in xip.split(",") if x})
@@ -158,11 +160,7 @@ class PostgreSQLFeed(Feed):
             return lost + _payload.decode(whole, read_journal=self._read_journal)
         except _payload.PayloadError as exc:
             skipped.warning("skipped a notification on %r: %s", CHANNEL, exc)
-        except DBNotifyError as exc:
-            skipped.warning(
-                "skipped a notification on %r: cannot read the journal: %s", CHANNEL, exc
-            )
-        return lost
+            return lost
 
     def count(self, raw: Any) -> int:
         return _payload.count(raw[1])
@@ -184,11 +182,17 @@ class PostgreSQLFeed(Feed):
         cursor = self._cursor
         if cursor is not None and (xid, hi) <= cursor or self._committed_before(xid):
             return []  # Replayed already by catch_up(), or before our time.
-        rows = self.db.run(
-            f"SELECT id, body FROM {self.journal} WHERE id BETWEEN %(lo)s AND %(hi)s "
-            "AND xid = %(x)s::text::xid8 ORDER BY id",
-            {"lo": lo, "hi": hi, "x": str(xid)},
-        )
+        try:
+            rows = self.db.run(
+                f"SELECT id, body FROM {self.journal} WHERE id BETWEEN %(lo)s AND %(hi)s "
+                "AND xid = %(x)s::text::xid8 ORDER BY id",
+                {"lo": lo, "hi": hi, "x": str(xid)},
+                failed=_UNREADABLE,
+            )
+        except DBNotifyError as exc:
+            # Skipped like a notification we cannot read; the rows stay in
+            # the journal for the next catch-up.
+            raise _payload.PayloadError(str(exc)) from exc
         fresh = [
             (row_id, body)
             for row_id, body in rows
@@ -222,6 +226,7 @@ class PostgreSQLFeed(Feed):
                     "bound": None if bound is None else str(bound),
                     "n": _CATCH_UP_BATCH,
                 },
+                failed=_UNREADABLE,
             )
             for xid_text, row_id, body in rows:
                 xid = int(xid_text)

@@ -11,18 +11,7 @@ from ..base import Admin, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries
 from .catalog import our_tables, our_triggers, resolve
 from .connection import Database, write_transaction
-from .ddl import drop_trigger, install_plan, quote_ident, watch_triggers
-
-_UNIX_EPOCH_JD = 2440587.5
-
-
-def unix(julian_day: float) -> float:
-    """Seconds since the epoch of a time as SQLite's julianday() gives it."""
-    return (julian_day - _UNIX_EPOCH_JD) * 86400.0
-
-
-def julian(unix_time: float) -> float:
-    return unix_time / 86400.0 + _UNIX_EPOCH_JD
+from .ddl import drop_trigger, install_plan, unix, watch_triggers
 
 
 def iso(unix_time: float) -> str:
@@ -64,7 +53,7 @@ class SQLiteAdmin(Admin):
             installed = our_triggers(conn)
             if everything:
                 drops = [name for name, _ in installed]
-                tables = [f"DROP TABLE IF EXISTS {quote_ident(t)}" for t in our_tables(conn)]
+                tables = [f"DROP TABLE IF EXISTS {t}" for t in our_tables(conn)]
             else:
                 names = {resolve(conn, self.db.path, watch)[0].lower() for watch in watches}
                 drops = [name for name, on in installed if on.lower() in names]

@@ -1,5 +1,7 @@
-"""Every statement the SQLite backend runs goes through :class:`Database`:
-a connection of its own per task, opened on the file (never creating it,
+"""Every statement the SQLite backend runs goes through :class:`Database`
+(but the listener's poll loop, which keeps its connection, and
+``notify(connection=...)``, which runs on the caller's): a connection of
+its own per task, opened on the file (never creating it,
 except to install), closed after, with one translation of errors."""
 
 from __future__ import annotations

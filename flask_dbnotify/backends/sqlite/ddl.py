@@ -17,6 +17,7 @@ from .catalog import MARKER, Table
 DDL_VERSION = 3
 #: SQLite's clock, in Julian days (what the journal stores).
 NOW = "julianday('now')"
+_UNIX_EPOCH_JD = 2440587.5
 #: SQLite functions take at most 127 arguments: rows are arrays of chunks.
 _CHUNK = 100
 #: A row whose text and blob values take more than this is journaled cut:
@@ -37,6 +38,16 @@ TABLES = {
     "claimed_by TEXT, claimed_at REAL NOT NULL, next_attempt_at REAL, last_error TEXT, "
     "PRIMARY KEY (receiver, event_id)",
 }
+
+
+def unix(julian_day: float) -> float:
+    """Seconds since the epoch of a time as :data:`NOW` gives it."""
+    return (julian_day - _UNIX_EPOCH_JD) * 86400.0
+
+
+def julian(unix_time: float) -> float:
+    """Seconds since the epoch as :data:`NOW` gives them."""
+    return unix_time / 86400.0 + _UNIX_EPOCH_JD
 
 
 def quote_ident(name: str) -> str:

@@ -17,8 +17,8 @@ from ... import _payload
 from ..._items import Item
 from ...events import ChangeEvent, Operation
 from ..base import Feed, Stream
-from .admin import julian, unix
 from .connection import Database, write_transaction
+from .ddl import julian, unix
 from .stream import SQLiteStream
 
 if TYPE_CHECKING:
