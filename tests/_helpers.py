@@ -350,6 +350,9 @@ class Proxy:
 
     def close(self) -> None:
         self._closed.set()
+        # The accept loop first: closing the socket under its select()
+        # would fail it (EBADF). It sees _closed within 0.05 s.
+        self._threads[0].join(2)
         self.server.close()
         with self._lock:
             links = list(self._links)
