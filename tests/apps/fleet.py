@@ -56,7 +56,15 @@ def main() -> None:
         if pid == 0:
             child(url)
         children.append(pid)
-    signal.signal(signal.SIGTERM, lambda *_: [os.kill(pid, signal.SIGTERM) for pid in children])
+
+    def stop(*_: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # Exited and reaped already: it got the signal too.
+
+    signal.signal(signal.SIGTERM, stop)
     for pid in children:
         os.waitpid(pid, 0)
 
