@@ -437,6 +437,25 @@ def test_events_committed_while_no_process_runs_wait_for_the_next_one(
     assert {c["state"] for c in claims.values()} == {"done"}
 
 
+def assert_each_handled_once(fleet: Fleet, database: Database, process: Child, count: int) -> None:
+    """After a flush: the once receiver of ``process`` handles each of the
+    ``count`` events its ordinary receiver saw exactly once, and each claim
+    is done after one attempt."""
+    flush(fleet, database, [process])  # two more events, and a once pass since
+    expected = set(ids(process.handled("plain")))
+    assert len(expected) == count
+    fleet.wait(
+        lambda: set(ids(process.handled("record"))) >= expected,
+        "the once receiver to handle every event",
+    )
+    got = ids(process.handled("record"))
+    assert not repeated(got), f"handled more than once: {repeated(got)}"
+    assert set(got) == expected
+    claims = settled_claims(fleet, database, RECORD)
+    assert set(claims) == expected
+    assert {(c["state"], c["attempts"]) for c in claims.values()} == {("done", 1)}
+
+
 def test_receiver_not_yet_registered_gets_events_committed_after_start(
     database: Database, fleet: Fleet
 ) -> None:
@@ -451,20 +470,8 @@ def test_receiver_not_yet_registered_gets_events_committed_after_start(
         lambda: first in [line["pk"] for line in a.handled("record")],
         "the once receiver to handle the event committed right after start() returned",
     )
-    flush(fleet, database, [a])  # two more events, and a once pass since
     # Every event committed after start(), as the ordinary receiver saw it.
-    expected = set(ids(a.handled("plain")))
-    assert len(expected) == 3
-    fleet.wait(
-        lambda: set(ids(a.handled("record"))) >= expected,
-        "the once receiver to handle every event committed after start()",
-    )
-    got = ids(a.handled("record"))
-    assert not repeated(got), f"handled more than once: {repeated(got)}"
-    assert set(got) == expected
-    claims = settled_claims(fleet, database, RECORD)
-    assert set(claims) == expected
-    assert {(c["state"], c["attempts"]) for c in claims.values()} == {("done", 1)}
+    assert_each_handled_once(fleet, database, a, 3)
 
 
 # -- failures -------------------------------------------------------------------
@@ -617,19 +624,7 @@ def test_open_transaction_elsewhere_does_not_hold_back_once_receivers(
         )
     finally:
         other.close()
-    flush(fleet, pg_database, [a])  # two more events, and a once pass since
-    expected = set(ids(a.handled("plain")))
-    assert len(expected) == 4
-    fleet.wait(
-        lambda: set(ids(a.handled("record"))) >= expected,
-        "the once receiver to handle every event",
-    )
-    got = ids(a.handled("record"))
-    assert not repeated(got), f"handled more than once: {repeated(got)}"
-    assert set(got) == expected
-    claims = settled_claims(fleet, pg_database, RECORD)
-    assert set(claims) == expected
-    assert {(c["state"], c["attempts"]) for c in claims.values()} == {("done", 1)}
+    assert_each_handled_once(fleet, pg_database, a, 4)
 
 
 # -- a process that dies mid-event ----------------------------------------------
