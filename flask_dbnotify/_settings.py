@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -31,6 +32,9 @@ MAX_KEEPALIVE_IDLE = 32767
 #: Retry delays double at each attempt; past this many the arithmetic
 #: overflows a float.
 MAX_ONCE_ATTEMPTS = 1000
+#: The ways changes are captured on PostgreSQL (``DBNOTIFY_CAPTURE``).
+CAPTURES = ("triggers", "wal")
+SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 
 
 def read_bool(key: str, value: Any) -> bool:
@@ -112,6 +116,31 @@ def read_uri(key: str, value: Any) -> str | None:
     )
 
 
+def read_capture(key: str, value: Any) -> str:
+    if value not in CAPTURES:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, CAPTURES))}, not {value!r}")
+    return str(value)
+
+
+def read_slot(key: str, value: Any) -> str | None:
+    """A replication slot (and publication) name: PostgreSQL allows lower
+    case letters, digits and underscores, at most 63 of them."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not SLOT_NAME.fullmatch(value):
+        raise ValueError(
+            f"{key} must be a name of 1 to 63 lower case letters, digits and "
+            f"underscores, not {value!r}"
+        )
+    return value
+
+
+def default_slot(app_name: str) -> str:
+    """``dbnotify_<app name>``, made a valid slot name."""
+    slug = re.sub(r"[^a-z0-9_]+", "_", app_name.lower()).strip("_") or "app"
+    return f"dbnotify_{slug}"[:63]
+
+
 def read_schema(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key} must be a schema name (a non-empty string), not {value!r}")
@@ -157,6 +186,12 @@ class Settings:
     once_retry_delay: float = setting("DBNOTIFY_ONCE_RETRY_DELAY", 1.0, read_seconds)
     once_lease: float = setting("DBNOTIFY_ONCE_LEASE", 300.0, read_seconds)
     fast_messages: bool = setting("DBNOTIFY_FAST_MESSAGES", True, read_bool)
+    #: How changes are captured on PostgreSQL: by triggers, or from the
+    #: write-ahead log (a logical replication slot).
+    capture: str = setting("DBNOTIFY_CAPTURE", "triggers", read_capture)
+    #: The replication slot and publication of WAL capture; else
+    #: ``dbnotify_<app name>``.
+    slot: str = setting("DBNOTIFY_SLOT", None, read_slot)
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -182,6 +217,7 @@ class Settings:
             )
         values = {name: read(name) for name in _FIELDS if name != "database_uri"}
         values["listen_uri"] = values["listen_uri"] or uri
+        values["slot"] = values["slot"] or default_slot(app.name)
         return cls(database_uri=uri, **values)
 
 

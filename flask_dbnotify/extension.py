@@ -36,9 +36,7 @@ class _State:
         self.ext = ext
         self.app = app
         self.settings = settings
-        self.backend: Backend = backend_for(
-            settings.database_uri, settings.listen_uri, settings.schema, app.instance_path
-        )
+        self.backend: Backend = backend_for(settings, app.instance_path)
         self.listener = Listener(Served(app, settings, self.backend, ext._registry))
         # True when the listener should run in this process (or in its forks).
         self.wanted = False

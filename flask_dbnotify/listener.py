@@ -210,6 +210,7 @@ class Listener:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s still busy after %ss; left as a daemon", thread.name, timeout)
+        self._feed.close()
 
     def wake(self) -> None:
         """Interrupt the reader's wait (to stop, or to re-check triggers)."""
@@ -228,6 +229,7 @@ class Listener:
         stream = self._stream
         if stream is not None:
             stream.discard()
+        self._feed.discard()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._lock = threading.Lock()

@@ -7,6 +7,8 @@ talks to a :class:`Backend`, the listener to a :class:`Feed` and its
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import DEAF, Backend, Feed, OnceStore, Status, Stream
 from .common import execute_on, parse_url, reason, where
 
@@ -25,15 +27,24 @@ __all__ = [
 ]
 
 
-def backend_for(uri: str, listen_uri: str | None, schema: str, root: str) -> Backend:
-    """Return the backend for a database URL; ``root`` anchors relative
-    SQLite paths (the app's instance folder)."""
-    url = parse_url(uri)
+def backend_for(settings: Any, root: str) -> Backend:
+    """Return the backend for the app's settings (its database URL first);
+    ``root`` anchors relative SQLite paths (the app's instance folder)."""
+    url = parse_url(settings.database_uri)
     name = url.get_backend_name()
     if name == "postgresql":
+        if settings.capture == "wal":
+            from .postgresql.wal import WalBackend
+
+            return WalBackend.from_url(url, settings.listen_uri, settings.schema, settings.slot)
         from .postgresql import PostgreSQLBackend
 
-        return PostgreSQLBackend.from_url(url, listen_uri, schema)
+        return PostgreSQLBackend.from_url(url, settings.listen_uri, settings.schema)
+    if settings.capture != "triggers":
+        raise ValueError(
+            f"DBNOTIFY_CAPTURE = {settings.capture!r} needs PostgreSQL; "
+            "SQLite journals every change with triggers"
+        )
     if name == "sqlite":
         from .sqlite import SQLiteBackend
 

@@ -143,6 +143,12 @@ class Feed(abc.ABC):
         """Housekeeping: delete journal rows and claims older than
         ``retention`` seconds that nobody needs any more."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The listener stopped: stop what the feed runs besides its stream."""
+
+    def discard(self) -> None:  # noqa: B027 - optional hook
+        """In a forked child: drop what the feed ran in the parent, untouched."""
+
 
 class OnceStore(abc.ABC):
     """Claims of exactly-once receivers; all run on the dispatcher thread.

@@ -28,6 +28,9 @@ _TABLES = {
     "dbnotify_journal": {"id", "xid", "created_at", "body"},
     "dbnotify_receivers": {"receiver", "xid", "id"},
     "dbnotify_claims": {"receiver", "event_id", "state", "attempts"},
+    # WAL capture: where the relay stands, and what each watch captures.
+    "dbnotify_wal": {"slot", "lsn", "relayed_at"},
+    "dbnotify_wal_watches": {"slot", "watch", "head", "ops"},
 }
 #: Tables of earlier versions that are no longer used.
 _LEGACY_TABLES = {"dbnotify_payload": {"id", "created_at", "body"}}

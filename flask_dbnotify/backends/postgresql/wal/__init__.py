@@ -1,0 +1,84 @@
+"""WAL capture on PostgreSQL (``DBNOTIFY_CAPTURE = "wal"``): no trigger in
+any writer's transaction. One elected process of the app streams a
+logical replication slot (:mod:`.leader`) and relays each committed
+transaction into the journal (:mod:`.relay`); every process's listener
+reads the journal as it reads durable events, so the rest of the
+extension works unchanged. :mod:`.ddl` and :mod:`.admin` make and report
+the publication and the slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from ....errors import DBNotifyError
+from ...base import Feed, Stream
+from ...common import execute_on, parse_url
+from .. import PostgreSQLBackend
+from ..connection import connect_kwargs
+from ..journal import PostgreSQLFeed
+from .admin import WalAdmin
+from .leader import MESSAGE_PREFIX, Leader
+
+#: A message in the writer's transaction: in the WAL at its commit, with
+#: no NOTIFY (which would serialise every notifying commit).
+_EMIT = "SELECT pg_logical_emit_message(true, %(prefix)s, %(payload)s)"
+
+
+class WalBackend(PostgreSQLBackend):
+    """PostgreSQL, changes captured from the write-ahead log."""
+
+    durable_by_nature = True
+
+    def __init__(self, url: sa.URL, listen_url: sa.URL, schema: str, slot: str) -> None:
+        super().__init__(url, listen_url, schema)
+        self.slot = slot
+        #: psycopg2.connect() arguments for the application's database.
+        self.db_kwargs = connect_kwargs(url)
+        self.admin = WalAdmin(self.db, schema, self.listen_where, self.connect_kwargs, slot)
+
+    @classmethod
+    def from_url(  # type: ignore[override]
+        cls, url: sa.URL, listen_uri: str | None, schema: str, slot: str
+    ) -> WalBackend:
+        listen_url = parse_url(listen_uri) if listen_uri else url
+        if listen_url.get_backend_name() != "postgresql":
+            raise ValueError("DBNOTIFY_LISTEN_URI must be a postgresql:// URL")
+        return cls(url, listen_url, schema, slot)
+
+    def notify(self, connection: Any, channel: str, payload: str, durable: bool = False) -> None:
+        if connection is None:
+            # At once: journaled and notified from its own session.
+            super().notify(None, channel, payload, durable=True)
+            return
+        try:
+            execute_on(connection, _EMIT, {"prefix": MESSAGE_PREFIX, "payload": payload})
+        except sa.exc.DBAPIError as exc:
+            raise DBNotifyError(f"notify() failed: {exc.orig}") from exc
+
+    def feed(self) -> Feed:
+        return WalFeed(self)
+
+
+class WalFeed(PostgreSQLFeed):
+    """A listener's feed, and this process's candidate for leader."""
+
+    def __init__(self, backend: WalBackend) -> None:
+        super().__init__(backend)
+        self.leader = Leader(backend.db_kwargs, backend.schema, backend.slot)
+
+    def open_stream(self, settings: Any) -> Stream:
+        stream = super().open_stream(settings)
+        self.leader.start()
+        return stream
+
+    def replaying(self) -> bool:
+        return True  # Everything is journaled: catch up after every connect.
+
+    def close(self) -> None:
+        self.leader.stop()
+
+    def discard(self) -> None:
+        self.leader.discard()

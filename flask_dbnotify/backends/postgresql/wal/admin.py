@@ -1,0 +1,161 @@
+"""Install, uninstall and status in WAL capture mode."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ...._watch import Watch
+from ....errors import DBNotifyError
+from ...base import Status
+from ...common import Inspection, compare_watches
+from ..admin import PostgreSQLAdmin
+from ..catalog import read_catalog, resolve, resolve_all
+from ..common import ident
+from ..connection import Database
+from ..ddl import uninstall_plan as trigger_uninstall_plan
+from . import ddl
+
+WAL_LEVEL = (
+    "DBNOTIFY_CAPTURE = 'wal' needs wal_level = logical; the server has {level}. Set "
+    "wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and "
+    "restart the server; on Amazon RDS set rds.logical_replication = 1 in the parameter "
+    "group, on Cloud SQL the flag cloudsql.logical_decoding = on, on Azure the server "
+    "parameter wal_level = LOGICAL, then reboot"
+)
+#: Retained WAL past which ``status`` warns (the slot holds it on disk).
+RETAINED_WARNING = 1024**3
+
+
+class WalAdmin(PostgreSQLAdmin):
+    """What WAL capture creates: a publication and a slot, named ``slot``."""
+
+    def __init__(
+        self, db: Database, schema: str, listen_where: str, connect: dict[str, Any], slot: str
+    ) -> None:
+        super().__init__(db, schema, listen_where, connect)
+        self.slot = slot
+
+    def _plan(self, cur: Any, watches: Sequence[Watch]) -> list[str]:
+        _require_logical(cur)
+        catalog = read_catalog(cur, self.schema)
+        cur.execute("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s", (self.slot,))
+        exists = cur.fetchone() is not None
+        return ddl.install_plan(catalog, resolve_all(cur, watches), self.schema, self.slot, exists)
+
+    def install(self, watches: Sequence[Watch]) -> None:
+        def work(cur: Any) -> str:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (0x64626E74,))
+            *statements, slot = self._plan(cur, watches)
+            for statement in statements:
+                cur.execute(statement)
+            return slot
+
+        slot = self.db.cursor(work, transaction=True)
+        # A slot cannot be made in a transaction that wrote anything.
+        self.db.cursor(lambda cur: cur.execute(slot))
+
+    def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
+        def work(cur: Any) -> list[str]:
+            catalog = read_catalog(cur, self.schema)
+            statements = ddl.uninstall_plan(catalog, self.schema, self.slot, everything)
+            if everything:
+                statements += trigger_uninstall_plan(catalog, None, self.schema)
+            return list(dict.fromkeys(statements))
+
+        return self.db.cursor(work)
+
+    def execute_all(self, statements: Sequence[str]) -> None:
+        # One at a time: dropping a slot cannot share a transaction.
+        def work(cur: Any) -> None:
+            for statement in statements:
+                cur.execute(statement)
+
+        self.db.cursor(work)
+
+    def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
+        def work(cur: Any) -> Status:
+            status = self._capture(cur, watches)
+            if health:
+                _slot_health(cur, self.schema, self.slot, status)
+            return status
+
+        return self.db.cursor(work)
+
+    def _capture(self, cur: Any, watches: Sequence[Watch]) -> Status:
+        status = Status()
+        cur.execute(
+            "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s",
+            (self.slot,),
+        )
+        published = {tuple(row) for row in cur.fetchall()}
+
+        def inspect(watch: Watch) -> Inspection:
+            r = resolve(cur, watch)
+            cur.execute(
+                "SELECT c.oid FROM pg_catalog.pg_class c WHERE c.oid = ANY(%s) "
+                "AND c.relreplident = 'f'",
+                ([oid for oid, _, _ in r.tree],),
+            )
+            full = {row[0] for row in cur.fetchall()}
+            present: set[tuple[str, int]] = {("full", oid) for oid in full}
+            if (r.schema, r.table) in published:
+                present.add(("published", r.oid))
+            wanted = {("published", r.oid)} | {("full", oid) for oid, _, _ in r.tree}
+            return present, wanted, []
+
+        compare_watches(status, watches, inspect)
+        return status
+
+
+def _require_logical(cur: Any) -> None:
+    cur.execute("SHOW wal_level")
+    level = cur.fetchone()[0]
+    if level != "logical":
+        raise DBNotifyError(WAL_LEVEL.format(level=level))
+
+
+def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:
+    health = status.health
+    cur.execute(
+        "SELECT s.active, s.active_pid, s.wal_status, "
+        "pg_current_wal_lsn() - s.confirmed_flush_lsn, pg_current_wal_lsn() - s.restart_lsn, "
+        "r.client_addr::text "
+        "FROM pg_catalog.pg_replication_slots s "
+        "LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid "
+        "WHERE s.slot_name = %s",
+        (slot,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        health["slot"] = f"{slot}: MISSING"
+        status.warnings.append(
+            f"the replication slot {slot} does not exist: run `flask dbnotify install-triggers`"
+            " (changes made while it was missing are not delivered)"
+        )
+        return
+    active, pid, wal_status, lag, retained, client = row
+    leader = f"leader pid {pid} from {client or 'local'}" if active else "no leader"
+    health["slot"] = f"{slot}: {leader}, WAL {wal_status}"
+    health["slot lag"] = f"{int(lag or 0)} bytes"
+    health["slot retains"] = f"{int(retained or 0)} bytes of WAL"
+    if wal_status == "lost":
+        status.warnings.append(
+            f"the replication slot {slot} was invalidated (its WAL was removed): changes "
+            "were lost; drop and install again"
+        )
+    elif retained and retained > RETAINED_WARNING:
+        status.warnings.append(
+            f"the replication slot {slot} retains {int(retained)} bytes of WAL: is a "
+            "process of the app running?"
+        )
+    table = ident(schema, "dbnotify_wal")
+    cur.execute("SELECT to_regclass(%s)", (table,))
+    if cur.fetchone()[0] is not None:
+        cur.execute(
+            f"SELECT extract(epoch FROM now() - relayed_at) FROM {table} WHERE slot = %s",
+            (slot,),
+        )
+        relayed = cur.fetchone()
+        if relayed is not None:
+            health["slot relayed"] = f"{float(relayed[0]):.1f} s ago"

@@ -1,0 +1,136 @@
+"""What WAL capture needs in the database, built without a connection: our
+tables (the journal the leader relays into, where the relay stands, what
+each watch captures), no trigger of ours, every watched table (and its
+partitions) with ``REPLICA IDENTITY FULL``, a publication of the watched
+tables, and a logical replication slot with the built-in ``pgoutput``.
+
+No column lists or row filters: UPDATEs and DELETEs need the old row
+(``event.old``, ``event.changed``, ``when_changed``), which takes
+``REPLICA IDENTITY FULL``, and PostgreSQL 15 then refuses a column list
+that leaves any column out. The leader carries only the watch's columns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from ....events import Operation
+from ..catalog import Catalog, Resolved
+from ..common import MARKER, ident, literal, text_array
+from ..ddl import drop_trigger, drop_unused, shared_sql
+
+#: Where the relay stands (one row per slot), and what each watch captures.
+TABLES = {
+    "dbnotify_wal": "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz NOT NULL",
+    "dbnotify_wal_watches": (
+        "slot text NOT NULL, watch text NOT NULL, table_schema text NOT NULL, "
+        "table_name text NOT NULL, head text NOT NULL, ops text NOT NULL, "
+        "columns text[], when_changed text[], PRIMARY KEY (slot, watch)"
+    ),
+}
+OPS = {Operation.INSERT: "I", Operation.UPDATE: "U", Operation.DELETE: "D"}
+
+
+def head(r: Resolved) -> dict[str, object]:
+    """What every journal row of the watch starts with (as triggers write)."""
+    return {"v": 1, "t": r.watch.name, "k": list(r.pk)}
+
+
+def create_slot(slot: str) -> str:
+    """The slot, made where missing. It cannot be made in a transaction
+    that has written anything: this runs on its own, after the rest."""
+    return (
+        f"SELECT pg_catalog.pg_create_logical_replication_slot({literal(slot)}, 'pgoutput') "
+        f"WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots "
+        f"WHERE slot_name = {literal(slot)})"
+    )
+
+
+def drop_slot(slot: str) -> str:
+    return (
+        "SELECT pg_catalog.pg_drop_replication_slot(slot_name) "
+        f"FROM pg_catalog.pg_replication_slots WHERE slot_name = {literal(slot)}"
+    )
+
+
+def install_plan(
+    catalog: Catalog,
+    resolved: Sequence[Resolved],
+    schema: str,
+    slot: str,
+    publication_exists: bool,
+) -> list[str]:
+    """The statements that make the database capture ``resolved`` through
+    ``slot`` (the publication has the slot's name); the last creates the
+    slot and must run outside the others' transaction."""
+    statements = shared_sql(catalog, schema)
+    for name, columns in TABLES.items():
+        table = ident(schema, name)
+        statements.append(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+        if not catalog.tables.get(name, False):
+            statements += [
+                f"REVOKE ALL ON TABLE {table} FROM PUBLIC",
+                f"COMMENT ON TABLE {table} IS " + literal(f"{MARKER} {name[9:]}"),
+            ]
+    # No trigger of ours captures a watched table in this mode (one left by
+    # triggers mode would send its changes twice). Other tables' triggers
+    # may be another app's, in triggers mode: they stay.
+    covered = {oid for r in resolved for oid, _, _ in r.tree}
+    drops = [drop_trigger(o) for o in catalog.triggers if o.table_oid in covered]
+    statements += drops + drop_unused(catalog, set(), drops, schema)
+    watches = ident(schema, "dbnotify_wal_watches")
+    statements.append(f"DELETE FROM {watches} WHERE slot = {literal(slot)}")
+    tables = []
+    for r in resolved:
+        w = r.watch
+        ops = "".join(OPS[op] for op in w.operations if op in OPS)
+        values = [
+            literal(slot),
+            literal(w.name),
+            literal(r.schema),
+            literal(r.table),
+            literal(json.dumps(head(r), ensure_ascii=False)),
+            literal(ops),
+            "NULL" if w.columns is None else text_array(list(w.columns)),
+            "NULL" if w.when_changed is None else text_array(list(w.when_changed)),
+        ]
+        statements.append(f"INSERT INTO {watches} VALUES ({', '.join(values)})")
+        for _, table_schema, table in r.tree:
+            statements.append(f"ALTER TABLE {ident(table_schema, table)} REPLICA IDENTITY FULL")
+        tables.append(ident(r.schema, r.table))
+    publication, listed = ident(slot), ", ".join(tables)
+    if publication_exists and tables:
+        statements.append(f"ALTER PUBLICATION {publication} SET TABLE {listed}")
+    else:
+        if publication_exists:
+            statements.append(f"DROP PUBLICATION {publication}")
+        statements.append(
+            f"CREATE PUBLICATION {publication}"
+            + (f" FOR TABLE {listed}" if tables else "")
+            + " WITH (publish = 'insert, update, delete, truncate', "
+            "publish_via_partition_root = true)"
+        )
+    statements.append(create_slot(slot))
+    return statements
+
+
+def uninstall_plan(catalog: Catalog, schema: str, slot: str, everything: bool) -> list[str]:
+    """Drop the publication, the slot and the watches' definitions (with
+    ``everything``, every object of ours). ``REPLICA IDENTITY FULL`` stays:
+    another replication may rely on it."""
+    statements = [
+        f"DROP PUBLICATION IF EXISTS {ident(slot)}",
+        f"DELETE FROM {ident(schema, 'dbnotify_wal_watches')} WHERE slot = {literal(slot)}"
+        if "dbnotify_wal_watches" in catalog.tables
+        else "",
+        drop_slot(slot),
+    ]
+    if everything:
+        statements += [f"DROP TABLE IF EXISTS {ident(schema, name)}" for name in TABLES]
+        statements += [
+            f"DROP TABLE IF EXISTS {ident(schema, name)}"
+            for name in catalog.tables
+            if name not in TABLES
+        ]
+    return [s for s in statements if s]

@@ -1,0 +1,192 @@
+"""WAL capture (``DBNOTIFY_CAPTURE = "wal"``), on a server of the tests' own
+with ``wal_level = logical``: no trigger in any writer's transaction, the
+same events as triggers mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy.engine import make_url
+
+from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError
+
+from ._helpers import SQL, Recorder, app_factory, marker
+
+MakeApp = Callable[..., tuple[Flask, DBNotify]]
+ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
+
+
+@pytest.fixture()
+def wal_sql(logical_url: str) -> Iterator[SQL]:
+    runner = SQL(logical_url)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture()
+def wal_app(logical_url: str) -> Iterator[MakeApp]:
+    """``(app, dbnotify)`` in WAL mode, its slot named after the database."""
+    database = make_url(logical_url).database
+    factory, made = app_factory(logical_url, "wal_app")
+
+    def make(**config: Any) -> tuple[Flask, DBNotify]:
+        return factory(DBNOTIFY_CAPTURE="wal", DBNOTIFY_SLOT=f"slot_{database}", **config)
+
+    yield make
+    for app, ext in made:
+        ext.close(app)
+
+
+def rows(events: Recorder) -> list[ChangeEvent]:
+    return [e for e in events.items if isinstance(e, ChangeEvent)]
+
+
+def test_wal_capture_delivers_changes_with_no_trigger(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """install-triggers makes a publication and a slot and no trigger; a
+    listener then gets every committed change, in commit order, as
+    triggers mode gives it: op, pk, new, old, changed, and a journal id."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    assert wal_sql("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass") == [(0,)]
+    assert ext.status(app).watches == {"orders": "installed"}
+    ext.start(app)
+    wal_sql("INSERT INTO orders VALUES (1, 'tea', 1), (2, 'milk', 2)")
+    wal_sql("UPDATE orders SET qty = 5 WHERE id = 1")
+    wal_sql("UPDATE orders SET qty = 5 WHERE id = 1")  # changes nothing
+    wal_sql("DELETE FROM orders WHERE id = 2")
+    got = events.wait_for(4)
+    assert [(e.op.value, e.pk) for e in got] == [
+        ("INSERT", 1),
+        ("INSERT", 2),
+        ("UPDATE", 1),
+        ("DELETE", 2),
+    ]
+    assert got[0].new == {"id": 1, "item": "tea", "qty": 1}
+    assert got[2].new == {"id": 1, "item": "tea", "qty": 5}
+    assert got[2].old == {"id": 1, "item": "tea", "qty": 1}
+    assert got[2].changed == {"qty"}
+    assert got[3].old == {"id": 2, "item": "milk", "qty": 2}
+    ids = [e.id for e in got]
+    assert all(isinstance(i, int) for i in ids) and ids == sorted(set(ids)), ids
+    events.assert_no_more(4, marker(ext, app))
+
+
+def test_events_committed_while_no_process_runs_arrive_at_start(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """The slot keeps what is committed while no process of the app runs."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    wal_sql("INSERT INTO orders VALUES (1, 'tea', 1)")
+    ext.start(app)
+    (event,) = events.wait_for(1, "the row committed before any process ran")
+    assert (event.op.value, event.pk) == ("INSERT", 1)
+
+
+def test_wal_level_replica_is_refused_with_what_to_set(make_app: MakeApp, sql: SQL) -> None:
+    """On a server without wal_level = logical (the shared one), install
+    says which setting to change and that it needs a restart."""
+    sql(ORDERS)
+    app, ext = make_app(DBNOTIFY_CAPTURE="wal")
+    ext.watch("orders")
+    with pytest.raises(DBNotifyError, match="wal_level = logical.*restart"):
+        ext.install_triggers(app)
+
+
+def test_capture_setting_is_checked(make_app: MakeApp) -> None:
+    with pytest.raises(ValueError, match="DBNOTIFY_CAPTURE must be one of 'triggers', 'wal'"):
+        make_app(DBNOTIFY_CAPTURE="logical")
+    with pytest.raises(ValueError, match="DBNOTIFY_SLOT must be a name"):
+        make_app(DBNOTIFY_CAPTURE="wal", DBNOTIFY_SLOT="Bad-Name")
+
+
+def test_uninstall_drops_the_publication_and_the_slot(wal_app: MakeApp, wal_sql: SQL) -> None:
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    slot = app.config["DBNOTIFY_SLOT"]
+    assert wal_sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == [
+        (1,)
+    ]
+    ext.uninstall_triggers(app)
+    assert wal_sql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == [
+        (0,)
+    ]
+    assert wal_sql("SELECT count(*) FROM pg_publication WHERE pubname = %s", (slot,)) == [(0,)]
+
+
+TYPES = (
+    'CREATE TABLE {} (id int, "Part" text, name text, qty int, price numeric(10, 2), '
+    "tags jsonb, doc json, seen timestamptz, day date, ok boolean, ratio float8, "
+    'raw bytea, list int[], big bigint, note varchar(20), PRIMARY KEY (id, "Part"))'
+)
+WRITES = [
+    "INSERT INTO {} VALUES (1, 'x', 'a', 1, 1.50, '{{\"k\": [1, 2]}}', '{{\"b\": 1,  \"a\": 2}}', "
+    "'2024-01-02 03:04:05.123456+00', '2024-01-02', true, 0.1, '\\x00ff', '{{1,2,NULL}}', "
+    "9007199254740993, 'n:1'), (2, 'y', 'b', 2, NULL, NULL, NULL, NULL, NULL, NULL, 'NaN', "
+    "NULL, '{{}}', NULL, NULL), (3, 'z', 'c', 3, 3.00, '[]', '[]', "
+    "'2024-05-06 07:08:09+02', 'infinity', false, -1e300, '', NULL, -1, 'é')",
+    "UPDATE {} SET qty = qty + 10, name = upper(name) WHERE id <= 2",
+    "UPDATE {} SET name = name",
+    "UPDATE {} SET name = 'only the name' WHERE id = 3",
+    "UPDATE {} SET \"Part\" = 'w' WHERE id = 3",
+    "DELETE FROM {} WHERE id IN (1, 3)",
+]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"columns": ["qty", "tags"]}, {"when_changed": ["qty"]}],
+    ids=["all", "columns", "when_changed"],
+)
+def test_wal_events_equal_trigger_events(
+    logical_url: str, wal_app: MakeApp, wal_sql: SQL, options: dict[str, Any]
+) -> None:
+    """The same writes to two tables of the same shape, one watched by
+    triggers (durable) and one from the WAL, give equal events: op, pk,
+    new, old, changed, and values of every common type."""
+    wal_sql(TYPES.format("by_triggers"))
+    wal_sql(TYPES.format('"By WAL"'))
+    factory, made = app_factory(logical_url, "trigger_app")
+    try:
+        t_app, t_ext = factory()
+        t_ext.watch("by_triggers", durable=True, **options)
+        t_ext.install_triggers(t_app)
+        w_app, w_ext = wal_app()
+        w_ext.watch('"By WAL"', **options)
+        w_ext.install_triggers(w_app)
+        # on() receivers: each app's own (both apps' listeners read the
+        # same channel, and the signals are the process's).
+        by_triggers, by_wal = Recorder(), Recorder()
+        t_ext.on("by_triggers")(by_triggers.add)
+        w_ext.on('"By WAL"')(by_wal.add)
+        t_ext.start(t_app)
+        w_ext.start(w_app)
+        for statement in WRITES:
+            wal_sql(statement.format("by_triggers"))
+            wal_sql(statement.format('"By WAL"'))
+        # 3 inserts, 2 + 1 + 1 updates (one changes nothing), 2 deletes;
+        # with when_changed=qty, only the first update counts.
+        expected = by_triggers.wait_for(7 if "when_changed" in options else 9)
+        got = by_wal.wait_for(len(expected))
+        wal_sql('INSERT INTO "By WAL" (id, "Part") VALUES (99, \'last\')')
+        by_wal.wait_for(len(expected) + 1, "the last row")
+        assert by_wal.items[-1].pk == (99, "last"), by_wal.items[len(expected) :]
+    finally:
+        for app, ext in made:
+            ext.close(app)
+
+    def shape(e: ChangeEvent) -> tuple[Any, ...]:
+        return (e.op, e.pk, e.new, e.old, e.changed, e.cut)
+
+    assert [shape(e) for e in got] == [shape(e) for e in expected]
