@@ -219,3 +219,59 @@ def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Lines]]]:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+# -- logical decoding (WAL capture) ---------------------------------------------
+
+#: What a server needs for logical replication slots (the shared server runs
+#: wal_level=replica and is never reconfigured). Decoding reads flushed WAL
+#: only, and a throwaway server commits asynchronously (synchronous_commit =
+#: off), which would hold a commit back from a slot for up to 3 x
+#: wal_writer_delay: commits flush here.
+LOGICAL_SETTINGS = {
+    "wal_level": "logical",
+    "max_replication_slots": "20",
+    "max_wal_senders": "20",
+    "synchronous_commit": "on",
+}
+_logical_databases: list[str] = []  # made so far
+
+
+@pytest.fixture(scope="session")
+def logical_server() -> Iterator[ThrowawayServer]:
+    """A private server with wal_level=logical, started once per run."""
+    try:
+        server = start_private_postgres(LOGICAL_SETTINGS)
+    except RuntimeError as exc:
+        not_here(f"WAL tests NOT RUN: no server with wal_level=logical: {exc}")
+    yield server
+    server.destroy()
+
+
+@pytest.fixture()
+def logical_url(logical_server: ThrowawayServer) -> Iterator[str]:
+    """A fresh database on the logical server (``dbnotify_wal_<n>``),
+    dropped afterwards with the replication slots in it. Slots are
+    cluster-wide: a test names its slots after its database."""
+    name = f"dbnotify_wal_{len(_logical_databases) + 1}"
+    _logical_databases.append(name)
+    admin = psycopg2.connect(logical_server.url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+    try:
+        yield make_url(logical_server.url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(active_pid, %s) FROM pg_replication_slots "
+                "WHERE database = %s AND active_pid IS NOT NULL",
+                (int(WAIT * 1000), name),
+            )
+            cur.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE database = %s",
+                (name,),
+            )
+            cur.execute(pgsql.SQL("DROP DATABASE {} WITH (FORCE)").format(pgsql.Identifier(name)))
+        admin.close()
