@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 from flask import Flask
 from sqlalchemy.engine import make_url
 
-from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError
+from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError, table_truncated
 
 from ._helpers import SQL, WAIT, Lines, Recorder, app_factory, marker, poll_until
 
@@ -261,3 +262,101 @@ def test_the_leader_killed_mid_stream_loses_and_repeats_nothing(
         f"{len(got)} rows, repeated: {sorted({p for p in got if got.count(p) > 1})[:10]}, "
         f"missing: {sorted(set(range(1, total + 1)) - set(got))[:10]}"
     )
+
+
+def test_notify_on_a_connection_rides_in_the_transaction(
+    logical_url: str, wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """notify(connection=...) writes a message to the WAL, not a NOTIFY: it
+    arrives after the commit, among the transaction's rows, and not at all
+    if the transaction rolls back."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    conn = psycopg2.connect(logical_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO orders VALUES (1, 'tea', 1)")
+        ext.notify("shop", {"rolled": "back"}, connection=conn, app=app)
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO orders VALUES (2, 'milk', 1)")
+        ext.notify("shop", {"order": 2}, connection=conn, app=app)
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO orders VALUES (3, 'jam', 1)")
+        conn.commit()
+    finally:
+        conn.close()
+    got = events.wait_for(3)
+    assert [getattr(e, "pk", e) for e in got] == [2, {"order": 2}, 3]
+    events.assert_no_more(3, marker(ext, app))
+
+
+def test_truncate_arrives_as_table_truncated(wal_app: MakeApp, wal_sql: SQL) -> None:
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    truncated = Recorder()
+    with table_truncated.connected_to(truncated, sender="orders"):
+        ext.start(app)
+        wal_sql("INSERT INTO orders VALUES (1, 'tea', 1)")
+        wal_sql("TRUNCATE orders")
+        (event,) = truncated.wait_for(1, "the TRUNCATE")
+    assert event.op.value == "TRUNCATE" and isinstance(event.id, int)
+
+
+def test_once_receivers_and_status_in_wal_mode(wal_app: MakeApp, wal_sql: SQL) -> None:
+    """A once receiver runs for each event; status reports the slot, its
+    leader and its lag."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    handled = Recorder()
+
+    @ext.on("orders", once=True)
+    def record(event: ChangeEvent) -> None:
+        handled.add(event.pk)
+
+    ext.install_triggers(app)
+    ext.start(app)
+    wal_sql("INSERT INTO orders SELECT n, 'x', 1 FROM generate_series(1, 5) AS n")
+    assert sorted(handled.wait_for(5, "each event once")) == [1, 2, 3, 4, 5]
+    status = poll_until(
+        lambda: (
+            (s := ext.status(app)).health["slot"].endswith("WAL reserved")
+            and "leader pid" in s.health["slot"]
+            and s
+        ),
+        "status to show the leader",
+    )
+    assert status.watches == {"orders": "installed"}
+    assert status.health["slot lag"].endswith(" bytes")
+    assert not status.warnings, status.warnings
+
+
+def test_a_terminated_leader_session_resumes_without_loss(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """The server ends the leader's replication session (pg_terminate_backend)
+    between commits: the leader starts streaming again where the slot
+    stands; every row arrives once."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    wal_sql("INSERT INTO orders VALUES (1, 'a', 1)")
+    events.wait_for(1)
+    slot = app.config["DBNOTIFY_SLOT"]
+    for n in range(2, 6):
+        wal_sql(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND active_pid IS NOT NULL",
+            (slot,),
+        )
+        wal_sql("INSERT INTO orders VALUES (%s, 'a', 1)", (n,))
+    got = events.wait_for(5)
+    assert [e.pk for e in got] == [1, 2, 3, 4, 5]
+    events.assert_no_more(5, marker(ext, app))
