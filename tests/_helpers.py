@@ -571,15 +571,19 @@ class SQLiteDB:
         self.conn.close()
 
 
-def app_factory(url: str, prefix: str) -> tuple[MakeApp, list[tuple[Flask, DBNotify]]]:
+def app_factory(
+    url: str, prefix: str, **defaults: Any
+) -> tuple[MakeApp, list[tuple[Flask, DBNotify]]]:
     """A ``make_app`` building ``(app, dbnotify)`` on ``url`` with autostart
-    off unless asked for, and the list of what it made (to close afterwards)."""
+    off unless asked for (and ``defaults`` in its config), and the list of
+    what it made (to close afterwards)."""
     made: list[tuple[Flask, DBNotify]] = []
 
     def factory(**config: Any) -> tuple[Flask, DBNotify]:
         app = Flask(f"{prefix}_{len(made)}")
         app.config["DBNOTIFY_DATABASE_URI"] = url
         app.config["DBNOTIFY_AUTOSTART"] = False
+        app.config.update(defaults)
         app.config.update(config)
         ext = DBNotify(app)
         made.append((app, ext))
@@ -608,12 +612,18 @@ class Backend:
 
     def __init__(self, name: str, url: str, make_app: MakeApp, path: str | None = None) -> None:
         self.name, self.url, self.make_app, self.path = name, url, make_app, path
-        self.writer: SQL | SQLiteDB = SQL(url) if name == "postgresql" else SQLiteDB(str(path))
+        self.writer: SQL | SQLiteDB = SQLiteDB(str(path)) if name == "sqlite" else SQL(url)
         self._closing: list[Callable[[], None]] = []
 
     @property
     def pg(self) -> bool:
-        return self.name == "postgresql"
+        """PostgreSQL, with either capture."""
+        return self.name != "sqlite"
+
+    @property
+    def wal(self) -> bool:
+        """PostgreSQL with WAL capture: no trigger of ours."""
+        return self.name == "wal"
 
     def sql(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         if isinstance(self.writer, SQL) and params is not None:

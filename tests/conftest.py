@@ -143,17 +143,23 @@ def sqlite_app(sqlite_path: str) -> Iterator[Callable[..., tuple[Flask, DBNotify
 # -- either database -----------------------------------------------------------------
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=["postgresql", "wal", "sqlite"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """A fresh database of each kind in turn (a scratch PostgreSQL database,
-    a SQLite file in tmp_path), with apps on it and a writer of its own; see
+    """A fresh database of each kind in turn (a scratch PostgreSQL database
+    with triggers; one on the logical server with WAL capture; a SQLite file
+    in tmp_path), with apps on it and a writer of its own; see
     :class:`Backend`. Apps are closed and connections dropped afterwards."""
+    config = {}
     if request.param == "postgresql":
         url, path = request.getfixturevalue("pg_url"), None
+    elif request.param == "wal":
+        url, path = request.getfixturevalue("logical_url"), None
+        slot = "slot_" + str(make_url(url).database)
+        config = {"DBNOTIFY_CAPTURE": "wal", "DBNOTIFY_SLOT": slot}
     else:
         path = str(tmp_path / "app.db")
         url = "sqlite:///" + path
-    factory, made = app_factory(url, f"{request.param}_app")
+    factory, made = app_factory(url, f"{request.param}_app", **config)
     runner = Backend(request.param, url, factory, path)
     yield runner
     for app, ext in made:

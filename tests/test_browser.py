@@ -28,6 +28,9 @@ from .test_example_app import (
     running_example,
 )
 
+# Triggers mode and SQLite only: the example app chooses its capture itself.
+pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
+
 CHROMIUM = "/usr/bin/chromium"
 
 # Installed in the page once it has loaded; a reload would lose it.

@@ -23,6 +23,9 @@ from sqlalchemy.engine import make_url
 
 from ._helpers import WAIT, Backend, Lines, free_port
 
+# Triggers mode and SQLite only: the example app chooses its capture itself.
+pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
+
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = str(Path(sys.executable).parent / "flask")
 

@@ -196,7 +196,7 @@ class PostgreSQLFeed(Feed):
         fresh = [
             (row_id, body)
             for row_id, body in rows
-            if row_id not in self._seen and (cursor is None or (xid, row_id) > cursor)
+            if self._seen.get(row_id) != xid and (cursor is None or (xid, row_id) > cursor)
         ]
         for row_id, _ in fresh:
             self._seen[row_id] = xid
@@ -230,7 +230,11 @@ class PostgreSQLFeed(Feed):
             )
             for xid_text, row_id, body in rows:
                 xid = int(xid_text)
-                if self._seen.pop(row_id, None) is None and not self._committed_before(xid):
+                # A row is known by its id and transaction: a journal made
+                # anew (uninstall --everything, install) gives out ids again.
+                if self._seen.get(row_id) == xid:
+                    del self._seen[row_id]
+                elif not self._committed_before(xid):
                     items += decode_row(row_id, body)
                 self._cursor = (xid, row_id)
             if len(rows) < _CATCH_UP_BATCH:

@@ -50,8 +50,8 @@ class WalBackend(PostgreSQLBackend):
 
     def notify(self, connection: Any, channel: str, payload: str, durable: bool = False) -> None:
         if connection is None:
-            # At once: journaled and notified from its own session.
-            super().notify(None, channel, payload, durable=True)
+            # At once, from a session of our own: as in triggers mode.
+            super().notify(None, channel, payload, durable)
             return
         try:
             execute_on(connection, _EMIT, {"prefix": MESSAGE_PREFIX, "payload": payload})

@@ -89,6 +89,9 @@ class WalAdmin(PostgreSQLAdmin):
             (self.slot,),
         )
         published = {tuple(row) for row in cur.fetchall()}
+        defs = ident(self.schema, "dbnotify_wal_watches")
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (defs,))
+        have_defs = cur.fetchone()[0]
 
         def inspect(watch: Watch) -> Inspection:
             r = resolve(cur, watch)
@@ -98,14 +101,30 @@ class WalAdmin(PostgreSQLAdmin):
                 ([oid for oid, _, _ in r.tree],),
             )
             full = {row[0] for row in cur.fetchall()}
-            present: set[tuple[str, int]] = {("full", oid) for oid in full}
+            present: set[tuple[Any, ...]] = {("full", oid) for oid in full}
             if (r.schema, r.table) in published:
                 present.add(("published", r.oid))
-            wanted = {("published", r.oid)} | {("full", oid) for oid, _, _ in r.tree}
+            if have_defs:
+                cur.execute(
+                    f"SELECT head, ops, columns, when_changed FROM {defs} "
+                    "WHERE slot = %s AND watch = %s AND table_schema = %s AND table_name = %s",
+                    (self.slot, watch.name, r.schema, r.table),
+                )
+                present |= {("captures", *row[:2], *map(_listed, row[2:])) for row in cur}
+            if not present - {("full", oid) for oid in full}:
+                present = set()  # REPLICA IDENTITY FULL alone: another's, or left by uninstall
+            head, ops, columns, changed = ddl.definition(r)
+            captures = ("captures", head, ops, _listed(columns), _listed(changed))
+            wanted = {("published", r.oid), captures}
+            wanted |= {("full", oid) for oid, _, _ in r.tree}
             return present, wanted, []
 
         compare_watches(status, watches, inspect)
         return status
+
+
+def _listed(values: Any) -> tuple[str, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def _require_logical(cur: Any) -> None:

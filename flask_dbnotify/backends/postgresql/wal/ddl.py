@@ -47,10 +47,26 @@ def create_slot(slot: str) -> str:
     )
 
 
-def drop_slot(slot: str) -> str:
+def drop_slot(slot: str) -> list[str]:
+    """End the leader's session (its process retries, and finds no slot),
+    then drop the slot."""
+    where = f"FROM pg_catalog.pg_replication_slots WHERE slot_name = {literal(slot)}"
+    return [
+        f"SELECT pg_catalog.pg_terminate_backend(active_pid, 5000) {where} "
+        "AND active_pid IS NOT NULL",
+        f"SELECT pg_catalog.pg_drop_replication_slot(slot_name) {where}",
+    ]
+
+
+def definition(r: Resolved) -> tuple[str, str, list[str] | None, list[str] | None]:
+    """What a watch captures, as ``dbnotify_wal_watches`` records it:
+    (head, ops, columns, when_changed)."""
+    w = r.watch
     return (
-        "SELECT pg_catalog.pg_drop_replication_slot(slot_name) "
-        f"FROM pg_catalog.pg_replication_slots WHERE slot_name = {literal(slot)}"
+        json.dumps(head(r), ensure_ascii=False),
+        "".join(OPS[op] for op in w.operations if op in OPS),
+        None if w.columns is None else list(w.columns),
+        None if w.when_changed is None else list(w.when_changed),
     )
 
 
@@ -83,32 +99,31 @@ def install_plan(
     statements.append(f"DELETE FROM {watches} WHERE slot = {literal(slot)}")
     tables = []
     for r in resolved:
-        w = r.watch
-        ops = "".join(OPS[op] for op in w.operations if op in OPS)
+        head_text, ops, carried, changed = definition(r)
         values = [
             literal(slot),
-            literal(w.name),
+            literal(r.watch.name),
             literal(r.schema),
             literal(r.table),
-            literal(json.dumps(head(r), ensure_ascii=False)),
+            literal(head_text),
             literal(ops),
-            "NULL" if w.columns is None else text_array(list(w.columns)),
-            "NULL" if w.when_changed is None else text_array(list(w.when_changed)),
+            "NULL" if carried is None else text_array(carried),
+            "NULL" if changed is None else text_array(changed),
         ]
         statements.append(f"INSERT INTO {watches} VALUES ({', '.join(values)})")
         for _, table_schema, table in r.tree:
             statements.append(f"ALTER TABLE {ident(table_schema, table)} REPLICA IDENTITY FULL")
         tables.append(ident(r.schema, r.table))
+    # The watches' definitions are published too: the leader reads a change
+    # of them in its place among the data changes, and reloads them.
+    tables.append(watches)
     publication, listed = ident(slot), ", ".join(tables)
-    if publication_exists and tables:
+    if publication_exists:
         statements.append(f"ALTER PUBLICATION {publication} SET TABLE {listed}")
     else:
-        if publication_exists:
-            statements.append(f"DROP PUBLICATION {publication}")
         statements.append(
-            f"CREATE PUBLICATION {publication}"
-            + (f" FOR TABLE {listed}" if tables else "")
-            + " WITH (publish = 'insert, update, delete, truncate', "
+            f"CREATE PUBLICATION {publication} FOR TABLE {listed} "
+            "WITH (publish = 'insert, update, delete, truncate', "
             "publish_via_partition_root = true)"
         )
     statements.append(create_slot(slot))
@@ -119,12 +134,14 @@ def uninstall_plan(catalog: Catalog, schema: str, slot: str, everything: bool) -
     """Drop the publication, the slot and the watches' definitions (with
     ``everything``, every object of ours). ``REPLICA IDENTITY FULL`` stays:
     another replication may rely on it."""
+    # The slot first: a leader streaming it would stop at a missing
+    # publication, and lead again before the slot went.
     statements = [
+        *drop_slot(slot),
         f"DROP PUBLICATION IF EXISTS {ident(slot)}",
         f"DELETE FROM {ident(schema, 'dbnotify_wal_watches')} WHERE slot = {literal(slot)}"
         if "dbnotify_wal_watches" in catalog.tables
         else "",
-        drop_slot(slot),
     ]
     if everything:
         statements += [f"DROP TABLE IF EXISTS {ident(schema, name)}" for name in TABLES]

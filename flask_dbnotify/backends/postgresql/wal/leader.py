@@ -38,6 +38,8 @@ _limited = RateLimited(log, interval=60.0)
 RETRY = 1.0
 #: How often an idle leader tells the server where it stands.
 FEEDBACK_EVERY = 5.0
+#: The table of what each watch captures (published with the watched ones).
+DEFINITIONS = "dbnotify_wal_watches"
 #: The prefix of messages ``notify(connection=...)`` writes to the WAL.
 MESSAGE_PREFIX = "dbnotify"
 
@@ -197,6 +199,10 @@ class Stream:
             if record.end_lsn > self.relayed and self.changes and self.begin is not None:
                 self.relay.relay(self.changes, self.begin.commit_time, record.end_lsn)
                 self.relayed = record.end_lsn
+            if any(isinstance(c, Change) and c.relation.name == DEFINITIONS for c in self.changes):
+                # install-triggers changed what the watches capture: from
+                # the next transaction on, as it says.
+                self.relay.load_watches()
             self.flushed = max(self.flushed, record.end_lsn)
             self.changes, self.begin = [], None
             return True

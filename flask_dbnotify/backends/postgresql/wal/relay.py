@@ -79,6 +79,17 @@ class Relay:
 
     def load(self) -> int:
         """Read the watches and where the relay stands (an LSN, 0 if never)."""
+        self.load_watches()
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"SELECT (lsn - '0/0')::bigint FROM {self.wal} WHERE slot = %s", (self.slot,)
+            )
+            row = cur.fetchone()
+        self.conn.commit()
+        return int(row[0]) if row else 0
+
+    def load_watches(self) -> None:
+        """Read what each watch captures (again, after install changed it)."""
         with self.conn.cursor() as cur:
             cur.execute(
                 f"SELECT table_schema, table_name, watch, head, ops, columns, when_changed "
@@ -95,12 +106,7 @@ class Relay:
                 )
                 for schema, table, name, head, ops, columns, changed in cur.fetchall()
             }
-            cur.execute(
-                f"SELECT (lsn - '0/0')::bigint FROM {self.wal} WHERE slot = %s", (self.slot,)
-            )
-            row = cur.fetchone()
         self.conn.commit()
-        return int(row[0]) if row else 0
 
     def forget_types(self, relation: pgoutput.Relation) -> None:
         """A relation was described anew (its columns may have changed type)."""
