@@ -143,7 +143,25 @@ def sqlite_app(sqlite_path: str) -> Iterator[Callable[..., tuple[Flask, DBNotify
 # -- either database -----------------------------------------------------------------
 
 
-@pytest.fixture(params=["postgresql", "wal", "sqlite"])
+#: What the ``backend`` fixture runs a test on, unless the test (or its
+#: module) is marked ``@pytest.mark.backends(...)`` with fewer.
+BACKENDS = ("postgresql", "wal", "sqlite")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): run the backend fixture on these only (why, in a comment)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    metafunc.parametrize("backend", marker.args if marker else BACKENDS, indirect=True)
+
+
+@pytest.fixture()
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """A fresh database of each kind in turn (a scratch PostgreSQL database
     with triggers; one on the logical server with WAL capture; a SQLite file

@@ -29,7 +29,7 @@ from .test_example_app import (
 )
 
 # Triggers mode and SQLite only: the example app chooses its capture itself.
-pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
+pytestmark = pytest.mark.backends("postgresql", "sqlite")
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from ._helpers import WAIT, Backend, Lines, free_port
 
 # Triggers mode and SQLite only: the example app chooses its capture itself.
-pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
+pytestmark = pytest.mark.backends("postgresql", "sqlite")
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = str(Path(sys.executable).parent / "flask")
@@ -159,7 +159,7 @@ def test_outside_changes_reach_the_page(example: dict[str, Any]) -> None:
     assert json.loads(body) == [{"id": event["id"], "item": "green tea", "status": "packed"}]
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.backends("sqlite")
 def test_the_board_answers_forms_and_fetch(example: dict[str, Any]) -> None:
     """The page's forms work without JavaScript (a redirect back to the
     board) and with fetch() (the order as JSON); the list is newest first."""

@@ -31,7 +31,7 @@ from .apps import once_app
 
 # Triggers mode and SQLite only: its processes start with triggers mode's
 # settings. WAL mode's once receivers are tested in test_wal.py.
-pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
+pytestmark = pytest.mark.backends("postgresql", "sqlite")
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = 60.0  # the 1,000-event run may take this long on a slow machine

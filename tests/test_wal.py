@@ -360,3 +360,74 @@ def test_a_terminated_leader_session_resumes_without_loss(
     got = events.wait_for(5)
     assert [e.pk for e in got] == [1, 2, 3, 4, 5]
     events.assert_no_more(5, marker(ext, app))
+
+
+def test_a_schema_change_mid_stream_is_followed(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """Columns added, renamed and dropped between writes: each event carries
+    the columns its row had when it was written."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    wal_sql("INSERT INTO orders VALUES (1, 'tea', 1)")
+    wal_sql("ALTER TABLE orders ADD COLUMN note text DEFAULT 'n'")
+    wal_sql("INSERT INTO orders VALUES (2, 'milk', 2, 'fresh')")
+    wal_sql("ALTER TABLE orders RENAME COLUMN item TO product")
+    wal_sql("UPDATE orders SET qty = 3 WHERE id = 2")
+    wal_sql("ALTER TABLE orders DROP COLUMN note")
+    wal_sql("ALTER TABLE orders ALTER COLUMN qty TYPE numeric(6, 2)")
+    wal_sql("INSERT INTO orders VALUES (3, 'jam', 1.50)")
+    got = events.wait_for(4)
+    assert [e.new for e in got] == [
+        {"id": 1, "item": "tea", "qty": 1},
+        {"id": 2, "item": "milk", "qty": 2, "note": "fresh"},
+        {"id": 2, "product": "milk", "qty": 3, "note": "fresh"},
+        {"id": 3, "product": "jam", "qty": 1.5},
+    ]
+    assert got[2].old == {"id": 2, "product": "milk", "qty": 2, "note": "fresh"}
+    assert got[2].changed == {"qty"}
+    assert getattr(got[3].new["qty"], "text", None) == "1.50"  # numeric keeps its scale
+    events.assert_no_more(4, marker(ext, app))
+
+
+def test_a_role_with_no_grants_cannot_send_a_journaled_message(
+    logical_url: str, wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """In WAL mode a message sent in a transaction is journaled, so it is
+    trusted like a durable one (DBNOTIFY_FAST_MESSAGES=False accepts it).
+    A role with no grants can neither write the messages table nor pass a
+    message off through pg_logical_emit_message(), which any role may
+    call: what it emits is not relayed."""
+    wal_sql(ORDERS)
+    app, ext = wal_app(DBNOTIFY_FAST_MESSAGES=False)
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    role = "nogrant_" + str(make_url(logical_url).database)
+    wal_sql(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        forged = '{"v": 1, "m": "shop", "p": "forged"}'
+        intruder = SQL(make_url(logical_url).set(username=role).render_as_string())
+        try:
+            intruder("SELECT pg_logical_emit_message(true, 'dbnotify', %s)", (forged,))
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                intruder("INSERT INTO dbnotify_wal_messages (body) VALUES (%s)", (forged,))
+        finally:
+            intruder.close()
+        conn = psycopg2.connect(logical_url)
+        try:
+            ext.notify("shop", "real", connection=conn, app=app)
+            conn.commit()
+        finally:
+            conn.close()
+        # A row after all that (fast messages, the usual marker, are refused here).
+        wal_sql("INSERT INTO orders VALUES (1, 'after', 1)")
+        got = events.wait_for(2, "the app's own message, then the row")
+        assert got[0] == "real" and got[1].pk == 1, got
+        assert len(events.items) == 2, events.items
+    finally:
+        wal_sql(f'DROP OWNED BY "{role}"')
+        wal_sql(f'DROP ROLE "{role}"')

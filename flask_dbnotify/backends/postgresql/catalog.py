@@ -31,6 +31,7 @@ _TABLES = {
     # WAL capture: where the relay stands, and what each watch captures.
     "dbnotify_wal": {"slot", "lsn", "relayed_at"},
     "dbnotify_wal_watches": {"slot", "watch", "head", "ops"},
+    "dbnotify_wal_messages": {"id", "body"},
 }
 #: Tables of earlier versions that are no longer used.
 _LEGACY_TABLES = {"dbnotify_payload": {"id", "created_at", "body"}}

@@ -17,14 +17,17 @@ from ....errors import DBNotifyError
 from ...base import Feed, Stream
 from ...common import execute_on, parse_url
 from .. import PostgreSQLBackend
+from ..common import ident
 from ..connection import connect_kwargs
 from ..journal import PostgreSQLFeed
 from .admin import WalAdmin
-from .leader import MESSAGE_PREFIX, Leader
+from .ddl import MESSAGES
+from .leader import Leader
 
-#: A message in the writer's transaction: in the WAL at its commit, with
-#: no NOTIFY (which would serialise every notifying commit).
-_EMIT = "SELECT pg_logical_emit_message(true, %(prefix)s, %(payload)s)"
+#: A message in the writer's transaction: a row of a published table that
+#: only the app's role may write (not pg_logical_emit_message(), which any
+#: role may call), and no NOTIFY (which would serialise notifying commits).
+_MESSAGE = "INSERT INTO {} (body) VALUES (%(payload)s)"
 
 
 class WalBackend(PostgreSQLBackend):
@@ -54,7 +57,8 @@ class WalBackend(PostgreSQLBackend):
             super().notify(None, channel, payload, durable)
             return
         try:
-            execute_on(connection, _EMIT, {"prefix": MESSAGE_PREFIX, "payload": payload})
+            messages = ident(self.schema, MESSAGES)
+            execute_on(connection, _MESSAGE.format(messages), {"payload": payload})
         except sa.exc.DBAPIError as exc:
             raise DBNotifyError(f"notify() failed: {exc.orig}") from exc
 

@@ -20,7 +20,11 @@ from ..catalog import Catalog, Resolved
 from ..common import MARKER, ident, literal, text_array
 from ..ddl import drop_trigger, drop_unused, shared_sql
 
-#: Where the relay stands (one row per slot), and what each watch captures.
+#: The table ``notify(connection=...)`` writes to: published, relayed into
+#: the journal like the watched tables' rows, deleted as relayed.
+MESSAGES = "dbnotify_wal_messages"
+#: Where the relay stands (one row per slot), what each watch captures, and
+#: messages on their way.
 TABLES = {
     "dbnotify_wal": "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz NOT NULL",
     "dbnotify_wal_watches": (
@@ -28,6 +32,7 @@ TABLES = {
         "table_name text NOT NULL, head text NOT NULL, ops text NOT NULL, "
         "columns text[], when_changed text[], PRIMARY KEY (slot, watch)"
     ),
+    MESSAGES: "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text NOT NULL",
 }
 OPS = {Operation.INSERT: "I", Operation.UPDATE: "U", Operation.DELETE: "D"}
 
@@ -116,7 +121,7 @@ def install_plan(
         tables.append(ident(r.schema, r.table))
     # The watches' definitions are published too: the leader reads a change
     # of them in its place among the data changes, and reloads them.
-    tables.append(watches)
+    tables += [watches, ident(schema, MESSAGES)]
     publication, listed = ident(slot), ", ".join(tables)
     if publication_exists:
         statements.append(f"ALTER PUBLICATION {publication} SET TABLE {listed}")

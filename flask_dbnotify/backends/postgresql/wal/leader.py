@@ -29,7 +29,8 @@ import psycopg2.extras
 from ...._log import RateLimited
 from ...common import reason
 from .. import pgoutput
-from .relay import Change, Relay, Truncated
+from .ddl import MESSAGES
+from .relay import Change, Relay, Sent, Truncated
 
 log = logging.getLogger(__name__)
 _limited = RateLimited(log, interval=60.0)
@@ -40,8 +41,6 @@ RETRY = 1.0
 FEEDBACK_EVERY = 5.0
 #: The table of what each watch captures (published with the watched ones).
 DEFINITIONS = "dbnotify_wal_watches"
-#: The prefix of messages ``notify(connection=...)`` writes to the WAL.
-MESSAGE_PREFIX = "dbnotify"
 
 
 class Leader:
@@ -169,7 +168,11 @@ class Stream:
         elif isinstance(record, pgoutput.Begin):
             self.begin, self.changes = record, []
         elif isinstance(record, pgoutput.Insert):
-            self.changes.append(Change(self.relations[record.relation_oid], "I", record.new, None))
+            relation = self.relations[record.relation_oid]
+            if relation.name == MESSAGES and relation.schema == self.relay.schema:
+                self.changes.append(Sent(record.new[0], record.new[1]))
+            else:
+                self.changes.append(Change(relation, "I", record.new, None))
         elif isinstance(record, pgoutput.Update):
             relation = self.relations[record.relation_oid]
             old = record.old if record.old is not None else record.key
@@ -192,9 +195,6 @@ class Stream:
                 if oid in self.relations
             ]
             self.changes.append(Truncated(tables))
-        elif isinstance(record, pgoutput.Message):
-            if record.transactional and record.prefix == MESSAGE_PREFIX:
-                self.changes.append(record)
         elif isinstance(record, pgoutput.Commit):
             if record.end_lsn > self.relayed and self.changes and self.begin is not None:
                 self.relay.relay(self.changes, self.begin.commit_time, record.end_lsn)

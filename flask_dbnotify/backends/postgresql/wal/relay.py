@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import pgoutput
 from ..common import CHANNEL, ident, literal
+from .ddl import MESSAGES
 
 #: The relay's position, one row per slot.
 _RECORD = (
@@ -52,6 +53,14 @@ class Change:
 
 
 @dataclass
+class Sent:
+    """A row of the messages table: what ``notify(connection=...)`` sent."""
+
+    id: Any
+    body: Any
+
+
+@dataclass
 class Truncated:
     """A TRUNCATE, its tables named (as the leader's relations know them)."""
 
@@ -72,6 +81,8 @@ class Relay:
         self.journal = ident(schema, "dbnotify_journal")
         self.wal = ident(schema, "dbnotify_wal")
         self.watches_table = ident(schema, "dbnotify_wal_watches")
+        self.messages = ident(schema, MESSAGES)
+        self.schema = schema
         self.watches: dict[tuple[str, str], WatchDef] = {}
         self._types: dict[tuple[int, int], str] = {}
 
@@ -131,7 +142,7 @@ class Relay:
 
     def relay(
         self,
-        changes: Sequence[Change | Truncated | pgoutput.Message],
+        changes: Sequence[Change | Truncated | Sent],
         commit_time: datetime,
         end_lsn: int,
     ) -> int:
@@ -160,12 +171,16 @@ class Relay:
 
     def _write(self, cur: Any, run: list[Any], ts: str) -> list[int]:
         first = run[0]
-        if isinstance(first, pgoutput.Message):
+        if isinstance(first, Sent):
+            cur.execute(
+                f"DELETE FROM {self.messages} WHERE id = ANY(%s::bigint[])",
+                ([int(m.id) for m in run],),
+            )
             cur.execute(
                 f"INSERT INTO {self.journal} (body) "
                 "SELECT m FROM unnest(%s::text[]) WITH ORDINALITY AS x(m, n) "
                 "ORDER BY n RETURNING id",
-                ([m.content.decode() for m in run],),
+                ([m.body for m in run],),
             )
             return [row[0] for row in cur.fetchall()]
         if isinstance(first, Truncated):
