@@ -126,6 +126,13 @@ class Leader:
             )
         except psycopg2.errors.ObjectInUse:
             return  # Another process leads.
+        except psycopg2.errors.UndefinedObject:
+            _limited.warning(
+                "WAL capture: the replication slot %s does not exist: run `flask dbnotify "
+                "install-triggers` (what was committed while it was missing is not delivered)",
+                self.slot,
+            )
+            return
         self.leading = True
         log.info("WAL capture: this process leads slot %s", self.slot)
         Stream(cur, relay, relayed).run(stop)
