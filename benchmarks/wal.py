@@ -66,7 +66,7 @@ from flask import Flask
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flask_dbnotify import DBNotify  # noqa: E402
+from flask_dbnotify import DBNotify, events_dropped  # noqa: E402
 
 TABLES = {"plain": "bw_plain", "fast": "bw_fast", "durable": "bw_durable", "wal": "bw_wal"}
 WATCHED = ("fast", "durable", "wal")
@@ -93,6 +93,10 @@ class Times:
         self.times: dict[tuple[str, int], float] = {}
         self.count: dict[str, int] = dict.fromkeys(WATCHED, 0)
         self.last: dict[str, float] = dict.fromkeys(WATCHED, 0.0)
+        #: Events a listener dropped (its queue full), counted for the
+        #: contender being measured: only its table is written meanwhile.
+        self.dropped: dict[str, int] = dict.fromkeys(WATCHED, 0)
+        self.current = ""
         self._want: tuple[str, int, int | None] | None = None
 
     def add(self, name: str, pk: int | None, at: float, n: int = 1) -> None:
@@ -101,10 +105,23 @@ class Times:
                 self.times[(name, pk)] = at
             self.count[name] += n
             self.last[name] = max(self.last[name], at)
-            want = self._want
-            if want is not None and want[0] == name:
-                if (want[1] and pk == want[1]) or (want[2] and self.count[name] >= want[2]):
-                    self.cond.notify_all()
+            self._wake(name, pk)
+
+    def drop(self, n: int) -> None:
+        with self.cond:
+            if self.current in self.dropped:
+                self.dropped[self.current] += n
+                self._wake(self.current, None)
+
+    def _wake(self, name: str, pk: int | None) -> None:
+        want = self._want
+        if want is not None and want[0] == name:
+            if (want[1] and pk == want[1]) or (want[2] and self.done(name) >= want[2]):
+                self.cond.notify_all()
+
+    def done(self, name: str) -> int:
+        """Events received or dropped."""
+        return self.count[name] + self.dropped[name]
 
     def wait_key(self, name: str, pk: int, timeout: float) -> float:
         with self.cond:
@@ -120,7 +137,7 @@ class Times:
         with self.cond:
             self._want = (name, 0, n)
             try:
-                return self.cond.wait_for(lambda: self.count[name] >= n, timeout)
+                return self.cond.wait_for(lambda: self.done(name) >= n, timeout)
             finally:
                 self._want = None
 
@@ -129,11 +146,13 @@ class Times:
             self.times.clear()
             self.count = dict.fromkeys(WATCHED, 0)
             self.last = dict.fromkeys(WATCHED, 0.0)
+            self.dropped = dict.fromkeys(WATCHED, 0)
 
 
-def make_apps(url: str, record: Any) -> list[tuple[Flask, DBNotify]]:
+def make_apps(url: str, record: Any, dropped: Any) -> list[tuple[Flask, DBNotify]]:
     """The two apps: triggers mode (fast and durable watches) and WAL mode;
-    ``record(name, pk, at)`` called by each watch's ``on()`` receiver."""
+    ``record(name, pk, at)`` called by each watch's ``on()`` receiver,
+    ``dropped(count)`` when either listener drops events."""
     triggers = Flask("bench_triggers")
     triggers.config.update(
         DBNOTIFY_DATABASE_URI=url, DBNOTIFY_AUTOSTART=False, DBNOTIFY_CHECK_TRIGGERS=False
@@ -160,6 +179,8 @@ def make_apps(url: str, record: Any) -> list[tuple[Flask, DBNotify]]:
             record(name, event.pk, time.time())
 
         ext.on(TABLES[name], "insert")(receiver)
+    for app in (triggers, wal):
+        events_dropped.connect_via(app)(lambda sender, count, **extra: dropped(count))
     return [(triggers, t_ext), (wal, w_ext)]
 
 
@@ -175,7 +196,10 @@ def child(url: str) -> None:
         with lock:
             pending.append((name, pk, at))
 
-    apps = make_apps(url, record)
+    def dropped(count: int) -> None:
+        os.write(1, json.dumps({"dropped": count}).encode() + b"\n")
+
+    apps = make_apps(url, record, dropped)
     for app, ext in apps:
         ext.start(app)
     os.write(1, b'{"ready": true}\n')
@@ -230,6 +254,8 @@ class Child:
             msg = json.loads(line)
             if "ready" in msg:
                 self.ready.set()
+            elif "dropped" in msg:
+                self.times.drop(msg["dropped"])
             elif "c" in msg:
                 self.times.add(msg["n"], None, msg["t"], msg["c"])
             else:
@@ -325,6 +351,12 @@ def skip_backlog(wal_app: tuple[Flask, DBNotify], cur: Any, here: Times) -> int:
             return leader
 
 
+def per_second(rows: int, took: list[float]) -> str:
+    """Events/s over the median time, or that they were all there first."""
+    median = statistics.median(took)
+    return f"{rows / median:,.0f}" if median > 0 else "at commit"
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -362,7 +394,7 @@ def main() -> None:
         for table in TABLES.values():
             cur.execute(f"CREATE TABLE {table} {COLUMNS}")
         here = Times()
-        apps = make_apps(url, here.add)
+        apps = make_apps(url, here.add, here.drop)
         for app, ext in apps:
             ext.install_triggers(app)
         for app, ext in apps:
@@ -384,17 +416,20 @@ def main() -> None:
         at_end: dict[str, list[float]] = {name: [] for name in WATCHED}
         after: dict[str, list[float]] = {name: [] for name in WATCHED}
         late: dict[str, list[float]] = {name: [] for name in WATCHED}
+        lost = dict.fromkeys(WATCHED, 0)
         order = list(TABLES)
         for r in range(args.rounds):
             shuffle.shuffle(order)
             for name in order:
                 here.reset()
+                here.current = name
                 value, done = pgbench(server, scripts[name], args.seconds)
                 ended, delivered = time.time(), here.count.get(name, 0)
                 tps[name].append(value)
                 if name not in WATCHED:
                     continue
                 at_end[name].append(delivered / done)
+                lost[name] += here.dropped[name]
                 # The rest, before the next contender runs: drained (and
                 # the rate it was delivered at), or, with a backlog that
                 # would take long, its rate over CATCH_UP seconds, then the
@@ -439,24 +474,27 @@ def main() -> None:
 
         # 3. One large INSERT.
         statement: dict[str, list[float]] = {name: [] for name in TABLES}
-        rate_here: dict[str, list[float]] = {name: [] for name in WATCHED}
-        rate_other: dict[str, list[float]] = {name: [] for name in WATCHED}
+        # Seconds from the commit to the last event (fast events may all
+        # arrive before the writer hears that its commit is done).
+        took_here: dict[str, list[float]] = {name: [] for name in WATCHED}
+        took_other: dict[str, list[float]] = {name: [] for name in WATCHED}
         order = list(TABLES)
         for _ in range(args.bulk_rounds):
             shuffle.shuffle(order)
             for name in order:
                 here.reset()
                 other.times.reset()
+                here.current = other.times.current = name
                 start = time.perf_counter()
                 cur.execute(BULK.format(TABLES[name]), (args.rows,))
                 statement[name].append(time.perf_counter() - start)
                 committed = time.time()
                 if name not in WATCHED:
                     continue
-                for times, rates in ((here, rate_here), (other.times, rate_other)):
+                for times, took in ((here, took_here), (other.times, took_other)):
                     if not times.wait_count(name, args.rows, 600):
                         raise SystemExit(f"{name}: {times.count[name]} of {args.rows} in 600 s")
-                    rates[name].append(args.rows / (times.last[name] - committed))
+                    took[name].append(times.last[name] - committed)
         if slot_pid(cur) != leader:
             print("NOTE: the leader changed during the run")
     finally:
@@ -493,6 +531,11 @@ def main() -> None:
         print(f" over at most {CATCH_UP:.0f} s, after which the WAL slot is moved past the rest)")
     else:
         print(" until it had arrived)")
+    for name in WATCHED:
+        if lost[name]:
+            print(
+                f"{name}: {lost[name]:,} events dropped, a listener's queue full (events_dropped)"
+            )
     print()
     n = args.rounds * args.singles
     print(f"Commit-to-receiver latency, 1-row autocommit INSERTs, {n} per contender; ms")
@@ -510,11 +553,10 @@ def main() -> None:
     base = med(statement["plain"])
     for name in TABLES:
         s = med(statement[name])
-        speeds = (
-            f"{med(rate_here[name]):14,.0f} {med(rate_other[name]):9,.0f}"
-            if name in WATCHED
-            else f"{'-':>14} {'-':>9}"
-        )
+        speeds = f"{'-':>14} {'-':>9}"
+        if name in WATCHED:
+            here_rate = per_second(args.rows, took_here[name])
+            speeds = f"{here_rate:>14} {per_second(args.rows, took_other[name]):>9}"
         print(f"{name:8} {s * 1000:10.0f} {s / base:8.2f}x {speeds}")
 
 
