@@ -9,9 +9,11 @@ its own table with ratios (see docs/benchmarks.rst for today's figures):
 - memory.py:     a listener's RSS over a million events
 - processes.py:  one vs eight listening processes
 - write_cost.py: what each capture costs writers, in the same rounds
+- wal.py:        triggers against WAL capture (a throwaway server of its own)
 
 PostgreSQL scripts use $DBNOTIFY_BENCH_URL (default: the local server's
-``test`` database) and create their own tables there.
+``test`` database) and create their own tables there; wal.py needs
+``wal_level = logical`` and starts a throwaway server instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import os
 import subprocess
 import sys
 
-SCRIPTS = ["postgresql.py", "sqlite.py", "durable.py", "memory.py", "processes.py", "write_cost.py"]
+SCRIPTS = [
+    "postgresql.py",
+    "sqlite.py",
+    "durable.py",
+    "memory.py",
+    "processes.py",
+    "write_cost.py",
+    "wal.py",
+]
 
 
 def main() -> int:
