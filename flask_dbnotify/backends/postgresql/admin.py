@@ -76,8 +76,8 @@ class PostgreSQLAdmin(Admin):
         def work(cur: Any) -> Status:
             status = self._compare(cur, watches)
             if health:
-                _health(cur, self.schema, status)
-                _check_listen_url(cur, self.listen_where, self.connect, status)
+                report_health(cur, self.schema, status)
+                check_listen_url(cur, self.listen_where, self.connect, status)
             return status
 
         return self.db.cursor(work)
@@ -126,7 +126,7 @@ class PostgreSQLAdmin(Admin):
         return status
 
 
-def _health(cur: Any, schema: str, status: Status) -> None:
+def report_health(cur: Any, schema: str, status: Status) -> None:
     health = status.health
     cur.execute("SELECT pg_notification_queue_usage()")
     health["notification queue"] = f"{cur.fetchone()[0]:.2%} used"
@@ -159,7 +159,7 @@ def _health(cur: Any, schema: str, status: Status) -> None:
     add_once_health(health, rows, cur.fetchall())
 
 
-def _check_listen_url(cur: Any, listen_where: str, connect: dict[str, Any], status: Status) -> None:
+def check_listen_url(cur: Any, listen_where: str, connect: dict[str, Any], status: Status) -> None:
     """Whether a session at the listener's URL is in our database and
     receives a notification sent from this one (``cur``'s session), as
     the listener's must: a pooler in transaction or statement mode

@@ -18,7 +18,6 @@ from ...base import Feed, Stream
 from ...common import execute_on, parse_url
 from .. import PostgreSQLBackend
 from ..common import ident
-from ..connection import connect_kwargs
 from ..journal import PostgreSQLFeed
 from .admin import WalAdmin
 from .ddl import MESSAGES
@@ -38,8 +37,6 @@ class WalBackend(PostgreSQLBackend):
     def __init__(self, url: sa.URL, listen_url: sa.URL, schema: str, slot: str) -> None:
         super().__init__(url, listen_url, schema)
         self.slot = slot
-        #: psycopg2.connect() arguments for the application's database.
-        self.db_kwargs = connect_kwargs(url)
         self.admin = WalAdmin(self.db, schema, self.listen_where, self.connect_kwargs, slot)
 
     @classmethod
@@ -71,7 +68,9 @@ class WalFeed(PostgreSQLFeed):
 
     def __init__(self, backend: WalBackend) -> None:
         super().__init__(backend)
-        self.leader = Leader(backend.db_kwargs, backend.schema, backend.slot)
+        # The listener's URL: the server itself, or a session-pooled address
+        # (a pooler in transaction mode cannot carry a replication session).
+        self.leader = Leader(backend.connect_kwargs, backend.schema, backend.slot)
 
     def open_stream(self, settings: Any) -> Stream:
         stream = super().open_stream(settings)

@@ -37,6 +37,9 @@ _limited = RateLimited(log, interval=60.0)
 
 #: How often a process that does not lead tries to.
 RETRY = 1.0
+#: A batch is relayed once it holds this many changes, or when the stream
+#: pauses.
+BATCH_ROWS = 20000
 #: How often an idle leader tells the server where it stands.
 FEEDBACK_EVERY = 5.0
 #: The table of what each watch captures (published with the watched ones).
@@ -102,7 +105,24 @@ class Leader:
                 self._conns = []
             stop.wait(RETRY)
 
+    def _slot_taken(self) -> bool:
+        """Whether another session streams the slot (one short connection,
+        rather than a relay and a replication connection each time)."""
+        conn = psycopg2.connect(**self.connect, application_name="flask-dbnotify relay")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                    (self.slot,),
+                )
+                row = cur.fetchone()
+            return bool(row and row[0])
+        finally:
+            conn.close()
+
     def _lead(self, stop: threading.Event) -> None:
+        if self._slot_taken():
+            return  # Another process leads.
         relay_conn = psycopg2.connect(**self.connect, application_name="flask-dbnotify relay")
         self._conns.append(relay_conn)
         relay = Relay(relay_conn, self.schema, self.slot)
@@ -139,15 +159,22 @@ class Leader:
 
 
 class Stream:
-    """One leader's reading of the slot, transaction by transaction."""
+    """One leader's reading of the slot. Committed transactions are relayed
+    in batches: everything that has arrived when the stream pauses, or
+    :data:`BATCH_ROWS` changes, in one relay transaction, whose commit then
+    confirms the last one's position."""
 
     def __init__(self, cur: Any, relay: Relay, relayed: int) -> None:
         self.cur = cur
         self.relay = relay
         self.relayed = relayed
         self.relations: dict[int, pgoutput.Relation] = {}
+        #: The current transaction's changes, and its commit time as text.
         self.changes: list[Any] = []
-        self.begin: pgoutput.Begin | None = None
+        self.ts = ""
+        #: Committed transactions' changes not relayed yet, and the last end.
+        self.pending: list[Any] = []
+        self.pending_end = 0
         self.flushed = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -156,34 +183,44 @@ class Stream:
         last_feedback = time.monotonic()
         while not stop.is_set():
             message = cur.read_message()
-            if message is None:
-                if time.monotonic() - last_feedback >= FEEDBACK_EVERY:
-                    cur.send_feedback(flush_lsn=self.flushed)
-                    last_feedback = time.monotonic()
-                select.select([conn], [], [], 0.5)
-                continue
-            if self.handle(pgoutput.parse(message.payload)):
+            if message is not None:
+                self.handle(pgoutput.parse(message.payload))
+                if len(self.pending) < BATCH_ROWS:
+                    continue
+            if self.flush() or time.monotonic() - last_feedback >= FEEDBACK_EVERY:
                 cur.send_feedback(flush_lsn=self.flushed)
                 last_feedback = time.monotonic()
+            if message is None:
+                select.select([conn], [], [], 0.5)
 
-    def handle(self, record: pgoutput.Record) -> bool:
-        """Take one record; True when a transaction ended (and the position
-        may be confirmed)."""
+    def flush(self) -> bool:
+        """Relay what is pending; whether the position moved."""
+        if self.pending_end <= self.flushed:
+            return False
+        if self.pending:
+            self.relay.relay(self.pending, self.pending_end)
+            self.relayed = self.pending_end
+        self.flushed, self.pending = self.pending_end, []
+        return True
+
+    def handle(self, record: pgoutput.Record) -> None:
+        """Take one record."""
         if isinstance(record, pgoutput.Relation):
             self.relations[record.oid] = record
             self.relay.forget_types(record)
         elif isinstance(record, pgoutput.Begin):
-            self.begin, self.changes = record, []
+            self.changes = []
+            self.ts = f"{record.commit_time.timestamp():.6f}"
         elif isinstance(record, pgoutput.Insert):
             relation = self.relations[record.relation_oid]
             if relation.name == MESSAGES and relation.schema == self.relay.schema:
-                self.changes.append(Sent(record.new[0], record.new[1]))
+                self.changes.append(Sent(record.new[0], record.new[1], self.ts))
             else:
-                self.changes.append(Change(relation, "I", record.new, None))
+                self.changes.append(Change(relation, "I", record.new, None, self.ts))
         elif isinstance(record, pgoutput.Update):
             relation = self.relations[record.relation_oid]
-            old = record.old if record.old is not None else record.key
-            if old is None or record.old is None:
+            old = record.old
+            if old is None:
                 _limited.warning(
                     "WAL capture: %s.%s has no REPLICA IDENTITY FULL: UPDATEs arrive without "
                     "their old row; run `flask dbnotify install-triggers`",
@@ -191,26 +228,28 @@ class Stream:
                     relation.name,
                 )
                 old = tuple(None for _ in record.new)
-            self.changes.append(Change(relation, "U", record.new, old))
+            self.changes.append(Change(relation, "U", record.new, old, self.ts))
         elif isinstance(record, pgoutput.Delete):
             old = record.old if record.old is not None else record.key
-            self.changes.append(Change(self.relations[record.relation_oid], "D", None, old))
+            relation = self.relations[record.relation_oid]
+            self.changes.append(Change(relation, "D", None, old, self.ts))
         elif isinstance(record, pgoutput.Truncate):
             tables = [
                 (self.relations[oid].schema, self.relations[oid].name)
                 for oid in record.relation_oids
                 if oid in self.relations
             ]
-            self.changes.append(Truncated(tables))
+            self.changes.append(Truncated(tables, self.ts))
         elif isinstance(record, pgoutput.Commit):
-            if record.end_lsn > self.relayed and self.changes and self.begin is not None:
-                self.relay.relay(self.changes, self.begin.commit_time, record.end_lsn)
-                self.relayed = record.end_lsn
-            if any(isinstance(c, Change) and c.relation.name == DEFINITIONS for c in self.changes):
-                # install-triggers changed what the watches capture: from
-                # the next transaction on, as it says.
-                self.relay.load_watches()
-            self.flushed = max(self.flushed, record.end_lsn)
-            self.changes, self.begin = [], None
-            return True
-        return False
+            self.commit(record)
+
+    def commit(self, record: pgoutput.Commit) -> None:
+        if record.end_lsn > self.relayed:
+            self.pending += self.changes
+        self.pending_end = max(self.pending_end, record.end_lsn)
+        if any(isinstance(c, Change) and c.relation.name == DEFINITIONS for c in self.changes):
+            # install-triggers changed what the watches capture: relay what
+            # came before it as it was, then read them anew.
+            self.flush()
+            self.relay.load_watches()
+        self.changes = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from .. import pgoutput
@@ -50,6 +49,8 @@ class Change:
     op: str  # I, U or D
     new: pgoutput.Values | None
     old: pgoutput.Values | None
+    #: Its transaction's commit time, in seconds since the epoch, as text.
+    ts: str
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Sent:
 
     id: Any
     body: Any
+    ts: str
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Truncated:
     """A TRUNCATE, its tables named (as the leader's relations know them)."""
 
     tables: list[tuple[str, str]]
+    ts: str
 
 
 def lsn_text(lsn: int) -> str:
@@ -138,22 +141,17 @@ class Relay:
                     self._types[(int(t), int(m))] = name
         return [self._types[k] for k in wanted]
 
-    # -- one transaction ----------------------------------------------------
+    # -- a batch of transactions -------------------------------------------
 
-    def relay(
-        self,
-        changes: Sequence[Change | Truncated | Sent],
-        commit_time: datetime,
-        end_lsn: int,
-    ) -> int:
-        """Append ``changes`` to the journal and record ``end_lsn``, in one
-        transaction; return how many journal rows were written."""
-        ts = f"{commit_time.timestamp():.6f}"
+    def relay(self, changes: Sequence[Change | Truncated | Sent], end_lsn: int) -> int:
+        """Append ``changes`` (of one or more committed transactions, in
+        commit order) to the journal and record ``end_lsn``, the last one's
+        end, in one transaction; return how many journal rows were written."""
         ids: list[int] = []
         try:
             with self.conn.cursor() as cur:
                 for run in _runs(changes):
-                    ids += self._write(cur, run, ts)
+                    ids += self._write(cur, run)
                 cur.execute(
                     _RECORD.format(wal=self.wal), {"slot": self.slot, "lsn": lsn_text(end_lsn)}
                 )
@@ -169,7 +167,7 @@ class Relay:
             raise
         return len(ids)
 
-    def _write(self, cur: Any, run: list[Any], ts: str) -> list[int]:
+    def _write(self, cur: Any, run: list[Any]) -> list[int]:
         first = run[0]
         if isinstance(first, Sent):
             cur.execute(
@@ -184,19 +182,19 @@ class Relay:
             )
             return [row[0] for row in cur.fetchall()]
         if isinstance(first, Truncated):
-            return self._truncate(cur, run, ts)
+            return self._truncate(cur, run)
         watch = self.watches.get((first.relation.schema, first.relation.name))
         if watch is None or first.op not in watch.ops:
             return []
-        return self._rows(cur, watch, first.relation, first.op, run, ts)
+        return self._rows(cur, watch, first.relation, first.op, run)
 
-    def _truncate(self, cur: Any, run: list[Truncated], ts: str) -> list[int]:
+    def _truncate(self, cur: Any, run: list[Truncated]) -> list[int]:
         bodies = []
         for truncate in run:
             for schema, name in truncate.tables:
                 watch = self.watches.get((schema, name))
                 if watch is not None:
-                    head = {**watch.head, "o": "T", "ts": float(ts)}
+                    head = {**watch.head, "o": "T", "ts": float(truncate.ts)}
                     bodies.append((watch.name, json.dumps(head, ensure_ascii=False)))
         if not bodies:
             return []
@@ -215,7 +213,6 @@ class Relay:
         relation: pgoutput.Relation,
         op: str,
         run: list[Change],
-        ts: str,
     ) -> list[int]:
         names = [c.name for c in relation.columns]
         types = self.type_names(relation)
@@ -228,6 +225,7 @@ class Relay:
         rows_new: list[list[Any]] = [[] for _ in carried]
         rows_old: list[list[Any]] = [[] for _ in carried]
         changed: list[str] = []
+        stamps: list[str] = []
         for change in run:
             new, old = change.new, change.old
             if op == "U":
@@ -241,6 +239,7 @@ class Relay:
                 if watch.when_changed and not differ & set(watch.when_changed):
                     continue
                 changed.append(json.dumps(sorted(differ, key=names.index), ensure_ascii=False))
+            stamps.append(change.ts)
             for slot, i in enumerate(carried):
                 if new is not None:
                     rows_new[slot].append(new[i])
@@ -249,11 +248,10 @@ class Relay:
         count = len(rows_new[0] if op != "D" else rows_old[0]) if carried else 0
         if not count:
             return []
-        head = {**watch.head, "o": op, "ts": float(ts)}
-        prefix = json.dumps(head, ensure_ascii=False)[:-1] + ', "r": ['
-        params: dict[str, Any] = {"w": watch.name, "prefix": prefix}
+        head = json.dumps({**watch.head, "o": op}, ensure_ascii=False)[:-1] + ', "ts": '
+        params: dict[str, Any] = {"w": watch.name, "head": head, "ts": stamps}
         columns = [(names[i], types[i]) for i in carried]
-        arrays, aliases = [], []
+        arrays, aliases = ["%(ts)s::text[]"], ["ts"]
         for side, values in (("n", rows_new), ("o", rows_old)):
             if (side == "n" and op == "D") or (side == "o" and op == "I"):
                 continue
@@ -274,7 +272,7 @@ class Relay:
             row = _object(columns, "n" if op == "I" else "o")
         cur.execute(
             f"INSERT INTO {self.journal} (watch, body) "
-            f"SELECT %(w)s, %(prefix)s || {row} || ']}}' "
+            f"SELECT %(w)s, %(head)s || u.ts || ', \"r\": [' || {row} || ']}}' "
             f"FROM unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(aliases)}, ord) "
             "ORDER BY u.ord RETURNING id",
             params,
@@ -300,7 +298,8 @@ def _runs(changes: Sequence[Any]) -> list[list[Any]]:
 
     def kind(c: Any) -> Any:
         if isinstance(c, Change):
-            return (c.relation.oid, c.op)
+            # The relation as described: a change of its columns splits a run.
+            return (c.relation, c.op)
         return type(c)
 
     for change in changes:
