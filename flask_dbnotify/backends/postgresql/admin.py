@@ -78,9 +78,13 @@ class PostgreSQLAdmin(Admin):
             if health:
                 report_health(cur, self.schema, status)
                 check_listen_url(cur, self.listen_where, self.connect, status)
+                self._more_health(cur, status)
             return status
 
         return self.db.cursor(work)
+
+    def _more_health(self, cur: Any, status: Status) -> None:
+        """What a capture mode adds to the health figures."""
 
     def _compare(self, cur: Any, watches: Sequence[Watch]) -> Status:
         status, schema = Status(), self.schema

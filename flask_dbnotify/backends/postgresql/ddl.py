@@ -135,7 +135,17 @@ def shared_sql(catalog: Catalog, schema: str) -> list[str]:
         # Only when missing: CREATE SCHEMA IF NOT EXISTS still demands the
         # CREATE right on the database.
         statements.append(f"CREATE SCHEMA {ident(schema)}")
-    for name, columns in TABLES.items():
+    statements += create_tables(catalog, schema, TABLES)
+    journal = ident(schema, "dbnotify_journal")
+    statements += [statement.format(j=journal) for statement in AFTER_TABLES]
+    return statements + drop_legacy(catalog, schema)
+
+
+def create_tables(catalog: Catalog, schema: str, tables: dict[str, str]) -> list[str]:
+    """``tables`` (name -> columns) made where missing, and, where they lack
+    our mark, closed to PUBLIC and marked."""
+    statements = []
+    for name, columns in tables.items():
         table = ident(schema, name)
         statements.append(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
         if not catalog.tables.get(name, False):
@@ -143,9 +153,7 @@ def shared_sql(catalog: Catalog, schema: str) -> list[str]:
                 f"REVOKE ALL ON TABLE {table} FROM PUBLIC",
                 f"COMMENT ON TABLE {table} IS " + literal(f"{MARKER} {name[9:]}"),
             ]
-    journal = ident(schema, "dbnotify_journal")
-    statements += [statement.format(j=journal) for statement in AFTER_TABLES]
-    return statements + drop_legacy(catalog, schema)
+    return statements
 
 
 def drop_legacy(catalog: Catalog, schema: str) -> list[str]:

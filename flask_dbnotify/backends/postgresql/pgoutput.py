@@ -55,6 +55,8 @@ Values: TypeAlias = tuple[str | bytes | None | Unchanged, ...]
 
 @dataclass(frozen=True)
 class Column:
+    """One column of a :class:`Relation`."""
+
     key: bool  # part of the replica identity key
     name: str
     type_oid: int
@@ -63,6 +65,8 @@ class Column:
 
 @dataclass(frozen=True)
 class Relation:
+    """``R``: a table's description, before its first change and after it changes."""
+
     oid: int
     schema: str  # '' for pg_catalog
     name: str
@@ -72,6 +76,8 @@ class Relation:
 
 @dataclass(frozen=True)
 class Begin:
+    """``B``: a transaction's start; its changes follow, then its :class:`Commit`."""
+
     final_lsn: int
     commit_time: datetime
     xid: int
@@ -79,6 +85,8 @@ class Begin:
 
 @dataclass(frozen=True)
 class Commit:
+    """``C``: the end of a committed transaction; ``end_lsn`` is where to resume after it."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
@@ -87,12 +95,16 @@ class Commit:
 
 @dataclass(frozen=True)
 class Insert:
+    """``I``: a row inserted."""
+
     relation_oid: int
     new: Values
 
 
 @dataclass(frozen=True)
 class Update:
+    """``U``: a row updated."""
+
     relation_oid: int
     old: Values | None  # the whole old row ('O': REPLICA IDENTITY FULL)
     key: Values | None  # the old key ('K': only when the key changed)
@@ -101,6 +113,8 @@ class Update:
 
 @dataclass(frozen=True)
 class Delete:
+    """``D``: a row deleted; the old row or its key, as the replica identity gives."""
+
     relation_oid: int
     old: Values | None
     key: Values | None
@@ -108,6 +122,8 @@ class Delete:
 
 @dataclass(frozen=True)
 class Truncate:
+    """``T``: tables emptied."""
+
     relation_oids: tuple[int, ...]
     cascade: bool
     restart_identity: bool
@@ -115,6 +131,8 @@ class Truncate:
 
 @dataclass(frozen=True)
 class Message:
+    """``M``: a logical message (``pg_logical_emit_message``)."""
+
     transactional: bool
     lsn: int
     prefix: str
@@ -123,12 +141,16 @@ class Message:
 
 @dataclass(frozen=True)
 class Origin:
+    """``O``: the origin of a transaction replicated from elsewhere."""
+
     commit_lsn: int
     name: str
 
 
 @dataclass(frozen=True)
 class Type:
+    """``Y``: a data type that is not built in."""
+
     oid: int
     schema: str
     name: str

@@ -9,7 +9,7 @@ from ...._watch import Watch
 from ....errors import DBNotifyError
 from ...base import Status
 from ...common import Inspection, compare_watches
-from ..admin import PostgreSQLAdmin, check_listen_url, report_health
+from ..admin import PostgreSQLAdmin
 from ..catalog import read_catalog, resolve, resolve_all
 from ..common import ident
 from ..connection import Database
@@ -73,20 +73,10 @@ class WalAdmin(PostgreSQLAdmin):
 
         self.db.cursor(work)
 
-    def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
-        def work(cur: Any) -> Status:
-            status = self._capture(cur, watches)
-            if health:
-                # What triggers mode reports (queue, listeners, journal, once
-                # receivers, the listener's URL), then the slot.
-                report_health(cur, self.schema, status)
-                check_listen_url(cur, self.listen_where, self.connect, status)
-                _slot_health(cur, self.schema, self.slot, status)
-            return status
+    def _more_health(self, cur: Any, status: Status) -> None:
+        _slot_health(cur, self.schema, self.slot, status)
 
-        return self.db.cursor(work)
-
-    def _capture(self, cur: Any, watches: Sequence[Watch]) -> Status:
+    def _compare(self, cur: Any, watches: Sequence[Watch]) -> Status:
         status = Status()
         cur.execute(
             "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s",

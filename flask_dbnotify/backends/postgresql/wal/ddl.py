@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from ....events import Operation
 from ..catalog import Catalog, Resolved
-from ..common import MARKER, ident, literal, text_array
-from ..ddl import drop_trigger, drop_unused, shared_sql
+from ..common import ident, literal, text_array
+from ..ddl import create_tables, drop_trigger, drop_unused, shared_sql
 
 #: The table ``notify(connection=...)`` writes to: published, relayed into
 #: the journal like the watched tables' rows, deleted as relayed.
@@ -85,15 +85,7 @@ def install_plan(
     """The statements that make the database capture ``resolved`` through
     ``slot`` (the publication has the slot's name); the last creates the
     slot and must run outside the others' transaction."""
-    statements = shared_sql(catalog, schema)
-    for name, columns in TABLES.items():
-        table = ident(schema, name)
-        statements.append(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
-        if not catalog.tables.get(name, False):
-            statements += [
-                f"REVOKE ALL ON TABLE {table} FROM PUBLIC",
-                f"COMMENT ON TABLE {table} IS " + literal(f"{MARKER} {name[9:]}"),
-            ]
+    statements = shared_sql(catalog, schema) + create_tables(catalog, schema, TABLES)
     # No trigger of ours captures a watched table in this mode (one left by
     # triggers mode would send its changes twice). Other tables' triggers
     # may be another app's, in triggers mode: they stay.
