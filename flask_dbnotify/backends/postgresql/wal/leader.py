@@ -37,6 +37,13 @@ _limited = RateLimited(log, interval=60.0)
 
 #: How often a process that does not lead tries to.
 RETRY = 1.0
+_LIVENESS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
 #: A batch is relayed once it holds this many changes, or when the stream
 #: pauses.
 BATCH_ROWS = 20000
@@ -50,7 +57,9 @@ class Leader:
     """Leads when it can; one per app in each process."""
 
     def __init__(self, connect: dict[str, Any], schema: str, slot: str) -> None:
-        self.connect = connect
+        # A server that stops answering is noticed, as by the listener's
+        # stream; the URL's own settings win.
+        self.connect = {**_LIVENESS, **connect}
         self.schema = schema
         self.slot = slot
         self.leading = False
