@@ -431,3 +431,25 @@ def test_a_role_with_no_grants_cannot_send_a_journaled_message(
     finally:
         wal_sql(f'DROP OWNED BY "{role}"')
         wal_sql(f'DROP ROLE "{role}"')
+
+
+def test_writes_while_every_process_is_stopped_arrive_at_restart(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """The app's only process stops its listener (and so its leader); rows
+    committed meanwhile arrive once after start(), in order, and nothing
+    delivered before comes again."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    wal_sql("INSERT INTO orders VALUES (1, 'before', 1)")
+    events.wait_for(1)
+    ext.stop(app)
+    for n in range(2, 202):
+        wal_sql("INSERT INTO orders VALUES (%s, 'while stopped', 1)", (n,))
+    ext.start(app)
+    got = events.wait_for(201, "the rows committed while stopped")
+    assert [e.pk for e in got] == list(range(1, 202))
+    events.assert_no_more(201, marker(ext, app))
