@@ -13,6 +13,7 @@ Timings are printed (``-s``), never asserted.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -88,6 +89,26 @@ def durable_app(
         ext.watch(table)
     ext.install_triggers(app)
     return app, ext
+
+
+@contextlib.contextmanager
+def dispatcher_held(app: Flask) -> Iterator[threading.Event]:
+    """Hold the dispatcher's pooled connections (its catch-up and journal
+    reads) until the event yielded is set, or LONG has passed; the pool is
+    the backend's own, so this reaches into it."""
+    engine = app.extensions["dbnotify"].backend.db.pool
+    gate = threading.Event()
+
+    def slow_pool(*args: Any) -> None:
+        if threading.current_thread().name.startswith("dbnotify-dispatch"):
+            gate.wait(LONG)
+
+    sa.event.listen(engine, "checkout", slow_pool)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        sa.event.remove(engine, "checkout", slow_pool)
 
 
 def proxied_listen_uri(pg_url: str, proxy: Proxy) -> str:
@@ -441,15 +462,7 @@ def test_row_committed_right_after_start_is_replayed_when_the_link_dies_at_once(
         DBNOTIFY_CONNECT_TIMEOUT=1,
         DBNOTIFY_CHECK_TRIGGERS=False,
     )
-    engine = app.extensions["dbnotify"].backend.db.pool
-    gate = threading.Event()
-
-    def slow_pool(*args: Any) -> None:
-        if threading.current_thread().name.startswith("dbnotify-dispatch"):
-            gate.wait(LONG)
-
-    sa.event.listen(engine, "checkout", slow_pool)
-    try:
+    with dispatcher_held(app) as gate:
         with Lifecycle().connected() as life:
             ext.start(app)
             proxy.black_hole()
@@ -462,9 +475,6 @@ def test_row_committed_right_after_start_is_replayed_when_the_link_dies_at_once(
             gate.set()
             _, again, _ = life.wait_for_name("connected", 2)
             got = settle(events, ext, app)
-    finally:
-        gate.set()
-        sa.event.remove(engine, "checkout", slow_pool)
     assert again == {"reconnect": True, "gap": False}
     assert [e.pk for e in rows(got)] == [1], "the row committed after start() returned was lost"
 
@@ -1003,21 +1013,10 @@ def test_rows_committed_after_start_keep_commit_order_across_fast_and_durable(
     pooled connection) while a fast row and then a durable row commit:
     both arrive as notifications, in commit order, the durable row once."""
     app, ext = durable_app(make_app, sql, "payments", fast=("orders",))
-    engine = app.extensions["dbnotify"].backend.db.pool
-    gate = threading.Event()
-
-    def slow_pool(*args: Any) -> None:
-        if threading.current_thread().name.startswith("dbnotify-dispatch"):
-            gate.wait(LONG)
-
-    sa.event.listen(engine, "checkout", slow_pool)
-    try:
+    with dispatcher_held(app) as gate:
         ext.start(app)
         sql("INSERT INTO orders VALUES (1, 'fast, first')")
         sql("INSERT INTO payments VALUES (2, 'durable, second')")
         gate.set()
         got = settle(events, ext, app)
-    finally:
-        gate.set()
-        sa.event.remove(engine, "checkout", slow_pool)
     assert [(e.table, e.pk) for e in rows(got)] == [("orders", 1), ("payments", 2)]
