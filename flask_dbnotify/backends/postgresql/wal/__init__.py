@@ -13,7 +13,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ....errors import DBNotifyError
 from ...base import Feed, Stream
 from ...common import execute_on, parse_url
 from .. import PostgreSQLBackend
@@ -53,11 +52,9 @@ class WalBackend(PostgreSQLBackend):
             # At once, from a session of our own: as in triggers mode.
             super().notify(None, channel, payload, durable)
             return
-        try:
-            messages = ident(self.schema, MESSAGES)
-            execute_on(connection, _MESSAGE.format(messages), {"payload": payload})
-        except sa.exc.DBAPIError as exc:
-            raise DBNotifyError(f"notify() failed: {exc.orig}") from exc
+        # On the caller's connection, its errors its own: as in triggers mode.
+        messages = ident(self.schema, MESSAGES)
+        execute_on(connection, _MESSAGE.format(messages), {"payload": payload})
 
     def feed(self) -> Feed:
         return WalFeed(self)

@@ -83,7 +83,7 @@ class WalAdmin(PostgreSQLAdmin):
             (self.slot,),
         )
         published = {tuple(row) for row in cur.fetchall()}
-        defs = ident(self.schema, "dbnotify_wal_watches")
+        defs = ident(self.schema, ddl.DEFINITIONS)
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (defs,))
         have_defs = cur.fetchone()[0]
 

@@ -23,11 +23,14 @@ from ..ddl import create_tables, drop_trigger, drop_unused, shared_sql
 #: The table ``notify(connection=...)`` writes to: published, relayed into
 #: the journal like the watched tables' rows, deleted as relayed.
 MESSAGES = "dbnotify_wal_messages"
+#: What each watch captures (published, so the leader reloads it in its
+#: place among the data changes).
+DEFINITIONS = "dbnotify_wal_watches"
 #: Where the relay stands (one row per slot), what each watch captures, and
 #: messages on their way.
 TABLES = {
     "dbnotify_wal": "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz NOT NULL",
-    "dbnotify_wal_watches": (
+    DEFINITIONS: (
         "slot text NOT NULL, watch text NOT NULL, table_schema text NOT NULL, "
         "table_name text NOT NULL, head text NOT NULL, ops text NOT NULL, "
         "columns text[], when_changed text[], PRIMARY KEY (slot, watch)"
@@ -92,7 +95,7 @@ def install_plan(
     covered = {oid for r in resolved for oid, _, _ in r.tree}
     drops = [drop_trigger(o) for o in catalog.triggers if o.table_oid in covered]
     statements += drops + drop_unused(catalog, set(), drops, schema)
-    watches = ident(schema, "dbnotify_wal_watches")
+    watches = ident(schema, DEFINITIONS)
     statements.append(f"DELETE FROM {watches} WHERE slot = {literal(slot)}")
     tables = []
     for r in resolved:
@@ -136,8 +139,8 @@ def uninstall_plan(catalog: Catalog, schema: str, slot: str, everything: bool) -
     statements = [
         *drop_slot(slot),
         f"DROP PUBLICATION IF EXISTS {ident(slot)}",
-        f"DELETE FROM {ident(schema, 'dbnotify_wal_watches')} WHERE slot = {literal(slot)}"
-        if "dbnotify_wal_watches" in catalog.tables
+        f"DELETE FROM {ident(schema, DEFINITIONS)} WHERE slot = {literal(slot)}"
+        if DEFINITIONS in catalog.tables
         else "",
     ]
     if everything:

@@ -29,7 +29,7 @@ import psycopg2.extras
 from ...._log import RateLimited
 from ...common import reason
 from .. import pgoutput
-from .ddl import MESSAGES
+from .ddl import DEFINITIONS, MESSAGES
 from .relay import Change, Relay, Sent, Truncated
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ _LIVENESS = {
 BATCH_ROWS = 20000
 #: How often an idle leader tells the server where it stands.
 FEEDBACK_EVERY = 5.0
-#: The table of what each watch captures (published with the watched ones).
-DEFINITIONS = "dbnotify_wal_watches"
 
 
 class Leader:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import pgoutput
 from ..common import CHANNEL, ident, literal
-from .ddl import MESSAGES
+from .ddl import DEFINITIONS, MESSAGES
 
 #: The relay's position, one row per slot.
 _RECORD = (
@@ -83,7 +83,7 @@ class Relay:
         self.slot = slot
         self.journal = ident(schema, "dbnotify_journal")
         self.wal = ident(schema, "dbnotify_wal")
-        self.watches_table = ident(schema, "dbnotify_wal_watches")
+        self.watches_table = ident(schema, DEFINITIONS)
         self.messages = ident(schema, MESSAGES)
         self.schema = schema
         self.watches: dict[tuple[str, str], WatchDef] = {}
