@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from blinker import NamedSignal
 
 from . import signals
-from ._items import Lost, Notification
+from ._items import Gap, Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
 from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, raw_only
@@ -227,6 +227,11 @@ class Dispatcher:
             elif isinstance(item, Lost):
                 self._counts.dropped += item.count
                 self._send_lifecycle(LifecycleSignal(signals.events_dropped, count=item.count))
+                continue
+            elif isinstance(item, Gap):
+                log.warning("events may have been missed: %s", item.reason)
+                connected = signals.listener_connected
+                self._send_lifecycle(LifecycleSignal(connected, reconnect=True, gap=True))
                 continue
             self._counts.dispatched += 1
 

@@ -1,5 +1,6 @@
 """What a backend reads from the database for the listener: row events,
-application messages, and counts of events that cannot be delivered.
+application messages, counts of events that cannot be delivered, and
+gaps.
 
 A module of its own, below both the backends and the payload decoder,
 which use it.
@@ -32,4 +33,13 @@ class Lost:
     count: int
 
 
-Item = ChangeEvent | Notification | Lost
+@dataclass(frozen=True)
+class Gap:
+    """Events may have been missed and cannot be recovered (WAL capture:
+    its replication slot was lost and ``install-triggers`` replaced it):
+    reported with ``listener_connected(reconnect=True, gap=True)``."""
+
+    reason: str
+
+
+Item = ChangeEvent | Notification | Lost | Gap

@@ -14,6 +14,8 @@ folds identical notifications sent in one transaction. A TRUNCATE has
 ``"o": "T"`` and no ``s`` or ``r``.
 
 An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``.
+A gap, journaled when WAL capture's slot was replaced after it was lost:
+``{"v": 1, "gap": REASON}``.
 
 On PostgreSQL a message too long for one notification travels in pieces,
 each ``~SEQ K BYTES LAST`` and a newline, then the next stretch of the
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ._items import Item, Notification
+from ._items import Gap, Item, Notification
 from .events import ChangeEvent, Operation
 
 VERSION = 1
@@ -227,6 +229,11 @@ def decode(
             return items
         if "m" in msg:
             return [Notification(msg["m"], msg.get("p"), journal_id)]
+        if "gap" in msg:
+            if journal_id is None:
+                # Only the relay writes one, to the journal.
+                raise PayloadError("a gap outside the journal")
+            return [Gap(str(msg["gap"]))]
         if "ref" in msg:
             raise PayloadError("a stored payload of an earlier version (no longer read)")
         return decode_rows(msg, journal_id)

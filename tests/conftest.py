@@ -299,3 +299,24 @@ def logical_url(logical_server: ThrowawayServer) -> Iterator[str]:
             )
             cur.execute(pgsql.SQL("DROP DATABASE {} WITH (FORCE)").format(pgsql.Identifier(name)))
         admin.close()
+
+
+@pytest.fixture()
+def wal_sql(logical_url: str) -> Iterator[SQL]:
+    runner = SQL(logical_url)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture()
+def wal_app(logical_url: str) -> Iterator[Callable[..., tuple[Flask, DBNotify]]]:
+    """``(app, dbnotify)`` in WAL mode, its slot named after the database."""
+    database = make_url(logical_url).database
+    factory, made = app_factory(logical_url, "wal_app")
+
+    def make(**config: object) -> tuple[Flask, DBNotify]:
+        return factory(DBNOTIFY_CAPTURE="wal", DBNOTIFY_SLOT=f"slot_{database}", **config)
+
+    yield make
+    for app, ext in made:
+        ext.close(app)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -23,27 +23,6 @@ from ._helpers import SQL, WAIT, Lines, Recorder, app_factory, marker, poll_unti
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
-
-
-@pytest.fixture()
-def wal_sql(logical_url: str) -> Iterator[SQL]:
-    runner = SQL(logical_url)
-    yield runner
-    runner.close()
-
-
-@pytest.fixture()
-def wal_app(logical_url: str) -> Iterator[MakeApp]:
-    """``(app, dbnotify)`` in WAL mode, its slot named after the database."""
-    database = make_url(logical_url).database
-    factory, made = app_factory(logical_url, "wal_app")
-
-    def make(**config: Any) -> tuple[Flask, DBNotify]:
-        return factory(DBNOTIFY_CAPTURE="wal", DBNOTIFY_SLOT=f"slot_{database}", **config)
-
-    yield make
-    for app, ext in made:
-        ext.close(app)
 
 
 def rows(events: Recorder) -> list[ChangeEvent]:

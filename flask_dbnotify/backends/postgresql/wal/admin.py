@@ -144,7 +144,8 @@ def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:
         health["slot"] = f"{slot}: MISSING"
         status.warnings.append(
             f"the replication slot {slot} does not exist: run `flask dbnotify install-triggers`"
-            " (changes made while it was missing are not delivered)"
+            " (changes made while it was missing are not delivered; every process then "
+            "hears gap=True)"
         )
         return
     active, pid, wal_status, lag, retained, client = row
@@ -155,7 +156,8 @@ def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:
     if wal_status == "lost":
         status.warnings.append(
             f"the replication slot {slot} was invalidated (its WAL was removed): changes "
-            "were lost; drop and install again"
+            "were lost; run `flask dbnotify install-triggers` to replace it (every process "
+            "then hears gap=True)"
         )
     elif retained and retained > RETAINED_WARNING:
         status.warnings.append(
@@ -166,9 +168,12 @@ def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:
     cur.execute("SELECT to_regclass(%s)", (table,))
     if cur.fetchone()[0] is not None:
         cur.execute(
-            f"SELECT extract(epoch FROM now() - relayed_at) FROM {table} WHERE slot = %s",
+            f"SELECT extract(epoch FROM now() - relayed_at), gap FROM {table} WHERE slot = %s",
             (slot,),
         )
         relayed = cur.fetchone()
         if relayed is not None:
-            health["slot relayed"] = f"{float(relayed[0]):.1f} s ago"
+            ago, gap = relayed
+            health["slot relayed"] = "never" if ago is None else f"{float(ago):.1f} s ago"
+            if gap is not None:
+                status.warnings.append(f"{gap}; the next leader reports it (gap=True)")

@@ -26,10 +26,13 @@ MESSAGES = "dbnotify_wal_messages"
 #: What each watch captures (published, so the leader reloads it in its
 #: place among the data changes).
 DEFINITIONS = "dbnotify_wal_watches"
-#: Where the relay stands (one row per slot), what each watch captures, and
-#: messages on their way.
+#: Where the relay stands (one row per slot, and why events were missed
+#: when its slot was replaced), what each watch captures, and messages on
+#: their way.
 TABLES = {
-    "dbnotify_wal": "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz NOT NULL",
+    "dbnotify_wal": (
+        "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz, gap text"
+    ),
     DEFINITIONS: (
         "slot text NOT NULL, watch text NOT NULL, table_schema text NOT NULL, "
         "table_name text NOT NULL, head text NOT NULL, ops text NOT NULL, "
@@ -37,6 +40,11 @@ TABLES = {
     ),
     MESSAGES: "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text NOT NULL",
 }
+#: Why events were missed, when ``install-triggers`` replaced a lost slot.
+GAP = (
+    "the replication slot %s was dropped or invalidated, and install-triggers made a new "
+    "one: changes committed in between were not captured"
+)
 OPS = {Operation.INSERT: "I", Operation.UPDATE: "U", Operation.DELETE: "D"}
 
 
@@ -53,6 +61,26 @@ def create_slot(slot: str) -> str:
         f"WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots "
         f"WHERE slot_name = {literal(slot)})"
     )
+
+
+def replace_lost_slot(schema: str, slot: str) -> list[str]:
+    """Where install made a slot before that is now missing or invalidated:
+    note the gap for the next leader to report, and start the relay's
+    position afresh (a new slot's positions may be lower, after a
+    failover); then drop an invalidated slot, so that a new one is made.
+    Never silently: every process running then hears ``gap=True``."""
+    name, wal = literal(slot), ident(schema, "dbnotify_wal")
+    usable = (
+        f"SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = {name} "
+        "AND wal_status IS DISTINCT FROM 'lost'"
+    )
+    return [
+        f"UPDATE {wal} SET lsn = '0/0', gap = {literal(GAP % slot)} "
+        f"WHERE slot = {name} AND NOT EXISTS ({usable})",
+        f"INSERT INTO {wal} (slot, lsn) VALUES ({name}, '0/0') ON CONFLICT (slot) DO NOTHING",
+        f"SELECT pg_catalog.pg_drop_replication_slot(slot_name) "
+        f"FROM pg_catalog.pg_replication_slots WHERE slot_name = {name} AND wal_status = 'lost'",
+    ]
 
 
 def drop_slot(slot: str) -> list[str]:
@@ -126,6 +154,7 @@ def install_plan(
             "WITH (publish = 'insert, update, delete, truncate', "
             "publish_via_partition_root = true)"
         )
+    statements += replace_lost_slot(schema, slot)
     statements.append(create_slot(slot))
     return statements
 
@@ -141,6 +170,10 @@ def uninstall_plan(catalog: Catalog, schema: str, slot: str, everything: bool) -
         f"DROP PUBLICATION IF EXISTS {ident(slot)}",
         f"DELETE FROM {ident(schema, DEFINITIONS)} WHERE slot = {literal(slot)}"
         if DEFINITIONS in catalog.tables
+        else "",
+        # Stopped on purpose: a later install starts afresh, with no gap.
+        f"DELETE FROM {ident(schema, 'dbnotify_wal')} WHERE slot = {literal(slot)}"
+        if "dbnotify_wal" in catalog.tables
         else "",
     ]
     if everything:

@@ -153,10 +153,14 @@ class Leader:
             )
         except psycopg2.errors.ObjectInUse:
             return  # Another process leads.
-        except psycopg2.errors.UndefinedObject:
-            _limited.warning(
-                "WAL capture: the replication slot %s does not exist: run `flask dbnotify "
-                "install-triggers` (what was committed while it was missing is not delivered)",
+        except (psycopg2.errors.UndefinedObject, psycopg2.errors.ObjectNotInPrerequisiteState):
+            # Dropped, or invalidated (its WAL removed): never made anew
+            # here, as if nothing had been missed.
+            _limited.log(
+                logging.ERROR,
+                "WAL capture: the replication slot %s does not exist or was invalidated: "
+                "changes are not captured; run `flask dbnotify install-triggers` to make a new "
+                "one (every process then hears listener_connected with gap=True)",
                 self.slot,
             )
             return

@@ -29,6 +29,13 @@ _RECORD = (
     "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at"
 )
 
+#: Names the journal rows ``lo..hi`` this transaction wrote, as durable
+#: triggers do.
+_NOTIFY = (
+    "SELECT pg_notify(%s, '{\"v\": 1, \"J\": [' || %s || ', ' || %s "
+    "|| '], \"x\": ' || pg_current_xact_id() || '}')"
+)
+
 
 @dataclass(frozen=True)
 class WatchDef:
@@ -92,13 +99,24 @@ class Relay:
     # -- state --------------------------------------------------------------
 
     def load(self) -> int:
-        """Read the watches and where the relay stands (an LSN, 0 if never)."""
+        """Read the watches and where the relay stands (an LSN, 0 if never).
+        A gap that install noted when it replaced a lost slot is journaled
+        first, for every listener to report."""
         self.load_watches()
         with self.conn.cursor() as cur:
             cur.execute(
-                f"SELECT (lsn - '0/0')::bigint FROM {self.wal} WHERE slot = %s", (self.slot,)
+                f"SELECT (lsn - '0/0')::bigint, gap FROM {self.wal} WHERE slot = %s FOR UPDATE",
+                (self.slot,),
             )
             row = cur.fetchone()
+            if row is not None and row[1] is not None:
+                cur.execute(
+                    f"INSERT INTO {self.journal} (body) VALUES (%s) RETURNING id",
+                    (json.dumps({"v": 1, "gap": row[1]}, ensure_ascii=False),),
+                )
+                (gap_id,) = cur.fetchone()
+                cur.execute(_NOTIFY, (CHANNEL, gap_id, gap_id))
+                cur.execute(f"UPDATE {self.wal} SET gap = NULL WHERE slot = %s", (self.slot,))
         self.conn.commit()
         return int(row[0]) if row else 0
 
