@@ -41,7 +41,9 @@ Sender: the channel name. Kwargs: ``payload`` (the decoded JSON value)."""
 listener_connected = _signals.signal("dbnotify.listener-connected")
 """The listener is connected and listening. Sender: the app. Kwargs:
 ``reconnect`` (``False`` the first time after ``start()``) and ``gap``
-(``True`` when events committed while it was away may have been missed)."""
+(``True`` when events committed while it was away may have been missed).
+In WAL capture it is also sent, with ``reconnect=True`` and ``gap=True``,
+when a lost replication slot was replaced."""
 
 listener_disconnected = _signals.signal("dbnotify.listener-disconnected")
 """The listener lost its connection. Sender: the app. Kwargs: ``error``."""
