@@ -208,9 +208,13 @@ class Dispatcher:
         to, the ``on()`` receivers."""
         for item in items:
             if isinstance(item, ChangeEvent):
-                if item.id is None and self._served.registry.is_durable(item.table):
-                    # A durable watch's triggers only ever send journal ids:
-                    # anyone who can connect may send the rest.
+                if item.id is None and (
+                    self._served.backend.durable_by_nature
+                    or self._served.registry.is_durable(item.table)
+                ):
+                    # A durable watch's triggers, and WAL capture's relay,
+                    # only ever send journal ids: anyone who can connect
+                    # may send the rest.
                     _limited.warning(
                         "ignored a notification for durable watch %r without a journal id",
                         item.table,

@@ -19,7 +19,16 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError, table_truncated
 
-from ._helpers import SQL, WAIT, Lines, Recorder, app_factory, marker, poll_until
+from ._helpers import (
+    SQL,
+    WAIT,
+    Lines,
+    Recorder,
+    app_factory,
+    captured_notifications,
+    marker,
+    poll_until,
+)
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
@@ -432,3 +441,58 @@ def test_writes_while_every_process_is_stopped_arrive_at_restart(
     got = events.wait_for(201, "the rows committed while stopped")
     assert [e.pk for e in got] == list(range(1, 202))
     events.assert_no_more(201, marker(ext, app))
+
+
+def test_a_role_with_no_grants_hears_no_row_and_cannot_forge_one(
+    logical_url: str, wal_app: MakeApp, wal_sql: SQL, events: Recorder
+) -> None:
+    """WAL capture is private by construction: the relay's notifications
+    name journal ids, never a row, and the journal is the app's. A role
+    with no grants that LISTENs learns only that something was relayed;
+    a notification it sends in the relay's form, naming rows it cannot
+    write, delivers nothing."""
+    wal_sql(ORDERS)
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    ext.start(app)
+    role = "listener_" + str(make_url(logical_url).database)
+    wal_sql(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        url = make_url(logical_url).set(username=role).render_as_string()
+
+        def write() -> None:
+            wal_sql("INSERT INTO orders VALUES (1, 'secret recipe', 7)")
+            events.wait_for(1, "the row, in the app")
+
+        heard = captured_notifications(url, write)
+        assert heard and all("secret" not in p and '"r"' not in p for p in heard), heard
+        assert all(set(json.loads(p)) == {"v", "J", "x"} for p in heard), heard
+        intruder = SQL(url)
+        try:
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                intruder("SELECT body FROM dbnotify_journal")
+            (xid,) = intruder("SELECT pg_current_xact_id()::text")[0]
+            for payload in (
+                json.loads(heard[0]) | {"x": int(xid)},  # the real rows, another xid
+                {
+                    "v": 1,
+                    "t": "orders",
+                    "o": "I",
+                    "k": ["id"],
+                    "ts": 1.0,
+                    "s": 1,
+                    "r": [{"id": 2, "item": "forged", "qty": 1}],
+                },
+                {"v": 1, "gap": "forged"},
+            ):
+                intruder("SELECT pg_notify('dbnotify', %s)", (json.dumps(payload),))
+        finally:
+            intruder.close()
+        wal_sql("INSERT INTO orders VALUES (3, 'after', 1)")
+        got = events.wait_for(2, "the row after the forgeries")
+        assert [e.pk for e in got] == [1, 3], got
+        events.assert_no_more(2, marker(ext, app))
+    finally:
+        wal_sql(f'DROP OWNED BY "{role}"')
+        wal_sql(f'DROP ROLE "{role}"')
