@@ -217,23 +217,11 @@ def decode(
         raise PayloadError("not a Flask-DBNotify payload")
     try:
         if "J" in msg:
-            if read_journal is None:
-                raise PayloadError("a journal reference where none is expected")
-            lo, hi = msg["J"]
-            items: list[Item] = []
-            for row_id, body in read_journal(lo, hi, msg["x"]):
-                try:
-                    items += decode(body, row_id)
-                except PayloadError as exc:
-                    raise PayloadError(f"journal row {row_id}: {exc}") from None
-            return items
+            return _journaled(msg, read_journal)
         if "m" in msg:
             return [Notification(msg["m"], msg.get("p"), journal_id)]
         if "gap" in msg:
-            if journal_id is None:
-                # Only the relay writes one, to the journal.
-                raise PayloadError("a gap outside the journal")
-            return [Gap(str(msg["gap"]))]
+            return [_gap(msg, journal_id)]
         if "ref" in msg:
             raise PayloadError("a stored payload of an earlier version (no longer read)")
         return decode_rows(msg, journal_id)
@@ -241,6 +229,27 @@ def decode(
         raise
     except Exception as exc:  # noqa: BLE001 - anything foreign is malformed
         raise PayloadError(f"malformed payload: {exc!r}") from None
+
+
+def _gap(msg: dict[str, Any], journal_id: int | None) -> Gap:
+    if journal_id is None:
+        # Only WAL capture's relay writes one, to the journal.
+        raise PayloadError("a gap outside the journal")
+    return Gap(str(msg["gap"]))
+
+
+def _journaled(msg: dict[str, Any], read_journal: ReadJournal | None) -> list[Item]:
+    """The items of the journal rows a durable notification names."""
+    if read_journal is None:
+        raise PayloadError("a journal reference where none is expected")
+    lo, hi = msg["J"]
+    items: list[Item] = []
+    for row_id, body in read_journal(lo, hi, msg["x"]):
+        try:
+            items += decode(body, row_id)
+        except PayloadError as exc:
+            raise PayloadError(f"journal row {row_id}: {exc}") from None
+    return items
 
 
 def decode_rows(msg: dict[str, Any], journal_id: int | None) -> list[Item]:
