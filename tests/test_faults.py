@@ -9,6 +9,7 @@ against generous upper bounds.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from flask_dbnotify import (
     DBNotify,
     events_dropped,
 )
+from flask_dbnotify.backends.postgresql import connection
 
 from ._helpers import (
     SQL,
@@ -117,6 +119,24 @@ def private_url(private_server: ThrowawayServer) -> Iterator[str]:
     admin = SQL(private_server.url)
     admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
+
+
+def test_pooled_connections_closed_by_a_restart_are_replaced(
+    private_url: str,
+    private_server: ThrowawayServer,
+    make_app: MakeApp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restart closes the connections our pool holds; the next
+    ``notify()`` gets a live one (a rested connection is pinged before it
+    is lent), and does not fail with the dead one's error."""
+    monkeypatch.setattr(connection, "REST", 0.0)  # the restart may take less than REST
+    app, ext = make_app(DBNOTIFY_DATABASE_URI=private_url)
+    ext.notify("shop", "before", app=app)  # the pool now holds a connection
+    private_server.stop("fast")
+    private_server.start()
+    heard = captured_notifications(private_url, lambda: ext.notify("shop", "after", app=app))
+    assert [json.loads(p)["p"] for p in heard] == ["after"]
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
