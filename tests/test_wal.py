@@ -5,6 +5,7 @@ same events as triggers mode."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -320,7 +321,11 @@ def test_once_receivers_and_status_in_wal_mode(wal_app: MakeApp, wal_sql: SQL) -
         "status to show the leader",
     )
     assert status.watches == {"orders": "installed"}
-    assert status.health["slot lag"].endswith(" bytes")
+    assert re.fullmatch(r"\d+ bytes(, \d+\.\d{3} s)?", status.health["slot lag"]), status.health
+    slot = app.config["DBNOTIFY_SLOT"]
+    assert status.health["publication"] == (
+        f"{slot}: public.dbnotify_wal_messages, public.dbnotify_wal_watches, public.orders"
+    )
     assert not status.warnings, status.warnings
 
 

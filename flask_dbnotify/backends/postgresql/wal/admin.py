@@ -74,6 +74,13 @@ class WalAdmin(PostgreSQLAdmin):
         self.db.cursor(work)
 
     def _more_health(self, cur: Any, status: Status) -> None:
+        cur.execute(
+            "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables "
+            "WHERE pubname = %s ORDER BY 1, 2",
+            (self.slot,),
+        )
+        tables = [f"{s}.{t}" for s, t in cur.fetchall()]
+        status.health["publication"] = f"{self.slot}: " + (", ".join(tables) or "MISSING")
         _slot_health(cur, self.schema, self.slot, status)
 
     def _compare(self, cur: Any, watches: Sequence[Watch]) -> Status:
@@ -133,7 +140,7 @@ def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:
     cur.execute(
         "SELECT s.active, s.active_pid, s.wal_status, "
         "pg_current_wal_lsn() - s.confirmed_flush_lsn, pg_current_wal_lsn() - s.restart_lsn, "
-        "r.client_addr::text "
+        "r.client_addr::text, extract(epoch FROM r.flush_lag) "
         "FROM pg_catalog.pg_replication_slots s "
         "LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid "
         "WHERE s.slot_name = %s",
@@ -148,10 +155,13 @@ def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:
             "hears gap=True)"
         )
         return
-    active, pid, wal_status, lag, retained, client = row
+    active, pid, wal_status, lag, retained, client, seconds = row
     leader = f"leader pid {pid} from {client or 'local'}" if active else "no leader"
     health["slot"] = f"{slot}: {leader}, WAL {wal_status}"
-    health["slot lag"] = f"{int(lag or 0)} bytes"
+    # The WAL sender's measure, from the leader's confirmations (none while
+    # no process leads, and once the leader has caught up and rests).
+    behind = "" if seconds is None else f", {float(seconds):.3f} s"
+    health["slot lag"] = f"{int(lag or 0)} bytes{behind}"
     health["slot retains"] = f"{int(retained or 0)} bytes of WAL"
     if wal_status == "lost":
         status.warnings.append(
