@@ -196,6 +196,11 @@ class Listener:
         The batch being delivered finishes; what is still queued is not
         delivered (a journaled backend, SQLite, delivers it after the next
         ``start()``)."""
+        # First what the feed runs besides the stream (WAL capture: the
+        # leader), while this listener still listens: a leader that relayed
+        # after its own listener stopped would journal rows that no process
+        # delivers, if no other listener runs.
+        self._feed.close()
         with self._lock:
             threads = [t for t in (self._reader, self._dispatch_thread) if t is not None]
             run = self._current
@@ -210,7 +215,6 @@ class Listener:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s still busy after %ss; left as a daemon", thread.name, timeout)
-        self._feed.close()
 
     def wake(self) -> None:
         """Interrupt the reader's wait (to stop, or to re-check triggers)."""

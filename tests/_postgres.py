@@ -40,6 +40,17 @@ ENV_URL = "DBNOTIFY_TEST_POSTGRES_URL"
 ENV_SKIP_LOCAL = "DBNOTIFY_TEST_POSTGRES_SKIP_LOCAL"
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 START_TIMEOUT = 60.0
+#: What a server needs for logical replication slots (the shared server runs
+#: wal_level=replica and is never reconfigured). Decoding reads flushed WAL
+#: only, and a throwaway server commits asynchronously (synchronous_commit =
+#: off), which would hold a commit back from a slot for up to 3 x
+#: wal_writer_delay: commits flush here.
+LOGICAL_SETTINGS = {
+    "wal_level": "logical",
+    "max_replication_slots": "20",
+    "max_wal_senders": "20",
+    "synchronous_commit": "on",
+}
 FIX_HINT = (
     f"Set {ENV_URL}=postgresql://USER@HOST:PORT/DBNAME to a server you run, "
     "or `pip install pgserver` so a throwaway server can be started."

@@ -29,7 +29,13 @@ from ._helpers import (
     app_factory,
     not_here,
 )
-from ._postgres import Found, ThrowawayServer, find_or_start_postgres, start_private_postgres
+from ._postgres import (
+    LOGICAL_SETTINGS,
+    Found,
+    ThrowawayServer,
+    find_or_start_postgres,
+    start_private_postgres,
+)
 
 _postgres: list[Found | RuntimeError] = []
 
@@ -247,17 +253,6 @@ def spawn() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Lines]]]:
 
 # -- logical decoding (WAL capture) ---------------------------------------------
 
-#: What a server needs for logical replication slots (the shared server runs
-#: wal_level=replica and is never reconfigured). Decoding reads flushed WAL
-#: only, and a throwaway server commits asynchronously (synchronous_commit =
-#: off), which would hold a commit back from a slot for up to 3 x
-#: wal_writer_delay: commits flush here.
-LOGICAL_SETTINGS = {
-    "wal_level": "logical",
-    "max_replication_slots": "20",
-    "max_wal_senders": "20",
-    "synchronous_commit": "on",
-}
 _logical_databases: list[str] = []  # made so far
 
 

@@ -2,8 +2,10 @@
 sync, gthread and gevent): one listener per worker and none in the master,
 started without any request; each committed row reaches each worker exactly
 once; SIGTERM stops it all promptly, without a traceback; a killed worker's
-replacement gets its own listener. And `flask shell` / `flask routes` never
-start one.
+replacement gets its own listener. In WAL capture mode, exactly one worker
+leads the slot (the master never), each row still reaches each worker
+exactly once, and when the leading worker is killed another process of
+gunicorn's leads. And `flask shell` / `flask routes` never start one.
 
 The app is tests/apps/workers_app.py (autostart on): each process writes a
 line on stdout when it imports the module, when its listener connects and
@@ -23,10 +25,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from flask import Flask
+from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify
 
@@ -34,11 +39,13 @@ from ._helpers import (
     SQL,
     WAIT,
     Lines,
+    app_factory,
     free_port,
     kill_group,
     listener_count,
     not_here,
     orders_app,
+    poll_until,
     wait_for_listeners,
 )
 
@@ -110,9 +117,15 @@ class Server:
     def stderr(self, tail: int = 3000) -> str:
         return self.stderr_path.read_text(errors="replace")[-tail:]
 
-    def wait(self, check: Callable[[list[tuple[str, int]]], bool], what: str) -> None:
-        """Read stdout until ``check(self.lines)`` holds (bounded)."""
-        deadline = time.monotonic() + WAIT
+    def wait(
+        self,
+        check: Callable[[list[tuple[str, int]]], bool],
+        what: str,
+        deadline: float | None = None,
+    ) -> None:
+        """Read stdout until ``check(self.lines)`` holds (bounded: by
+        ``deadline``, a time.monotonic(), or else for WAIT seconds)."""
+        deadline = time.monotonic() + WAIT if deadline is None else deadline
         while not check(self.lines):
             left = deadline - time.monotonic()
             try:
@@ -251,15 +264,14 @@ def env(pg_url: str) -> dict[str, str]:
 WORKER_CLASSES = ["sync", "gthread", "gevent"]
 
 
-@pytest.fixture()
-def gunicorn(
-    env: dict[str, str], sql: SQL, tmp_path: Path, make_app: MakeApp
+@contextmanager
+def gunicorn_servers(
+    env: dict[str, str], sql: SQL, tmp_path: Path
 ) -> Iterator[Callable[..., Server]]:
-    """Start ``gunicorn -w 2 [--preload] [-k CLASS]`` serving workers_app (the
-    orders table and its triggers exist); afterwards its whole process group
-    is killed and its listener sessions are gone."""
+    """What starts ``gunicorn -w 2 [--preload] [-k CLASS]`` serving
+    workers_app in ``env``; afterwards each one's whole process group is
+    killed and its listener sessions are gone."""
     program = require("gunicorn")
-    orders_app(make_app, sql)
     started: list[Server] = []
 
     def start(preload: bool, worker_class: str = "sync") -> Server:
@@ -273,10 +285,24 @@ def gunicorn(
         started.append(server)
         return server
 
-    yield start
-    for server in started:
-        server.kill()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()
     wait_for_listeners(sql, 0, "after gunicorn ended")
+
+
+@pytest.fixture()
+def gunicorn(
+    env: dict[str, str], sql: SQL, tmp_path: Path, make_app: MakeApp
+) -> Iterator[Callable[..., Server]]:
+    """Start ``gunicorn -w 2 [--preload] [-k CLASS]`` serving workers_app (the
+    orders table and its triggers exist); afterwards its whole process group
+    is killed and its listener sessions are gone."""
+    orders_app(make_app, sql)
+    with gunicorn_servers(env, sql, tmp_path) as start:
+        yield start
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
@@ -361,6 +387,133 @@ def test_a_killed_worker_is_replaced_with_its_own_listener(
     got = server.received()
     assert got == {pid: [1, 2] for pid in survivors}, got
     assert server.pids("listener connected").count(replacement) == 1
+
+
+# -- WAL capture ---------------------------------------------------------------
+
+LEADS = "leads the WAL slot"
+TAKEOVER_WITHIN = 5.0  # seconds after the leader is killed
+
+
+class WalGunicorn(NamedTuple):
+    start: Callable[..., Server]
+    sql: SQL
+    slot: str
+
+
+@pytest.fixture()
+def wal_gunicorn(logical_url: str, tmp_path: Path) -> Iterator[WalGunicorn]:
+    """As ``gunicorn``, with workers_app in WAL capture mode
+    (``DBNOTIFY_CAPTURE = "wal"``) on a database of the logical server:
+    orders watched, its publication and slot made."""
+    slot = f"slot_{make_url(logical_url).database}"
+    sql = SQL(logical_url)
+    try:
+        sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        factory, _ = app_factory(
+            logical_url, "installer", DBNOTIFY_CAPTURE="wal", DBNOTIFY_SLOT=slot
+        )
+        app, ext = factory()
+        ext.watch("orders")
+        ext.install_triggers(app)
+        ext.close(app)
+        env = app_env(logical_url)
+        env.update(DBNOTIFY_TEST_APP_CAPTURE="wal", DBNOTIFY_TEST_APP_SLOT=slot)
+        with gunicorn_servers(env, sql, tmp_path) as start:
+            yield WalGunicorn(start, sql, slot)
+    finally:
+        sql.close()
+
+
+def slot_holders(sql: SQL, slot: str, pids: list[int]) -> list[int]:
+    """Which of ``pids`` hold the connection that streams ``slot`` (its
+    walsender's client port); none if nobody streams it."""
+    ports = [
+        port
+        for (port,) in sql(
+            "SELECT a.client_port FROM pg_replication_slots s "
+            "JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
+            (slot,),
+        )
+    ]
+    return [pid for pid in pids if set(ports) & local_ports(pid)]
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_wal_capture_one_worker_leads_and_each_receives_each_row_once(
+    wal_gunicorn: WalGunicorn, preload: bool
+) -> None:
+    """In WAL capture mode, with and without --preload: each worker has its
+    own listener, the master none; exactly one worker leads (it says so,
+    and the slot's replication connection is its own), the master never;
+    each row reaches each worker exactly once; SIGTERM ends it all without
+    a traceback and frees the slot."""
+    start, sql, slot = wal_gunicorn
+    server = start(preload)
+    workers = server.wait_listeners(2)
+    assert server.master not in workers, "the gunicorn master started a listener"
+    wait_for_listeners(sql, 2, "with two workers")
+    assert_sessions_held_by(sql, workers, [server.master])
+    server.wait(lambda _: bool(server.pids(LEADS)), "a worker to lead")
+    (leader,) = server.pids(LEADS)
+    assert leader in workers, f"{leader} leads, not a worker of {sorted(workers)}"
+    holders = poll_until(
+        lambda: slot_holders(sql, slot, [server.master, *workers]),
+        "the slot to be streamed by a process of gunicorn's",
+    )
+    assert holders == [leader], f"the slot is streamed by {holders}, {leader} said it leads"
+
+    for pk in range(1, 101):
+        sql("INSERT INTO orders VALUES (%s, 'x')", (pk,))
+    sql("INSERT INTO orders VALUES (101, 'marker')")  # once in, nothing is in flight
+    server.wait_received(workers, 101)
+    got = server.received()
+    assert got == {pid: list(range(1, 102)) for pid in workers}, got
+    assert server.pids(LEADS) == [leader], server.lines
+    assert slot_holders(sql, slot, [server.master, *workers]) == [leader]
+
+    server.stop(signal.SIGTERM)
+    assert server.received() == got, "a row arrived twice, or in the master"
+    assert server.pids(LEADS) == [leader], server.lines
+    poll_until(
+        lambda: sql("SELECT NOT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)),
+        "the slot to be free after gunicorn stopped",
+    )
+
+
+def test_wal_capture_a_killed_leading_worker_is_succeeded(wal_gunicorn: WalGunicorn) -> None:
+    """SIGKILL the worker that leads: another process of gunicorn's (the
+    other worker, or the replacement) leads within 5 s, and each row then
+    reaches the survivor and the replacement once each."""
+    start, sql, slot = wal_gunicorn
+    server = start(False)
+    workers = server.wait_listeners(2)
+    server.wait(lambda _: bool(server.pids(LEADS)), "a worker to lead")
+    (victim,) = server.pids(LEADS)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    server.wait(
+        lambda _: len(server.pids(LEADS)) == 2,
+        f"another process to lead within {TAKEOVER_WITHIN}s of the kill",
+        killed_at + TAKEOVER_WITHIN,
+    )
+    took = time.monotonic() - killed_at
+    server.wait(
+        lambda _: any(pid not in workers for pid in server.pids("listener connected")),
+        "the replacement worker's listener",
+    )
+    (replacement,) = [p for p in server.pids("listener connected") if p not in workers]
+    survivors = (workers - {victim}) | {replacement}
+    successor = server.pids(LEADS)[1]
+    print(f"\nleading worker killed: {successor} leads {took:.2f}s later")
+    assert successor in survivors, (successor, survivors)
+    assert slot_holders(sql, slot, [server.master, *survivors]) == [successor]
+
+    sql("INSERT INTO orders VALUES (1, 'x')")
+    sql("INSERT INTO orders VALUES (2, 'marker')")
+    server.wait_received(survivors, 2)
+    got = {pid: pks for pid, pks in server.received().items() if pid in survivors}
+    assert got == {pid: [1, 2] for pid in survivors}, server.received()
 
 
 @pytest.mark.parametrize(

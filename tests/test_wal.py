@@ -1,15 +1,12 @@
 """WAL capture (``DBNOTIFY_CAPTURE = "wal"``), on a server of the tests' own
 with ``wal_level = logical``: no trigger in any writer's transaction, the
-same events as triggers mode."""
+same events as triggers mode. Faults (a leader killed, the server
+restarted, every process stopped) are in tests/test_wal_faults.py."""
 
 from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +19,6 @@ from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError, table_truncated
 
 from ._helpers import (
     SQL,
-    WAIT,
-    Lines,
     Recorder,
     app_factory,
     captured_notifications,
@@ -185,72 +180,6 @@ def test_wal_events_equal_trigger_events(
         return (e.op, e.pk, e.new, e.old, e.changed, e.cut)
 
     assert [shape(e) for e in got] == [shape(e) for e in expected]
-
-
-def test_the_leader_killed_mid_stream_loses_and_repeats_nothing(
-    logical_url: str,
-    wal_app: MakeApp,
-    wal_sql: SQL,
-    spawn: Callable[..., tuple[subprocess.Popen[bytes], Lines]],
-) -> None:
-    """Two processes of the app; one leads. It is SIGKILLed while a writer
-    commits single-row transactions: the other takes over, and delivers
-    every row exactly once, in commit order."""
-    wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    config = ["DBNOTIFY_CAPTURE=wal", f"DBNOTIFY_SLOT={app.config['DBNOTIFY_SLOT']}"]
-    procs = {}
-    for name in ("A", "B"):
-        proc, lines = spawn(
-            "-m", "tests.apps.durable_listen_app", logical_url, "orders", *config, name=name
-        )
-        lines.wait_for('"ready"')
-        procs[proc.pid] = (proc, lines)
-
-    def leader() -> int | None:
-        for pid, (_, lines) in procs.items():
-            lines.drain()  # into its buffer: lines are only taken by readline()
-            if f'"leads": {pid}' in "\n".join(lines.seen) + lines.buf.decode(errors="replace"):
-                return pid
-        return None
-
-    first = poll_until(leader, "a process to lead")
-    total, kill_at = 3000, 500
-    done = threading.Event()
-
-    def write() -> None:
-        writer = SQL(logical_url)
-        try:
-            for n in range(1, total + 1):
-                writer("INSERT INTO orders VALUES (%s, 'row', 1)", (n,))
-                if n == kill_at:
-                    procs[first][0].send_signal(signal.SIGKILL)
-        finally:
-            writer.close()
-            done.set()
-
-    thread = threading.Thread(target=write, name="writer")
-    thread.start()
-    survivor, lines = next(v for pid, v in procs.items() if pid != first)
-    lines.wait_for(f'"leads": {survivor.pid}', timeout=WAIT)
-    assert done.wait(60), "the writer did not finish"
-    thread.join()
-    deadline = time.monotonic() + 60
-
-    def pks() -> list[int]:
-        return [json.loads(line)["pk"] for line in lines.seen if '"pk"' in line]
-
-    while total not in pks() and time.monotonic() < deadline:
-        lines.drain()
-        while b"\n" in lines.buf:
-            lines.readline("a row")
-    got = pks()
-    assert got == list(range(1, total + 1)), (
-        f"{len(got)} rows, repeated: {sorted({p for p in got if got.count(p) > 1})[:10]}, "
-        f"missing: {sorted(set(range(1, total + 1)) - set(got))[:10]}"
-    )
 
 
 def test_notify_on_a_connection_rides_in_the_transaction(

@@ -1,20 +1,24 @@
 """An app for tests that run it under gunicorn or uWSGI (or fork it otherwise).
 
 The database URL comes from ``$DBNOTIFY_TEST_APP_DATABASE_URL``; autostart is
-on and ``orders`` is watched. The module reports on stdout, one write(2) per
-line so lines from several processes never interleave::
+on and ``orders`` is watched. ``$DBNOTIFY_TEST_APP_CAPTURE`` and
+``$DBNOTIFY_TEST_APP_SLOT``, if set, are its ``DBNOTIFY_CAPTURE`` and
+``DBNOTIFY_SLOT`` (WAL capture). The module reports on stdout, one write(2)
+per line so lines from several processes never interleave::
 
     workers_app: imported pid=PID                 when this module is imported
     workers_app: listener connected pid=PID       each time a listener connects
     workers_app: receivers run in THREAD pid=PID  then: "the main thread" (a gevent
                                                   worker's greenlets) or "a thread of their own"
     workers_app: received orders PK pid=PID       for each row event
+    workers_app: leads the WAL slot pid=PID       when it becomes the WAL capture leader
 
 gunicorn and uWSGI themselves write nothing to stdout.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -34,6 +38,27 @@ app = Flask(__name__)
 app.config["DBNOTIFY_DATABASE_URI"] = os.environ["DBNOTIFY_TEST_APP_DATABASE_URL"]
 app.config["DBNOTIFY_AUTOSTART"] = True
 app.config["DBNOTIFY_CHECK_TRIGGERS"] = False
+for _key in ("CAPTURE", "SLOT"):
+    if f"DBNOTIFY_TEST_APP_{_key}" in os.environ:
+        app.config[f"DBNOTIFY_{_key}"] = os.environ[f"DBNOTIFY_TEST_APP_{_key}"]
+
+
+class _Leads(logging.Handler):
+    """Says when this process becomes the leader (the leader logs it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "leads slot" in record.getMessage():
+            _say("leads the WAL slot")
+
+
+_leader_log = logging.getLogger("flask_dbnotify.backends.postgresql.wal.leader")
+_leader_log.setLevel(logging.INFO)
+_leader_log.addHandler(_Leads())
+# A handler of its own means Python's last resort no longer prints its
+# warnings: stderr still gets them.
+_warnings = logging.StreamHandler()
+_warnings.setLevel(logging.WARNING)
+_leader_log.addHandler(_warnings)
 
 
 def _report_connected(sender: Any, **kwargs: Any) -> None:
