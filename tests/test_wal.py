@@ -50,6 +50,7 @@ def test_wal_capture_delivers_changes_with_no_trigger(
     wal_sql("INSERT INTO orders VALUES (1, 'tea', 1), (2, 'milk', 2)")
     wal_sql("UPDATE orders SET qty = 5 WHERE id = 1")
     wal_sql("UPDATE orders SET qty = 5 WHERE id = 1")  # changes nothing
+    (before_delete,) = wal_sql("SELECT pg_current_wal_lsn()::text")[0]
     wal_sql("DELETE FROM orders WHERE id = 2")
     got = events.wait_for(4)
     assert [(e.op.value, e.pk) for e in got] == [
@@ -66,6 +67,21 @@ def test_wal_capture_delivers_changes_with_no_trigger(
     ids = [e.id for e in got]
     assert all(isinstance(i, int) for i in ids) and ids == sorted(set(ids)), ids
     events.assert_no_more(4, marker(ext, app))
+    # The leader confirms what it relayed at once (psycopg2 alone would
+    # wait for its 10-second status interval): the slot holds no more WAL
+    # than it must, and a successor starts from there.
+    poll_until(
+        lambda: (
+            wal_sql(
+                "SELECT confirmed_flush_lsn > %s::pg_lsn FROM pg_replication_slots "
+                "WHERE slot_name = %s",
+                (before_delete, app.config["DBNOTIFY_SLOT"]),
+            )
+            == [(True,)]
+        ),
+        "the slot to confirm the DELETE, relayed",
+        timeout=3,
+    )
 
 
 def test_events_committed_while_no_process_runs_arrive_at_start(

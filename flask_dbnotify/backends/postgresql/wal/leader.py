@@ -199,7 +199,7 @@ class Stream:
                 if len(self.pending) < BATCH_ROWS:
                     continue
             if self.flush() or time.monotonic() - last_feedback >= FEEDBACK_EVERY:
-                cur.send_feedback(flush_lsn=self.flushed)
+                cur.send_feedback(flush_lsn=self.flushed, force=True)
                 last_feedback = time.monotonic()
             if message is None:
                 select.select([conn], [], [], 0.5)
