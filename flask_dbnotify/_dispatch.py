@@ -12,6 +12,7 @@ events for an operator (``DBNotify.replay``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from blinker import NamedSignal
 
 from . import signals
-from ._items import Gap, Lost, Notification
+from ._items import Drained, Gap, Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
 from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, raw_only
@@ -68,6 +69,14 @@ class Dispatcher:
         self._is_current = is_current
         # Claims carry this process's pid: a fork makes a new dispatcher.
         self._once = OnceRunner(served)
+        #: The marker a stopping listener waits for, and its signal.
+        self._drain: tuple[str, threading.Event] | None = None
+
+    def expect_drain(self, token: str) -> threading.Event:
+        """An event set once the marker ``token`` has been delivered."""
+        done = threading.Event()
+        self._drain = (token, done)
+        return done
 
     # -- the queue ----------------------------------------------------------
 
@@ -231,6 +240,11 @@ class Dispatcher:
             elif isinstance(item, Lost):
                 self._counts.dropped += item.count
                 self._send_lifecycle(LifecycleSignal(signals.events_dropped, count=item.count))
+                continue
+            elif isinstance(item, Drained):
+                drain = self._drain
+                if drain is not None and drain[0] == item.token:
+                    drain[1].set()
                 continue
             elif isinstance(item, Gap):
                 log.warning("events may have been missed: %s", item.reason)

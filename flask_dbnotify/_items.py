@@ -42,4 +42,12 @@ class Gap:
     reason: str
 
 
-Item = ChangeEvent | Notification | Lost | Gap
+@dataclass(frozen=True)
+class Drained:
+    """The marker a stopping listener sends itself (WAL capture): what the
+    stream held before it has been delivered."""
+
+    token: str
+
+
+Item = ChangeEvent | Notification | Lost | Gap | Drained

@@ -15,7 +15,8 @@ folds identical notifications sent in one transaction. A TRUNCATE has
 
 An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``.
 A gap, journaled when WAL capture's slot was replaced after it was lost:
-``{"v": 1, "gap": REASON}``.
+``{"v": 1, "gap": REASON}``. The marker a stopping listener sends itself:
+``{"v": 1, "drained": TOKEN}``.
 
 On PostgreSQL a message too long for one notification travels in pieces,
 each ``~SEQ K BYTES LAST`` and a newline, then the next stretch of the
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ._items import Gap, Item, Notification
+from ._items import Drained, Gap, Item, Notification
 from .events import ChangeEvent, Operation
 
 VERSION = 1
@@ -222,6 +223,8 @@ def decode(
             return [Notification(msg["m"], msg.get("p"), journal_id)]
         if "gap" in msg:
             return [_gap(msg, journal_id)]
+        if "drained" in msg:
+            return [Drained(str(msg["drained"]))]
         if "ref" in msg:
             raise PayloadError("a stored payload of an earlier version (no longer read)")
         return decode_rows(msg, journal_id)

@@ -151,7 +151,9 @@ class DBNotify:
         """Stop the app's listener and close its connection. Idempotent.
 
         Waits up to ``timeout`` seconds for a receiver that is running to
-        return; past that its thread is left to finish on its own."""
+        return; past that its thread is left to finish on its own. In WAL
+        capture, what this process's leader relayed is delivered first,
+        within the same ``timeout``."""
         state = self._state(app)
         state.wanted = False
         state.listener.stop(timeout)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -195,12 +196,14 @@ class Listener:
 
         The batch being delivered finishes; what is still queued is not
         delivered (a journaled backend, SQLite, delivers it after the next
-        ``start()``)."""
+        ``start()``), but for what WAL capture's leader in this process
+        relayed, which is delivered first, within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         # First what the feed runs besides the stream (WAL capture: the
-        # leader), while this listener still listens: a leader that relayed
-        # after its own listener stopped would journal rows that no process
-        # delivers, if no other listener runs.
+        # leader), while this listener still listens: what the leader
+        # relayed is then delivered here, or by no process if no other runs.
         self._feed.close()
+        self._drain(deadline)
         with self._lock:
             threads = [t for t in (self._reader, self._dispatch_thread) if t is not None]
             run = self._current
@@ -208,13 +211,31 @@ class Listener:
             self.wake()
             with run.ready:
                 run.ready.notify_all()
-        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
             if thread is threading.current_thread():
                 continue  # stop() from a receiver: the thread ends on return
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s still busy after %ss; left as a daemon", thread.name, timeout)
+
+    def _drain(self, deadline: float | None) -> None:
+        """Deliver what the feed's side work wrote before it stopped: wait
+        until the marker the feed sends arrives through the stream."""
+        if self._stream is None or self._current.stop.is_set():
+            return  # Not listening: the marker could not arrive.
+        if threading.current_thread() is self._dispatch_thread:
+            return  # stop() from a receiver: the marker would wait for it.
+        token = secrets.token_hex(16)
+        done = self._dispatcher.expect_drain(token)
+        try:
+            if not self._feed.send_drain(token):
+                return
+        except Exception as exc:  # noqa: BLE001 - stopping goes on
+            log.warning("could not deliver what this process relayed before stopping: %s", exc)
+            return
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not done.wait(left):
+            log.warning("stopped before delivering all that this process relayed")
 
     def wake(self) -> None:
         """Interrupt the reader's wait (to stop, or to re-check triggers)."""

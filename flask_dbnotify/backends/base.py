@@ -144,7 +144,15 @@ class Feed(abc.ABC):
         ``retention`` seconds that nobody needs any more."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """The listener stopped: stop what the feed runs besides its stream."""
+        """The listener stops: stop what the feed runs besides its stream."""
+
+    def send_drain(self, token: str) -> bool:
+        """The listener stops, and :meth:`close` has run: send a marker
+        carrying ``token`` that the stream brings after everything the
+        feed's side work wrote (WAL capture: the leader's relay), so that
+        the listener delivers that first; whether one was sent. Feeds with
+        nothing of their own to deliver send none."""
+        return False
 
     def discard(self) -> None:  # noqa: B027 - optional hook
         """In a forked child: drop what the feed ran in the parent, untouched."""

@@ -9,6 +9,7 @@ the publication and the slot.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from ...base import Feed, Stream
 from ...common import execute_on, parse_url
 from .. import PostgreSQLBackend
-from ..common import ident
+from ..common import CHANNEL, ident
 from ..journal import PostgreSQLFeed
 from .admin import WalAdmin
 from .ddl import MESSAGES
@@ -79,6 +80,12 @@ class WalFeed(PostgreSQLFeed):
 
     def close(self) -> None:
         self.leader.stop()
+
+    def send_drain(self, token: str) -> bool:
+        # Notifications arrive in commit order: the relay's come first.
+        marker = json.dumps({"v": 1, "drained": token})
+        self.db.run("SELECT pg_notify(%s, %s)", (CHANNEL, marker), failed="cannot notify")
+        return True
 
     def discard(self) -> None:
         self.leader.discard()
