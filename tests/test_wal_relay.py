@@ -1,0 +1,176 @@
+"""The WAL relay's JSON (flask_dbnotify/backends/postgresql/wal/tojson.py):
+built in Python from pgoutput's text, it is what the server's ``to_json()``
+gives, byte for byte. Values come from a real slot (its SQL interface), on
+the logical server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from flask_dbnotify.backends.postgresql import pgoutput
+from flask_dbnotify.backends.postgresql.wal import tojson
+
+from ._helpers import SQL
+
+# -- each type's converter against to_json() --------------------------------------
+
+ALL_CODE_POINTS = [
+    "".join(chr(n) for n in range(start, min(start + 40_000, 0x110000)) if not 0xD800 <= n < 0xE000)
+    for start in range(1, 0x110000, 40_000)
+]
+TRICKY_TEXT = [
+    "",
+    " ",
+    'quote " and backslash \\ and slash /',
+    "\b\f\n\r\t\x01\x07\x0b\x1b\x1f\x7f",
+    "\u0080\u00a0\u00e9\u2028\u2029\ufeff\uffff",
+    "😀 \U0001f600\U0010ffff",
+    "tab\tnewline\nreturn\r",
+    "%s %(x)s {} {{",
+]
+FLOATS = ["NaN", "Infinity", "-Infinity", "-0", "0", "0.1", "1e10", "123456789", "-1.5e-7"]
+VALUES: dict[str, list[str]] = {
+    "int2": ["-32768", "0", "32767"],
+    "int4": ["-2147483648", "2147483647"],
+    "int8": ["-9223372036854775808", "9223372036854775807"],
+    "oid": ["0", "4294967295"],
+    "float4": [*FLOATS, "1e-45", "3.4028235e38", "1.17549435e-38"],
+    "float8": [
+        *FLOATS,
+        "5e-324",
+        "1.7976931348623157e308",
+        "0.30000000000000004",
+        "1e15",
+        "1e16",
+        "1e22",
+        "1e-5",
+        "123456789012345678",
+    ],
+    "numeric": ["NaN", "Infinity", "-Infinity", "0", "-0", "0.000", "-1.5", "1e-20", "1e20"],
+    "numeric(10, 2)": ["1.5", "-0.001", "99999999.99"],
+    "bool": ["t", "f"],
+    "text": TRICKY_TEXT + ALL_CODE_POINTS,
+    "varchar(20)": ["a\tb", "é😀"],
+    "character(5)": ["ab", "", "abcde"],
+    "bpchar": ["ab  ", "x"],
+    "name": ["a name", "é\n"],
+    "uuid": ["A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"],
+    "json": ['  {"b": 1,  "a": [1, 2.50] } ', '"x\\u0000y\\n"', "1e5", "null", '{"a":\n\t1}'],
+    "jsonb": ['  {"b": 1,  "a": [1, 2.50] } ', '"\\u00e9\\u2028"', "1e5", "1.000", "null"],
+    "date": ["2024-01-02", "infinity", "-infinity", "0044-03-15 BC", "4713-01-01 BC"]
+    + ["5874897-12-31", "0001-01-01", "0001-12-31 BC"],
+    "timestamp": ["2024-01-02 03:04:05.123456", "2024-01-02 03:04:05.1", "2024-01-02 03:04:05"]
+    + ["infinity", "-infinity", "0044-03-15 12:00:00 BC", "4713-11-24 00:00:00 BC"]
+    + ["294276-12-31 23:59:59.999999"],
+}
+ZONED = [
+    "2024-01-02 03:04:05.123456+00",
+    "2024-07-01 12:00:00.5+00",
+    "1970-01-01 00:00:00+00",
+    "1900-06-01 12:00:00+00",
+    "1845-01-01 00:00:00+00",
+    "0044-03-15 12:00:00+00 BC",
+    "294276-12-31 23:59:59.999999+00",
+    "infinity",
+    "-infinity",
+]
+#: Offsets of whole hours, with minutes, with seconds (local mean time
+#: before standard time), east and west, and fixed POSIX zones.
+TIME_ZONES = [
+    "UTC",
+    "Asia/Kolkata",
+    "America/St_Johns",
+    "Europe/Amsterdam",
+    "Pacific/Chatham",
+    "Africa/Monrovia",
+    "Europe/London",
+    "<+0530>-05:30",
+    "-03:15",
+    "EST5EDT",
+]
+
+
+class Slot:
+    """A pgoutput slot on the test's database, read through its SQL
+    interface, in a session whose settings the test chooses (the text of
+    values follows them, as it follows a WAL sender's)."""
+
+    def __init__(self, url: str) -> None:
+        self.sql = SQL(url)
+        self.name = f"{make_url(url).database}_relay"
+        self.sql("CREATE PUBLICATION relay_pub FOR ALL TABLES")
+        self.sql("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.name,))
+
+    def records(self, peek: bool = False) -> list[pgoutput.Record]:
+        function = "peek" if peek else "get"
+        rows = self.sql(
+            f"SELECT data FROM pg_logical_slot_{function}_binary_changes(%s, NULL, NULL, "
+            "'proto_version', '1', 'publication_names', 'relay_pub')",
+            (self.name,),
+        )
+        return [pgoutput.parse(bytes(data)) for (data,) in rows]
+
+    def inserted(self) -> list[pgoutput.Values]:
+        return [r.new for r in self.records() if isinstance(r, pgoutput.Insert)]
+
+
+@pytest.fixture()
+def slot(logical_url: str) -> Iterator[Slot]:
+    made = Slot(logical_url)
+    yield made
+    made.sql.close()
+
+
+def texts_and_json(slot: Slot, type_name: str, values: list[str]) -> list[tuple[str, str]]:
+    """Each value of ``type_name`` as pgoutput writes it, and as to_json()
+    writes it, both in the slot's session."""
+    slot.sql(f"CREATE TABLE v (k serial PRIMARY KEY, v {type_name})")
+    slot.sql(
+        f"INSERT INTO v (v) SELECT x::{type_name} FROM unnest(%s::text[]) "
+        "WITH ORDINALITY AS u(x, n) ORDER BY n",
+        (values,),
+    )
+    texts = [row[1] for row in slot.inserted()]
+    expected = [j for (j,) in slot.sql("SELECT to_json(v)::text FROM v ORDER BY k")]
+    assert len(texts) == len(expected) == len(values)
+    assert all(isinstance(t, str) for t in texts), texts
+    return list(zip(texts, expected, strict=True))
+
+
+@pytest.mark.parametrize("type_name", list(VALUES))
+def test_python_json_of_each_type_is_what_to_json_gives(slot: Slot, type_name: str) -> None:
+    slot.sql("SET DateStyle = 'ISO, MDY'")
+    oid = int(slot.sql("SELECT %s::regtype::oid", (type_name,))[0][0])
+    convert = tojson.converters({"DateStyle": "ISO, MDY"}, None)[oid]
+    pairs = texts_and_json(slot, type_name, VALUES[type_name])
+    assert [convert(text) for text, _ in pairs] == [expected for _, expected in pairs]
+
+
+@pytest.mark.parametrize("zone", TIME_ZONES)
+@pytest.mark.parametrize("date_style", ["ISO, MDY", "ISO, DMY"])
+def test_timestamptz_in_python_is_what_to_json_gives_in_the_same_zone(
+    slot: Slot, zone: str, date_style: str
+) -> None:
+    slot.sql("SET TimeZone = %s", (zone,))
+    slot.sql("SET DateStyle = %s", (date_style,))
+    stream = {"DateStyle": date_style, "TimeZone": zone}
+    convert = tojson.converters(stream, zone)[tojson.TIMESTAMPTZ]
+    pairs = texts_and_json(slot, "timestamptz", ZONED)
+    assert [convert(text) for text, _ in pairs] == [expected for _, expected in pairs]
+
+
+def test_dates_stay_with_the_server_unless_written_iso_in_the_relay_zone() -> None:
+    """Another DateStyle writes text the Python converters do not read;
+    another zone gives other offsets: those types go to the server."""
+    datetimes = {tojson.DATE, tojson.TIMESTAMP, tojson.TIMESTAMPTZ}
+    iso_utc = tojson.converters({"DateStyle": "ISO, MDY", "TimeZone": "UTC"}, "UTC")
+    assert datetimes <= iso_utc.keys()
+    for style in ("SQL, DMY", "Postgres, MDY", "German, DMY"):
+        other = tojson.converters({"DateStyle": style, "TimeZone": "UTC"}, "UTC")
+        assert not datetimes & other.keys()
+    elsewhere = tojson.converters({"DateStyle": "ISO, MDY", "TimeZone": "UTC"}, "Etc/UTC")
+    assert tojson.TIMESTAMPTZ not in elsewhere and tojson.TIMESTAMP in elsewhere
+    assert not datetimes & tojson.converters({}, None).keys()
