@@ -1,19 +1,29 @@
-"""The WAL relay's JSON (flask_dbnotify/backends/postgresql/wal/tojson.py):
-built in Python from pgoutput's text, it is what the server's ``to_json()``
-gives, byte for byte. Values come from a real slot (its SQL interface), on
-the logical server."""
+"""The WAL relay (flask_dbnotify/backends/postgresql/wal/relay.py and
+tojson.py): JSON built in Python from pgoutput's text is what the server's
+``to_json()`` gives, byte for byte; bodies built in Python equal those the
+server builds; journal ids keep commit order and the notification names
+them.
+Values come from a real slot (its SQL interface), on the logical server."""
 
 from __future__ import annotations
 
+import json
+import select
 from collections.abc import Iterator
+from typing import Any
 
+import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
 from flask_dbnotify.backends.postgresql import pgoutput
+from flask_dbnotify.backends.postgresql.common import CHANNEL
 from flask_dbnotify.backends.postgresql.wal import tojson
+from flask_dbnotify.backends.postgresql.wal.leader import Stream
+from flask_dbnotify.backends.postgresql.wal.relay import Relay
 
-from ._helpers import SQL
+from ._helpers import SQL, WAIT
+from .test_wal import MakeApp, wal_app, wal_sql  # noqa: F401 - fixtures
 
 # -- each type's converter against to_json() --------------------------------------
 
@@ -174,3 +184,124 @@ def test_dates_stay_with_the_server_unless_written_iso_in_the_relay_zone() -> No
     elsewhere = tojson.converters({"DateStyle": "ISO, MDY", "TimeZone": "UTC"}, "Etc/UTC")
     assert tojson.TIMESTAMPTZ not in elsewhere and tojson.TIMESTAMP in elsewhere
     assert not datetimes & tojson.converters({}, None).keys()
+
+
+# -- the relay: Python-built bodies against the server's ---------------------------
+
+WEIRD = "we\\ird\tname"  # a backslash and a tab: COPY must escape both
+TABLES = f"""
+CREATE TABLE fast (id int PRIMARY KEY, "Name" text, qty int8, price numeric(10, 2), ok bool,
+    ratio float8, doc json, tags jsonb, day date, at timestamp, seen timestamptz,
+    code uuid, big text);
+ALTER TABLE fast ALTER COLUMN big SET STORAGE EXTERNAL;
+CREATE TABLE "{WEIRD}" (id int PRIMARY KEY, list int[], note text);
+"""
+BIG = "".join(f"{i:05d}," for i in range(2000))  # stored out of line: TOASTed
+#: A json value's whitespace is kept: a return, a newline and a tab in a body.
+DOC = '{"a":\r\n\t1,  "b": "\\\\ \\"", "c": 2.50}'
+ROW = (
+    "INSERT INTO fast VALUES (%s, %s, 9007199254740993, 1.50, true, 'NaN', %s, "
+    "'{\"b\": [1, 2.50]}', '0044-03-15 BC', '2024-01-02 03:04:05.5', '1900-06-01 12:00:00+00', "
+    "gen_random_uuid(), %s)"
+)
+WRITES: list[tuple[str, tuple[Any, ...]]] = [
+    (ROW, (1, 'tab\there "quoted" back\\slash\nnew line', DOC, BIG)),
+    (ROW, (2, None, None, "small")),
+    (f"INSERT INTO \"{WEIRD}\" VALUES (1, '{{1,NULL}}', 'x')", ()),
+    ("UPDATE fast SET qty = qty + 1 WHERE id = 1", ()),  # big is UNCHANGED
+    ('UPDATE fast SET "Name" = "Name"', ()),  # changes nothing
+    ("UPDATE fast SET ratio = '-Infinity', \"Name\" = 'é\u2028😀' WHERE id = 2", ()),
+    (f"UPDATE \"{WEIRD}\" SET note = E'a\\tb'", ()),
+    ("DELETE FROM fast WHERE id = 1", ()),
+    ("INSERT INTO fast (id) SELECT g FROM generate_series(10, 60) AS g", ()),
+    (f'DELETE FROM "{WEIRD}"', ()),
+]
+#: Journal rows: fast 2 + 51 inserts, 2 updates (one changes nothing, one
+#: only qty), a delete; the other table an insert, an update, a delete.
+EXPECTED = {"all": 59, "columns": 59, "when_changed": 58}
+WATCHES = {
+    "all": {},
+    "columns": {"columns": ["qty", "doc"]},
+    "when_changed": {"when_changed": ["ratio"]},
+}
+
+
+@pytest.fixture()
+def relay_conn(logical_url: str) -> Iterator[Any]:
+    conn = psycopg2.connect(logical_url)
+    yield conn
+    conn.close()
+
+
+def journal_bodies(sql: SQL, after: int) -> list[tuple[int, str | None, str]]:
+    return [
+        (int(i), w, b)
+        for i, w, b in sql(
+            "SELECT id, watch, body FROM dbnotify_journal WHERE id > %s ORDER BY id", (after,)
+        )
+    ]
+
+
+@pytest.mark.parametrize("watch", list(WATCHES))
+def test_bodies_built_in_python_equal_the_servers(
+    wal_app: MakeApp,  # noqa: F811
+    wal_sql: SQL,  # noqa: F811
+    relay_conn: Any,
+    logical_url: str,
+    watch: str,
+) -> None:
+    """The same decoded changes relayed twice: bodies built in Python (and
+    copied in), then every body built by the server: byte for byte the
+    same, in the same order; the notification names each time's ids."""
+    wal_sql(TABLES)
+    app, ext = wal_app()
+    ext.watch("fast", **WATCHES[watch])
+    ext.watch(f'"{WEIRD}"')
+    ext.install_triggers(app)
+    for statement, params in WRITES:
+        wal_sql(statement, params)
+    slot = app.config["DBNOTIFY_SLOT"]
+    relay = Relay(relay_conn, "public", slot)
+    relay.load()
+    relay.set_up_stream(wal_sql.conn)  # the session that decodes
+    data = wal_sql(
+        "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+        "'proto_version', '1', 'publication_names', %s)",
+        (slot, slot),
+    )
+    stream = Stream(None, relay, 0)
+    for (message,) in data:
+        stream.handle(pgoutput.parse(bytes(message)))
+    fast = next(r for r in stream.relations.values() if r.name == "fast")
+    assert {c.type_oid for c in fast.columns} <= relay.converters.keys()
+    assert any(v is pgoutput.UNCHANGED for c in stream.pending if c.new for v in c.new), (
+        "no TOASTed value left out"
+    )
+
+    listener = psycopg2.connect(logical_url)
+    listener.autocommit = True
+    listener.cursor().execute(f"LISTEN {CHANNEL}")
+    try:
+        runs = []
+        for converters in (relay.converters, {}):
+            relay.converters = converters
+            last = int(wal_sql("SELECT coalesce(max(id), 0) FROM dbnotify_journal")[0][0])
+            count = relay.relay(stream.pending, stream.pending_end)
+            rows = journal_bodies(wal_sql, last)
+            assert count == len(rows)
+            notified = json.loads(next_notification(listener))
+            assert notified["J"] == [rows[0][0], rows[-1][0]], (notified, rows[0][0])
+            runs.append([(w, b) for _, w, b in rows])
+    finally:
+        listener.close()
+    python, server = runs
+    assert python == server
+    assert len(python) == EXPECTED[watch]
+
+
+def next_notification(conn: Any) -> str:
+    conn.poll()
+    while not conn.notifies:
+        assert select.select([conn], [], [], WAIT)[0], "no notification"
+        conn.poll()
+    return str(conn.notifies.pop(0).payload)
