@@ -2,7 +2,7 @@
 tojson.py): JSON built in Python from pgoutput's text is what the server's
 ``to_json()`` gives, byte for byte; bodies built in Python equal those the
 server builds; journal ids keep commit order and the notification names
-them.
+them; events equal durable triggers' under unusual session settings.
 Values come from a real slot (its SQL interface), on the logical server."""
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
+from flask_dbnotify import ChangeEvent
 from flask_dbnotify.backends.postgresql import pgoutput
 from flask_dbnotify.backends.postgresql.common import CHANNEL
 from flask_dbnotify.backends.postgresql.wal import tojson
 from flask_dbnotify.backends.postgresql.wal.leader import Stream
 from flask_dbnotify.backends.postgresql.wal.relay import Relay
 
-from ._helpers import SQL, WAIT
+from ._helpers import SQL, WAIT, Recorder, app_factory
 from .test_wal import MakeApp, wal_app, wal_sql  # noqa: F401 - fixtures
 
 # -- each type's converter against to_json() --------------------------------------
@@ -305,3 +306,77 @@ def next_notification(conn: Any) -> str:
         assert select.select([conn], [], [], WAIT)[0], "no notification"
         conn.poll()
     return str(conn.notifies.pop(0).payload)
+
+
+# -- events against durable triggers' under other session settings ---------------
+
+SHAPE = (
+    'CREATE TABLE {{}} (id int PRIMARY KEY, "Part" text, qty int2, big int8, price numeric(8, 3), '
+    "ratio float4, ok bool, note varchar(30), code character(4), nm name, u uuid, o oid, "
+    "doc json, tags jsonb, day date, at timestamp, seen timestamptz{})"
+)
+SHAPED_WRITES = [
+    "INSERT INTO {} VALUES (1, E'a\\tb\\\\c\"d\\u2028', 32767, -9223372036854775808, 1.5, "
+    "'Infinity', true, E'\\x01\\x7f', 'ab', 'nm', gen_random_uuid(), 42, "
+    "E'{{\"a\":\\n 1.50}}', '[1, 2.0]', '0044-03-15 BC', '294276-12-31 23:59:59.999999', "
+    "'1900-06-01 12:00:00+00'), (2, 'x', NULL, NULL, 'NaN', '-0', false, NULL, NULL, NULL, "
+    "NULL, NULL, NULL, NULL, 'infinity', '-infinity', '2024-07-01 12:00:00.5+00')",
+    "UPDATE {} SET qty = 1, seen = '1845-01-01 00:00:00+00' WHERE id = 2",
+    "DELETE FROM {} WHERE id = 1",
+]
+
+
+@pytest.mark.parametrize("extra", ["", ", list int[]"], ids=["python", "server"])
+@pytest.mark.parametrize(
+    "settings",
+    [("ISO, DMY", "America/St_Johns"), ("SQL, DMY", "Asia/Kolkata"), ("German", "UTC")],
+    ids=["iso", "sql", "german"],
+)
+def test_events_equal_trigger_events_under_other_date_styles_and_zones(
+    logical_url: str,
+    wal_app: MakeApp,  # noqa: F811
+    wal_sql: SQL,  # noqa: F811
+    settings: tuple[str, str],
+    extra: str,
+) -> None:
+    """The database's DateStyle and TimeZone, which every session takes
+    (writers, the WAL sender, the relay): whatever they are, events equal
+    durable triggers', whether the relay builds the bodies (every column
+    of a type it knows) or the server does (a column of another type)."""
+    style, zone = settings
+    database = make_url(logical_url).database
+    wal_sql(f'ALTER DATABASE "{database}" SET DateStyle = %s', (style,))
+    wal_sql(f'ALTER DATABASE "{database}" SET TimeZone = %s', (zone,))
+    writer = SQL(logical_url)  # a session with the database's settings
+    writer(SHAPE.format(extra).format("by_triggers"))
+    writer(SHAPE.format(extra).format("by_wal"))
+    factory, made = app_factory(logical_url, "trigger_app")
+    try:
+        t_app, t_ext = factory()
+        t_ext.watch("by_triggers", durable=True)
+        t_ext.install_triggers(t_app)
+        w_app, w_ext = wal_app()
+        w_ext.watch("by_wal")
+        w_ext.install_triggers(w_app)
+        by_triggers, by_wal = Recorder(), Recorder()
+        t_ext.on("by_triggers")(by_triggers.add)
+        w_ext.on("by_wal")(by_wal.add)
+        t_ext.start(t_app)
+        w_ext.start(w_app)
+        for statement in SHAPED_WRITES:
+            writer(statement.format("by_triggers"))
+            writer(statement.format("by_wal"))
+        expected = by_triggers.wait_for(4)
+        got = by_wal.wait_for(4)
+    finally:
+        writer.close()
+        for app, ext in made:
+            ext.close(app)
+
+    def shape(e: ChangeEvent) -> tuple[Any, ...]:
+        new = {k: v for k, v in (e.new or {}).items() if k != "u"}
+        old = {k: v for k, v in (e.old or {}).items() if k != "u"}
+        return (e.op, e.pk, new, old, e.changed)
+
+    assert [shape(e) for e in got] == [shape(e) for e in expected]
+    assert got[0].new is not None and got[0].new["seen"] == expected[0].new["seen"]

@@ -163,8 +163,12 @@ class Relay:
 
     def set_up_stream(self, stream: Any) -> None:
         """Before streaming from ``stream`` (a psycopg2 replication
-        connection): note what the text of values depends on, as its WAL
-        sender's session reported it."""
+        connection): have its WAL sender write dates and times in ISO, the
+        style that reads back the same in any session (others name zones
+        by abbreviation, and the server reads IST as Israel's and LMT not
+        at all), and note what the text of values then depends on."""
+        with stream.cursor() as cur:
+            cur.execute("SET DateStyle = ISO")
         self.converters = tojson.converters(
             {name: stream.get_parameter_status(name) for name in STREAM_SETTINGS},
             self.conn.get_parameter_status("TimeZone"),
