@@ -28,20 +28,23 @@ from ..common import CHANNEL, ident, literal
 from . import tojson
 from .ddl import DEFINITIONS, MESSAGES
 
-#: The relay's position, one row per slot.
-_RECORD = (
-    "INSERT INTO {wal} (slot, lsn, relayed_at) VALUES (%(slot)s, %(lsn)s::pg_lsn, now()) "
-    "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at"
-)
-#: The journal ids the transaction wrote, to every listener (the (xid, id)
-#: index finds them).
-_NOTIFY = (
-    "SELECT pg_notify(%(channel)s, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
-    "|| '], \"x\": ' || pg_current_xact_id() || '}}') "
-    "FROM (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() ORDER BY id LIMIT 1) "
-    "AS lo, (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() "
-    "ORDER BY id DESC LIMIT 1) AS hi"
-)
+#: Statements of every relay transaction, prepared once per session (a
+#: prepared statement outlives a transaction rolled back): the relay's
+#: position, one row per slot; and a notification of the journal ids the
+#: transaction wrote (found through the (xid, id) index).
+_PREPARED = {
+    "dbnotify_relay_record": (
+        "(text, pg_lsn) AS INSERT INTO {wal} (slot, lsn, relayed_at) VALUES ($1, $2, now()) "
+        "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at"
+    ),
+    "dbnotify_relay_notify": (
+        "(text) AS SELECT pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
+        "|| '], \"x\": ' || pg_current_xact_id() || '}}') "
+        "FROM (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() ORDER BY id LIMIT 1) "
+        "AS lo, (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() "
+        "ORDER BY id DESC LIMIT 1) AS hi"
+    ),
+}
 #: Characters handed to COPY at a time.
 _COPY_CHUNK = 1 << 20
 #: What COPY's text format escapes (the backslash first).
@@ -127,6 +130,7 @@ class Relay:
         self._types: dict[tuple[int, int], str] = {}
         #: Type oid -> how its values become JSON here; other types' go to the server.
         self.converters = tojson.converters({}, None)
+        self._prepared = False
 
     # -- state --------------------------------------------------------------
 
@@ -134,6 +138,10 @@ class Relay:
         """Read the watches and where the relay stands (an LSN, 0 if never)."""
         self.load_watches()
         with self.conn.cursor() as cur:
+            if not self._prepared:
+                for name, text in _PREPARED.items():
+                    cur.execute(f"PREPARE {name}" + text.format(wal=self.wal, journal=self.journal))
+                self._prepared = True
             cur.execute(
                 f"SELECT (lsn - '0/0')::bigint FROM {self.wal} WHERE slot = %s", (self.slot,)
             )
@@ -223,13 +231,13 @@ class Relay:
     def _finish(self, cur: Any, count: int, sent: list[int], end_lsn: int) -> None:
         """Record the position, delete the messages relayed and notify the
         journal rows, in one round trip."""
-        statements = [_RECORD.format(wal=self.wal)]
+        statements = ["EXECUTE dbnotify_relay_record(%(slot)s, %(lsn)s)"]
         params: dict[str, Any] = {"slot": self.slot, "lsn": lsn_text(end_lsn)}
         if sent:
             statements.append(f"DELETE FROM {self.messages} WHERE id = ANY(%(sent)s::bigint[])")
             params["sent"] = sent
         if count:
-            statements.append(_NOTIFY.format(journal=self.journal))
+            statements.append("EXECUTE dbnotify_relay_notify(%(channel)s)")
             params["channel"] = CHANNEL
         cur.execute("; ".join(statements), params)
 
