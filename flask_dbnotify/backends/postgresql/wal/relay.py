@@ -174,9 +174,15 @@ class Relay:
         connection): have its WAL sender write dates and times in ISO, the
         style that reads back the same in any session (others name zones
         by abbreviation, and the server reads IST as Israel's and LMT not
-        at all), and note what the text of values then depends on."""
+        at all), and floats with the relay session's digits, and note what
+        the text of values then depends on."""
+        with self.conn.cursor() as cur:
+            cur.execute("SHOW extra_float_digits")
+            (digits,) = cur.fetchone()
+        self.conn.commit()
         with stream.cursor() as cur:
             cur.execute("SET DateStyle = ISO")
+            cur.execute("SELECT set_config('extra_float_digits', %s, false)", (digits,))
         self.converters = tojson.converters(
             {name: stream.get_parameter_status(name) for name in STREAM_SETTINGS},
             self.conn.get_parameter_status("TimeZone"),

@@ -12,8 +12,8 @@ asks the server. Checked against the server by tests/test_wal_relay.py.
 - ``float4``, ``float8``, ``numeric``: the text if it is a JSON number,
   else a JSON string (``NaN``, ``Infinity``, ``-Infinity``), as
   ``IsValidJsonNumber()`` decides. Casting the text back and writing it
-  again gives the same text in any session with the same
-  ``extra_float_digits``.
+  again gives the same text in a session with the same
+  ``extra_float_digits`` (the relay sets the WAL sender's to its own).
 - ``bool``: ``t``/``f`` become ``true``/``false``.
 - ``text``, ``varchar``, ``bpchar`` (padded, as its output is), ``name``,
   ``uuid`` and ``oid`` (a string, not a number: oid is not among the
