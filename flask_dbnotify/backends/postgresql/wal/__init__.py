@@ -1,7 +1,8 @@
 """WAL capture on PostgreSQL (``DBNOTIFY_CAPTURE = "wal"``): no trigger in
 any writer's transaction. One elected process of the app streams a
 logical replication slot (:mod:`.leader`) and relays each committed
-transaction into the journal (:mod:`.relay`); every process's listener
+transaction into the journal (:mod:`.relay`; :mod:`.shape` and
+:mod:`.tojson` make the journal bodies); every process's listener
 reads the journal as it reads durable events, so the rest of the
 extension works unchanged. :mod:`.ddl` and :mod:`.admin` make and report
 the publication and the slot.

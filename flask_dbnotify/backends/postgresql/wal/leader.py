@@ -140,6 +140,7 @@ class Leader:
             connection_factory=psycopg2.extras.LogicalReplicationConnection,
         )
         self._conns.append(repl)
+        relay.set_up_stream(repl)
         cur = repl.cursor()
         try:
             cur.start_replication(

@@ -7,74 +7,53 @@ written them, records the transaction's commit position in
 ``dbnotify_wal``, and notifies the journal ids, as durable triggers do.
 Every process's listener then reads them the way it reads durable events.
 
-Values arrive as the text PostgreSQL's output functions write; the server
-turns them back into JSON (``to_json(value::type)``), so an event carries
-exactly what triggers mode would have sent.
+Values arrive as the text PostgreSQL's output functions write. For the
+built-in types of :mod:`.tojson` the relay turns that text into JSON
+itself and copies the rows in (``COPY``); a run of rows with a column of
+any other type is turned into JSON by the server
+(``to_json(value::type)``); :mod:`.shape` builds either. Either way an
+event carries exactly what triggers mode would have sent.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .. import pgoutput
-from ..common import CHANNEL, ident, literal
+from ..common import CHANNEL, ident
+from . import tojson
 from .ddl import DEFINITIONS, MESSAGES
+from .shape import Change as Change  # what the leader hands over, under the names it uses
+from .shape import Sent as Sent
+from .shape import Truncated as Truncated
+from .shape import WatchDef, build, select, server_insert
 
-#: The relay's position, one row per slot.
-_RECORD = (
-    "INSERT INTO {wal} (slot, lsn, relayed_at) VALUES (%(slot)s, %(lsn)s::pg_lsn, now()) "
-    "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at"
-)
-
-#: Names the journal rows ``lo..hi`` this transaction wrote, as durable
-#: triggers do.
-_NOTIFY = (
-    "SELECT pg_notify(%s, '{\"v\": 1, \"J\": [' || %s || ', ' || %s "
-    "|| '], \"x\": ' || pg_current_xact_id() || '}')"
-)
-
-
-@dataclass(frozen=True)
-class WatchDef:
-    """What a watch captures, as ``install-triggers`` recorded it."""
-
-    name: str
-    head: dict[str, Any]
-    ops: str
-    columns: tuple[str, ...] | None
-    when_changed: tuple[str, ...] | None
-
-
-@dataclass
-class Change:
-    """One row change of a transaction."""
-
-    relation: pgoutput.Relation
-    op: str  # I, U or D
-    new: pgoutput.Values | None
-    old: pgoutput.Values | None
-    #: Its transaction's commit time, in seconds since the epoch, as text.
-    ts: str
-
-
-@dataclass
-class Sent:
-    """A row of the messages table: what ``notify(connection=...)`` sent."""
-
-    id: Any
-    body: Any
-    ts: str
-
-
-@dataclass
-class Truncated:
-    """A TRUNCATE, its tables named (as the leader's relations know them)."""
-
-    tables: list[tuple[str, str]]
-    ts: str
+#: Statements of every relay transaction, prepared once per session (a
+#: prepared statement outlives a transaction rolled back): the relay's
+#: position, one row per slot; and a notification of the journal ids the
+#: transaction wrote (found through the (xid, id) index).
+_PREPARED = {
+    "dbnotify_relay_record": (
+        "(text, pg_lsn) AS INSERT INTO {wal} (slot, lsn, relayed_at) VALUES ($1, $2, now()) "
+        "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at"
+    ),
+    "dbnotify_relay_notify": (
+        "(text) AS SELECT pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
+        "|| '], \"x\": ' || pg_current_xact_id() || '}}') "
+        "FROM (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() ORDER BY id LIMIT 1) "
+        "AS lo, (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() "
+        "ORDER BY id DESC LIMIT 1) AS hi"
+    ),
+}
+#: Characters handed to COPY at a time.
+_COPY_CHUNK = 1 << 20
+#: What COPY's text format escapes (the backslash first).
+_COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
+#: What the WAL sender's session reports that the text of values depends on.
+STREAM_SETTINGS = ("DateStyle", "TimeZone")
 
 
 def lsn_text(lsn: int) -> str:
@@ -95,6 +74,9 @@ class Relay:
         self.schema = schema
         self.watches: dict[tuple[str, str], WatchDef] = {}
         self._types: dict[tuple[int, int], str] = {}
+        #: Type oid -> how its values become JSON here; other types' go to the server.
+        self.converters = tojson.converters({}, None)
+        self._prepared = False
 
     # -- state --------------------------------------------------------------
 
@@ -104,6 +86,10 @@ class Relay:
         first, for every listener to report."""
         self.load_watches()
         with self.conn.cursor() as cur:
+            if not self._prepared:
+                for name, text in _PREPARED.items():
+                    cur.execute(f"PREPARE {name}" + text.format(wal=self.wal, journal=self.journal))
+                self._prepared = True
             cur.execute(
                 f"SELECT (lsn - '0/0')::bigint, gap FROM {self.wal} WHERE slot = %s FOR UPDATE",
                 (self.slot,),
@@ -111,11 +97,10 @@ class Relay:
             row = cur.fetchone()
             if row is not None and row[1] is not None:
                 cur.execute(
-                    f"INSERT INTO {self.journal} (body) VALUES (%s) RETURNING id",
+                    f"INSERT INTO {self.journal} (body) VALUES (%s)",
                     (json.dumps({"v": 1, "gap": row[1]}, ensure_ascii=False),),
                 )
-                (gap_id,) = cur.fetchone()
-                cur.execute(_NOTIFY, (CHANNEL, gap_id, gap_id))
+                cur.execute("EXECUTE dbnotify_relay_notify(%s)", (CHANNEL,))
                 cur.execute(f"UPDATE {self.wal} SET gap = NULL WHERE slot = %s", (self.slot,))
         self.conn.commit()
         return int(row[0]) if row else 0
@@ -139,6 +124,25 @@ class Relay:
                 for schema, table, name, head, ops, columns, changed in cur.fetchall()
             }
         self.conn.commit()
+
+    def set_up_stream(self, stream: Any) -> None:
+        """Before streaming from ``stream`` (a psycopg2 replication
+        connection): have its WAL sender write dates and times in ISO, the
+        style that reads back the same in any session (others name zones
+        by abbreviation, and the server reads IST as Israel's and LMT not
+        at all), and floats with the relay session's digits, and note what
+        the text of values then depends on."""
+        with self.conn.cursor() as cur:
+            cur.execute("SHOW extra_float_digits")
+            (digits,) = cur.fetchone()
+        self.conn.commit()
+        with stream.cursor() as cur:
+            cur.execute("SET DateStyle = ISO")
+            cur.execute("SELECT set_config('extra_float_digits', %s, false)", (digits,))
+        self.converters = tojson.converters(
+            {name: stream.get_parameter_status(name) for name in STREAM_SETTINGS},
+            self.conn.get_parameter_status("TimeZone"),
+        )
 
     def forget_types(self, relation: pgoutput.Relation) -> None:
         """A relation was described anew (its columns may have changed type)."""
@@ -165,149 +169,123 @@ class Relay:
         """Append ``changes`` (of one or more committed transactions, in
         commit order) to the journal and record ``end_lsn``, the last one's
         end, in one transaction; return how many journal rows were written."""
-        ids: list[int] = []
         try:
             with self.conn.cursor() as cur:
+                journal = JournalWriter(cur, self.journal)
+                sent: list[int] = []
                 for run in _runs(changes):
-                    ids += self._write(cur, run)
-                cur.execute(
-                    _RECORD.format(wal=self.wal), {"slot": self.slot, "lsn": lsn_text(end_lsn)}
-                )
-                if ids:
-                    cur.execute(
-                        "SELECT pg_notify(%s, '{\"v\": 1, \"J\": [' || %s || ', ' || %s "
-                        "|| '], \"x\": ' || pg_current_xact_id() || '}')",
-                        (CHANNEL, min(ids), max(ids)),
-                    )
+                    first = run[0]
+                    if isinstance(first, Sent):
+                        sent += [int(m.id) for m in run]
+                        journal.add(None, [m.body for m in run])
+                    elif isinstance(first, Truncated):
+                        self._truncate(journal, run)
+                    else:
+                        self._rows(journal, run)
+                journal.flush()
+                self._finish(cur, journal.count, sent, end_lsn)
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
             raise
-        return len(ids)
+        return journal.count
 
-    def _write(self, cur: Any, run: list[Any]) -> list[int]:
-        first = run[0]
-        if isinstance(first, Sent):
-            cur.execute(
-                f"DELETE FROM {self.messages} WHERE id = ANY(%s::bigint[])",
-                ([int(m.id) for m in run],),
-            )
-            cur.execute(
-                f"INSERT INTO {self.journal} (body) "
-                "SELECT m FROM unnest(%s::text[]) WITH ORDINALITY AS x(m, n) "
-                "ORDER BY n RETURNING id",
-                ([m.body for m in run],),
-            )
-            return [row[0] for row in cur.fetchall()]
-        if isinstance(first, Truncated):
-            return self._truncate(cur, run)
-        watch = self.watches.get((first.relation.schema, first.relation.name))
-        if watch is None or first.op not in watch.ops:
-            return []
-        return self._rows(cur, watch, first.relation, first.op, run)
+    def _finish(self, cur: Any, count: int, sent: list[int], end_lsn: int) -> None:
+        """Record the position, delete the messages relayed and notify the
+        journal rows, in one round trip."""
+        statements = ["EXECUTE dbnotify_relay_record(%(slot)s, %(lsn)s)"]
+        params: dict[str, Any] = {"slot": self.slot, "lsn": lsn_text(end_lsn)}
+        if sent:
+            statements.append(f"DELETE FROM {self.messages} WHERE id = ANY(%(sent)s::bigint[])")
+            params["sent"] = sent
+        if count:
+            statements.append("EXECUTE dbnotify_relay_notify(%(channel)s)")
+            params["channel"] = CHANNEL
+        cur.execute("; ".join(statements), params)
 
-    def _truncate(self, cur: Any, run: list[Truncated]) -> list[int]:
-        bodies = []
+    def _truncate(self, journal: JournalWriter, run: list[Truncated]) -> None:
         for truncate in run:
             for schema, name in truncate.tables:
                 watch = self.watches.get((schema, name))
                 if watch is not None:
                     head = {**watch.head, "o": "T", "ts": float(truncate.ts)}
-                    bodies.append((watch.name, json.dumps(head, ensure_ascii=False)))
-        if not bodies:
-            return []
-        cur.execute(
-            f"INSERT INTO {self.journal} (watch, body) "
-            "SELECT w, b FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS x(w, b, n) "
-            "ORDER BY n RETURNING id",
-            ([w for w, _ in bodies], [b for _, b in bodies]),
-        )
-        return [row[0] for row in cur.fetchall()]
+                    journal.add(watch.name, [json.dumps(head, ensure_ascii=False)])
 
-    def _rows(
-        self,
-        cur: Any,
-        watch: WatchDef,
-        relation: pgoutput.Relation,
-        op: str,
-        run: list[Change],
-    ) -> list[int]:
+    def _rows(self, journal: JournalWriter, run: list[Change]) -> None:
+        first = run[0]
+        relation, op = first.relation, first.op
+        watch = self.watches.get((relation.schema, relation.name))
+        if watch is None or op not in watch.ops:
+            return
         names = [c.name for c in relation.columns]
-        types = self.type_names(relation)
         pk = watch.head["k"]
         carried = [
             i
             for i, name in enumerate(names)
             if watch.columns is None or name in watch.columns or name in pk
         ]
-        rows_new: list[list[Any]] = [[] for _ in carried]
-        rows_old: list[list[Any]] = [[] for _ in carried]
-        changed: list[str] = []
-        stamps: list[str] = []
-        for change in run:
-            new, old = change.new, change.old
-            if op == "U":
-                assert new is not None and old is not None
-                new = tuple(
-                    o if v is pgoutput.UNCHANGED else v for v, o in zip(new, old, strict=True)
-                )
-                differ = {names[i] for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b}
-                if not differ:
-                    continue  # an UPDATE that changed nothing
-                if watch.when_changed and not differ & set(watch.when_changed):
-                    continue
-                changed.append(json.dumps(sorted(differ, key=names.index), ensure_ascii=False))
-            stamps.append(change.ts)
-            for slot, i in enumerate(carried):
-                if new is not None:
-                    rows_new[slot].append(new[i])
-                if old is not None:
-                    rows_old[slot].append(old[i])
-        count = len(rows_new[0] if op != "D" else rows_old[0]) if carried else 0
-        if not count:
-            return []
+        rows = select(watch, names, op, run)
+        if not carried or not rows.stamps:
+            return
         head = json.dumps({**watch.head, "o": op}, ensure_ascii=False)[:-1] + ', "ts": '
-        params: dict[str, Any] = {"w": watch.name, "head": head, "ts": stamps}
-        columns = [(names[i], types[i]) for i in carried]
-        arrays, aliases = ["%(ts)s::text[]"], ["ts"]
-        for side, values in (("n", rows_new), ("o", rows_old)):
-            if (side == "n" and op == "D") or (side == "o" and op == "I"):
-                continue
-            for slot, _ in enumerate(carried):
-                key = f"{side}{slot}"
-                params[key] = values[slot]
-                arrays.append(f"%({key})s::text[]")
-                aliases.append(key)
-        if op == "U":
-            row = f"'[' || {_object(columns, 'n')} || ',' || {_object(columns, 'o')}"
-            if watch.columns is not None:
-                params["ch"] = changed
-                arrays.append("%(ch)s::text[]")
-                aliases.append("ch")
-                row += " || ',' || u.ch"
-            row += " || ']'"
+        keys = [json.dumps(names[i], ensure_ascii=False) + ": " for i in carried]
+        converters = [self.converters.get(relation.columns[i].type_oid) for i in carried]
+        bodies = build(head, keys, converters, carried, rows)
+        if bodies is not None:
+            journal.add(watch.name, bodies)
         else:
-            row = _object(columns, "n" if op == "I" else "o")
-        cur.execute(
-            f"INSERT INTO {self.journal} (watch, body) "
-            f"SELECT %(w)s, %(head)s || u.ts || ', \"r\": [' || {row} || ']}}' "
-            f"FROM unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(aliases)}, ord) "
-            "ORDER BY u.ord RETURNING id",
-            params,
-        )
-        return [r[0] for r in cur.fetchall()]
+            types = self.type_names(relation)
+            journal.insert(
+                *server_insert(self.journal, watch.name, head, keys, rows, carried, types)
+            )
 
 
-def _object(columns: list[tuple[str, str]], side: str) -> str:
-    """SQL for a JSON object of the columns of one side (``n``/``o``), each
-    value cast from its text to its type and written by to_json()."""
-    parts = []
-    for slot, (name, type_name) in enumerate(columns):
-        key = literal(json.dumps(name, ensure_ascii=False) + ": ").replace("%", "%%")
-        cast = type_name.replace("%", "%%")
-        sep = "'{' || " if slot == 0 else "',' || "
-        parts.append(f"{sep}{key} || coalesce(to_json(u.{side}{slot}::{cast})::text, 'null')")
-    return "(" + " || ".join(parts) + " || '}')"
+class JournalWriter:
+    """The journal rows of one relay transaction, in order. Bodies built
+    in Python wait, to go in together by COPY; an INSERT that builds its
+    rows on the server sends the waiting ones first."""
+
+    def __init__(self, cur: Any, table: str) -> None:
+        self.cur = cur
+        self.table = table
+        self.waiting: list[tuple[str | None, list[str]]] = []
+        #: Rows written or waiting.
+        self.count = 0
+
+    def add(self, watch: str | None, bodies: list[str]) -> None:
+        if bodies:
+            self.waiting.append((watch, bodies))
+            self.count += len(bodies)
+
+    def insert(self, query: str, params: dict[str, Any]) -> None:
+        self.flush()
+        self.cur.execute(query, params)
+        self.count += self.cur.rowcount
+
+    def flush(self) -> None:
+        if self.waiting:
+            data = "".join(_copy_text(watch, bodies) for watch, bodies in self.waiting)
+            self.waiting = []
+            self.cur.copy_expert(
+                f"COPY {self.table} (watch, body) FROM STDIN", io.StringIO(data), size=_COPY_CHUNK
+            )
+
+
+def _copy_escape(text: str) -> str:
+    """Text as a field of COPY's text format (a scan for each special
+    character costs less than a replace that finds none)."""
+    for char, escaped in _COPY_ESCAPES:
+        if char in text:
+            text = text.replace(char, escaped)
+    return text
+
+
+def _copy_text(watch: str | None, bodies: list[str]) -> str:
+    """Rows ``watch<TAB>body`` of COPY's text format, one per body. Bodies
+    are escaped joined by NUL, which no PostgreSQL text holds."""
+    first = "\\N" if watch is None else _copy_escape(watch)
+    joined = _copy_escape("\0".join(bodies))
+    return first + "\t" + joined.replace("\0", "\n" + first + "\t") + "\n"
 
 
 def _runs(changes: Sequence[Any]) -> list[list[Any]]:
