@@ -237,21 +237,24 @@ class Dispatcher:
                 if signals.notification_received.receivers:
                     for receiver in signals.notification_received.receivers_for(item.channel):
                         self._call(receiver, item.payload, item.channel, payload=item.payload)
-            elif isinstance(item, Lost):
-                self._counts.dropped += item.count
-                self._send_lifecycle(LifecycleSignal(signals.events_dropped, count=item.count))
-                continue
-            elif isinstance(item, Drained):
-                drain = self._drain
-                if drain is not None and drain[0] == item.token:
-                    drain[1].set()
-                continue
-            elif isinstance(item, Gap):
-                log.warning("events may have been missed: %s", item.reason)
-                connected = signals.listener_connected
-                self._send_lifecycle(LifecycleSignal(connected, reconnect=True, gap=True))
+            else:
+                self._note(item)
                 continue
             self._counts.dispatched += 1
+
+    def _note(self, item: Lost | Gap | Drained) -> None:
+        """What a feed yields besides events and messages."""
+        if isinstance(item, Lost):
+            self._counts.dropped += item.count
+            self._send_lifecycle(LifecycleSignal(signals.events_dropped, count=item.count))
+        elif isinstance(item, Gap):
+            log.warning("events may have been missed: %s", item.reason)
+            connected = signals.listener_connected
+            self._send_lifecycle(LifecycleSignal(connected, reconnect=True, gap=True))
+        else:
+            drain = self._drain
+            if drain is not None and drain[0] == item.token:
+                drain[1].set()
 
     def _deliver_event(self, event: ChangeEvent, on_receivers: bool) -> None:
         table, op = event.table, event.op

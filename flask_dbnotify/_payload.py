@@ -221,10 +221,8 @@ def decode(
             return _journaled(msg, read_journal)
         if "m" in msg:
             return [Notification(msg["m"], msg.get("p"), journal_id)]
-        if "gap" in msg:
-            return [_gap(msg, journal_id)]
-        if "drained" in msg:
-            return [Drained(str(msg["drained"]))]
+        if "gap" in msg or "drained" in msg:
+            return [_marker(msg, journal_id)]
         if "ref" in msg:
             raise PayloadError("a stored payload of an earlier version (no longer read)")
         return decode_rows(msg, journal_id)
@@ -234,9 +232,11 @@ def decode(
         raise PayloadError(f"malformed payload: {exc!r}") from None
 
 
-def _gap(msg: dict[str, Any], journal_id: int | None) -> Gap:
+def _marker(msg: dict[str, Any], journal_id: int | None) -> Gap | Drained:
+    if "drained" in msg:
+        return Drained(str(msg["drained"]))
     if journal_id is None:
-        # Only WAL capture's relay writes one, to the journal.
+        # Only WAL capture's relay writes a gap, to the journal.
         raise PayloadError("a gap outside the journal")
     return Gap(str(msg["gap"]))
 
