@@ -16,6 +16,7 @@ from flask import Flask
 from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError, table_truncated
+from flask_dbnotify.backends.postgresql import MAX_ROW_BYTES
 
 from ._helpers import (
     SQL,
@@ -446,3 +447,44 @@ def test_a_role_with_no_grants_hears_no_row_and_cannot_forge_one(
     finally:
         wal_sql(f'DROP OWNED BY "{role}"')
         wal_sql(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["", ", tags int[]"],
+    ids=["built-here", "built-by-the-server"],
+)
+def test_rows_over_max_row_bytes_arrive_cut_as_in_triggers_mode(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder, extra: str
+) -> None:
+    """As in triggers mode (tests/test_hardening.py): a row whose JSON is
+    over MAX_ROW_BYTES arrives cut, primary key only, whether its text is
+    over too or only its JSON (newlines escaped take two bytes); small rows
+    of the same statement arrive whole. Both ways the relay builds bodies:
+    here (text columns) and on the server (a column of a type it leaves to
+    the server)."""
+    wal_sql(f"CREATE TABLE docs (id int PRIMARY KEY, body text{extra})")
+    app, ext = wal_app()
+    ext.watch("docs")
+    ext.install_triggers(app)
+    ext.start(app)
+    wal_sql(
+        "INSERT INTO docs (id, body) VALUES (1, 'before'), (2, repeat('x', %s)), "
+        "(3, repeat(E'\\n', %s)), (4, 'after')",
+        (MAX_ROW_BYTES + 1000, MAX_ROW_BYTES - 1000),
+    )
+    wal_sql("UPDATE docs SET id = 20, body = body || 'y' WHERE id = 2")
+    wal_sql("DELETE FROM docs WHERE id IN (3, 20)")
+    got = events.wait_for(7)
+    events.assert_no_more(7, marker(ext, app))
+    tags = {"tags": None} if extra else {}
+    nothing: frozenset[str] = frozenset()
+    assert [(e.op.value, e.pk, e.new, e.old, e.changed, e.cut) for e in got] == [
+        ("INSERT", 1, {"id": 1, "body": "before", **tags}, None, nothing, False),
+        ("INSERT", 2, {"id": 2}, None, nothing, True),
+        ("INSERT", 3, {"id": 3}, None, nothing, True),
+        ("INSERT", 4, {"id": 4, "body": "after", **tags}, None, nothing, False),
+        ("UPDATE", 20, {"id": 20}, {"id": 2}, nothing, True),
+        ("DELETE", 3, None, {"id": 3}, nothing, True),
+        ("DELETE", 20, None, {"id": 20}, nothing, True),
+    ]

@@ -27,9 +27,9 @@ from ..common import CHANNEL, ident
 from . import tojson
 from .ddl import DEFINITIONS, MESSAGES
 from .shape import Change as Change  # what the leader hands over, under the names it uses
+from .shape import Layout, WatchDef, build, select, server_insert
 from .shape import Sent as Sent
 from .shape import Truncated as Truncated
-from .shape import WatchDef, build, select, server_insert
 
 #: Statements of every relay transaction, prepared once per session (a
 #: prepared statement outlives a transaction rolled back): the relay's
@@ -218,26 +218,17 @@ class Relay:
         if watch is None or op not in watch.ops:
             return
         names = [c.name for c in relation.columns]
-        pk = watch.head["k"]
-        carried = [
-            i
-            for i, name in enumerate(names)
-            if watch.columns is None or name in watch.columns or name in pk
-        ]
         rows = select(watch, names, op, run)
-        if not carried or not rows.stamps:
+        shape = Layout.of(watch, names, op)
+        if not shape.carried or not rows.stamps:
             return
-        head = json.dumps({**watch.head, "o": op}, ensure_ascii=False)[:-1] + ', "ts": '
-        keys = [json.dumps(names[i], ensure_ascii=False) + ": " for i in carried]
-        converters = [self.converters.get(relation.columns[i].type_oid) for i in carried]
-        bodies = build(head, keys, converters, carried, rows)
+        converters = [self.converters.get(relation.columns[i].type_oid) for i in shape.carried]
+        bodies = build(shape, converters, rows)
         if bodies is not None:
             journal.add(watch.name, bodies)
         else:
             types = self.type_names(relation)
-            journal.insert(
-                *server_insert(self.journal, watch.name, head, keys, rows, carried, types)
-            )
+            journal.insert(*server_insert(self.journal, watch.name, shape, rows, types))
 
 
 class JournalWriter:

@@ -4,7 +4,9 @@ that has the server build them (:func:`server_insert`). Pure: no I/O.
 
 A body is what a durable trigger journals for one row: the batch head,
 the commit time, and ``"r": [ROW]`` (see flask_dbnotify/_payload.py);
-both ways write it byte for byte the same.
+both ways write it byte for byte the same. A ROW over
+:data:`MAX_ROW_BYTES` is cut, as triggers cut it: ``["cut", KEY]``
+(UPDATE: ``["cut", NEW_KEY, OLD_KEY]``), KEY the primary key columns.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import pgoutput
-from ..common import literal
+from ..common import MAX_ROW_BYTES, literal
 from . import tojson
 
 
@@ -57,6 +59,34 @@ class Truncated:
 
     tables: list[tuple[str, str]]
     ts: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a run's values go in its bodies."""
+
+    #: The body up to the commit time: the watch's head, the op, ``"ts": ``.
+    head: str
+    #: Indexes of the columns carried, and each one's ``"name": ``.
+    carried: list[int]
+    keys: list[str]
+    #: Places in ``carried`` of the primary key columns.
+    pk: list[int]
+
+    @classmethod
+    def of(cls, watch: WatchDef, names: list[str], op: str) -> Layout:
+        pk = watch.head["k"]
+        carried = [
+            i
+            for i, name in enumerate(names)
+            if watch.columns is None or name in watch.columns or name in pk
+        ]
+        return cls(
+            json.dumps({**watch.head, "o": op}, ensure_ascii=False)[:-1] + ', "ts": ',
+            carried,
+            [json.dumps(names[i], ensure_ascii=False) + ": " for i in carried],
+            [slot for slot, i in enumerate(carried) if names[i] in pk],
+        )
 
 
 @dataclass
@@ -105,21 +135,16 @@ def select(watch: WatchDef, names: list[str], op: str, run: list[Change]) -> Row
     return rows
 
 
-def build(
-    head: str,
-    keys: list[str],
-    converters: list[tojson.Convert | None],
-    carried: list[int],
-    rows: Rows,
-) -> list[str] | None:
+def build(shape: Layout, converters: list[tojson.Convert | None], rows: Rows) -> list[str] | None:
     """The journal bodies of ``rows``, built here, as the server path would
     build them; None if a column has no converter or a value is not text."""
     if None in converters:
         return None
+    head, keys = shape.head, shape.keys
     objects, columns = [], []
     for _, values in rows.sides():
         by_column = list(zip(*values, strict=True))
-        for i, convert in zip(carried, converters, strict=True):
+        for i, convert in zip(shape.carried, converters, strict=True):
             assert convert is not None
             column = _json_column(convert, by_column[i])
             if column is None:
@@ -133,7 +158,26 @@ def build(
             row += ",%s"
         row = f"[{row}]"
     template = head.replace("%", "%%") + '%s, "r": [' + row + "]}"
-    return [template % values for values in zip(rows.stamps, *columns, strict=True)]
+    bodies = [template % values for values in zip(rows.stamps, *columns, strict=True)]
+    _cut_over(bodies, shape, rows, columns)
+    return bodies
+
+
+def _cut_over(bodies: list[str], shape: Layout, rows: Rows, columns: list[list[str]]) -> None:
+    """Cut the bodies whose ROW is over MAX_ROW_BYTES in UTF-8 (a body of
+    few characters cannot be: one takes at most 4 bytes)."""
+    fixed = len(shape.head.encode()) + len(', "r": [') + len("]}")
+    width, sides = len(shape.carried), len(rows.sides())
+    for n, body in enumerate(bodies):
+        if len(body) * 4 <= MAX_ROW_BYTES:
+            continue
+        if len(body.encode()) - fixed - len(rows.stamps[n]) <= MAX_ROW_BYTES:
+            continue
+        keys = [
+            "{" + ",".join(shape.keys[s] + columns[side * width + s][n] for s in shape.pk) + "}"
+            for side in range(sides)
+        ]
+        bodies[n] = shape.head + rows.stamps[n] + ', "r": [["cut",' + ",".join(keys) + "]]}"
 
 
 def _json_column(
@@ -151,46 +195,66 @@ def _json_column(
 
 
 def server_insert(
-    journal: str,
-    watch: str,
-    head: str,
-    keys: list[str],
-    rows: Rows,
-    carried: list[int],
-    types: list[str],
+    journal: str, watch: str, shape: Layout, rows: Rows, types: list[str]
 ) -> tuple[str, dict[str, Any]]:
     """The INSERT into ``journal`` that builds the bodies of ``rows`` on
     the server: each value cast from its text to its column's type
-    (``types``, of every column) and written by to_json()."""
-    params: dict[str, Any] = {"w": watch, "head": head, "ts": rows.stamps}
-    arrays, aliases = ["%(ts)s::text[]"], ["ts"]
-    objects = []
+    (``types``, of every column) and written by to_json(). A row whose
+    values' text alone is over MAX_ROW_BYTES is cut without being built
+    (its JSON could be past what the server can build); one whose JSON
+    turns out over it is cut once built."""
+    params: dict[str, Any] = {"w": watch, "head": shape.head, "ts": rows.stamps}
+    doomed = _too_long(shape, rows)
+    params["cut"] = doomed
+    arrays, aliases = ["%(ts)s::text[]", "%(cut)s::bool[]"], ["ts", "cut"]
+    objects, keys = [], []
     for side, values in rows.sides():
-        columns = list(zip(*values, strict=True))
-        parts = []
-        for slot, i in enumerate(carried):
+        columns = [list(c) for c in zip(*values, strict=True)]
+        parts, key = [], []
+        for slot, i in enumerate(shape.carried):
             alias = f"{side}{slot}"
-            params[alias] = list(columns[i])
+            if slot not in shape.pk:
+                columns[i] = [None if d else v for v, d in zip(columns[i], doomed, strict=True)]
+            params[alias] = columns[i]
             arrays.append(f"%({alias})s::text[]")
             aliases.append(alias)
-            key = literal(keys[slot]).replace("%", "%%")
+            name = literal(shape.keys[slot]).replace("%", "%%")
             cast = types[i].replace("%", "%%")
-            value = f"coalesce(to_json(u.{alias}::{cast})::text, 'null')"
-            sep = "'{'" if slot == 0 else "','"
-            parts.append(f"{sep} || {key} || {value}")
-        objects.append("(" + " || ".join(parts) + " || '}')")
+            part = f"{name} || coalesce(to_json(r.{alias}::{cast})::text, 'null')"
+            parts.append(part)
+            if slot in shape.pk:
+                key.append(part)
+        objects.append("'{' || " + " || ',' || ".join(parts) + " || '}'")
+        keys.append("'{' || " + " || ',' || ".join(key) + " || '}'")
     row = " || ',' || ".join(objects)
     if rows.op == "U":
         if rows.changed:
             params["ch"] = rows.changed
             arrays.append("%(ch)s::text[]")
             aliases.append("ch")
-            row += " || ',' || u.ch"
+            row += " || ',' || r.ch"
         row = f"'[' || {row} || ']'"
+    cut = """'["cut",' || """ + " || ',' || ".join(keys) + " || ']'"
     query = (
         f"INSERT INTO {journal} (watch, body) "
-        f"SELECT %(w)s, %(head)s || u.ts || ', \"r\": [' || {row} || ']}}' "
-        f"FROM unnest({', '.join(arrays)}) WITH ORDINALITY AS u({', '.join(aliases)}, ord) "
-        "ORDER BY u.ord"
+        f"SELECT %(w)s, %(head)s || b.ts || ', \"r\": [' || CASE WHEN b.cut "
+        f"OR octet_length(b.j) > {MAX_ROW_BYTES} THEN b.k ELSE b.j END || ']}}' "
+        f"FROM (SELECT r.ord, r.ts, r.cut, CASE WHEN r.cut THEN '' ELSE {row} END AS j, "
+        f"{cut} AS k FROM unnest({', '.join(arrays)}) "
+        f"WITH ORDINALITY AS r({', '.join(aliases)}, ord) OFFSET 0) AS b "
+        "ORDER BY b.ord"
     )
     return query, params
+
+
+def _too_long(shape: Layout, rows: Rows) -> list[bool]:
+    """Whether each row's carried values take over MAX_ROW_BYTES as text
+    (their JSON is at least as long)."""
+    sizes = [0] * len(rows.stamps)
+    for _, values in rows.sides():
+        for n, row in enumerate(values):
+            for i in shape.carried:
+                value = row[i]
+                if isinstance(value, str):
+                    sizes[n] += len(value)
+    return [size > MAX_ROW_BYTES for size in sizes]
