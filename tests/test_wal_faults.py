@@ -27,6 +27,8 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
+from flask_dbnotify.backends.postgresql.wal.leader import BATCH_ROWS
+
 from ._helpers import SQL, WAIT, Lines, app_factory, not_here
 from ._postgres import LOGICAL_SETTINGS, ThrowawayServer, start_private_postgres
 
@@ -283,6 +285,40 @@ def test_the_leader_killed_mid_stream_loses_and_repeats_nothing(
     # One more row, after them all: once it is in, nothing is in flight.
     run_sql(logical_url, "INSERT INTO orders VALUES (%s, 'last', 1)", (total + 1,))
     wait_until([survivor], lambda: total + 1 in survivor.pks, "the last row")
+    assert_once(survivor.pks, range(1, total + 2), "the surviving process")
+
+
+def test_the_leader_killed_inside_a_large_transaction_loses_and_repeats_nothing(
+    logical_url: str, spawn: Spawn
+) -> None:
+    """A transaction of more changes than a batch is relayed in parts as
+    it arrives. The leader is SIGKILLed once it has relayed a part, not
+    the whole: its successor skips exactly what the journal holds of that
+    transaction, and every row arrives once, in order."""
+    slot = slot_of(logical_url)
+    install(logical_url, slot)
+    apps = start_apps(spawn, logical_url, slot, "AB")
+    (first,) = [app for app in apps if app.leads]
+    (survivor,) = [app for app in apps if app is not first]
+    total = 5 * BATCH_ROWS
+    run_sql(
+        logical_url,
+        "INSERT INTO orders SELECT n, 'bulk', 1 FROM generate_series(1, %s) AS n",
+        (total,),
+    )
+    relayed = "SELECT part_count FROM dbnotify_wal WHERE slot = %s"
+    wait_until(
+        apps,
+        lambda: (run_sql(logical_url, relayed, (slot,)) or [(None,)])[0][0],
+        "a part of the transaction relayed",
+    )
+    first.kill()
+    ((part,),) = run_sql(logical_url, relayed, (slot,))
+    assert part is not None and 0 < part < total, f"not inside the transaction: {part}"
+    wait_until([survivor], lambda: len(survivor.pks) >= total, f"{total} rows in {survivor}")
+    run_sql(logical_url, "INSERT INTO orders VALUES (%s, 'last', 1)", (total + 1,))
+    wait_until([survivor], lambda: total + 1 in survivor.pks, "the last row")
+    print(f"\nleader killed with {part} of the transaction's {total} rows relayed")
     assert_once(survivor.pks, range(1, total + 2), "the surviving process")
 
 

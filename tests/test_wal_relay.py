@@ -276,7 +276,7 @@ def test_bodies_built_in_python_equal_the_servers(
         "'proto_version', '1', 'publication_names', %s)",
         (slot, slot),
     )
-    stream = Stream(None, relay, 0)
+    stream = Stream(None, relay, 0, None)
     for (message,) in data:
         stream.handle(pgoutput.parse(bytes(message)))
     fast = next(r for r in stream.relations.values() if r.name == "fast")

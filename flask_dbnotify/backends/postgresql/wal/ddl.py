@@ -26,12 +26,14 @@ MESSAGES = "dbnotify_wal_messages"
 #: What each watch captures (published, so the leader reloads it in its
 #: place among the data changes).
 DEFINITIONS = "dbnotify_wal_watches"
-#: Where the relay stands (one row per slot, and why events were missed
-#: when its slot was replaced), what each watch captures, and messages on
-#: their way.
+#: Where the relay stands (one row per slot: the end of the last
+#: transaction relayed whole, the one relayed in part and how many of its
+#: changes, and why events were missed when its slot was replaced), what
+#: each watch captures, and messages on their way.
 TABLES = {
     "dbnotify_wal": (
-        "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz, gap text"
+        "slot text PRIMARY KEY, lsn pg_lsn NOT NULL, relayed_at timestamptz, gap text, "
+        "part_lsn pg_lsn, part_count bigint"
     ),
     DEFINITIONS: (
         "slot text NOT NULL, watch text NOT NULL, table_schema text NOT NULL, "
@@ -75,7 +77,7 @@ def replace_lost_slot(schema: str, slot: str) -> list[str]:
         "AND wal_status IS DISTINCT FROM 'lost'"
     )
     return [
-        f"UPDATE {wal} SET lsn = '0/0', gap = {literal(GAP % slot)} "
+        f"UPDATE {wal} SET lsn = '0/0', part_lsn = NULL, gap = {literal(GAP % slot)} "
         f"WHERE slot = {name} AND NOT EXISTS ({usable})",
         f"INSERT INTO {wal} (slot, lsn) VALUES ({name}, '0/0') ON CONFLICT (slot) DO NOTHING",
         f"SELECT pg_catalog.pg_drop_replication_slot(slot_name) "

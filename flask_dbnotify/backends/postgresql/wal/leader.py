@@ -30,7 +30,7 @@ from ...._log import RateLimited
 from ...common import reason
 from .. import pgoutput
 from .ddl import DEFINITIONS, MESSAGES
-from .relay import Change, Relay, Sent, Truncated
+from .relay import Change, Part, Relay, Sent, Truncated
 
 log = logging.getLogger(__name__)
 _limited = RateLimited(log, interval=60.0)
@@ -133,7 +133,7 @@ class Leader:
         relay_conn = psycopg2.connect(**self.connect, application_name="flask-dbnotify relay")
         self._conns.append(relay_conn)
         relay = Relay(relay_conn, self.schema, self.slot)
-        relayed = relay.load()
+        relayed, part = relay.load()
         repl = psycopg2.connect(
             **self.connect,
             application_name="flask-dbnotify leader",
@@ -167,23 +167,33 @@ class Leader:
             return
         self.leading = True
         log.info("WAL capture: this process leads slot %s", self.slot)
-        Stream(cur, relay, relayed).run(stop)
+        Stream(cur, relay, relayed, part).run(stop)
 
 
 class Stream:
     """One leader's reading of the slot. Committed transactions are relayed
     in batches: everything that has arrived when the stream pauses, or
     :data:`BATCH_ROWS` changes, in one relay transaction, whose commit then
-    confirms the last one's position."""
+    confirms the last one's position. A transaction of more changes is
+    relayed in parts as they arrive (the server sends only committed
+    transactions), so that listeners start on it sooner; the relay records
+    how many of its changes it holds, and a successor skips those."""
 
-    def __init__(self, cur: Any, relay: Relay, relayed: int) -> None:
+    def __init__(self, cur: Any, relay: Relay, relayed: int, part: Part | None) -> None:
         self.cur = cur
         self.relay = relay
         self.relayed = relayed
         self.relations: dict[int, pgoutput.Relation] = {}
-        #: The current transaction's changes, and its commit time as text.
+        #: The current transaction's changes not relayed yet, and its commit
+        #: time as text; its commit position, how many of its changes were
+        #: relayed (or skipped), and how many are still to skip.
         self.changes: list[Any] = []
         self.ts = ""
+        self.txn = 0
+        self.txn_done = 0
+        self.skip = 0
+        #: A transaction relayed in part before this leader.
+        self.part = part
         #: Committed transactions' changes not relayed yet, and the last end.
         self.pending: list[Any] = []
         self.pending_end = 0
@@ -195,25 +205,41 @@ class Stream:
         last_feedback = time.monotonic()
         while not stop.is_set():
             message = cur.read_message()
+            full = False
             if message is not None:
                 self.handle(pgoutput.parse(message.payload))
-                if len(self.pending) < BATCH_ROWS:
+                full = len(self.pending) + len(self.changes) >= BATCH_ROWS
+                if not full:
                     continue
-            if self.flush() or time.monotonic() - last_feedback >= FEEDBACK_EVERY:
+            if self.flush(full) or time.monotonic() - last_feedback >= FEEDBACK_EVERY:
                 cur.send_feedback(flush_lsn=self.flushed, force=True)
                 last_feedback = time.monotonic()
             if message is None:
                 select.select([conn], [], [], 0.5)
 
-    def flush(self) -> bool:
-        """Relay what is pending; whether the position moved."""
-        if self.pending_end <= self.flushed:
-            return False
-        if self.pending:
-            self.relay.relay(self.pending, self.pending_end)
-            self.relayed = self.pending_end
+    def flush(self, full: bool = False) -> bool:
+        """Relay what is pending (when ``full``, with what has arrived of
+        the current transaction); whether the confirmed position moved."""
+        batch = self.pending
+        if full and self.changes:
+            batch = self.pending + self.changes
+            self.txn_done += len(self.changes)
+            self.changes = []
+        part = Part(self.txn, self.txn_done) if self.txn_done else None
+        if batch:
+            self.relay.relay(batch, self.pending_end, part)
+            self.relayed = max(self.relayed, self.pending_end)
+        moved = self.pending_end > self.flushed
         self.flushed, self.pending = self.pending_end, []
-        return True
+        return moved
+
+    def add(self, change: Any) -> None:
+        """A change of the current transaction (unless a predecessor relayed it)."""
+        if self.skip:
+            self.skip -= 1
+            self.txn_done += 1
+        else:
+            self.changes.append(change)
 
     def handle(self, record: pgoutput.Record) -> None:
         """Take one record."""
@@ -223,12 +249,15 @@ class Stream:
         elif isinstance(record, pgoutput.Begin):
             self.changes = []
             self.ts = f"{record.commit_time.timestamp():.6f}"
+            self.txn, self.txn_done = record.final_lsn, 0
+            part = self.part
+            self.skip = part.changes if part is not None and part.lsn == record.final_lsn else 0
         elif isinstance(record, pgoutput.Insert):
             relation = self.relations[record.relation_oid]
             if relation.name == MESSAGES and relation.schema == self.relay.schema:
-                self.changes.append(Sent(record.new[0], record.new[1], self.ts))
+                self.add(Sent(record.new[0], record.new[1], self.ts))
             else:
-                self.changes.append(Change(relation, "I", record.new, None, self.ts))
+                self.add(Change(relation, "I", record.new, None, self.ts))
         elif isinstance(record, pgoutput.Update):
             relation = self.relations[record.relation_oid]
             old = record.old
@@ -240,18 +269,18 @@ class Stream:
                     relation.name,
                 )
                 old = tuple(None for _ in record.new)
-            self.changes.append(Change(relation, "U", record.new, old, self.ts))
+            self.add(Change(relation, "U", record.new, old, self.ts))
         elif isinstance(record, pgoutput.Delete):
             old = record.old if record.old is not None else record.key
             relation = self.relations[record.relation_oid]
-            self.changes.append(Change(relation, "D", None, old, self.ts))
+            self.add(Change(relation, "D", None, old, self.ts))
         elif isinstance(record, pgoutput.Truncate):
             tables = [
                 (self.relations[oid].schema, self.relations[oid].name)
                 for oid in record.relation_oids
                 if oid in self.relations
             ]
-            self.changes.append(Truncated(tables, self.ts))
+            self.add(Truncated(tables, self.ts))
         elif isinstance(record, pgoutput.Commit):
             self.commit(record)
 
@@ -259,6 +288,7 @@ class Stream:
         if record.end_lsn > self.relayed:
             self.pending += self.changes
         self.pending_end = max(self.pending_end, record.end_lsn)
+        self.txn_done = self.skip = 0
         if any(isinstance(c, Change) and c.relation.name == DEFINITIONS for c in self.changes):
             # install-triggers changed what the watches capture: relay what
             # came before it as it was, then read them anew.

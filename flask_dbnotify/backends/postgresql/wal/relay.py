@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import pgoutput
 from ..common import CHANNEL, ident
@@ -37,8 +37,10 @@ from .shape import Truncated as Truncated
 #: transaction wrote (found through the (xid, id) index).
 _PREPARED = {
     "dbnotify_relay_record": (
-        "(text, pg_lsn) AS INSERT INTO {wal} (slot, lsn, relayed_at) VALUES ($1, $2, now()) "
-        "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at"
+        "(text, pg_lsn, pg_lsn, bigint) AS INSERT INTO {wal} "
+        "(slot, lsn, relayed_at, part_lsn, part_count) VALUES ($1, $2, now(), $3, $4) "
+        "ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, relayed_at = excluded.relayed_at, "
+        "part_lsn = excluded.part_lsn, part_count = excluded.part_count"
     ),
     "dbnotify_relay_notify": (
         "(text) AS SELECT pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
@@ -54,6 +56,14 @@ _COPY_CHUNK = 1 << 20
 _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 #: What the WAL sender's session reports that the text of values depends on.
 STREAM_SETTINGS = ("DateStyle", "TimeZone")
+
+
+class Part(NamedTuple):
+    """A transaction relayed in part: its commit position (``final_lsn`` of
+    its Begin) and how many of its changes, unwatched ones included."""
+
+    lsn: int
+    changes: int
 
 
 def lsn_text(lsn: int) -> str:
@@ -80,8 +90,9 @@ class Relay:
 
     # -- state --------------------------------------------------------------
 
-    def load(self) -> int:
-        """Read the watches and where the relay stands (an LSN, 0 if never).
+    def load(self) -> tuple[int, Part | None]:
+        """Read the watches and where the relay stands: the end of the last
+        transaction relayed whole (0 if none), and the one relayed in part.
         A gap that install noted when it replaced a lost slot is journaled
         first, for every listener to report."""
         self.load_watches()
@@ -91,7 +102,8 @@ class Relay:
                     cur.execute(f"PREPARE {name}" + text.format(wal=self.wal, journal=self.journal))
                 self._prepared = True
             cur.execute(
-                f"SELECT (lsn - '0/0')::bigint, gap FROM {self.wal} WHERE slot = %s FOR UPDATE",
+                f"SELECT (lsn - '0/0')::bigint, gap, (part_lsn - '0/0')::bigint, part_count "
+                f"FROM {self.wal} WHERE slot = %s FOR UPDATE",
                 (self.slot,),
             )
             row = cur.fetchone()
@@ -103,7 +115,9 @@ class Relay:
                 cur.execute("EXECUTE dbnotify_relay_notify(%s)", (CHANNEL,))
                 cur.execute(f"UPDATE {self.wal} SET gap = NULL WHERE slot = %s", (self.slot,))
         self.conn.commit()
-        return int(row[0]) if row else 0
+        if row is None:
+            return 0, None
+        return int(row[0]), None if row[2] is None else Part(int(row[2]), int(row[3]))
 
     def load_watches(self) -> None:
         """Read what each watch captures (again, after install changed it)."""
@@ -165,10 +179,14 @@ class Relay:
 
     # -- a batch of transactions -------------------------------------------
 
-    def relay(self, changes: Sequence[Change | Truncated | Sent], end_lsn: int) -> int:
+    def relay(
+        self, changes: Sequence[Change | Truncated | Sent], end_lsn: int, part: Part | None = None
+    ) -> int:
         """Append ``changes`` (of one or more committed transactions, in
-        commit order) to the journal and record ``end_lsn``, the last one's
-        end, in one transaction; return how many journal rows were written."""
+        commit order, and with ``part`` the first of the next) to the
+        journal and record ``end_lsn``, the end of the last one relayed
+        whole, and ``part``, in one transaction; return how many journal
+        rows were written."""
         try:
             with self.conn.cursor() as cur:
                 journal = JournalWriter(cur, self.journal)
@@ -183,18 +201,25 @@ class Relay:
                     else:
                         self._rows(journal, run)
                 journal.flush()
-                self._finish(cur, journal.count, sent, end_lsn)
+                self._finish(cur, journal.count, sent, end_lsn, part)
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
             raise
         return journal.count
 
-    def _finish(self, cur: Any, count: int, sent: list[int], end_lsn: int) -> None:
+    def _finish(
+        self, cur: Any, count: int, sent: list[int], end_lsn: int, part: Part | None
+    ) -> None:
         """Record the position, delete the messages relayed and notify the
         journal rows, in one round trip."""
-        statements = ["EXECUTE dbnotify_relay_record(%(slot)s, %(lsn)s)"]
-        params: dict[str, Any] = {"slot": self.slot, "lsn": lsn_text(end_lsn)}
+        statements = ["EXECUTE dbnotify_relay_record(%(slot)s, %(lsn)s, %(part)s, %(done)s)"]
+        params: dict[str, Any] = {
+            "slot": self.slot,
+            "lsn": lsn_text(end_lsn),
+            "part": None if part is None else lsn_text(part.lsn),
+            "done": None if part is None else part.changes,
+        }
         if sent:
             statements.append(f"DELETE FROM {self.messages} WHERE id = ANY(%(sent)s::bigint[])")
             params["sent"] = sent
