@@ -223,11 +223,14 @@ class Dispatcher:
                 ):
                     # A durable watch's triggers, and WAL capture's relay,
                     # only ever send journal ids: anyone who can connect
-                    # may send the rest.
-                    _limited.warning(
-                        "ignored a notification for durable watch %r without a journal id",
-                        item.table,
-                    )
+                    # may send the rest (or another app in triggers mode,
+                    # on the same channel, for a table this one does not
+                    # watch: not worth a line).
+                    if item.table in self._served.registry.watches:
+                        _limited.warning(
+                            "ignored a notification for durable watch %r without a journal id",
+                            item.table,
+                        )
                     continue
                 self._deliver_event(item, on_receivers)
             elif isinstance(item, Notification):

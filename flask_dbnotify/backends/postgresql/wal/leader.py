@@ -47,6 +47,12 @@ _LIVENESS = {
 #: A batch is relayed once it holds this many changes, or when the stream
 #: pauses.
 BATCH_ROWS = 20000
+#: Under load (the last relay carried more than one transaction), what
+#: arrives within this many seconds of a relay waits to be relayed with
+#: what comes next: fewer and larger relays (each is a transaction, a flush
+#: to disk, and a journal read in every process). One transaction at a
+#: time is relayed at once.
+GATHER = 0.002
 #: How often an idle leader tells the server where it stands.
 FEEDBACK_EVERY = 5.0
 
@@ -198,6 +204,11 @@ class Stream:
         self.pending: list[Any] = []
         self.pending_end = 0
         self.flushed = 0
+        #: When the last relay was, and whether it carried more than one
+        #: transaction; how many are pending.
+        self.relayed_at = 0.0
+        self.busy = False
+        self.pending_txns = 0
 
     def run(self, stop: threading.Event) -> None:
         cur = self.cur
@@ -211,11 +222,21 @@ class Stream:
                 full = len(self.pending) + len(self.changes) >= BATCH_ROWS
                 if not full:
                     continue
+            elif self.pending and self._gather(conn):
+                continue
             if self.flush(full) or time.monotonic() - last_feedback >= FEEDBACK_EVERY:
                 cur.send_feedback(flush_lsn=self.flushed, force=True)
                 last_feedback = time.monotonic()
             if message is None:
                 select.select([conn], [], [], 0.5)
+
+    def _gather(self, conn: Any) -> bool:
+        """Whether more arrived while waiting out :data:`GATHER` since the
+        last relay, under load (False at once otherwise)."""
+        if not self.busy:
+            return False
+        left = self.relayed_at + GATHER - time.monotonic()
+        return left > 0 and bool(select.select([conn], [], [], left)[0])
 
     def flush(self, full: bool = False) -> bool:
         """Relay what is pending (when ``full``, with what has arrived of
@@ -229,6 +250,8 @@ class Stream:
         if batch:
             self.relay.relay(batch, self.pending_end, part)
             self.relayed = max(self.relayed, self.pending_end)
+            self.relayed_at = time.monotonic()
+            self.busy, self.pending_txns = self.pending_txns > 1, 0
         moved = self.pending_end > self.flushed
         self.flushed, self.pending = self.pending_end, []
         return moved
@@ -287,6 +310,7 @@ class Stream:
     def commit(self, record: pgoutput.Commit) -> None:
         if record.end_lsn > self.relayed:
             self.pending += self.changes
+            self.pending_txns += 1
         self.pending_end = max(self.pending_end, record.end_lsn)
         self.txn_done = self.skip = 0
         if any(isinstance(c, Change) and c.relation.name == DEFINITIONS for c in self.changes):
