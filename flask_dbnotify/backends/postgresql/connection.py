@@ -83,25 +83,6 @@ def connect_kwargs(url: sa.URL) -> dict[str, Any]:
     return kwargs
 
 
-#: A pooled connection unused for this long is pinged before it is lent
-#: again (a server restart or an idle timeout may have closed it meanwhile);
-#: one in steady use is not, which saves a round trip on every journal read.
-REST = 1.0
-_RETURNED = "dbnotify_returned"
-
-
-def _ping_if_rested(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    returned = record.info.get(_RETURNED)
-    if returned is not None and time.monotonic() - returned < REST:
-        return
-    try:
-        with dbapi_connection.cursor() as cur:
-            cur.execute("SELECT 1")
-    except psycopg2.Error as exc:
-        # The pool throws this connection away and lends another.
-        raise sa.exc.DisconnectionError(reason(exc)) from exc
-
-
 def _autocommit(dbapi_connection: Any, record: Any) -> None:
     dbapi_connection.autocommit = True
 
@@ -119,8 +100,11 @@ class Database:
     def __init__(self, url: sa.URL, where: str) -> None:
         url = url.set(drivername="postgresql+psycopg2")
         self.where = where
-        self.pool = _engine(url, pool_size=2, max_overflow=4)
-        sa.event.listen(self.pool, "checkout", _ping_if_rested)
+        # Pinged before each use: a connection that a server restart closed
+        # is replaced before a statement (notify(), a claim) fails on it.
+        # A ping only after a rest would save a round trip, and let such a
+        # statement fail in the second after a restart.
+        self.pool = _engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True)
         # For what runs rarely: a connection that is closed at once, so that
         # none is held for it in an idle process, nor by the many processes
         # of a fleet that start together.
@@ -216,8 +200,8 @@ class Database:
             return False
         return True
 
-    def _checked_in(self, dbapi_connection: Any, record: Any) -> None:
-        self._returned = record.info[_RETURNED] = time.monotonic()
+    def _checked_in(self, *args: Any) -> None:
+        self._returned = time.monotonic()
 
     def release_idle(self, idle: float) -> None:
         """Close the pool's connections when none was used for ``idle``
