@@ -310,7 +310,7 @@ def wal_app(logical_url: str) -> Iterator[Callable[..., tuple[Flask, DBNotify]]]
     factory, made = app_factory(logical_url, "wal_app")
 
     def make(**config: object) -> tuple[Flask, DBNotify]:
-        return factory(DBNOTIFY_CAPTURE="wal", DBNOTIFY_SLOT=f"slot_{database}", **config)
+        return factory(**{"DBNOTIFY_CAPTURE": "wal", "DBNOTIFY_SLOT": f"slot_{database}", **config})
 
     yield make
     for app, ext in made:

@@ -6,6 +6,7 @@ restarted, every process stopped) are in tests/test_wal_faults.py."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError, table_truncated
 from flask_dbnotify.backends.postgresql import MAX_ROW_BYTES
+from flask_dbnotify.backends.postgresql.wal import leader
 
 from ._helpers import (
     SQL,
@@ -488,3 +490,64 @@ def test_rows_over_max_row_bytes_arrive_cut_as_in_triggers_mode(
         ("DELETE", 3, None, {"id": 3}, nothing, True),
         ("DELETE", 20, None, {"id": 20}, nothing, True),
     ]
+
+
+def test_roles_without_replication_are_told_what_to_grant(
+    logical_url: str, wal_app: MakeApp, wal_sql: SQL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An installer without the REPLICATION attribute is stopped before
+    anything is made, told what to run; an app whose role lacks it cannot
+    lead, and its log says why. A role that has it installs and leads."""
+    role = "norepl_" + str(make_url(logical_url).database)
+    wal_sql(f'CREATE ROLE "{role}" LOGIN')
+    wal_sql(f'GRANT CREATE ON DATABASE "{make_url(logical_url).database}" TO "{role}"')
+    wal_sql(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    url = make_url(logical_url).set(username=role).render_as_string(hide_password=False)
+    try:
+        wal_sql("CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)")
+        wal_sql(f'ALTER TABLE orders OWNER TO "{role}"')
+        app, ext = wal_app(DBNOTIFY_DATABASE_URI=url)
+        ext.watch("orders")
+        with pytest.raises(DBNotifyError, match=f'ALTER ROLE "{role}" REPLICATION'):
+            ext.install_triggers(app)
+        assert wal_sql("SELECT count(*) FROM pg_publication") == [(0,)]
+        assert wal_sql("SELECT to_regclass('dbnotify_journal')") == [(None,)]
+
+        # Installed by a role that may: the app's own role still cannot lead.
+        admin, admin_ext = wal_app()
+        admin_ext.watch("orders")
+        admin_ext.install_triggers(admin)
+        wal_sql(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        leader._limited.reset()
+        with caplog.at_level(logging.WARNING, "flask_dbnotify"):
+            ext.start(app)
+            poll_until(
+                lambda: "needs the REPLICATION attribute" in caplog.text,
+                "the leader's log to say what the app's role lacks",
+            )
+        ext.close(app)
+    finally:
+        wal_sql(f'DROP OWNED BY "{role}" CASCADE')
+        wal_sql(f'DROP ROLE "{role}"')
+
+
+def test_no_free_slot_is_refused_before_anything_is_made(
+    logical_url: str, wal_app: MakeApp, wal_sql: SQL
+) -> None:
+    """Every slot the server allows is taken: install says so, and what to
+    do, before it makes anything."""
+    wal_sql(ORDERS)
+    database = make_url(logical_url).database
+    ((most, used),) = wal_sql(
+        "SELECT current_setting('max_replication_slots')::int, count(*) FROM pg_replication_slots"
+    )
+    for n in range(most - used):
+        # Slots of this database: dropped with it after the test.
+        wal_sql(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"fill_{database}_{n}",)
+        )
+    app, ext = wal_app()
+    ext.watch("orders")
+    with pytest.raises(DBNotifyError, match=r"all \d+ the server allows \(max_replication_slots\)"):
+        ext.install_triggers(app)
+    assert wal_sql("SELECT count(*) FROM pg_publication") == [(0,)]

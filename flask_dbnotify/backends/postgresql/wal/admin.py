@@ -23,6 +23,18 @@ WAL_LEVEL = (
     "group, on Cloud SQL the flag cloudsql.logical_decoding = on, on Azure the server "
     "parameter wal_level = LOGICAL, then reboot"
 )
+REPLICATION = (
+    "DBNOTIFY_CAPTURE = 'wal' needs a role with the REPLICATION attribute, to make the "
+    "replication slot and to stream it; {role} has not: run ALTER ROLE {role} REPLICATION "
+    "as a superuser (on Amazon RDS: GRANT rds_replication TO {role}; on Cloud SQL: ALTER "
+    "USER {role} WITH REPLICATION), for the role of DBNOTIFY_DATABASE_URI too"
+)
+NO_SLOT = (
+    "DBNOTIFY_CAPTURE = 'wal' needs a replication slot, and all {most} the server allows "
+    "(max_replication_slots) are taken: drop one no longer used (SELECT slot_name, active "
+    "FROM pg_replication_slots; SELECT pg_drop_replication_slot(name)), or raise "
+    "max_replication_slots and restart the server"
+)
 #: Retained WAL past which ``status`` warns (the slot holds it on disk).
 RETAINED_WARNING = 1024**3
 
@@ -47,6 +59,7 @@ class WalAdmin(PostgreSQLAdmin):
         def work(cur: Any) -> str:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (0x64626E74,))
             *statements, slot = self._plan(cur, watches)
+            _require_slot(cur, self.slot)
             for statement in statements:
                 cur.execute(statement)
             return slot
@@ -133,6 +146,33 @@ def _require_logical(cur: Any) -> None:
     level = cur.fetchone()[0]
     if level != "logical":
         raise DBNotifyError(WAL_LEVEL.format(level=level))
+
+
+def _require_slot(cur: Any, slot: str) -> None:
+    """Before anything is made: that the slot can be made (the installer
+    has REPLICATION, and a slot is free), unless it exists and is usable."""
+    cur.execute(
+        "SELECT wal_status IS DISTINCT FROM 'lost' FROM pg_catalog.pg_replication_slots "
+        "WHERE slot_name = %s",
+        (slot,),
+    )
+    found = cur.fetchone()
+    if found is not None and found[0]:
+        return
+    cur.execute(
+        "SELECT current_user, rolsuper OR rolreplication FROM pg_catalog.pg_roles "
+        "WHERE rolname = current_user"
+    )
+    role, allowed = cur.fetchone()
+    if not allowed:
+        raise DBNotifyError(REPLICATION.format(role=ident(role)))
+    cur.execute(
+        "SELECT current_setting('max_replication_slots')::int, count(*) "
+        "FROM pg_catalog.pg_replication_slots"
+    )
+    most, used = cur.fetchone()
+    if used >= most and found is None:
+        raise DBNotifyError(NO_SLOT.format(most=most))
 
 
 def _slot_health(cur: Any, schema: str, slot: str, status: Status) -> None:

@@ -35,6 +35,19 @@ from .relay import Change, Part, Relay, Sent, Truncated
 log = logging.getLogger(__name__)
 _limited = RateLimited(log, interval=60.0)
 
+#: What to do about what the server says when a process cannot lead.
+_HINTS = (
+    (
+        ("replication role", "start WAL sender", "start walsender"),
+        "; the role of DBNOTIFY_DATABASE_URI needs the REPLICATION attribute "
+        "(ALTER ROLE ... REPLICATION)",
+    ),
+    (
+        ("max_wal_senders",),
+        "; no WAL sender is free: raise max_wal_senders (and restart the server), "
+        "or end a replication connection no longer needed",
+    ),
+)
 #: How often a process that does not lead tries to.
 RETRY = 1.0
 _LIVENESS = {
@@ -107,7 +120,9 @@ class Leader:
             try:
                 self._lead(stop)
             except Exception as exc:  # noqa: BLE001 - retried
-                _limited.warning("WAL capture: the leader stopped: %s (retrying)", reason(exc))
+                why = reason(exc)
+                hint = next((h for words, h in _HINTS if any(w in why for w in words)), "")
+                _limited.warning("WAL capture: the leader stopped: %s%s (retrying)", why, hint)
             finally:
                 self.leading = False
                 for conn in self._conns:
