@@ -12,6 +12,7 @@ events for an operator (``DBNotify.replay``).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -72,11 +73,23 @@ class Dispatcher:
         #: The marker a stopping listener waits for, and its signal.
         self._drain: tuple[str, threading.Event] | None = None
 
-    def expect_drain(self, token: str) -> threading.Event:
-        """An event set once the marker ``token`` has been delivered."""
+    def drain(self, deadline: float | None) -> None:
+        """From a stopping listener's thread, while this one still runs:
+        have the feed send a marker through the stream, and wait (until
+        ``deadline``) until it is delivered, and with it what came before
+        (WAL capture: what this process's leader relayed)."""
+        token = secrets.token_hex(16)
         done = threading.Event()
         self._drain = (token, done)
-        return done
+        try:
+            if not self._feed.send_drain(token):
+                return
+        except Exception as exc:  # noqa: BLE001 - stopping goes on
+            log.warning("could not deliver what this process relayed before stopping: %s", exc)
+            return
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not done.wait(left):
+            log.warning("stopped before delivering all that this process relayed")
 
     # -- the queue ----------------------------------------------------------
 

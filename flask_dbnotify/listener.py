@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -199,11 +198,12 @@ class Listener:
         ``start()``), but for what WAL capture's leader in this process
         relayed, which is delivered first, within ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        # First what the feed runs besides the stream (WAL capture: the
-        # leader), while this listener still listens: what the leader
-        # relayed is then delivered here, or by no process if no other runs.
+        # First the feed's side work (WAL capture: the leader); then what it
+        # wrote is delivered here, while this listener still listens.
         self._feed.close()
-        self._drain(deadline)
+        listening = self._stream is not None and not self._current.stop.is_set()
+        if listening and threading.current_thread() is not self._dispatch_thread:
+            self._dispatcher.drain(deadline)  # Not from a receiver: it would wait for itself.
         with self._lock:
             threads = [t for t in (self._reader, self._dispatch_thread) if t is not None]
             run = self._current
@@ -217,25 +217,6 @@ class Listener:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s still busy after %ss; left as a daemon", thread.name, timeout)
-
-    def _drain(self, deadline: float | None) -> None:
-        """Deliver what the feed's side work wrote before it stopped: wait
-        until the marker the feed sends arrives through the stream."""
-        if self._stream is None or self._current.stop.is_set():
-            return  # Not listening: the marker could not arrive.
-        if threading.current_thread() is self._dispatch_thread:
-            return  # stop() from a receiver: the marker would wait for it.
-        token = secrets.token_hex(16)
-        done = self._dispatcher.expect_drain(token)
-        try:
-            if not self._feed.send_drain(token):
-                return
-        except Exception as exc:  # noqa: BLE001 - stopping goes on
-            log.warning("could not deliver what this process relayed before stopping: %s", exc)
-            return
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not done.wait(left):
-            log.warning("stopped before delivering all that this process relayed")
 
     def wake(self) -> None:
         """Interrupt the reader's wait (to stop, or to re-check triggers)."""
