@@ -86,13 +86,27 @@ def replace_lost_slot(schema: str, slot: str) -> list[str]:
 
 
 def drop_slot(slot: str) -> list[str]:
-    """End the leader's session (its process retries, and finds no slot),
-    then drop the slot."""
-    where = f"FROM pg_catalog.pg_replication_slots WHERE slot_name = {literal(slot)}"
+    """End the leader's session, then drop the slot; again if a leader took
+    it meanwhile (one may be connecting while this runs: the others try
+    again a second later), for up to 10 seconds."""
+    name = literal(slot)
     return [
-        f"SELECT pg_catalog.pg_terminate_backend(active_pid, 5000) {where} "
-        "AND active_pid IS NOT NULL",
-        f"SELECT pg_catalog.pg_drop_replication_slot(slot_name) {where}",
+        f"""DO $dbnotify$
+BEGIN
+  FOR attempt IN 1..100 LOOP
+    PERFORM pg_catalog.pg_terminate_backend(active_pid, 5000)
+      FROM pg_catalog.pg_replication_slots WHERE slot_name = {name} AND active_pid IS NOT NULL;
+    BEGIN
+      PERFORM pg_catalog.pg_drop_replication_slot(slot_name)
+        FROM pg_catalog.pg_replication_slots WHERE slot_name = {name};
+      RETURN;
+    EXCEPTION WHEN object_in_use THEN
+      PERFORM pg_catalog.pg_sleep(0.1);
+    END;
+  END LOOP;
+  RAISE EXCEPTION 'the replication slot % stays in use: stop the application first', {name};
+END
+$dbnotify$"""
     ]
 
 
