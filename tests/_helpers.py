@@ -23,6 +23,7 @@ import psycopg2.errors
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from psycopg2 import sql as pgsql
 
 from flask_dbnotify import (
     DBNotify,
@@ -122,6 +123,60 @@ def listening(
     ext.install_triggers(app)
     ext.start(app)
     return app, ext
+
+
+class Role:
+    """A login role of its own, dropped (with what it owns) afterwards."""
+
+    def __init__(self, admin: SQL, url: str, name: str) -> None:
+        self.name = name
+        self.admin = admin
+        admin(
+            pgsql.SQL("CREATE ROLE {} LOGIN").format(pgsql.Identifier(name)).as_string(admin.conn)
+        )
+        self.url = sa.make_url(url).set(username=name).render_as_string(hide_password=False)
+        self.conns: list[Any] = []
+
+    def connect(self) -> Any:
+        conn = psycopg2.connect(self.url)
+        conn.autocommit = True
+        self.conns.append(conn)
+        return conn
+
+    def run(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        conn = self.conns[0] if self.conns else self.connect()
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def is_superuser(self) -> bool:
+        ((value,),) = self.admin("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (self.name,))
+        return bool(value)
+
+    def drop(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        ident = pgsql.Identifier(self.name).as_string(self.admin.conn)
+        self.admin(f"DROP OWNED BY {ident} CASCADE")
+        self.admin(f"DROP ROLE {ident}")
+
+
+@contextmanager
+def roles_on(admin: SQL, url: str) -> Iterator[Callable[[str], Role]]:
+    """Makes login roles on the server of ``url`` (through ``admin``),
+    named after ``kind``; each is dropped, with what it owns, at the end."""
+    made: list[Role] = []
+
+    def make(kind: str) -> Role:
+        role = Role(admin, url, f"dbnotify_{kind}_{os.getpid()}_{len(made)}")
+        made.append(role)
+        return role
+
+    try:
+        yield make
+    finally:
+        for role in made:
+            role.drop()
 
 
 def captured_notifications(

@@ -8,7 +8,6 @@ shows what the trust model says a role can do.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 from collections.abc import Callable, Iterator
@@ -17,66 +16,20 @@ from typing import Any
 import psycopg2
 import pytest
 from flask import Flask
-from psycopg2 import sql as pgsql
-from sqlalchemy.engine import make_url
 
 from flask_dbnotify import DBNotify, DBNotifyError, row_changed, row_inserted, table_truncated
 
-from ._helpers import SQL, WAIT, Recorder, listening, marker
+from ._helpers import SQL, WAIT, Recorder, Role, listening, marker, roles_on
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 
 
-class Role:
-    """A login role of its own, dropped (with what it owns) afterwards."""
-
-    def __init__(self, admin: SQL, url: str, name: str) -> None:
-        self.name = name
-        self.admin = admin
-        admin(
-            pgsql.SQL("CREATE ROLE {} LOGIN").format(pgsql.Identifier(name)).as_string(admin.conn)
-        )
-        self.url = make_url(url).set(username=name).render_as_string(hide_password=False)
-        self.conns: list[Any] = []
-
-    def connect(self) -> Any:
-        conn = psycopg2.connect(self.url)
-        conn.autocommit = True
-        self.conns.append(conn)
-        return conn
-
-    def run(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
-        conn = self.conns[0] if self.conns else self.connect()
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
-
-    def is_superuser(self) -> bool:
-        ((value,),) = self.admin("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (self.name,))
-        return bool(value)
-
-    def drop(self) -> None:
-        for conn in self.conns:
-            conn.close()
-        ident = pgsql.Identifier(self.name).as_string(self.admin.conn)
-        self.admin(f"DROP OWNED BY {ident} CASCADE")
-        self.admin(f"DROP ROLE {ident}")
-
-
 @pytest.fixture()
 def roles(pg_url: str, sql: SQL) -> Iterator[Callable[[str], Role]]:
-    made: list[Role] = []
     # As in a new database (the pg_url fixture makes public anew).
     sql("GRANT USAGE ON SCHEMA public TO PUBLIC")
-
-    def make(kind: str) -> Role:
-        role = Role(sql, pg_url, f"dbnotify_{kind}_{os.getpid()}_{len(made)}")
-        made.append(role)
-        return role
-
-    yield make
-    for role in made:
-        role.drop()
+    with roles_on(sql, pg_url) as make:
+        yield make
 
 
 ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, status text)"

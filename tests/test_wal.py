@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg2
@@ -23,14 +24,51 @@ from flask_dbnotify.backends.postgresql.wal import leader
 from ._helpers import (
     SQL,
     Recorder,
+    Role,
     app_factory,
     captured_notifications,
+    listening,
     marker,
     poll_until,
+    roles_on,
 )
 
 MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)"
+
+
+@pytest.fixture()
+def wal_roles(logical_url: str, wal_sql: SQL) -> Iterator[Callable[[str], Role]]:
+    """Login roles on the logical server, dropped after the test."""
+    with roles_on(wal_sql, logical_url) as make:
+        yield make
+
+
+@contextmanager
+def side_by_side(
+    logical_url: str, wal_app: MakeApp, triggers_table: str, wal_table: str, **options: Any
+) -> Iterator[tuple[Recorder, Recorder]]:
+    """Two apps, started: one watching ``triggers_table`` by durable
+    triggers, one ``wal_table`` by WAL capture, both with ``options``; what
+    each one's on() receiver gets (both apps' listeners read the same
+    channel, and the signals are the process's)."""
+    factory, made = app_factory(logical_url, "trigger_app")
+    try:
+        t_app, t_ext = factory()
+        t_ext.watch(triggers_table, durable=True, **options)
+        t_ext.install_triggers(t_app)
+        w_app, w_ext = wal_app()
+        w_ext.watch(wal_table, **options)
+        w_ext.install_triggers(w_app)
+        by_triggers, by_wal = Recorder(), Recorder()
+        t_ext.on(triggers_table)(by_triggers.add)
+        w_ext.on(wal_table)(by_wal.add)
+        t_ext.start(t_app)
+        w_ext.start(w_app)
+        yield by_triggers, by_wal
+    finally:
+        for app, ext in made:
+            ext.close(app)
 
 
 def rows(events: Recorder) -> list[ChangeEvent]:
@@ -166,21 +204,10 @@ def test_wal_events_equal_trigger_events(
     new, old, changed, and values of every common type."""
     wal_sql(TYPES.format("by_triggers"))
     wal_sql(TYPES.format('"By WAL"'))
-    factory, made = app_factory(logical_url, "trigger_app")
-    try:
-        t_app, t_ext = factory()
-        t_ext.watch("by_triggers", durable=True, **options)
-        t_ext.install_triggers(t_app)
-        w_app, w_ext = wal_app()
-        w_ext.watch('"By WAL"', **options)
-        w_ext.install_triggers(w_app)
-        # on() receivers: each app's own (both apps' listeners read the
-        # same channel, and the signals are the process's).
-        by_triggers, by_wal = Recorder(), Recorder()
-        t_ext.on("by_triggers")(by_triggers.add)
-        w_ext.on('"By WAL"')(by_wal.add)
-        t_ext.start(t_app)
-        w_ext.start(w_app)
+    with side_by_side(logical_url, wal_app, "by_triggers", '"By WAL"', **options) as (
+        by_triggers,
+        by_wal,
+    ):
         for statement in WRITES:
             wal_sql(statement.format("by_triggers"))
             wal_sql(statement.format('"By WAL"'))
@@ -191,9 +218,6 @@ def test_wal_events_equal_trigger_events(
         wal_sql('INSERT INTO "By WAL" (id, "Part") VALUES (99, \'last\')')
         by_wal.wait_for(len(expected) + 1, "the last row")
         assert by_wal.items[-1].pk == (99, "last"), by_wal.items[len(expected) :]
-    finally:
-        for app, ext in made:
-            ext.close(app)
 
     def shape(e: ChangeEvent) -> tuple[Any, ...]:
         return (e.op, e.pk, e.new, e.old, e.changed, e.cut)
@@ -208,10 +232,7 @@ def test_notify_on_a_connection_rides_in_the_transaction(
     arrives after the commit, among the transaction's rows, and not at all
     if the transaction rolls back."""
     wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext = listening(wal_app, "orders")
     conn = psycopg2.connect(logical_url)
     try:
         with conn.cursor() as cur:
@@ -284,10 +305,7 @@ def test_a_terminated_leader_session_resumes_without_loss(
     between commits: the leader starts streaming again where the slot
     stands; every row arrives once."""
     wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext = listening(wal_app, "orders")
     wal_sql("INSERT INTO orders VALUES (1, 'a', 1)")
     events.wait_for(1)
     slot = app.config["DBNOTIFY_SLOT"]
@@ -309,10 +327,7 @@ def test_a_schema_change_mid_stream_is_followed(
     """Columns added, renamed and dropped between writes: each event carries
     the columns its row had when it was written."""
     wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext = listening(wal_app, "orders")
     wal_sql("INSERT INTO orders VALUES (1, 'tea', 1)")
     wal_sql("ALTER TABLE orders ADD COLUMN note text DEFAULT 'n'")
     wal_sql("INSERT INTO orders VALUES (2, 'milk', 2, 'fresh')")
@@ -335,7 +350,11 @@ def test_a_schema_change_mid_stream_is_followed(
 
 
 def test_a_role_with_no_grants_cannot_send_a_journaled_message(
-    logical_url: str, wal_app: MakeApp, wal_sql: SQL, events: Recorder
+    logical_url: str,
+    wal_roles: Callable[[str], Role],
+    wal_app: MakeApp,
+    wal_sql: SQL,
+    events: Recorder,
 ) -> None:
     """In WAL mode a message sent in a transaction is journaled, so it is
     trusted like a durable one (DBNOTIFY_FAST_MESSAGES=False accepts it).
@@ -347,31 +366,22 @@ def test_a_role_with_no_grants_cannot_send_a_journaled_message(
     ext.watch("orders")
     ext.install_triggers(app)
     ext.start(app)
-    role = "nogrant_" + str(make_url(logical_url).database)
-    wal_sql(f'CREATE ROLE "{role}" LOGIN')
+    intruder = wal_roles("nogrant")
+    forged = '{"v": 1, "m": "shop", "p": "forged"}'
+    intruder.run("SELECT pg_logical_emit_message(true, 'dbnotify', %s)", (forged,))
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        intruder.run("INSERT INTO dbnotify_wal_messages (body) VALUES (%s)", (forged,))
+    conn = psycopg2.connect(logical_url)
     try:
-        forged = '{"v": 1, "m": "shop", "p": "forged"}'
-        intruder = SQL(make_url(logical_url).set(username=role).render_as_string())
-        try:
-            intruder("SELECT pg_logical_emit_message(true, 'dbnotify', %s)", (forged,))
-            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
-                intruder("INSERT INTO dbnotify_wal_messages (body) VALUES (%s)", (forged,))
-        finally:
-            intruder.close()
-        conn = psycopg2.connect(logical_url)
-        try:
-            ext.notify("shop", "real", connection=conn, app=app)
-            conn.commit()
-        finally:
-            conn.close()
-        # A row after all that (fast messages, the usual marker, are refused here).
-        wal_sql("INSERT INTO orders VALUES (1, 'after', 1)")
-        got = events.wait_for(2, "the app's own message, then the row")
-        assert got[0] == "real" and got[1].pk == 1, got
-        assert len(events.items) == 2, events.items
+        ext.notify("shop", "real", connection=conn, app=app)
+        conn.commit()
     finally:
-        wal_sql(f'DROP OWNED BY "{role}"')
-        wal_sql(f'DROP ROLE "{role}"')
+        conn.close()
+    # A row after all that (fast messages, the usual marker, are refused here).
+    wal_sql("INSERT INTO orders VALUES (1, 'after', 1)")
+    got = events.wait_for(2, "the app's own message, then the row")
+    assert got[0] == "real" and got[1].pk == 1, got
+    assert len(events.items) == 2, events.items
 
 
 def test_writes_while_every_process_is_stopped_arrive_at_restart(
@@ -381,10 +391,7 @@ def test_writes_while_every_process_is_stopped_arrive_at_restart(
     committed meanwhile arrive once after start(), in order, and nothing
     delivered before comes again."""
     wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext = listening(wal_app, "orders")
     wal_sql("INSERT INTO orders VALUES (1, 'before', 1)")
     events.wait_for(1)
     ext.stop(app)
@@ -397,7 +404,7 @@ def test_writes_while_every_process_is_stopped_arrive_at_restart(
 
 
 def test_a_role_with_no_grants_hears_no_row_and_cannot_forge_one(
-    logical_url: str, wal_app: MakeApp, wal_sql: SQL, events: Recorder
+    wal_roles: Callable[[str], Role], wal_app: MakeApp, wal_sql: SQL, events: Recorder
 ) -> None:
     """WAL capture is private by construction: the relay's notifications
     name journal ids, never a row, and the journal is the app's. A role
@@ -405,50 +412,37 @@ def test_a_role_with_no_grants_hears_no_row_and_cannot_forge_one(
     a notification it sends in the relay's form, naming rows it cannot
     write, delivers nothing."""
     wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    ext.start(app)
-    role = "listener_" + str(make_url(logical_url).database)
-    wal_sql(f'CREATE ROLE "{role}" LOGIN')
-    try:
-        url = make_url(logical_url).set(username=role).render_as_string()
+    app, ext = listening(wal_app, "orders")
+    intruder = wal_roles("listener")
 
-        def write() -> None:
-            wal_sql("INSERT INTO orders VALUES (1, 'secret recipe', 7)")
-            events.wait_for(1, "the row, in the app")
+    def write() -> None:
+        wal_sql("INSERT INTO orders VALUES (1, 'secret recipe', 7)")
+        events.wait_for(1, "the row, in the app")
 
-        heard = captured_notifications(url, write)
-        assert heard and all("secret" not in p and '"r"' not in p for p in heard), heard
-        assert all(set(json.loads(p)) == {"v", "J", "x"} for p in heard), heard
-        intruder = SQL(url)
-        try:
-            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
-                intruder("SELECT body FROM dbnotify_journal")
-            (xid,) = intruder("SELECT pg_current_xact_id()::text")[0]
-            for payload in (
-                json.loads(heard[0]) | {"x": int(xid)},  # the real rows, another xid
-                {
-                    "v": 1,
-                    "t": "orders",
-                    "o": "I",
-                    "k": ["id"],
-                    "ts": 1.0,
-                    "s": 1,
-                    "r": [{"id": 2, "item": "forged", "qty": 1}],
-                },
-                {"v": 1, "gap": "forged"},
-            ):
-                intruder("SELECT pg_notify('dbnotify', %s)", (json.dumps(payload),))
-        finally:
-            intruder.close()
-        wal_sql("INSERT INTO orders VALUES (3, 'after', 1)")
-        got = events.wait_for(2, "the row after the forgeries")
-        assert [e.pk for e in got] == [1, 3], got
-        events.assert_no_more(2, marker(ext, app))
-    finally:
-        wal_sql(f'DROP OWNED BY "{role}"')
-        wal_sql(f'DROP ROLE "{role}"')
+    heard = captured_notifications(intruder.url, write)
+    assert heard and all("secret" not in p and '"r"' not in p for p in heard), heard
+    assert all(set(json.loads(p)) == {"v", "J", "x"} for p in heard), heard
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        intruder.run("SELECT body FROM dbnotify_journal")
+    (xid,) = intruder.run("SELECT pg_current_xact_id()::text")[0]
+    for payload in (
+        json.loads(heard[0]) | {"x": int(xid)},  # the real rows, another xid
+        {
+            "v": 1,
+            "t": "orders",
+            "o": "I",
+            "k": ["id"],
+            "ts": 1.0,
+            "s": 1,
+            "r": [{"id": 2, "item": "forged", "qty": 1}],
+        },
+        {"v": 1, "gap": "forged"},
+    ):
+        intruder.run("SELECT pg_notify('dbnotify', %s)", (json.dumps(payload),))
+    wal_sql("INSERT INTO orders VALUES (3, 'after', 1)")
+    got = events.wait_for(2, "the row after the forgeries")
+    assert [e.pk for e in got] == [1, 3], got
+    events.assert_no_more(2, marker(ext, app))
 
 
 @pytest.mark.parametrize(
@@ -466,10 +460,7 @@ def test_rows_over_max_row_bytes_arrive_cut_as_in_triggers_mode(
     here (text columns) and on the server (a column of a type it leaves to
     the server)."""
     wal_sql(f"CREATE TABLE docs (id int PRIMARY KEY, body text{extra})")
-    app, ext = wal_app()
-    ext.watch("docs")
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext = listening(wal_app, "docs")
     wal_sql(
         "INSERT INTO docs (id, body) VALUES (1, 'before'), (2, repeat('x', %s)), "
         "(3, repeat(E'\\n', %s)), (4, 'after')",
@@ -493,42 +484,40 @@ def test_rows_over_max_row_bytes_arrive_cut_as_in_triggers_mode(
 
 
 def test_roles_without_replication_are_told_what_to_grant(
-    logical_url: str, wal_app: MakeApp, wal_sql: SQL, caplog: pytest.LogCaptureFixture
+    logical_url: str,
+    wal_roles: Callable[[str], Role],
+    wal_app: MakeApp,
+    wal_sql: SQL,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An installer without the REPLICATION attribute is stopped before
     anything is made, told what to run; an app whose role lacks it cannot
     lead, and its log says why. A role that has it installs and leads."""
-    role = "norepl_" + str(make_url(logical_url).database)
-    wal_sql(f'CREATE ROLE "{role}" LOGIN')
-    wal_sql(f'GRANT CREATE ON DATABASE "{make_url(logical_url).database}" TO "{role}"')
-    wal_sql(f'GRANT CREATE ON SCHEMA public TO "{role}"')
-    url = make_url(logical_url).set(username=role).render_as_string(hide_password=False)
-    try:
-        wal_sql("CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)")
-        wal_sql(f'ALTER TABLE orders OWNER TO "{role}"')
-        app, ext = wal_app(DBNOTIFY_DATABASE_URI=url)
-        ext.watch("orders")
-        with pytest.raises(DBNotifyError, match=f'ALTER ROLE "{role}" REPLICATION'):
-            ext.install_triggers(app)
-        assert wal_sql("SELECT count(*) FROM pg_publication") == [(0,)]
-        assert wal_sql("SELECT to_regclass('dbnotify_journal')") == [(None,)]
+    role = wal_roles("norepl")
+    wal_sql(f'GRANT CREATE ON DATABASE "{make_url(logical_url).database}" TO {role.name}')
+    wal_sql(f"GRANT CREATE ON SCHEMA public TO {role.name}")
+    wal_sql(ORDERS)
+    wal_sql(f"ALTER TABLE orders OWNER TO {role.name}")
+    app, ext = wal_app(DBNOTIFY_DATABASE_URI=role.url)
+    ext.watch("orders")
+    with pytest.raises(DBNotifyError, match=f'ALTER ROLE "{role.name}" REPLICATION'):
+        ext.install_triggers(app)
+    assert wal_sql("SELECT count(*) FROM pg_publication") == [(0,)]
+    assert wal_sql("SELECT to_regclass('dbnotify_journal')") == [(None,)]
 
-        # Installed by a role that may: the app's own role still cannot lead.
-        admin, admin_ext = wal_app()
-        admin_ext.watch("orders")
-        admin_ext.install_triggers(admin)
-        wal_sql(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
-        leader._limited.reset()
-        with caplog.at_level(logging.WARNING, "flask_dbnotify"):
-            ext.start(app)
-            poll_until(
-                lambda: "needs the REPLICATION attribute" in caplog.text,
-                "the leader's log to say what the app's role lacks",
-            )
-        ext.close(app)
-    finally:
-        wal_sql(f'DROP OWNED BY "{role}" CASCADE')
-        wal_sql(f'DROP ROLE "{role}"')
+    # Installed by a role that may: the app's own role still cannot lead.
+    admin, admin_ext = wal_app()
+    admin_ext.watch("orders")
+    admin_ext.install_triggers(admin)
+    wal_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role.name}")
+    leader._limited.reset()
+    with caplog.at_level(logging.WARNING, "flask_dbnotify"):
+        ext.start(app)
+        poll_until(
+            lambda: "needs the REPLICATION attribute" in caplog.text,
+            "the leader's log to say what the app's role lacks",
+        )
+    ext.close(app)  # before its role is dropped
 
 
 def test_no_free_slot_is_refused_before_anything_is_made(

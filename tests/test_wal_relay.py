@@ -23,8 +23,8 @@ from flask_dbnotify.backends.postgresql.wal import tojson
 from flask_dbnotify.backends.postgresql.wal.leader import Stream
 from flask_dbnotify.backends.postgresql.wal.relay import Relay
 
-from ._helpers import SQL, WAIT, Recorder, app_factory
-from .test_wal import MakeApp
+from ._helpers import SQL, WAIT
+from .test_wal import MakeApp, side_by_side
 
 # -- each type's converter against to_json() --------------------------------------
 
@@ -356,28 +356,15 @@ def test_events_equal_trigger_events_under_other_date_styles_and_zones(
     writer = SQL(logical_url)  # a session with the database's settings
     writer(SHAPE.format(extra).format("by_triggers"))
     writer(SHAPE.format(extra).format("by_wal"))
-    factory, made = app_factory(logical_url, "trigger_app")
     try:
-        t_app, t_ext = factory()
-        t_ext.watch("by_triggers", durable=True)
-        t_ext.install_triggers(t_app)
-        w_app, w_ext = wal_app()
-        w_ext.watch("by_wal")
-        w_ext.install_triggers(w_app)
-        by_triggers, by_wal = Recorder(), Recorder()
-        t_ext.on("by_triggers")(by_triggers.add)
-        w_ext.on("by_wal")(by_wal.add)
-        t_ext.start(t_app)
-        w_ext.start(w_app)
-        for statement in SHAPED_WRITES:
-            writer(statement.format("by_triggers"))
-            writer(statement.format("by_wal"))
-        expected = by_triggers.wait_for(4)
-        got = by_wal.wait_for(4)
+        with side_by_side(logical_url, wal_app, "by_triggers", "by_wal") as (by_triggers, by_wal):
+            for statement in SHAPED_WRITES:
+                writer(statement.format("by_triggers"))
+                writer(statement.format("by_wal"))
+            expected = by_triggers.wait_for(4)
+            got = by_wal.wait_for(4)
     finally:
         writer.close()
-        for app, ext in made:
-            ext.close(app)
 
     def shape(e: ChangeEvent) -> tuple[Any, ...]:
         new = {k: v for k, v in (e.new or {}).items() if k != "u"}

@@ -24,7 +24,7 @@ from flask_dbnotify import (
 )
 from flask_dbnotify.backends.postgresql.wal import leader
 
-from ._helpers import SQL, Recorder, marker, poll_until
+from ._helpers import SQL, Recorder, listening, marker, poll_until
 from .test_wal import ORDERS, MakeApp
 
 GAP = {"reconnect": True, "gap": True}
@@ -45,10 +45,7 @@ def timeline() -> Iterator[Recorder]:
 
 def started(wal_app: MakeApp, wal_sql: SQL, timeline: Recorder) -> tuple[Flask, DBNotify, str]:
     wal_sql(ORDERS)
-    app, ext = wal_app()
-    ext.watch("orders")
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext = listening(wal_app, "orders")
     timeline.wait_for(1, "listener_connected")
     slot = app.config["DBNOTIFY_SLOT"]
     wal_sql("INSERT INTO orders VALUES (1, 'before', 1)")
