@@ -424,6 +424,10 @@ def test_a_role_with_no_grants_hears_no_row_and_cannot_forge_one(
     assert all(set(json.loads(p)) == {"v", "J", "x"} for p in heard), heard
     with pytest.raises(psycopg2.errors.InsufficientPrivilege):
         intruder.run("SELECT body FROM dbnotify_journal")
+    # Where the relay stands: writing it could hide changes (part_count) or
+    # make every process hear a gap.
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        intruder.run("UPDATE dbnotify_wal SET part_count = 1000000, gap = 'forged'")
     (xid,) = intruder.run("SELECT pg_current_xact_id()::text")[0]
     for payload in (
         json.loads(heard[0]) | {"x": int(xid)},  # the real rows, another xid
