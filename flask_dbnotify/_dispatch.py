@@ -112,6 +112,7 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - never let the dispatcher die
                 log.exception("dispatcher error; going on")
         self.discard(run)
+        self._feed.release_idle(0.0)
 
     def discard(self, run: Run) -> None:
         """Forget what was read but not delivered; a journaled backend will

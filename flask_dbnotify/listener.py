@@ -360,6 +360,7 @@ class Listener:
                 last_prune = now
                 self._put(run, [Task.PRUNE], 0)
             # An idle process keeps one connection: this one.
+            self._feed.release_idle(idle_limit)
             self._served.backend.release_idle(idle_limit)
 
     def _ask_hearing(self, run: Run, stream: Stream) -> HearingCheck | None:

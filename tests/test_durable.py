@@ -34,6 +34,8 @@ from flask import Flask
 from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, events_dropped, listener_connected
+from flask_dbnotify.backends.postgresql.common import LISTENER_NAME, READER_NAME
+from flask_dbnotify.backends.postgresql.connection import Reader
 
 from ._helpers import (
     SQL,
@@ -43,6 +45,7 @@ from ._helpers import (
     Proxy,
     Recorder,
     captured_notifications,
+    poll_until,
     wait_for_backends,
     wait_for_state,
 )
@@ -93,22 +96,24 @@ def durable_app(
 
 @contextlib.contextmanager
 def dispatcher_held(app: Flask) -> Iterator[threading.Event]:
-    """Hold the dispatcher's pooled connections (its catch-up and journal
-    reads) until the event yielded is set, or LONG has passed; the pool is
-    the backend's own, so this reaches into it."""
-    engine = app.extensions["dbnotify"].backend.db.pool
+    """Hold the dispatcher's journal reads (its catch-up and the rows
+    notifications name) until the event yielded is set, or LONG has
+    passed, as a slow connection would; this reaches into the reader that
+    the feed reads with."""
     gate = threading.Event()
+    run = Reader.run
 
-    def slow_pool(*args: Any) -> None:
+    def slow_run(self: Reader, *args: Any, **kwargs: Any) -> Any:
         if threading.current_thread().name.startswith("dbnotify-dispatch"):
             gate.wait(LONG)
+        return run(self, *args, **kwargs)
 
-    sa.event.listen(engine, "checkout", slow_pool)
+    Reader.run = slow_run  # type: ignore[method-assign]
     try:
         yield gate
     finally:
         gate.set()
-        sa.event.remove(engine, "checkout", slow_pool)
+        Reader.run = run  # type: ignore[method-assign]
 
 
 def proxied_listen_uri(pg_url: str, proxy: Proxy) -> str:
@@ -379,6 +384,64 @@ def kill_while_writing(
     writer.wait_for_count(writer.count + every)
 
 
+def reader_sessions(sql: SQL) -> list[int]:
+    """Backend pids of the sessions listeners read the journal with."""
+    return [
+        pid
+        for (pid,) in sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = %s",
+            (READER_NAME,),
+        )
+    ]
+
+
+def test_journal_reads_go_on_when_their_session_is_killed(
+    make_app: MakeApp, sql: SQL, events: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listener reads the rows durable notifications name over one
+    connection of its own. When that session is killed (as by a server
+    restart), the next read runs again on a new one: the next row is
+    delivered, once, and nothing is reported as unreadable."""
+    app, ext = durable_app(make_app, sql, "orders")
+    ext.start(app)
+    sql("INSERT INTO orders VALUES (1, 'read on the first session')")
+    events.wait_for(1)
+    (first,) = poll_until(lambda: reader_sessions(sql), "the listener's journal reader")
+    sql("SELECT pg_terminate_backend(%s)", (first,))
+    poll_until(lambda: not reader_sessions(sql), "the killed reader gone")
+    with caplog.at_level(logging.WARNING, logger="flask_dbnotify"):
+        sql("INSERT INTO orders VALUES (2, 'read on a new session')")
+        got = rows(settle(events, ext, app))
+    assert [e.pk for e in got] == [1, 2]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert reader_sessions(sql) not in ([], [first])
+
+
+def test_an_idle_listener_closes_its_journal_reader(
+    make_app: MakeApp, sql: SQL, events: Recorder
+) -> None:
+    """An idle process holds one connection, its listener's: the one it
+    reads the journal with is closed after DBNOTIFY_PROBE_INTERVAL
+    seconds without a read, and opened again for the next."""
+    app, ext = durable_app(make_app, sql, "orders", DBNOTIFY_PROBE_INTERVAL=0.5)
+    ext.start(app)
+    sql("INSERT INTO orders VALUES (1, 'first')")
+    events.wait_for(1)
+
+    def only_the_listeners() -> bool:
+        names = sql(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        return names == [(LISTENER_NAME,)]
+
+    poll_until(only_the_listeners, "one session, the listener's, once idle")
+    sql("INSERT INTO orders VALUES (2, 'second')")
+    events.wait_for(2)
+    assert [e.pk for e in rows(events.items)] == [1, 2]
+
+
 @pytest.mark.parametrize("with_fast_watch", [False, True], ids=["all-durable", "also-fast"])
 def test_killed_listener_session_loses_and_repeats_nothing(
     make_app: MakeApp, sql: SQL, pg_url: str, events: Recorder, with_fast_watch: bool
@@ -449,10 +512,9 @@ def test_row_committed_right_after_start_is_replayed_when_the_link_dies_at_once(
     make_app: MakeApp, sql: SQL, pg_url: str, proxy: Proxy, events: Recorder
 ) -> None:
     """start() returns once no later commit can be missed. Here the
-    dispatcher is slow to get a pooled connection (as when the app's own
-    notify() calls hold them all) and the listener's link goes dead right
-    after start() returns: a row committed then is replayed after the
-    reconnect."""
+    dispatcher is slow to read the journal (as over a slow link) and the
+    listener's link goes dead right after start() returns: a row committed
+    then is replayed after the reconnect."""
     app, ext = durable_app(
         make_app,
         sql,
@@ -1009,8 +1071,8 @@ def test_rows_committed_after_start_keep_commit_order_across_fast_and_durable(
     make_app: MakeApp, sql: SQL, events: Recorder
 ) -> None:
     """The catch-up that follows a connect replays only what was missed
-    before LISTEN took effect. Here it runs late (the dispatcher waits for a
-    pooled connection) while a fast row and then a durable row commit:
+    before LISTEN took effect. Here it runs late (the dispatcher's reads
+    are slow) while a fast row and then a durable row commit:
     both arrive as notifications, in commit order, the durable row once."""
     app, ext = durable_app(make_app, sql, "payments", fast=("orders",))
     with dispatcher_held(app) as gate:

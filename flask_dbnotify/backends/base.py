@@ -154,6 +154,12 @@ class Feed(abc.ABC):
         nothing of their own to deliver send none."""
         return False
 
+    def release_idle(self, idle: float) -> None:  # noqa: B027 - optional hook
+        """Close the feed's own connections that nothing used for ``idle``
+        seconds (0: every one not in use now). Called often by the
+        listener's reader thread, and by the dispatcher as it ends: must be
+        cheap."""
+
     def discard(self) -> None:  # noqa: B027 - optional hook
         """In a forked child: drop what the feed ran in the parent, untouched."""
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 CHANNEL = "dbnotify"
 #: application_name of listener sessions, as pg_stat_activity shows them.
 LISTENER_NAME = "flask-dbnotify listener"
+#: application_name of the session a listener reads the journal with.
+READER_NAME = "flask-dbnotify reader"
 #: application_name of the session ``status`` opens to check the listener's URL.
 CHECK_NAME = "flask-dbnotify check"
 #: What identifies a database, as the server says it (not as a URL or a

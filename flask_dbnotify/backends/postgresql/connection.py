@@ -2,8 +2,9 @@
 database goes through :class:`Database`: a small pool for what runs often
 (journal reads, claims, ``notify``), a connection of its own for what runs
 rarely (DDL, status, pruning, hearing checks), and one translation of
-errors. Only the listener's stream and the session ``status`` opens at the
-listener's URL have connections of their own; ``notify(connection=...)``
+errors. A listener reads the journal through a :class:`Reader`, one
+connection of its own; the listener's stream and the session ``status``
+opens at the listener's URL also have their own; ``notify(connection=...)``
 runs on the caller's.
 
 Connections are in autocommit: what we run is single statements, which
@@ -13,6 +14,7 @@ then also work through a pooler in statement mode (it refuses BEGIN);
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import sqlalchemy as sa
 
 from ...errors import DBNotifyError
 from ..common import reason
+from .common import READER_NAME
 
 T = TypeVar("T")
 
@@ -100,6 +103,8 @@ class Database:
     def __init__(self, url: sa.URL, where: str) -> None:
         url = url.set(drivername="postgresql+psycopg2")
         self.where = where
+        #: psycopg2.connect() arguments, for connections of their own.
+        self.connect_kwargs = connect_kwargs(url)
         # Pinged before each use: a connection that a server restart closed
         # is replaced before a statement (notify(), a claim) fails on it.
         # A ping only after a rest would save a round trip, and let such a
@@ -225,3 +230,93 @@ class Database:
     def close(self) -> None:
         self.pool.dispose()
         self.rare.dispose()
+
+
+def discard(conn: Any) -> None:
+    """In a forked child: let go of a psycopg2 connection inherited from
+    the parent without ending the parent's session. Closing it would send
+    a Terminate message on the shared socket: the descriptor is pointed
+    at /dev/null first, so whatever psycopg2 sends on close goes nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(devnull, conn.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, psycopg2.Error):
+        pass
+    try:
+        conn.close()
+    except psycopg2.Error:
+        pass
+
+
+class Reader:
+    """One connection of its own for a listener's journal reads, which are
+    frequent and latency-bound: no pool checkout and no ping before each
+    read (a pool's ping doubles the round trips). A read is a query only,
+    so one that finds its connection lost (a server restart) runs again,
+    once, on a new one. :meth:`release_idle` closes it when unused."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._used = 0.0
+
+    def run(self, statement: str, params: Any = None, failed: str = "cannot read") -> list[Any]:
+        """The rows of one query (psycopg2 parameters); a refusal raises
+        DBNotifyError("FAILED: why")."""
+        with self._lock:
+            for again in (False, True):
+                conn = self._conn
+                fresh = conn is None
+                if fresh:
+                    conn = self._open()
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(statement, params)
+                        rows: list[Any] = cur.fetchall() if cur.description else []
+                    self._used = time.monotonic()
+                    return rows
+                except psycopg2.Error as exc:
+                    lost = bool(conn.closed)
+                    if lost:
+                        self._close()
+                    if not lost or fresh or again:
+                        raise refused(exc, failed) from exc
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open(self) -> Any:
+        try:
+            conn = psycopg2.connect(**{"application_name": READER_NAME, **self.db.connect_kwargs})
+        except psycopg2.Error as exc:
+            raise cannot_connect(self.db.where, exc) from exc
+        conn.autocommit = True
+        self._conn = conn
+        return conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg2.Error:
+                pass
+
+    def release_idle(self, idle: float) -> None:
+        """Close the connection if unused for ``idle`` seconds and not in
+        use now (cheap: called on every round of the listener's reader)."""
+        if self._conn is None or time.monotonic() - self._used < idle:
+            return
+        if self._lock.acquire(False):
+            try:
+                self._close()
+            finally:
+                self._lock.release()
+
+    def discard(self) -> None:
+        """In a forked child: drop the parent's connection untouched."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            discard(conn)

@@ -20,7 +20,7 @@ from ...errors import DBNotifyError
 from ...events import ChangeEvent
 from ..base import Feed, Stream
 from .common import CHANNEL, IDENTITY, MAX_MESSAGE_BYTES, identity_text
-from .connection import Database
+from .connection import Database, Reader
 from .stream import PostgreSQLStream
 
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ class PostgreSQLFeed(Feed):
     def __init__(self, backend: PostgreSQLBackend) -> None:
         self.backend = backend
         self.db = backend.db
+        #: This listener's reads of the journal (the dispatcher's thread).
+        self.reader = Reader(backend.db)
         self.journal = backend.tables["journal"]
         # Where replay resumes, and journal ids delivered past it (id ->
         # transaction id).
@@ -173,6 +175,12 @@ class PostgreSQLFeed(Feed):
     def prune(self, retention: float) -> None:
         prune(self.db, self.backend.tables, retention)
 
+    def release_idle(self, idle: float) -> None:
+        self.reader.release_idle(idle)
+
+    def discard(self) -> None:
+        self.reader.discard()
+
     def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
         """Journal rows ``lo..hi`` of transaction ``xid`` not delivered yet.
         Anyone may send a notification, so one naming rows delivered
@@ -183,7 +191,7 @@ class PostgreSQLFeed(Feed):
         if cursor is not None and (xid, hi) <= cursor or self._committed_before(xid):
             return []  # Replayed already by catch_up(), or before our time.
         try:
-            rows = self.db.run(
+            rows = self.reader.run(
                 f"SELECT id, body FROM {self.journal} WHERE id BETWEEN %(lo)s AND %(hi)s "
                 "AND xid = %(x)s::text::xid8 ORDER BY id",
                 {"lo": lo, "hi": hi, "x": str(xid)},
@@ -214,7 +222,7 @@ class PostgreSQLFeed(Feed):
         items: list[Item] = []
         bound = self._bound
         while True:
-            rows = self.db.run(
+            rows = self.reader.run(
                 f"SELECT xid::text AS xid_text, id, body FROM {self.journal} "
                 "WHERE (xid, id) > (%(x)s::xid8, %(id)s) "
                 "AND xid < pg_snapshot_xmin(pg_current_snapshot()) "

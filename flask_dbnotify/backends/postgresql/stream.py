@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import select
 import time
@@ -15,7 +14,7 @@ from ...errors import DBNotifyError
 from ..base import Stream
 from ..common import reason
 from .common import CHANNEL, IDENTITY, LISTENER_NAME, check_channel, ident
-from .connection import cannot_connect
+from .connection import cannot_connect, discard
 
 
 class PostgreSQLStream(Stream):
@@ -147,18 +146,4 @@ class PostgreSQLStream(Stream):
         self.conn.close()
 
     def discard(self) -> None:
-        # The socket is shared with the parent: closing it would send a
-        # Terminate message and end the parent's session. Point the fd at
-        # /dev/null first, so whatever psycopg2 sends on free goes nowhere.
-        try:
-            devnull = os.open(os.devnull, os.O_RDWR)
-            try:
-                os.dup2(devnull, self.conn.fileno())
-            finally:
-                os.close(devnull)
-        except (OSError, psycopg2.Error):
-            pass
-        try:
-            self.conn.close()
-        except psycopg2.Error:
-            pass
+        discard(self.conn)

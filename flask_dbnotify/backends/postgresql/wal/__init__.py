@@ -89,4 +89,5 @@ class WalFeed(PostgreSQLFeed):
         return True
 
     def discard(self) -> None:
+        super().discard()
         self.leader.discard()

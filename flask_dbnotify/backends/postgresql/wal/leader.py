@@ -16,7 +16,6 @@ finds there.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import threading
 import time
@@ -29,6 +28,7 @@ import psycopg2.extras
 from ...._log import RateLimited
 from ...common import reason
 from .. import pgoutput
+from ..connection import discard
 from .ddl import DEFINITIONS, MESSAGES
 from .relay import Change, Part, Relay, Sent, Truncated
 
@@ -102,14 +102,8 @@ class Leader:
     def discard(self) -> None:
         """In a forked child: drop the parent's connections untouched."""
         for conn in self._conns:
-            try:
-                devnull = os.open(os.devnull, os.O_RDWR)
-                try:
-                    os.dup2(devnull, conn.fileno())
-                finally:
-                    os.close(devnull)
-            except (OSError, psycopg2.Error):
-                pass
+            discard(conn)
+        self._conns = []
         self._thread = None
 
     # -- the thread -----------------------------------------------------------

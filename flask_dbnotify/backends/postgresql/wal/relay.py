@@ -9,10 +9,17 @@ Every process's listener then reads them the way it reads durable events.
 
 Values arrive as the text PostgreSQL's output functions write. For the
 built-in types of :mod:`.tojson` the relay turns that text into JSON
-itself and copies the rows in (``COPY``); a run of rows with a column of
-any other type is turned into JSON by the server
-(``to_json(value::type)``); :mod:`.shape` builds either. Either way an
-event carries exactly what triggers mode would have sent.
+itself; a run of rows with a column of any other type is turned into
+JSON by the server (``to_json(value::type)``); :mod:`.shape` builds
+either. Either way an event carries exactly what triggers mode would have
+sent.
+
+A relay is one round trip when it can be: its statements go in one query
+string, which the server runs as one transaction (its commit, and its
+flush to disk, the only wait). Bodies built here travel as one text
+parameter cut on the server, for :data:`SMALL` rows at most; more go in
+by ``COPY``, which costs less per row but two round trips more, in a
+transaction of their own.
 """
 
 from __future__ import annotations
@@ -52,6 +59,16 @@ _PREPARED = {
 }
 #: Characters handed to COPY at a time.
 _COPY_CHUNK = 1 << 20
+#: Bodies built here up to which a relay inserts them in its one query;
+#: past it, COPY (see the module's docs).
+SMALL = 1000
+#: What separates bodies in that query's parameter: no JSON text holds
+#: this control character unescaped (a body that did would go by COPY).
+_SEPARATOR = "\x1e"
+_INSERT_SMALL = (
+    "INSERT INTO {} (watch, body) SELECT %s, b "
+    "FROM unnest(string_to_array(%s, E'\\x1e')) WITH ORDINALITY AS t(b, n) ORDER BY n"
+)
 #: What COPY's text format escapes (the backslash first).
 _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 #: What the WAL sender's session reports that the text of values depends on.
@@ -72,9 +89,10 @@ def lsn_text(lsn: int) -> str:
 
 class Relay:
     """Writes transactions to the journal through ``conn`` (a psycopg2
-    connection of the leader's own, not in autocommit)."""
+    connection of the leader's own, put in autocommit)."""
 
     def __init__(self, conn: Any, schema: str, slot: str) -> None:
+        conn.autocommit = True
         self.conn = conn
         self.slot = slot
         self.journal = ident(schema, "dbnotify_journal")
@@ -101,6 +119,7 @@ class Relay:
                 for name, text in _PREPARED.items():
                     cur.execute(f"PREPARE {name}" + text.format(wal=self.wal, journal=self.journal))
                 self._prepared = True
+            cur.execute("BEGIN")
             cur.execute(
                 f"SELECT (lsn - '0/0')::bigint, gap, (part_lsn - '0/0')::bigint, part_count "
                 f"FROM {self.wal} WHERE slot = %s FOR UPDATE",
@@ -114,7 +133,7 @@ class Relay:
                 )
                 cur.execute("EXECUTE dbnotify_relay_notify(%s)", (CHANNEL,))
                 cur.execute(f"UPDATE {self.wal} SET gap = NULL WHERE slot = %s", (self.slot,))
-        self.conn.commit()
+            cur.execute("COMMIT")
         if row is None:
             return 0, None
         return int(row[0]), None if row[2] is None else Part(int(row[2]), int(row[3]))
@@ -137,7 +156,6 @@ class Relay:
                 )
                 for schema, table, name, head, ops, columns, changed in cur.fetchall()
             }
-        self.conn.commit()
 
     def set_up_stream(self, stream: Any) -> None:
         """Before streaming from ``stream`` (a psycopg2 replication
@@ -149,7 +167,6 @@ class Relay:
         with self.conn.cursor() as cur:
             cur.execute("SHOW extra_float_digits")
             (digits,) = cur.fetchone()
-        self.conn.commit()
         with stream.cursor() as cur:
             cur.execute("SET DateStyle = ISO")
             cur.execute("SELECT set_config('extra_float_digits', %s, false)", (digits,))
@@ -181,38 +198,30 @@ class Relay:
 
     def relay(
         self, changes: Sequence[Change | Truncated | Sent], end_lsn: int, part: Part | None = None
-    ) -> int:
+    ) -> None:
         """Append ``changes`` (of one or more committed transactions, in
         commit order, and with ``part`` the first of the next) to the
         journal and record ``end_lsn``, the end of the last one relayed
-        whole, and ``part``, in one transaction; return how many journal
-        rows were written."""
-        try:
-            with self.conn.cursor() as cur:
-                journal = JournalWriter(cur, self.journal)
-                sent: list[int] = []
-                for run in _runs(changes):
-                    first = run[0]
-                    if isinstance(first, Sent):
-                        sent += [int(m.id) for m in run]
-                        journal.add(None, [m.body for m in run])
-                    elif isinstance(first, Truncated):
-                        self._truncate(journal, run)
-                    else:
-                        self._rows(journal, run)
-                journal.flush()
-                self._finish(cur, journal.count, sent, end_lsn, part)
-            self.conn.commit()
-        except BaseException:
-            self.conn.rollback()
-            raise
-        return journal.count
+        whole, and ``part``, in one transaction."""
+        with self.conn.cursor() as cur:
+            journal = JournalWriter(cur, self.journal)
+            sent: list[int] = []
+            for run in _runs(changes):
+                first = run[0]
+                if isinstance(first, Sent):
+                    sent += [int(m.id) for m in run]
+                    journal.add(None, [m.body for m in run])
+                elif isinstance(first, Truncated):
+                    self._truncate(journal, run)
+                else:
+                    self._rows(journal, run)
+            journal.run(self._finish(cur, bool(journal.steps), sent, end_lsn, part))
 
     def _finish(
-        self, cur: Any, count: int, sent: list[int], end_lsn: int, part: Part | None
-    ) -> None:
-        """Record the position, delete the messages relayed and notify the
-        journal rows, in one round trip."""
+        self, cur: Any, written: bool, sent: list[int], end_lsn: int, part: Part | None
+    ) -> str:
+        """What ends a relay: record the position, delete the messages
+        relayed and notify the journal rows."""
         statements = ["EXECUTE dbnotify_relay_record(%(slot)s, %(lsn)s, %(part)s, %(done)s)"]
         params: dict[str, Any] = {
             "slot": self.slot,
@@ -223,10 +232,10 @@ class Relay:
         if sent:
             statements.append(f"DELETE FROM {self.messages} WHERE id = ANY(%(sent)s::bigint[])")
             params["sent"] = sent
-        if count:
+        if written:
             statements.append("EXECUTE dbnotify_relay_notify(%(channel)s)")
             params["channel"] = CHANNEL
-        cur.execute("; ".join(statements), params)
+        return str(cur.mogrify("; ".join(statements), params).decode())
 
     def _truncate(self, journal: JournalWriter, run: list[Truncated]) -> None:
         for truncate in run:
@@ -257,34 +266,60 @@ class Relay:
 
 
 class JournalWriter:
-    """The journal rows of one relay transaction, in order. Bodies built
-    in Python wait, to go in together by COPY; an INSERT that builds its
-    rows on the server sends the waiting ones first."""
+    """The journal rows of one relay transaction, in order, and then the
+    relay's end (see the module's docs for how they travel)."""
 
     def __init__(self, cur: Any, table: str) -> None:
         self.cur = cur
         self.table = table
-        self.waiting: list[tuple[str | None, list[str]]] = []
-        #: Rows written or waiting.
-        self.count = 0
+        #: Bodies built here, by watch, and statements, in order.
+        self.steps: list[tuple[str | None, list[str]] | str] = []
+        self.built = 0
 
     def add(self, watch: str | None, bodies: list[str]) -> None:
         if bodies:
-            self.waiting.append((watch, bodies))
-            self.count += len(bodies)
+            self.steps.append((watch, bodies))
+            self.built += len(bodies)
 
     def insert(self, query: str, params: dict[str, Any]) -> None:
-        self.flush()
-        self.cur.execute(query, params)
-        self.count += self.cur.rowcount
+        """An INSERT that builds its rows on the server."""
+        self.steps.append(self.cur.mogrify(query, params).decode())
 
-    def flush(self) -> None:
-        if self.waiting:
-            data = "".join(_copy_text(watch, bodies) for watch, bodies in self.waiting)
-            self.waiting = []
-            self.cur.copy_expert(
-                f"COPY {self.table} (watch, body) FROM STDIN", io.StringIO(data), size=_COPY_CHUNK
-            )
+    def run(self, end: str) -> None:
+        """Write everything, then ``end``, in one transaction."""
+        statements = []
+        copy = self.built > SMALL
+        for step in self.steps:
+            if isinstance(step, str):
+                statements.append(step)
+                continue
+            watch, bodies = step
+            joined = _SEPARATOR.join(bodies)
+            if copy or joined.count(_SEPARATOR) != len(bodies) - 1:
+                copy = True
+                break
+            insert = _INSERT_SMALL.format(self.table)
+            statements.append(self.cur.mogrify(insert, (watch, joined)).decode())
+        if not copy:
+            # One query: the server runs it as one transaction.
+            self.cur.execute("; ".join([*statements, end]))
+            return
+        try:
+            self.cur.execute("BEGIN")
+            for step in self.steps:
+                if isinstance(step, str):
+                    self.cur.execute(step)
+                else:
+                    self.cur.copy_expert(
+                        f"COPY {self.table} (watch, body) FROM STDIN",
+                        io.StringIO(_copy_text(*step)),
+                        size=_COPY_CHUNK,
+                    )
+            self.cur.execute(end + "; COMMIT")
+        except BaseException:
+            if not self.cur.connection.closed:
+                self.cur.execute("ROLLBACK")
+            raise
 
 
 def _copy_escape(text: str) -> str:
