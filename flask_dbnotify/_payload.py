@@ -22,7 +22,9 @@ On PostgreSQL a message too long for one notification travels in pieces,
 each ``~SEQ K BYTES LAST`` and a newline, then the next stretch of the
 message (BYTES long in UTF-8 in all; LAST is 1 on the last piece); see
 :class:`Pieces`. A durable notification names journal rows instead:
-``{"v": 1, "J": [lo, hi], "x": xid}``.
+``{"v": 1, "J": [lo, hi], "x": xid, "j": SCHEMA}``, ``j`` the schema of
+the journal (absent in what durable triggers send): a listener of an app
+with its journal elsewhere skips it unread.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ _OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
 _EMPTY: frozenset[str] = frozenset()
 _counter = itertools.count()
 
-#: Reads journal rows ``lo..hi`` written by transaction ``xid``: (id, body).
-ReadJournal = Callable[[int, int, int], list[tuple[int, str]]]
+#: Reads journal rows ``lo..hi`` written by transaction ``xid`` to the
+#: journal of a schema (None: unknown): (id, body).
+ReadJournal = Callable[[int, int, int, Any], list[tuple[int, str]]]
 
 
 class PayloadError(ValueError):
@@ -212,7 +215,7 @@ def decode(
 ) -> list[Item]:
     """Decode one notification payload into events or a message.
     ``journal_id`` becomes the events' ``id``. A durable notification
-    (``{"v": 1, "J": [lo, hi], "x": xid}``) is read with ``read_journal``."""
+    (``{"v": 1, "J": [lo, hi], "x": xid, ...}``) is read with ``read_journal``."""
     try:
         msg = loads(text)
     except RecursionError:
@@ -252,7 +255,7 @@ def _journaled(msg: dict[str, Any], read_journal: ReadJournal | None) -> list[It
         raise PayloadError("a journal reference where none is expected")
     lo, hi = msg["J"]
     items: list[Item] = []
-    for row_id, body in read_journal(lo, hi, msg["x"]):
+    for row_id, body in read_journal(lo, hi, msg["x"], msg.get("j")):
         try:
             items += decode(body, row_id)
         except PayloadError as exc:

@@ -442,6 +442,39 @@ def test_an_idle_listener_closes_its_journal_reader(
     assert [e.pk for e in rows(events.items)] == [1, 2]
 
 
+def test_an_app_does_not_read_the_journal_of_an_app_in_another_schema(
+    make_app: MakeApp, sql: SQL, pg_url: str, events: Recorder
+) -> None:
+    """Two apps on one database, their objects in two schemas: both hear
+    every notification on the channel, but durable messages name their
+    journal's schema, so the app in ``public`` never opens a session to
+    read the other's (its only session is its listener's), and the other
+    app receives all of its own."""
+    sql("CREATE SCHEMA elsewhere")
+    url = make_url(pg_url).update_query_dict({"application_name": "bystander"})
+    bystander, bystander_ext = make_app(
+        DBNOTIFY_DATABASE_URI=url.render_as_string(hide_password=False)
+    )
+    other, other_ext = make_app(DBNOTIFY_SCHEMA="elsewhere")
+    bystander_ext.install_triggers(bystander)
+    other_ext.install_triggers(other)
+    bystander_ext.start(bystander)
+    other_ext.start(other)
+    for n in range(20):
+        other_ext.notify("news", n, durable=True, app=other)
+    # A message that is not journaled reaches both apps, each after what
+    # its listener heard before it.
+    other_ext.notify("news", "marker", app=other)
+    events.wait_for(22)
+    assert [m for m in events.items if m != "marker"] == list(range(20))
+    assert events.items.count("marker") == 2
+    names = sql(
+        "SELECT application_name FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'bystander'"
+    )
+    assert names == [("bystander",)], "the bystander read a journal not its own"
+
+
 @pytest.mark.parametrize("with_fast_watch", [False, True], ids=["all-durable", "also-fast"])
 def test_killed_listener_session_loses_and_repeats_nothing(
     make_app: MakeApp, sql: SQL, pg_url: str, events: Recorder, with_fast_watch: bool

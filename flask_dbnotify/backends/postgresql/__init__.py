@@ -64,7 +64,7 @@ __all__ = [
 _NOTIFY_DURABLE = (
     "WITH ins AS (INSERT INTO {} (body) VALUES (%(payload)s) RETURNING id, xid) "
     "SELECT pg_notify(%(channel)s, '{{\"v\": 1, \"J\": [' || id || ', ' || id "
-    "|| '], \"x\": ' || xid || '}}') FROM ins"
+    "|| '], \"x\": ' || xid || ', \"j\": ' || to_json(%(schema)s::text) || '}}') FROM ins"
 )
 #: Sends a message in pieces, in order, in one statement; each piece is
 #: unique (PostgreSQL folds equal notifications of a transaction).
@@ -107,6 +107,7 @@ class PostgreSQLBackend(Backend):
         if durable:
             statement = _NOTIFY_DURABLE.format(self.tables["journal"])
             params["payload"] = payload
+            params["schema"] = self.schema
         else:
             size = len(payload.encode())
             if size > MAX_MESSAGE_BYTES:

@@ -181,12 +181,16 @@ class PostgreSQLFeed(Feed):
     def discard(self) -> None:
         self.reader.discard()
 
-    def _read_journal(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
+    def _read_journal(self, lo: int, hi: int, xid: int, schema: Any) -> list[tuple[int, str]]:
         """Journal rows ``lo..hi`` of transaction ``xid`` not delivered yet.
         Anyone may send a notification, so one naming rows delivered
-        before (a replay) or rows of another transaction reads nothing."""
+        before (a replay) or rows of another transaction reads nothing;
+        one that names another schema's journal (``schema``, when known)
+        is not ours to read."""
         if not (isinstance(lo, int) and isinstance(hi, int) and isinstance(xid, int)):
             raise _payload.PayloadError("a journal reference that is not numbers")
+        if schema is not None and schema != self.backend.schema:
+            return []
         cursor = self._cursor
         if cursor is not None and (xid, hi) <= cursor or self._committed_before(xid):
             return []  # Replayed already by catch_up(), or before our time.

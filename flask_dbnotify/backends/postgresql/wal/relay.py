@@ -50,8 +50,8 @@ _PREPARED = {
         "part_lsn = excluded.part_lsn, part_count = excluded.part_count"
     ),
     "dbnotify_relay_notify": (
-        "(text) AS SELECT pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
-        "|| '], \"x\": ' || pg_current_xact_id() || '}}') "
+        "(text, text) AS SELECT pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
+        "|| '], \"x\": ' || pg_current_xact_id() || ', \"j\": ' || to_json($2) || '}}') "
         "FROM (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() ORDER BY id LIMIT 1) "
         "AS lo, (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() "
         "ORDER BY id DESC LIMIT 1) AS hi"
@@ -131,7 +131,7 @@ class Relay:
                     f"INSERT INTO {self.journal} (body) VALUES (%s)",
                     (json.dumps({"v": 1, "gap": row[1]}, ensure_ascii=False),),
                 )
-                cur.execute("EXECUTE dbnotify_relay_notify(%s)", (CHANNEL,))
+                cur.execute("EXECUTE dbnotify_relay_notify(%s, %s)", (CHANNEL, self.schema))
                 cur.execute(f"UPDATE {self.wal} SET gap = NULL WHERE slot = %s", (self.slot,))
             cur.execute("COMMIT")
         if row is None:
@@ -233,8 +233,9 @@ class Relay:
             statements.append(f"DELETE FROM {self.messages} WHERE id = ANY(%(sent)s::bigint[])")
             params["sent"] = sent
         if written:
-            statements.append("EXECUTE dbnotify_relay_notify(%(channel)s)")
+            statements.append("EXECUTE dbnotify_relay_notify(%(channel)s, %(schema)s)")
             params["channel"] = CHANNEL
+            params["schema"] = self.schema
         return str(cur.mogrify("; ".join(statements), params).decode())
 
     def _truncate(self, journal: JournalWriter, run: list[Truncated]) -> None:
