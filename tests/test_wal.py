@@ -19,7 +19,8 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify import ChangeEvent, DBNotify, DBNotifyError, table_truncated
 from flask_dbnotify.backends.postgresql import MAX_ROW_BYTES
-from flask_dbnotify.backends.postgresql.wal import leader
+from flask_dbnotify.backends.postgresql.connection import Reader
+from flask_dbnotify.backends.postgresql.wal import Relayed, leader
 
 from ._helpers import (
     SQL,
@@ -191,17 +192,28 @@ WRITES = [
 ]
 
 
+@pytest.mark.parametrize("handed_over", [True, False], ids=["handed-over", "read-back"])
 @pytest.mark.parametrize(
     "options",
     [{}, {"columns": ["qty", "tags"]}, {"when_changed": ["qty"]}],
     ids=["all", "columns", "when_changed"],
 )
 def test_wal_events_equal_trigger_events(
-    logical_url: str, wal_app: MakeApp, wal_sql: SQL, options: dict[str, Any]
+    logical_url: str,
+    wal_app: MakeApp,
+    wal_sql: SQL,
+    options: dict[str, Any],
+    handed_over: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same writes to two tables of the same shape, one watched by
     triggers (durable) and one from the WAL, give equal events: op, pk,
-    new, old, changed, and values of every common type."""
+    new, old, changed, and values of every common type. The leading
+    process's listener gets what its relay wrote handed over; others read
+    it back from the journal (here, with the hand-over turned off)."""
+    if not handed_over:
+        put = Relayed.put
+        monkeypatch.setattr(Relayed, "put", lambda self, rows: put(self, None))
     wal_sql(TYPES.format("by_triggers"))
     wal_sql(TYPES.format('"By WAL"'))
     with side_by_side(logical_url, wal_app, "by_triggers", '"By WAL"', **options) as (
@@ -223,6 +235,43 @@ def test_wal_events_equal_trigger_events(
         return (e.op, e.pk, e.new, e.old, e.changed, e.cut)
 
     assert [shape(e) for e in got] == [shape(e) for e in expected]
+
+
+def test_the_leading_process_delivers_what_it_relayed_without_reading_it_back(
+    wal_app: MakeApp, wal_sql: SQL, events: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay hands the rows it wrote to its own process's listener,
+    which delivers them in the order of their notifications without a
+    query: one row, a few, and more than a relay sends in one query
+    (COPY). Rows whose bodies the server built (a type the relay does not
+    convert) are read back."""
+    wal_sql(ORDERS)
+    wal_sql("CREATE TABLE places (id int PRIMARY KEY, spot point)")
+    app, ext = wal_app()
+    ext.watch("orders")
+    ext.watch("places")
+    ext.install_triggers(app)
+    reads: list[str] = []
+    run = Reader.run
+
+    def counted(self: Reader, statement: str, *args: Any, **kwargs: Any) -> Any:
+        if "BETWEEN" in statement:  # the rows a notification names
+            reads.append(statement)
+        return run(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(Reader, "run", counted)
+    ext.start(app)
+    wal_sql("INSERT INTO orders VALUES (1, 'tea', 1)")
+    wal_sql("INSERT INTO orders SELECT g, 'item', g FROM generate_series(2, 4) g")
+    wal_sql("INSERT INTO orders SELECT g, 'item', g FROM generate_series(5, 2004) g")
+    got = events.wait_for(2004)
+    assert reads == []
+    wal_sql("INSERT INTO places VALUES (1, '(1, 2)')")
+    (place,) = events.wait_for(2005)[2004:]
+    assert [e.pk for e in got] == list(range(1, 2005))
+    assert [e.id for e in got] == sorted({e.id for e in got})
+    assert place.new == {"id": 1, "spot": "(1,2)"}
+    assert len(reads) == 1
 
 
 def test_notify_on_a_connection_rides_in_the_transaction(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import select
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,8 +20,8 @@ from sqlalchemy.engine import make_url
 from flask_dbnotify import ChangeEvent
 from flask_dbnotify.backends.postgresql import pgoutput
 from flask_dbnotify.backends.postgresql.common import CHANNEL
+from flask_dbnotify.backends.postgresql.wal import Relayed, tojson
 from flask_dbnotify.backends.postgresql.wal import relay as relay_module
-from flask_dbnotify.backends.postgresql.wal import tojson
 from flask_dbnotify.backends.postgresql.wal.leader import Stream
 from flask_dbnotify.backends.postgresql.wal.relay import Relay
 
@@ -378,3 +379,41 @@ def test_events_equal_trigger_events_under_other_date_styles_and_zones(
 
     assert [shape(e) for e in got] == [shape(e) for e in expected]
     assert got[0].new is not None and got[0].new["seen"] == expected[0].new["seen"]
+
+
+# -- the hand-over to the leading process's own listener -------------------------
+
+
+def test_a_listener_waits_for_the_relay_under_way_and_no_later_one() -> None:
+    """A notification can reach the leading process's listener before its
+    relay has handed the rows over: the listener waits for that relay.
+    One that names rows of no relay of ours (another process's, a durable
+    message) waits for the relay under way only, even when the next one
+    begins at once (a busy stream), and is then read from the journal."""
+    relayed = Relayed()
+    relayed.expect()
+    got: dict[str, Any] = {}
+    started = threading.Event()
+
+    def listener(name: str, key: tuple[int, int, int]) -> None:
+        started.set()
+        got[name] = relayed.take(*key)
+
+    ours = threading.Thread(target=listener, args=("ours", (1, 2, 7)))
+    ours.start()
+    started.wait(WAIT)
+    relayed.put((1, 2, 7, ["a", "b"]))
+    ours.join(WAIT)
+    assert got["ours"] == [(1, "a"), (2, "b")]
+
+    relayed.expect()
+    started.clear()
+    foreign = threading.Thread(target=listener, args=("foreign", (5, 5, 9)))
+    foreign.start()
+    started.wait(WAIT)
+    relayed.put((3, 3, 8, ["c"]))
+    relayed.expect()  # the next relay, still under way
+    foreign.join(WAIT)
+    assert not foreign.is_alive(), "the listener waits for a later relay"
+    assert got["foreign"] is None
+    relayed.put(None)

@@ -195,12 +195,7 @@ class PostgreSQLFeed(Feed):
         if cursor is not None and (xid, hi) <= cursor or self._committed_before(xid):
             return []  # Replayed already by catch_up(), or before our time.
         try:
-            rows = self.reader.run(
-                f"SELECT id, body FROM {self.journal} WHERE id BETWEEN %(lo)s AND %(hi)s "
-                "AND xid = %(x)s::text::xid8 ORDER BY id",
-                {"lo": lo, "hi": hi, "x": str(xid)},
-                failed=_UNREADABLE,
-            )
+            rows = self._fetch(lo, hi, xid)
         except DBNotifyError as exc:
             # Skipped like a notification we cannot read; the rows stay in
             # the journal for the next catch-up.
@@ -213,6 +208,15 @@ class PostgreSQLFeed(Feed):
         for row_id, _ in fresh:
             self._seen[row_id] = xid
         return fresh
+
+    def _fetch(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
+        """The journal rows ``lo..hi`` of transaction ``xid``."""
+        return self.reader.run(
+            f"SELECT id, body FROM {self.journal} WHERE id BETWEEN %(lo)s AND %(hi)s "
+            "AND xid = %(x)s::text::xid8 ORDER BY id",
+            {"lo": lo, "hi": hi, "x": str(xid)},
+            failed=_UNREADABLE,
+        )
 
     def catch_up(self) -> list[Item]:
         """Replay journal rows past the cursor that no notification brought.

@@ -11,6 +11,8 @@ the publication and the slot.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +24,11 @@ from ..common import CHANNEL, ident
 from ..journal import PostgreSQLFeed
 from .admin import WalAdmin
 from .ddl import MESSAGES
-from .leader import Leader
+from .leader import BATCH_ROWS, Leader
+
+#: What :class:`Relayed` keeps at most: rows, and seconds.
+KEEP_ROWS = 4 * BATCH_ROWS
+KEEP_SECONDS = 10.0
 
 #: A message in the writer's transaction: a row of a published table that
 #: only the app's role may write (not pg_logical_emit_message(), which any
@@ -63,18 +69,29 @@ class WalBackend(PostgreSQLBackend):
 
 
 class WalFeed(PostgreSQLFeed):
-    """A listener's feed, and this process's candidate for leader."""
+    """A listener's feed, and this process's candidate for leader. When
+    this process leads, what its relay wrote is handed to its listener
+    too, which then delivers it without reading it back (but in the order
+    of the notifications, as any other journal rows)."""
 
     def __init__(self, backend: WalBackend) -> None:
         super().__init__(backend)
+        self.relayed = Relayed()
         # The listener's URL: the server itself, or a session-pooled address
         # (a pooler in transaction mode cannot carry a replication session).
-        self.leader = Leader(backend.connect_kwargs, backend.schema, backend.slot)
+        self.leader = Leader(backend.connect_kwargs, backend.schema, backend.slot, self.relayed)
 
     def open_stream(self, settings: Any) -> Stream:
         stream = super().open_stream(settings)
+        # What was relayed before may never be notified to this stream:
+        # the catch-up reads it.
+        self.relayed.clear()
         self.leader.start()
         return stream
+
+    def _fetch(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]]:
+        rows = self.relayed.take(lo, hi, xid)
+        return rows if rows is not None else super()._fetch(lo, hi, xid)
 
     def replaying(self) -> bool:
         return True  # Everything is journaled: catch up after every connect.
@@ -91,3 +108,59 @@ class WalFeed(PostgreSQLFeed):
     def discard(self) -> None:
         super().discard()
         self.leader.discard()
+
+
+class Relayed:
+    """Journal rows this process's leader relayed, until its listener reads
+    their notification: at most :data:`KEEP_ROWS` rows, none older than
+    :data:`KEEP_SECONDS` (a notification that never comes, as when the
+    stream reconnects, leaves its rows to the catch-up).
+
+    A notification can reach the listener before the relay that sent it
+    has returned to the leader: the listener then waits for the relay
+    under way (not for any later one), at most :data:`KEEP_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._kept: dict[tuple[int, int, int], tuple[float, list[str]]] = {}
+        self._rows = 0
+        #: Relays begun and ended (one at a time).
+        self._begun = self._ended = 0
+
+    def expect(self) -> None:
+        with self._cond:
+            self._begun += 1
+
+    def put(self, rows: tuple[int, int, int, list[str]] | None) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._ended = self._begun
+            self._cond.notify_all()
+            if rows is None:
+                return
+            lo, hi, xid, bodies = rows
+            self._kept[(lo, hi, xid)] = (now, bodies)
+            self._rows += len(bodies)
+            while self._kept:
+                first = next(iter(self._kept))
+                at, old = self._kept[first]
+                if self._rows <= KEEP_ROWS and now - at <= KEEP_SECONDS:
+                    break
+                del self._kept[first]
+                self._rows -= len(old)
+
+    def take(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]] | None:
+        key = (lo, hi, xid)
+        with self._cond:
+            under_way = self._begun
+            self._cond.wait_for(lambda: key in self._kept or self._ended >= under_way, KEEP_SECONDS)
+            kept = self._kept.pop(key, None)
+            if kept is None:
+                return None
+            self._rows -= len(kept[1])
+        return list(zip(range(lo, hi + 1), kept[1], strict=True))
+
+    def clear(self) -> None:
+        with self._cond:
+            self._kept.clear()
+            self._rows = 0

@@ -30,7 +30,7 @@ from ...common import reason
 from .. import pgoutput
 from ..connection import discard
 from .ddl import DEFINITIONS, MESSAGES
-from .relay import Change, Part, Relay, Sent, Truncated
+from .relay import Change, Handoff, Part, Relay, Sent, Truncated
 
 log = logging.getLogger(__name__)
 _limited = RateLimited(log, interval=60.0)
@@ -73,12 +73,15 @@ FEEDBACK_EVERY = 5.0
 class Leader:
     """Leads when it can; one per app in each process."""
 
-    def __init__(self, connect: dict[str, Any], schema: str, slot: str) -> None:
+    def __init__(
+        self, connect: dict[str, Any], schema: str, slot: str, handoff: Handoff | None = None
+    ) -> None:
         # A server that stops answering is noticed, as by the listener's
         # stream; the URL's own settings win.
         self.connect = {**_LIVENESS, **connect}
         self.schema = schema
         self.slot = slot
+        self.handoff = handoff
         self.leading = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -147,7 +150,7 @@ class Leader:
             return  # Another process leads.
         relay_conn = psycopg2.connect(**self.connect, application_name="flask-dbnotify relay")
         self._conns.append(relay_conn)
-        relay = Relay(relay_conn, self.schema, self.slot)
+        relay = Relay(relay_conn, self.schema, self.slot, self.handoff)
         relayed, part = relay.load()
         repl = psycopg2.connect(
             **self.connect,

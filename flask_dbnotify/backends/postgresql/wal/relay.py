@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from .. import pgoutput
 from ..common import CHANNEL, ident
@@ -41,7 +41,7 @@ from .shape import Truncated as Truncated
 #: Statements of every relay transaction, prepared once per session (a
 #: prepared statement outlives a transaction rolled back): the relay's
 #: position, one row per slot; and a notification of the journal ids the
-#: transaction wrote (found through the (xid, id) index).
+#: transaction wrote (found through the (xid, id) index), which it returns.
 _PREPARED = {
     "dbnotify_relay_record": (
         "(text, pg_lsn, pg_lsn, bigint) AS INSERT INTO {wal} "
@@ -50,7 +50,8 @@ _PREPARED = {
         "part_lsn = excluded.part_lsn, part_count = excluded.part_count"
     ),
     "dbnotify_relay_notify": (
-        "(text, text) AS SELECT pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
+        "(text, text) AS SELECT lo.id, hi.id, pg_current_xact_id()::text, "
+        "pg_notify($1, '{{\"v\": 1, \"J\": [' || lo.id || ', ' || hi.id "
         "|| '], \"x\": ' || pg_current_xact_id() || ', \"j\": ' || to_json($2) || '}}') "
         "FROM (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() ORDER BY id LIMIT 1) "
         "AS lo, (SELECT id FROM {journal} WHERE xid = pg_current_xact_id() "
@@ -75,6 +76,18 @@ _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 STREAM_SETTINGS = ("DateStyle", "TimeZone")
 
 
+class Handoff(Protocol):
+    """Where a relay's rows go as well (this process's listener)."""
+
+    def expect(self) -> None:
+        """A relay begins."""
+
+    def put(self, rows: tuple[int, int, int, list[str]] | None) -> None:
+        """The relay ended: committed, with journal ids ``lo..hi`` of
+        transaction ``xid`` and their bodies in order, or None (nothing
+        to hand over, or it failed)."""
+
+
 class Part(NamedTuple):
     """A transaction relayed in part: its commit position (``final_lsn`` of
     its Begin) and how many of its changes, unwatched ones included."""
@@ -91,9 +104,12 @@ class Relay:
     """Writes transactions to the journal through ``conn`` (a psycopg2
     connection of the leader's own, put in autocommit)."""
 
-    def __init__(self, conn: Any, schema: str, slot: str) -> None:
+    def __init__(self, conn: Any, schema: str, slot: str, handoff: Handoff | None = None) -> None:
         conn.autocommit = True
         self.conn = conn
+        #: Where a relay's rows go as well when it knows them all (this
+        #: process's listener, which then need not read them back).
+        self.handoff = handoff
         self.slot = slot
         self.journal = ident(schema, "dbnotify_journal")
         self.wal = ident(schema, "dbnotify_wal")
@@ -202,7 +218,22 @@ class Relay:
         """Append ``changes`` (of one or more committed transactions, in
         commit order, and with ``part`` the first of the next) to the
         journal and record ``end_lsn``, the end of the last one relayed
-        whole, and ``part``, in one transaction."""
+        whole, and ``part``, in one transaction; then hand the rows over
+        when every body was built here."""
+        handoff = self.handoff
+        if handoff is None:
+            self._relay(changes, end_lsn, part)
+            return
+        handoff.expect()
+        rows = None
+        try:
+            rows = self._relay(changes, end_lsn, part)
+        finally:
+            handoff.put(rows)
+
+    def _relay(
+        self, changes: Sequence[Change | Truncated | Sent], end_lsn: int, part: Part | None
+    ) -> tuple[int, int, int, list[str]] | None:
         with self.conn.cursor() as cur:
             journal = JournalWriter(cur, self.journal)
             sent: list[int] = []
@@ -215,7 +246,13 @@ class Relay:
                     self._truncate(journal, run)
                 else:
                     self._rows(journal, run)
-            journal.run(self._finish(cur, bool(journal.steps), sent, end_lsn, part))
+            ids = journal.run(self._finish(cur, bool(journal.steps), sent, end_lsn, part))
+        bodies = journal.bodies()
+        if ids is None or bodies is None:
+            return None
+        lo, hi, xid = ids
+        # Unless another session's row came between.
+        return (lo, hi, xid, bodies) if hi - lo + 1 == len(bodies) else None
 
     def _finish(
         self, cur: Any, written: bool, sent: list[int], end_lsn: int, part: Part | None
@@ -286,8 +323,16 @@ class JournalWriter:
         """An INSERT that builds its rows on the server."""
         self.steps.append(self.cur.mogrify(query, params).decode())
 
-    def run(self, end: str) -> None:
-        """Write everything, then ``end``, in one transaction."""
+    def bodies(self) -> list[str] | None:
+        """Every row's body in order, if all were built here."""
+        if any(isinstance(step, str) for step in self.steps):
+            return None
+        return [body for step in self.steps for body in step[1]]
+
+    def run(self, end: str) -> tuple[int, int, int] | None:
+        """Write everything, then ``end``, in one transaction; return the
+        first and last journal ids and the transaction id, if ``end``
+        notified them."""
         statements = []
         copy = self.built > SMALL
         for step in self.steps:
@@ -304,7 +349,7 @@ class JournalWriter:
         if not copy:
             # One query: the server runs it as one transaction.
             self.cur.execute("; ".join([*statements, end]))
-            return
+            return self._notified()
         try:
             self.cur.execute("BEGIN")
             for step in self.steps:
@@ -316,11 +361,18 @@ class JournalWriter:
                         io.StringIO(_copy_text(*step)),
                         size=_COPY_CHUNK,
                     )
-            self.cur.execute(end + "; COMMIT")
+            self.cur.execute(end)
+            ids = self._notified()
+            self.cur.execute("COMMIT")
         except BaseException:
             if not self.cur.connection.closed:
                 self.cur.execute("ROLLBACK")
             raise
+        return ids
+
+    def _notified(self) -> tuple[int, int, int] | None:
+        row = self.cur.fetchone() if self.cur.description else None
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
 def _copy_escape(text: str) -> str:
