@@ -11,7 +11,10 @@ at the end. One table of the same shape per contender:
 - plain:   no watch;
 - fast:    a watch in triggers mode;
 - durable: a durable watch in triggers mode;
-- wal:     a watch in WAL mode (``DBNOTIFY_CAPTURE = "wal"``).
+- wal:     a watch in WAL mode (``DBNOTIFY_CAPTURE = "wal"``);
+- slot:    the raw limit of WAL capture, for writers: a publication and a
+           pgoutput slot that a bare psycopg2 consumer (another process)
+           streams, confirming each message and doing nothing else.
 
 Two apps run in this process, one per capture mode, both started, so that
 their listeners (and the WAL leader, which is this process) work during
@@ -22,6 +25,11 @@ still hear every notification on the one channel). Three parts:
 1. Writers' throughput: pgbench, 8 clients (``-n -c 8 -j 2``), a
    single-row INSERT per transaction, ``--seconds`` per contender and
    round; TPS as the median over ``--rounds``, and its ratio to plain.
+   Every slot's WAL sender decodes all the WAL, whatever it publishes, so
+   a slot is streamed only while its own contender runs: the WAL app is
+   stopped for the others (its slot is then moved past their writes, as
+   a stopped app's would have to be read through), the bare consumer
+   runs for its own only.
    Delivery is measured too: the share of the committed rows this process
    had received when pgbench ended, and when and how fast the rest came.
    Every backlog is drained before the next contender runs, but for WAL
@@ -61,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+import psycopg2.extras
 from flask import Flask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,10 +77,18 @@ sys.path.insert(0, str(ROOT))
 
 from flask_dbnotify import DBNotify, events_dropped  # noqa: E402
 
-TABLES = {"plain": "bw_plain", "fast": "bw_fast", "durable": "bw_durable", "wal": "bw_wal"}
+TABLES = {
+    "plain": "bw_plain",
+    "fast": "bw_fast",
+    "durable": "bw_durable",
+    "wal": "bw_wal",
+    "slot": "bw_slot",
+}
 WATCHED = ("fast", "durable", "wal")
 COLUMNS = "(id bigserial PRIMARY KEY, name text, qty int, at timestamptz)"
 SLOT = "dbnotify_bench_wal"
+#: The bare consumer's publication and slot.
+RAW = "dbnotify_bench_raw"
 SINGLE = "INSERT INTO {} (name, qty, at) VALUES ('s', 1, now()) RETURNING id"
 BULK = "INSERT INTO {} (name, qty, at) SELECT 'item ' || g, g, now() FROM generate_series(1, %s) g"
 PGBENCH = "INSERT INTO {} (name, qty, at) VALUES ('p', 1, now());\n"
@@ -230,6 +247,40 @@ def child(url: str) -> None:
         ext.close(app)
 
 
+def consume(url: str) -> None:
+    """The bare consumer: stream RAW, confirm every message, nothing else."""
+    conn = psycopg2.connect(url, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    cur = conn.cursor()
+    cur.start_replication(
+        slot_name=RAW,
+        decode=False,
+        options={"proto_version": "1", "publication_names": RAW},
+    )
+    os.write(1, b"ready\n")
+    cur.consume_stream(lambda msg: msg.cursor.send_feedback(flush_lsn=msg.data_start))
+
+
+class Consumer:
+    """The bare consumer's process, for the slot contender's run."""
+
+    def __init__(self, url: str, cur: Any) -> None:
+        # What was written since it last ran is not its to read.
+        cur.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (RAW,))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--consume", url],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != b"ready\n":
+            raise SystemExit("the bare consumer did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
 class Child:
     """The child process, its arrivals read into ``times``."""
 
@@ -328,10 +379,8 @@ def wait_leader(cur: Any) -> int:
     raise SystemExit("no process leads the slot after 30 s")
 
 
-def skip_backlog(wal_app: tuple[Flask, DBNotify], cur: Any, here: Times) -> int:
-    """Stop the WAL app, move its slot to now (what it had not relayed is
-    dropped), and start it again; return its leader's backend pid once
-    nothing more arrives."""
+def stop_wal(wal_app: tuple[Flask, DBNotify], cur: Any) -> None:
+    """Stop the WAL app, and wait until its slot is free."""
     app, ext = wal_app
     ext.close(app)
     deadline = time.monotonic() + 30
@@ -339,9 +388,24 @@ def skip_backlog(wal_app: tuple[Flask, DBNotify], cur: Any, here: Times) -> int:
         if time.monotonic() > deadline:
             raise SystemExit("the slot is still in use 30 s after the app stopped")
         time.sleep(0.05)
+
+
+def start_wal(wal_app: tuple[Flask, DBNotify], cur: Any) -> int:
+    """Move the stopped WAL app's slot to now (what was written meanwhile,
+    or what it had not relayed, is not read), start the app; return its
+    leader's backend pid."""
+    app, ext = wal_app
     cur.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (SLOT,))
     ext.start(app)
-    leader = wait_leader(cur)
+    return wait_leader(cur)
+
+
+def skip_backlog(wal_app: tuple[Flask, DBNotify], cur: Any, here: Times) -> int:
+    """Stop the WAL app, move its slot past what it had not relayed, and
+    start it again; return its leader's backend pid once nothing more
+    arrives."""
+    stop_wal(wal_app, cur)
+    leader = start_wal(wal_app, cur)
     # What the relay had journaled but the listener not delivered arrives
     # after start(): wait for quiet.
     while True:
@@ -375,9 +439,13 @@ def main() -> None:
     parser.add_argument("--fsync", choices=("on", "off"), default="on")
     parser.add_argument("--bindir", help="PostgreSQL binaries (default: the tests' choice)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--consume", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.consume:
+        consume(args.consume)
         return
 
     server = start_server(args)
@@ -393,6 +461,8 @@ def main() -> None:
         (version,) = cur.fetchone() or ("?",)
         for table in TABLES.values():
             cur.execute(f"CREATE TABLE {table} {COLUMNS}")
+        cur.execute(f"CREATE PUBLICATION {RAW} FOR TABLE {TABLES['slot']}")
+        cur.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (RAW,))
         here = Times()
         apps = make_apps(url, here.add, here.drop)
         for app, ext in apps:
@@ -423,7 +493,17 @@ def main() -> None:
             for name in order:
                 here.reset()
                 here.current = name
-                value, done = pgbench(server, scripts[name], args.seconds)
+                running = slot_pid(cur) is not None
+                if name == "wal" and not running:
+                    leader = start_wal(apps[1], cur)
+                elif name != "wal" and running:
+                    stop_wal(apps[1], cur)
+                consumer = Consumer(url, cur) if name == "slot" else None
+                try:
+                    value, done = pgbench(server, scripts[name], args.seconds)
+                finally:
+                    if consumer is not None:
+                        consumer.stop()
                 ended, delivered = time.time(), here.count.get(name, 0)
                 tps[name].append(value)
                 if name not in WATCHED:
@@ -456,6 +536,8 @@ def main() -> None:
             )
 
         # 2. Latency, here and in another process (which does not lead).
+        if slot_pid(cur) is None:
+            leader = start_wal(apps[1], cur)
         other = Child(url)
         if slot_pid(cur) != leader:
             raise SystemExit("the leader changed when the child started")
@@ -473,12 +555,12 @@ def main() -> None:
                     lat_other[name].append(other.times.wait_key(name, pk, 30) - committed)
 
         # 3. One large INSERT.
-        statement: dict[str, list[float]] = {name: [] for name in TABLES}
+        statement: dict[str, list[float]] = {name: [] for name in TABLES if name != "slot"}
         # Seconds from the commit to the last event (fast events may all
         # arrive before the writer hears that its commit is done).
         took_here: dict[str, list[float]] = {name: [] for name in WATCHED}
         took_other: dict[str, list[float]] = {name: [] for name in WATCHED}
-        order = list(TABLES)
+        order = list(statement)
         for _ in range(args.bulk_rounds):
             shuffle.shuffle(order)
             for name in order:
@@ -513,20 +595,26 @@ def main() -> None:
         f"transaction; median of {args.rounds} rounds"
     )
     print(
-        f"{'':8} {'TPS':>8} {'vs plain':>9} {'vs fast':>8} {'delivered at end':>17} "
+        f"{'':8} {'TPS':>8} {'vs plain':>9} {'vs fast':>8} {'vs slot':>8} {'delivered at end':>17} "
         f"{'last event after':>17} {'rest at events/s':>17}"
     )
     for name in TABLES:
         t = med(tps[name])
+        vs_slot = t / med(tps["slot"])
         rest = f"{'-':>17} {'-':>17} {'-':>17}"
         if name in WATCHED:
             last = med(late[name])
             last_text = f"> {CATCH_UP:.0f} s" if last == float("inf") else f"{last:.2f} s"
             speed = f"{med(after[name]):17,.0f}" if after[name] else f"{'-':>17}"
             rest = f"{med(at_end[name]):17.1%} {last_text:>17} {speed}"
-        print(f"{name:8} {t:8.0f} {t / plain:8.2f}x {t / med(tps['fast']):7.2f}x {rest}")
-    print("(delivered at end: what this process had received when pgbench ended, of the rows")
-    print(" committed; last event after: when the rest had arrived; rest at: its rate of arrival")
+        print(
+            f"{name:8} {t:8.0f} {t / plain:8.2f}x {t / med(tps['fast']):7.2f}x "
+            f"{vs_slot:7.2f}x {rest}"
+        )
+    print("(slot: a pgoutput slot that a bare psycopg2 consumer streams and confirms, the")
+    print(" raw limit of WAL capture; delivered at end: what this process had received when")
+    print(" pgbench ended, of the rows committed; last event after: when the rest had arrived;")
+    print(" rest at: its rate of arrival")
     if not args.drain:
         print(f" over at most {CATCH_UP:.0f} s, after which the WAL slot is moved past the rest)")
     else:
@@ -551,7 +639,7 @@ def main() -> None:
     print(f"One {args.rows:,}-row INSERT; median of {args.bulk_rounds} rounds")
     print(f"{'':8} {'INSERT ms':>10} {'vs plain':>9} {'events/s here':>14} {'other':>9}")
     base = med(statement["plain"])
-    for name in TABLES:
+    for name in statement:
         s = med(statement[name])
         speeds = f"{'-':>14} {'-':>9}"
         if name in WATCHED:

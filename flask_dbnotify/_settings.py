@@ -142,8 +142,12 @@ def default_slot(app_name: str) -> str:
 
 
 def read_schema(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{key} must be a schema name (a non-empty string), not {value!r}")
+    # Our statements name the schema's tables next to psycopg2 parameters,
+    # where "%" would be read as one: refused rather than misread.
+    if not isinstance(value, str) or not value or "%" in value:
+        raise ValueError(
+            f"{key} must be a schema name (a non-empty string, without %), not {value!r}"
+        )
     return value
 
 

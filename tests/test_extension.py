@@ -309,8 +309,9 @@ BAD_CONFIG = [
     ("DBNOTIFY_QUEUE_SIZE", False, "a whole number, 1 or more"),
     ("DBNOTIFY_ONCE_ATTEMPTS", 0, "a whole number, from 1 to 1000"),
     ("DBNOTIFY_ONCE_ATTEMPTS", 1001, "a whole number, from 1 to 1000"),
-    ("DBNOTIFY_SCHEMA", "", "a schema name (a non-empty string)"),
-    ("DBNOTIFY_SCHEMA", 5, "a schema name (a non-empty string)"),
+    ("DBNOTIFY_SCHEMA", "", "a schema name (a non-empty string, without %)"),
+    ("DBNOTIFY_SCHEMA", 5, "a schema name (a non-empty string, without %)"),
+    ("DBNOTIFY_SCHEMA", "50%_off", "a schema name (a non-empty string, without %)"),
     ("DBNOTIFY_DATABASE_URI", 5, "a database URL, as a string or a sqlalchemy.engine.URL"),
     ("DBNOTIFY_LISTEN_URI", 5, "a database URL, as a string or a sqlalchemy.engine.URL"),
 ]

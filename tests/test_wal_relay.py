@@ -20,8 +20,7 @@ from sqlalchemy.engine import make_url
 from flask_dbnotify import ChangeEvent
 from flask_dbnotify.backends.postgresql import pgoutput
 from flask_dbnotify.backends.postgresql.common import CHANNEL
-from flask_dbnotify.backends.postgresql.wal import Relayed, tojson
-from flask_dbnotify.backends.postgresql.wal import relay as relay_module
+from flask_dbnotify.backends.postgresql.wal import Relayed, tojson, writer
 from flask_dbnotify.backends.postgresql.wal.leader import Stream
 from flask_dbnotify.backends.postgresql.wal.relay import Relay
 
@@ -248,7 +247,7 @@ def journal_bodies(sql: SQL, after: int) -> list[tuple[int, str | None, str]]:
     ]
 
 
-@pytest.mark.parametrize("small", [relay_module.SMALL, 0], ids=["one-query", "copy"])
+@pytest.mark.parametrize("small", [writer.SMALL, 0], ids=["one-query", "copy"])
 @pytest.mark.parametrize("watch", list(WATCHES))
 def test_bodies_built_in_python_equal_the_servers(
     wal_app: MakeApp,
@@ -263,7 +262,7 @@ def test_bodies_built_in_python_equal_the_servers(
     (sent in the relay's one query, or past SMALL rows copied in), then
     every body built by the server: byte for byte the same, in the same
     order; the notification names each time's ids."""
-    monkeypatch.setattr(relay_module, "SMALL", small)
+    monkeypatch.setattr(writer, "SMALL", small)
     wal_sql(TABLES)
     app, ext = wal_app()
     ext.watch("fast", **WATCHES[watch])
