@@ -228,7 +228,8 @@ class Dispatcher:
 
     def _deliver(self, items: list[Any], on_receivers: bool = True) -> None:
         """Deliver decoded ``items`` to the signals and, unless told not
-        to, the ``on()`` receivers."""
+        to, the ``on()`` receivers and the streams."""
+        delivered: list[Any] = []
         for item in items:
             if isinstance(item, ChangeEvent):
                 if item.id is None and (
@@ -247,6 +248,7 @@ class Dispatcher:
                         )
                     continue
                 self._deliver_event(item, on_receivers)
+                delivered.append(item)
             elif isinstance(item, Notification):
                 if item.id is None and not self._served.settings.fast_messages:
                     _limited.warning("ignored a message on %r that was not journaled", item.channel)
@@ -254,10 +256,13 @@ class Dispatcher:
                 if signals.notification_received.receivers:
                     for receiver in signals.notification_received.receivers_for(item.channel):
                         self._call(receiver, item.payload, item.channel, payload=item.payload)
+                delivered.append(item)
             else:
                 self._note(item)
                 continue
             self._counts.dispatched += 1
+        if on_receivers:
+            self._served.hub.publish(delivered)
 
     def _note(self, item: Lost | Gap | Drained) -> None:
         """What a feed yields besides events and messages."""

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from ._settings import Settings
+    from ._stream import Hub
     from .backends import Backend
 
 
@@ -141,3 +142,5 @@ class Served:
     settings: Settings
     backend: Backend
     registry: Registry
+    #: What the dispatcher delivered lately, for this process's streams.
+    hub: Hub

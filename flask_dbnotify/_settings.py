@@ -196,6 +196,10 @@ class Settings:
     #: The replication slot and publication of WAL capture; else
     #: ``dbnotify_<app name>``.
     slot: str = setting("DBNOTIFY_SLOT", None, read_slot)
+    #: How often an idle stream (``DBNotify.stream``) sends a keep-alive comment.
+    stream_keepalive: float = setting("DBNOTIFY_STREAM_KEEPALIVE", 15.0, read_seconds)
+    #: Events and messages kept for streams: how far one may fall behind.
+    stream_buffer: int = setting("DBNOTIFY_STREAM_BUFFER", 10000, whole(1, None))
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:

@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import click
-from flask import Flask, current_app, has_app_context
+from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 
-from . import _once, _payload, _process
+from . import _once, _payload, _process, _stream
 from ._registry import Registry, Served, check_where_columns
 from ._settings import Settings
+from ._stream import Hub
 from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
 from .events import Operation
@@ -37,7 +38,10 @@ class _State:
         self.app = app
         self.settings = settings
         self.backend: Backend = backend_for(settings, app.instance_path)
-        self.listener = Listener(Served(app, settings, self.backend, ext._registry))
+        self.served = Served(
+            app, settings, self.backend, ext._registry, Hub(settings.stream_buffer)
+        )
+        self.listener = Listener(self.served)
         # True when the listener should run in this process (or in its forks).
         self.wanted = False
         # The process whose listener and connections these are.
@@ -299,6 +303,37 @@ class DBNotify:
             known = f"known are {', '.join(names)}" if names else "the app has no on() receivers"
             raise ValueError(f"no on() receiver is named {receiver!r}: {known}")
         return state.listener.replay(since, until, receiver)
+
+    def stream(
+        self,
+        targets: Target | Iterable[Target] | None = None,
+        operations: str | Operation | Iterable[str | Operation] | None = None,
+        *,
+        where: Mapping[str, Any] | None = None,
+        messages: Iterable[str] = (),
+        serializer: Callable[[dict[str, Any]], str] | None = None,
+        app: Flask | None = None,
+    ) -> Response:
+        """A ``text/event-stream`` response that sends the row changes of
+        ``targets`` (a watched target, or several in a list), with
+        ``operations`` and ``where`` as for :meth:`on`, and the messages of
+        the channels in ``messages``, as they are delivered in this process.
+
+        Each event has ``event:`` (the operation in lower case, or
+        ``message``), ``data:`` one JSON object, and ``id:`` when it is
+        journaled. A browser that reconnects sends the last id it got
+        (``Last-Event-ID``): if every target is journaled (durable watches;
+        every watch on SQLite and with WAL capture), what it missed comes
+        from the journal first, then live events, without repeats;
+        otherwise it gets ``event: gap`` first. ``serializer`` turns each
+        event's data (a dict) into its ``data:`` text; the default is JSON
+        (see :doc:`live`). Return it from a view.
+        """
+        state = self._state(app)
+        last = request.headers.get("Last-Event-ID") if has_request_context() else None
+        return _stream.response(
+            state.served, targets, operations, where, messages, serializer, last
+        )
 
     def forget_receiver(self, name: str, app: Flask | None = None) -> None:
         """Drop a retired once receiver's watermark and claims, so the

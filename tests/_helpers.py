@@ -393,6 +393,13 @@ class Proxy:
             with link.lock:  # no relay is half done once this returns
                 link.hole.set()
 
+    def cut(self) -> None:
+        """Close every open connection, on both sides (a dropped link)."""
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
+
     def refuse(self) -> None:
         """Close connections accepted from now on at once."""
         with self._lock:

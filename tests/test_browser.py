@@ -12,6 +12,10 @@ import json
 import os
 import select
 import signal
+import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, suppress
@@ -19,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask, request
+from werkzeug.serving import make_server
 
-from ._helpers import WAIT, Backend, not_here
+from flask_dbnotify import DBNotify
+
+from ._helpers import WAIT, Backend, Proxy, not_here
 from .test_example_app import (
     Writer,
     next_event,
@@ -293,3 +301,83 @@ def test_the_board_shows_every_change_live(
             f"INSERT #{cake} cake (new)",
         ]
         assert page.problems() == []
+
+
+# -- dbnotify.stream() in a browser: EventSource resumes with Last-Event-ID -------
+
+STREAM_PAGE = """<!doctype html><title>stream</title><ul id="got"></ul><script>
+window.got = []; window.opened = 0;
+const source = new EventSource("/stream");
+source.onopen = () => { window.opened += 1; };
+for (const kind of ["insert", "update", "delete"]) {
+  source.addEventListener(kind, (message) => {
+    const data = JSON.parse(message.data);
+    window.got.push(`${message.lastEventId} ${kind} ${data.pk}`);
+  });
+}
+</script>"""
+WRITE = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()"
+
+
+def test_a_page_resumes_its_stream_after_the_link_drops(page: Chromium, tmp_path: Path) -> None:
+    """A page's EventSource reads dbnotify.stream() through a proxy; rows
+    written by another process appear. The link is cut, and rows change
+    while the page cannot reconnect; once it can, it reconnects by
+    itself, sends the last id it got, and ends with every change once,
+    in order."""
+    path = tmp_path / "shop.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+    app = Flask(__name__)
+    app.config.update(DBNOTIFY_DATABASE_URI=f"sqlite:///{path}", DBNOTIFY_AUTOSTART=False)
+    ext = DBNotify(app)
+    ext.watch("orders")
+    asked: list[str | None] = []
+
+    @app.get("/")
+    def index() -> str:
+        return STREAM_PAGE
+
+    @app.get("/stream")
+    def stream() -> Any:
+        asked.append(request.headers.get("Last-Event-ID"))
+        return ext.stream("orders")
+
+    def write(statement: str) -> None:
+        subprocess.run([sys.executable, "-c", WRITE, str(path), statement], check=True)
+
+    ext.install_triggers(app)
+    ext.start(app)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = Proxy(("127.0.0.1", server.server_port))
+    try:
+        page.open(f"http://127.0.0.1:{proxy.port}/")
+        page.wait_for("window.opened === 1", "its stream open")
+        for item in ("tea", "coffee"):
+            write(f"INSERT INTO orders (item) VALUES ('{item}')")
+        write("UPDATE orders SET item = 'green tea' WHERE id = 1")
+        page.wait_for("window.got.length === 3", "three changes", "JSON.stringify(window.got)")
+
+        proxy.refuse()
+        proxy.cut()
+        write("INSERT INTO orders (item) VALUES ('cake')")
+        write("DELETE FROM orders WHERE id = 2")
+        proxy.forward()
+        page.wait_for("window.opened === 2", "its stream open again", "window.opened")
+        write("INSERT INTO orders (item) VALUES ('scone')")
+        page.wait_for("window.got.length >= 6", "six changes", "JSON.stringify(window.got)")
+        got = page.js("window.got")
+    finally:
+        proxy.close()
+        server.shutdown()
+        ext.close(app)
+    assert got == [
+        "1 insert 1",
+        "2 insert 2",
+        "3 update 1",
+        "4 insert 3",
+        "5 delete 2",
+        "6 insert 4",
+    ]
+    assert asked[0] is None and "3" in asked[1:], asked

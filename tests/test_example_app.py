@@ -120,7 +120,10 @@ def open_stream(port: int) -> tuple[socket.socket, Lines]:
 
 
 def next_event(lines: Lines) -> dict[str, Any]:
-    return json.loads(lines.wait_for("data: ").partition("data: ")[2])  # type: ignore[no-any-return]
+    """The next change on the stream, as the page reads it: the operation,
+    the row (new, or old for a DELETE) and the changed columns."""
+    data = json.loads(lines.wait_for("data: ").partition("data: ")[2])
+    return {"op": data["op"], **(data["new"] or data["old"]), "changed": data["changed"]}
 
 
 def test_outside_changes_reach_the_page(example: dict[str, Any]) -> None:

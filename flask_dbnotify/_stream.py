@@ -1,0 +1,306 @@
+"""Server-sent events without a broker: :meth:`DBNotify.stream`.
+
+Each process has one :class:`Hub` per app. The dispatcher thread appends
+what it delivers to the hub's ring, a batch at a time: one append and one
+wake-up per batch, however many streams are open. Each stream is a
+generator that the request's own thread (or greenlet) runs: it reads the
+ring from where it stands, keeps what its client asked for, and writes
+it out. A stream that falls a whole ring behind (a slow or stalled
+client) holds nobody up: it gets ``event: gap`` and ends, and the
+browser's ``EventSource`` reconnects with ``Last-Event-ID``, which
+resumes from the journal where the events are journaled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from flask import Response
+
+from ._items import Notification
+from ._watch import Subscription, resolve_target
+from .events import ChangeEvent
+
+if TYPE_CHECKING:
+    from ._registry import Served
+
+#: Turns the data of one event (a dict) into the text of its ``data:`` line.
+Serializer = Callable[[dict[str, Any]], str]
+#: Journal rows read at a time when a stream resumes.
+_RESUME_BATCH = 500
+
+
+def to_jsonable(value: Any) -> Any:
+    """How the stream writes values JSON does not carry as-is: ``Decimal``
+    as a string of its exact digits, ``datetime``, ``date`` and ``time`` in
+    ISO 8601, ``UUID`` as its string, ``bytes`` in base64. Anything else
+    raises ``TypeError``. (Values of ``event.new`` and ``event.old`` are
+    JSON already; these come from custom data and message payloads.)"""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+def default_serializer(data: dict[str, Any]) -> str:
+    """The data line of an event, as JSON (see :func:`to_jsonable`)."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=to_jsonable)
+
+
+def event_data(event: ChangeEvent) -> dict[str, Any]:
+    """What a stream sends of a row change."""
+    return {
+        "table": event.table,
+        "op": event.op.value,
+        "pk": event.pk,
+        "new": event.new,
+        "old": event.old,
+        "changed": sorted(event.changed),
+        "id": event.id,
+        "timestamp": None if event.timestamp is None else event.timestamp.isoformat(),
+    }
+
+
+class Hub:
+    """What this process delivered lately, for its streams: the newest
+    batches the dispatcher delivered, ``size`` items in all at most (or
+    the newest batch, if it alone holds more), each item with its
+    sequence number."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._cond = threading.Condition()
+        #: (sequence number of the first item, the items), oldest first.
+        self._batches: deque[tuple[int, Sequence[Any]]] = deque()
+        self._kept = 0
+        #: The sequence number of the newest item (items count from 1).
+        self._last = 0
+        #: Streams open now.
+        self.streams = 0
+
+    def publish(self, items: Sequence[Any]) -> None:
+        """From the dispatcher thread: add what it delivered. Never waits
+        for a stream."""
+        if not self.streams or not items:
+            return
+        with self._cond:
+            self._batches.append((self._last + 1, items))
+            self._last += len(items)
+            self._kept += len(items)
+            while self._kept - len(self._batches[0][1]) >= self.size:
+                self._kept -= len(self._batches.popleft()[1])
+            self._cond.notify_all()
+
+    def join(self) -> int:
+        """A stream opens: where it starts reading."""
+        with self._cond:
+            self.streams += 1
+            return self._last
+
+    def leave(self) -> None:
+        with self._cond:
+            self.streams -= 1
+
+    def read(self, after: int, timeout: float) -> tuple[list[Any], int]:
+        """Items past sequence number ``after``, waiting up to ``timeout``
+        seconds for one; and where the reader then stands. Raises
+        :class:`Overrun` if some went before it read them."""
+        with self._cond:
+            if self._last <= after:
+                self._cond.wait(timeout)
+            if self._last <= after:
+                return [], after
+            newer = []
+            for first, items in reversed(self._batches):
+                newer.append(items[max(0, after + 1 - first) :])
+                if first <= after + 1:
+                    break
+            else:
+                raise Overrun(self._batches[0][0] - after - 1)
+            return [item for items in reversed(newer) for item in items], self._last
+
+
+class Overrun(Exception):
+    """A stream fell a whole ring behind: ``args[0]`` items went by unread."""
+
+
+class Selection:
+    """What one stream sends: changes of some watches (with operations and
+    ``where``), and messages of some channels."""
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        operations: Any,
+        where: dict[str, Any] | None,
+        channels: Iterable[str],
+    ) -> None:
+        # One filter per stream, as an on() receiver's: the same rules.
+        self.filter = Subscription.create(_nothing, operations, where)
+        self.tables = frozenset(names)
+        self.channels = frozenset(channels)
+
+    def wants(self, item: Any) -> bool:
+        if isinstance(item, ChangeEvent):
+            return item.table in self.tables and self.filter.matches(item)
+        return isinstance(item, Notification) and item.channel in self.channels
+
+
+def _nothing(event: ChangeEvent) -> None:
+    """The receiver a stream's filter stands for."""
+
+
+def frame(item: ChangeEvent | Notification, serializer: Serializer) -> str:
+    """The text of one server-sent event."""
+    if isinstance(item, ChangeEvent):
+        kind, data = item.op.value.lower(), event_data(item)
+    else:
+        kind, data = "message", {"channel": item.channel, "payload": item.payload, "id": item.id}
+    head = f"id: {item.id}\n" if item.id is not None else ""
+    return f"{head}event: {kind}\ndata: {serializer(data)}\n\n"
+
+
+def gap(reason: str) -> str:
+    return f"event: gap\ndata: {json.dumps({'reason': reason})}\n\n"
+
+
+def run(
+    served: Served,
+    hub: Hub,
+    selection: Selection,
+    resume_after: int | None,
+    journaled: bool,
+    serializer: Serializer,
+) -> Iterator[str]:
+    """The body of one stream, until its client goes (or falls behind)."""
+    keepalive = served.settings.stream_keepalive
+    # Joined first: what is delivered while the journal is read is kept.
+    position = hub.join()
+    try:
+        # At once, so that proxies and the browser see the stream open; a
+        # browser that loses it tries again after a second.
+        yield "retry: 1000\n: connected\n\n"
+        resumed: set[int] = set()
+        if resume_after is not None:
+            if journaled:
+                yield from _resume(served, selection, resume_after, serializer, resumed)
+            else:
+                yield gap("this stream's events are not journaled: missed ones cannot be sent")
+        top = max(resumed, default=0)
+        while True:
+            try:
+                items, position = hub.read(position, keepalive)
+            except Overrun as exc:
+                yield gap(f"the client fell {exc.args[0]} events behind")
+                return
+            if not items:
+                yield ": keep-alive\n\n"
+                continue
+            out = []
+            for item in items:
+                if not selection.wants(item):
+                    continue
+                if resumed and item.id is not None:
+                    if item.id in resumed:
+                        continue  # sent from the journal already
+                    if item.id > top:
+                        resumed = set()  # past what the journal gave: nothing left to skip
+                out.append(frame(item, serializer))
+            if out:
+                yield "".join(out)
+    finally:
+        hub.leave()
+
+
+def _resume(
+    served: Served,
+    selection: Selection,
+    after: int,
+    serializer: Serializer,
+    sent: set[int],
+) -> Iterator[str]:
+    """What the journal holds past id ``after`` for this stream (the ids
+    sent go into ``sent``, so that the live part does not repeat them)."""
+    backend = served.backend
+    _, oldest = backend.journal(0, 1)
+    if oldest is not None and oldest > after + 1:
+        yield gap("the journal no longer holds every event since the last one received")
+    since = after + 1
+    while True:
+        items, last = backend.journal(since, _RESUME_BATCH)
+        if last is None:
+            return
+        out = []
+        for item in items:
+            if isinstance(item, (ChangeEvent, Notification)) and item.id is not None:
+                if selection.wants(item):
+                    sent.add(item.id)
+                    out.append(frame(item, serializer))
+        if out:
+            yield "".join(out)
+        since = last + 1
+
+
+def response(
+    served: Served,
+    targets: Any,
+    operations: Any,
+    where: Mapping[str, Any] | None,
+    messages: Iterable[str],
+    serializer: Serializer | None,
+    last_event_id: str | None,
+) -> Response:
+    """What :meth:`DBNotify.stream` returns (its arguments checked here)."""
+    registry = served.registry
+    names = [resolve_target(t)[0] for t in _targets(targets)]
+    missing = [name for name in names if name not in registry.watches]
+    if missing:
+        raise ValueError(f"stream() of {', '.join(map(repr, missing))}: watch it first")
+    channels = [messages] if isinstance(messages, str) else list(messages)
+    if not names and not channels:
+        raise ValueError("stream() needs targets, messages, or both")
+    selection = Selection(names, operations, dict(where or {}), channels)
+    journaled = served.backend.durable_by_nature or all(map(registry.is_durable, names))
+    body = run(
+        served,
+        served.hub,
+        selection,
+        parse_last_event_id(last_event_id),
+        journaled,
+        serializer or default_serializer,
+    )
+    return Response(
+        body,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _targets(targets: Any) -> list[Any]:
+    """``stream()``'s targets as a list: one, several, or none."""
+    if targets is None:
+        return []
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        return list(targets)
+    return [targets]
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The id a reconnecting browser sends (``Last-Event-ID``), if it is one of ours."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) < 20 else None
