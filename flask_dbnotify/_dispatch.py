@@ -339,6 +339,10 @@ class Dispatcher:
                     log.exception("receiver_failed receiver %r failed", failed)
 
     def _send_lifecycle(self, item: LifecycleSignal) -> None:
+        if item.signal is signals.events_dropped:
+            self._served.hub.publish([Gap(f"{item.kwargs['count']} events were dropped")])
+        elif item.kwargs.get("gap"):
+            self._served.hub.publish([Gap("changes may have been missed")])
         app = self._served.app
         for receiver in item.signal.receivers_for(app):
             try:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response
 
-from ._items import Notification
+from ._items import Gap, Notification
 from ._watch import Subscription, resolve_target
 from .events import ChangeEvent
 
@@ -113,6 +113,10 @@ class Hub:
     def leave(self) -> None:
         with self._cond:
             self.streams -= 1
+            if not self.streams:
+                # A stream that opens reads from then on: keep nothing.
+                self._batches.clear()
+                self._kept = 0
 
     def read(self, after: int, timeout: float) -> tuple[list[Any], int]:
         """Items past sequence number ``after``, waiting up to ``timeout``
@@ -211,6 +215,10 @@ def run(
                 continue
             out = []
             for item in items:
+                if isinstance(item, Gap):
+                    # The listener itself missed events: so did every stream.
+                    out.append(gap(item.reason))
+                    continue
                 if not selection.wants(item):
                     continue
                 if resumed and item.id is not None:

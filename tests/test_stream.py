@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 from flask_dbnotify import DBNotify
 from flask_dbnotify._stream import Selection, default_serializer, run
 
-from ._helpers import WAIT, Backend, poll_until
+from ._helpers import SQL, WAIT, Backend, listener_backends, poll_until
 
 ORDERS = "CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT, status TEXT)"
 
@@ -188,6 +188,38 @@ def test_a_stream_that_cannot_resume_says_so(backend: Backend) -> None:
         insert(backend, 1)
         (event,) = client.events(1)
         assert event["event"] == "insert" and "id" not in event
+        client.close()
+
+
+@pytest.mark.backends("postgresql")  # a listener that loses events: fast watches only
+def test_a_stream_says_when_the_listener_may_have_missed_changes(backend: Backend) -> None:
+    """The listener's session is killed: changes of fast watches made
+    before it listens again are lost, and every open stream says so with
+    ``event: gap`` before the next change."""
+    backend.sql(ORDERS)
+    app, ext = backend.make_app(DBNOTIFY_STREAM_KEEPALIVE=0.2, DBNOTIFY_RECONNECT_MAX_DELAY=0.2)
+    ext.watch("orders")
+
+    @app.get("/s")
+    def s() -> Any:
+        return ext.stream("orders")
+
+    ext.install_triggers(app)
+    ext.start(app)
+    with serving(app) as port:
+        client = Client(port, "/s")
+        poll_until(lambda: app.extensions["dbnotify"].served.hub.streams == 1, "the stream open")
+        assert isinstance(backend.writer, SQL)
+        ((pid, _, _),) = listener_backends(backend.writer)
+        backend.sql("SELECT pg_terminate_backend(?)", (pid,))
+        poll_until(
+            lambda: [p for p, _, _ in listener_backends(backend.writer)] not in ([], [pid]),  # type: ignore[arg-type]
+            "the listener back",
+        )
+        insert(backend, 1)
+        gap, event = client.events(2)
+        assert gap["event"] == "gap" and gap["data"]["reason"] == "changes may have been missed"
+        assert event["event"] == "insert" and event["data"]["pk"] == 1
         client.close()
 
 
