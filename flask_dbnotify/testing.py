@@ -124,16 +124,18 @@ class _Collected(list[ChangeEvent]):
 def collect_events(
     table: Target | None = None, count: int = 1, *, timeout: float = 5.0
 ) -> Iterator[list[ChangeEvent]]:
-    """Collect the row events of ``table`` (of every table when ``None``),
-    TRUNCATE included, delivered while the block runs; at its end, wait
-    until at least ``count`` have arrived, or raise ``AssertionError``
-    after ``timeout`` seconds, saying what was expected and what came.
+    """A context manager, ``with collect_events("orders", count=2) as
+    events:``, that collects the row events of ``table`` (a name, or
+    whatever ``watch()`` takes; every table when ``None``), TRUNCATE
+    included, delivered while the block runs. At the block's end it waits
+    until at least ``count`` have arrived, or raises ``AssertionError``
+    after ``timeout`` seconds, saying what it waited for and what came.
 
-    Yields a list of the events in the order receivers got them; it stops
-    growing when the block ends. The receivers are connected for the
-    block only, whatever happens in it; if the block raises, nothing is
-    awaited. Events come from any app's listener: start the listener of
-    the app under test first.
+    ``events`` is a list of the events in the order receivers got them; it
+    stops growing when the block ends. The receiver (a strong reference)
+    is connected for the block only, whatever happens in it; if the block
+    raises, nothing is awaited. Events come from any app's listener: start
+    the listener of the app under test first.
     """
     sender = None if table is None else resolve_target(table)[0]
     events = _Collected()

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -445,3 +450,29 @@ def test_collect_events_yields_a_list_of_events(sqlite_app: SqliteApp) -> None:
     with collect_events("orders", timeout=WAIT) as got:
         ext.deliver(event, app=app)
     assert isinstance(got, list) and got == [event] and got[0] is event and got[:1] == [event]
+
+
+# -- the docs ------------------------------------------------------------------------
+
+
+def test_the_examples_of_the_testing_page_pass(tmp_path: Path) -> None:
+    """docs/testing.rst's application and its tests, run as printed, in a
+    pytest of their own: its unit tests and its integration test pass."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "testing.rst").read_text()
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", page)
+    files = {}
+    for block in map(textwrap.dedent, blocks):
+        name = block.partition("\n")[0].removeprefix("# ")
+        files[name] = block
+    assert set(files) == {"shop.py", "test_shop.py", "test_shop_live.py"}
+    for name, code in files.items():
+        (tmp_path / name).write_text(code)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=6 * WAIT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout, done.stdout
