@@ -6,7 +6,8 @@ receiver isolated from the others' failures; it sends the lifecycle
 signals in order between them, runs the housekeeping the reader asks for
 (catching up with the journal, checking the triggers, pruning, sending
 hearing checks), and runs the once receivers. It also replays journaled
-events for an operator (``DBNotify.replay``).
+events for an operator (``DBNotify.replay``). How one event reaches its
+receivers is in ``_delivery``, shared with ``DBNotify.deliver``.
 """
 
 from __future__ import annotations
@@ -18,29 +19,23 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from blinker import NamedSignal
-
 from . import signals
+from ._delivery import call, deliver_event
 from ._items import Drained, Gap, Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
 from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, raw_only
-from .events import ChangeEvent, Operation
+from .events import ChangeEvent
 
 if TYPE_CHECKING:
     from ._registry import Served
+    from ._watch import Subscription
     from .backends import Feed
 
 # The listener's logger, as documented: receivers' failures are logged there.
 log = logging.getLogger("flask_dbnotify.listener")
 _limited = RateLimited(log)
 
-_OP_SIGNALS: dict[Operation, NamedSignal] = {
-    Operation.INSERT: signals.row_inserted,
-    Operation.UPDATE: signals.row_updated,
-    Operation.DELETE: signals.row_deleted,
-}
-_TRUNCATE = (signals.table_truncated,)
 #: With durable watches, an idle dispatcher checks the journal this often;
 #: with once receivers (retries are due on time), this often.
 _CATCH_UP_EVERY = 5.0
@@ -279,20 +274,15 @@ class Dispatcher:
                 drain[1].set()
 
     def _deliver_event(self, event: ChangeEvent, on_receivers: bool) -> None:
-        table, op = event.table, event.op
-        sent = _TRUNCATE if op is Operation.TRUNCATE else (_OP_SIGNALS[op], signals.row_changed)
-        for signal in sent:
-            if signal.receivers:
-                for receiver in signal.receivers_for(table):
-                    self._call(receiver, event, table, event=event)
-        if not on_receivers:
-            return
-        for sub in self._served.registry.subscriptions_for(table):
-            if sub.matches(event):
-                if not sub.once:
-                    self._call(sub.func, event, event)
-                elif event.id is not None:
-                    self._once.offer(sub, event)
+        served = self._served
+        deliver_event(
+            served.app, served.registry, event, once=self._offer_once, on_receivers=on_receivers
+        )
+
+    def _offer_once(self, sub: Subscription, event: ChangeEvent) -> None:
+        # Only a journaled event can be claimed; the others are not offered.
+        if event.id is not None:
+            self._once.offer(sub, event)
 
     def replay(self, since: int, until: int | None, receiver: str | None) -> int:
         """Deliver journaled events from id ``since`` (to ``until``) again,
@@ -327,16 +317,7 @@ class Dispatcher:
         self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any
     ) -> None:
         """Run one receiver; if it raises, log it and send ``receiver_failed``."""
-        try:
-            receiver(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - isolate receivers
-            log.exception("receiver %r failed", receiver)
-            app = self._served.app
-            for failed in signals.receiver_failed.receivers_for(app):
-                try:
-                    failed(app, receiver=receiver, event=subject, error=exc)
-                except Exception:  # noqa: BLE001
-                    log.exception("receiver_failed receiver %r failed", failed)
+        call(self._served.app, receiver, subject, *args, **kwargs)
 
     def _send_lifecycle(self, item: LifecycleSignal) -> None:
         if item.signal is signals.events_dropped:

@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 import click
 from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 
-from . import _once, _payload, _process, _stream
+from . import _delivery, _once, _payload, _process, _stream
 from ._registry import Registry, Served, check_where_columns
 from ._settings import Settings
 from ._stream import Hub
 from ._watch import Subscription, Target, Watch, resolve_target
 from .backends import Backend, Status, backend_for
-from .events import Operation
+from .events import ChangeEvent, Operation
 from .listener import Listener, ListenerState
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -284,6 +284,15 @@ class DBNotify:
         """
         text = _payload.encode_message(channel, payload)
         self._state(app).backend.notify(connection, channel, text, durable)
+
+    def deliver(self, *events: ChangeEvent, app: Flask | None = None) -> None:
+        """Deliver ``events`` now, in this thread, as the listener would:
+        to the row signals and the matching ``on()`` receivers, inside a
+        new application context, each receiver's failure logged and sent
+        as ``receiver_failed``. For tests (see :doc:`testing`): it needs
+        neither the listener nor the database. Once receivers are called
+        directly, each time: there is no journal row to claim."""
+        _delivery.deliver_now(self._state(app).app, self._registry, events)
 
     def replay(
         self,
