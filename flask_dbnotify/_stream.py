@@ -203,7 +203,7 @@ def run(
                 yield from _resume(served, selection, resume_after, serializer, resumed)
             else:
                 yield gap("this stream's events are not journaled: missed ones cannot be sent")
-        top = max(resumed, default=0)
+        skip = Repeats(resumed)
         while True:
             try:
                 items, position = hub.read(position, keepalive)
@@ -213,24 +213,40 @@ def run(
             if not items:
                 yield ": keep-alive\n\n"
                 continue
-            out = []
-            for item in items:
-                if isinstance(item, Gap):
-                    # The listener itself missed events: so did every stream.
-                    out.append(gap(item.reason))
-                    continue
-                if not selection.wants(item):
-                    continue
-                if resumed and item.id is not None:
-                    if item.id in resumed:
-                        continue  # sent from the journal already
-                    if item.id > top:
-                        resumed = set()  # past what the journal gave: nothing left to skip
-                out.append(frame(item, serializer))
-            if out:
-                yield "".join(out)
+            text = _frames(items, selection, serializer, skip)
+            if text:
+                yield text
     finally:
         hub.leave()
+
+
+class Repeats:
+    """Which live items a resumed stream already sent from the journal."""
+
+    def __init__(self, sent: set[int]) -> None:
+        self.sent = sent
+        self.top = max(sent, default=0)
+
+    def __call__(self, item: ChangeEvent | Notification) -> bool:
+        if not self.sent or item.id is None:
+            return False
+        if item.id in self.sent:
+            return True
+        if item.id > self.top:
+            self.sent = set()  # past what the journal gave: nothing left to skip
+        return False
+
+
+def _frames(items: list[Any], selection: Selection, serializer: Serializer, skip: Repeats) -> str:
+    """The text of what a stream sends of ``items``."""
+    out = []
+    for item in items:
+        if isinstance(item, Gap):
+            # The listener itself missed events: so did every stream.
+            out.append(gap(item.reason))
+        elif selection.wants(item) and not skip(item):
+            out.append(frame(item, serializer))
+    return "".join(out)
 
 
 def _resume(
