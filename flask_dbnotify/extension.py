@@ -289,10 +289,13 @@ class DBNotify:
         """Deliver ``events`` now, in this thread, as the listener would:
         to the row signals and the matching ``on()`` receivers, inside a
         new application context, each receiver's failure logged and sent
-        as ``receiver_failed``. For tests (see :doc:`testing`): it needs
-        neither the listener nor the database. Once receivers are called
-        directly, each time: there is no journal row to claim."""
-        _delivery.deliver_now(self._state(app).app, self._registry, events)
+        as ``receiver_failed``; then to this process's open streams
+        (:meth:`stream`). For tests (see :doc:`testing`): it needs neither
+        the listener nor the database. Once receivers are called directly,
+        each time: there is no journal row to claim."""
+        state = self._state(app)
+        _delivery.deliver_now(state.app, self._registry, events)
+        state.served.hub.publish(events)
 
     def replay(
         self,

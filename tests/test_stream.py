@@ -21,6 +21,7 @@ from werkzeug.serving import make_server
 
 from flask_dbnotify import DBNotify
 from flask_dbnotify._stream import Selection, default_serializer, run
+from flask_dbnotify.testing import make_event
 
 from ._helpers import SQL, WAIT, Backend, listener_backends, poll_until
 
@@ -266,6 +267,25 @@ def test_clients_that_go_leave_no_thread_or_stream_behind(backend: Backend) -> N
             lambda: threading.active_count() <= before + 1,
             "the server's request threads gone (the server's own may remain)",
         )
+
+
+@pytest.mark.backends("sqlite")  # no database is involved
+def test_deliver_reaches_open_streams(backend: Backend) -> None:
+    """Events a test delivers by hand reach the process's open streams
+    too, as the listener's would: a view that returns a stream can be
+    tested with made-up events."""
+    app, ext = stream_app(backend)
+    with serving(app) as port:
+        client = Client(port, "/paid")
+        poll_until(lambda: app.extensions["dbnotify"].served.hub.streams == 1, "the stream open")
+        ext.deliver(
+            make_event("orders", "insert", new={"id": 5, "item": "tea", "status": "new"}),
+            make_event("orders", "insert", new={"id": 6, "item": "cake", "status": "paid"}),
+            app=app,
+        )
+        (event,) = client.events(1)
+        client.close()
+    assert event["event"] == "insert" and event["data"]["new"]["item"] == "cake"
 
 
 def test_stream_refuses_what_it_cannot_send(backend: Backend) -> None:
