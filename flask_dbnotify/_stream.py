@@ -257,16 +257,22 @@ def _resume(
     sent: set[int],
 ) -> Iterator[str]:
     """What the journal holds past id ``after`` for this stream (the ids
-    sent go into ``sent``, so that the live part does not repeat them)."""
+    sent go into ``sent``, so that the live part does not repeat them): at
+    most DBNOTIFY_STREAM_BUFFER rows read, so that no client can have the
+    whole journal read again and again."""
     backend = served.backend
     _, oldest = backend.journal(0, 1)
     if oldest is not None and oldest > after + 1:
         yield gap("the journal no longer holds every event since the last one received")
-    since = after + 1
+    since, left = after + 1, served.settings.stream_buffer
     while True:
-        items, last = backend.journal(since, _RESUME_BATCH)
+        items, last = backend.journal(since, max(1, min(_RESUME_BATCH, left)))
         if last is None:
             return
+        if left <= 0:
+            yield gap("too many events to send again: more than DBNOTIFY_STREAM_BUFFER")
+            return
+        left -= last + 1 - since
         out = []
         for item in items:
             if isinstance(item, (ChangeEvent, Notification)) and item.id is not None:

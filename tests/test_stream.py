@@ -21,7 +21,7 @@ from werkzeug.serving import make_server
 
 from flask_dbnotify import DBNotify
 from flask_dbnotify._stream import Selection, default_serializer, run
-from flask_dbnotify.testing import make_event
+from flask_dbnotify.testing import collect_events, make_event
 
 from ._helpers import SQL, WAIT, Backend, listener_backends, poll_until
 
@@ -166,6 +166,30 @@ def test_a_client_that_comes_back_gets_what_it_missed_once(backend: Backend) -> 
     ]
     ids = [int(e["id"]) for e in got]
     assert ids == sorted(set(ids)), ids
+
+
+@pytest.mark.backends("sqlite")  # the journal's reading, whatever the database
+def test_a_client_too_far_behind_resumes_no_further_than_the_buffer(backend: Backend) -> None:
+    """A client that comes back from further than DBNOTIFY_STREAM_BUFFER
+    events gets the first of them, then ``event: gap``, then live events:
+    no client can have the whole journal read for it."""
+    app, ext = stream_app(backend, DBNOTIFY_STREAM_BUFFER=3)
+    with collect_events("orders", count=5, timeout=WAIT):  # delivered before the client comes
+        for pk in range(1, 6):
+            insert(backend, pk)
+    with serving(app) as port:
+        client = Client(port, "/all", last_event_id="1")
+        got = client.events(4)
+        insert(backend, 6)
+        got += client.events(1)
+        client.close()
+    assert [(e["event"], e["data"].get("pk")) for e in got] == [
+        ("insert", 2),
+        ("insert", 3),
+        ("insert", 4),
+        ("gap", None),
+        ("insert", 6),
+    ]
 
 
 @pytest.mark.backends("postgresql")  # fast watches exist on PostgreSQL only
