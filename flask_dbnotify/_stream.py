@@ -82,6 +82,12 @@ class Hub:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.renew()
+
+    def renew(self) -> None:
+        """Empty, with a lock of its own (also in a forked child: the
+        parent's streams are not its own, and an async worker class has
+        patched the locks it must use since)."""
         self._cond = threading.Condition()
         #: (sequence number of the first item, the items), oldest first.
         self._batches: deque[tuple[int, Sequence[Any]]] = deque()

@@ -236,6 +236,7 @@ class Listener:
         if stream is not None:
             stream.discard()
         self._feed.discard()
+        self._served.hub.renew()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._lock = threading.Lock()
