@@ -11,6 +11,7 @@ towards ``DBNOTIFY_QUEUE_SIZE`` and go back to the listener's feed
 from __future__ import annotations
 
 import enum
+import os
 import secrets
 import threading
 from collections import deque
@@ -126,3 +127,48 @@ class Counts:
 
     def __init__(self) -> None:
         self.received = self.dispatched = self.dropped = self.reconnects = self.replayed = 0
+
+
+class Waker:
+    """A pipe that interrupts the reader's wait: the reader selects on
+    :attr:`fd` beside its stream; :meth:`wake` makes it readable. Closed by
+    :meth:`close` (the app is closed), opened again by :meth:`open`; a wake
+    meanwhile does nothing, and never writes to a descriptor number that
+    was reused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fd = -1
+        self._write = -1
+        self.open()
+
+    def open(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                return
+            self.fd, self._write = os.pipe()
+            os.set_blocking(self.fd, False)
+            os.set_blocking(self._write, False)
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._write < 0:
+                return
+            try:
+                os.write(self._write, b"x")
+            except OSError:
+                pass  # A full pipe wakes the reader just as well.
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 512):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self.fd, self._write):
+                if fd >= 0:
+                    os.close(fd)
+            self.fd = self._write = -1

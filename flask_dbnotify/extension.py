@@ -168,7 +168,8 @@ class DBNotify:
         of a test or a script. The app stays usable: :meth:`start`,
         :meth:`notify` and the rest connect again when called."""
         state = self._state(app)
-        self.stop(app, timeout)
+        state.wanted = False
+        state.listener.close(timeout)
         state.backend.close()
 
     def is_running(self, app: Flask | None = None) -> bool:

@@ -28,7 +28,6 @@ hearing checks' verdicts in ``_hearing``.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ._dispatch import Dispatcher
 from ._hearing import Hearing
 from ._log import RateLimited
-from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task
+from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, Waker
 from .backends import Stream, reason
 from .errors import DBNotifyError, ListenerError
 from .signals import listener_connected, listener_disconnected
@@ -113,9 +112,7 @@ class Listener:
         self._dispatch_thread: threading.Thread | None = None
         self._current = Run()
         self._current.stop.set()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._waker = Waker()
         self._stream: Stream | None = None
         self._check_pending = True
         self._first_attempt = threading.Event()
@@ -161,6 +158,7 @@ class Listener:
         with self._lock:
             if self.running and not self._current.stop.is_set():
                 return
+            self._waker.open()
             self._dispatcher.discard(self._current)
             run = self._current = Run()
             self._first_attempt = threading.Event()
@@ -220,10 +218,13 @@ class Listener:
 
     def wake(self) -> None:
         """Interrupt the reader's wait (to stop, or to re-check triggers)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # A full pipe wakes the reader just as well.
+        self._waker.wake()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop, and close what start() opens again (the app is closed)."""
+        self.stop(timeout)
+        if not self.running:
+            self._waker.close()
 
     def recheck_triggers(self) -> None:
         self._check_pending = True
@@ -237,8 +238,7 @@ class Listener:
             stream.discard()
         self._feed.discard()
         self._served.hub.renew()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._waker.close()
         self._lock = threading.Lock()
         self._reset()
 
@@ -333,8 +333,8 @@ class Listener:
             if check is not None and check.sent_at is not None:
                 left = check.sent_at + answer_within - time.monotonic()
                 timeout = max(0.0, min(timeout, left))
-            stream.wait(timeout, self._wake_r)
-            self._drain_wake()
+            stream.wait(timeout, self._waker.fd)
+            self._waker.drain()
             if run.stop.is_set():
                 return
             raw = stream.read()
@@ -381,13 +381,6 @@ class Listener:
         self._counts.dropped += events
         if run.report_lost(events):
             _limited.warning("dispatch queue full (%d messages): dropping events", capacity)
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except OSError:
-            pass
 
 
 def stop_all(listeners: list[Listener]) -> None:

@@ -1004,7 +1004,9 @@ def test_events_queued_at_stop_are_delivered_after_start(
     )
     stopper = threading.Thread(target=ext.stop, args=(app,))
     stopper.start()
-    poll_until(lambda: not ext.is_running(app) or stopper.is_alive(), "stop() began")
+    # The reader has gone once stop() has told the run to stop (the
+    # dispatcher is still in the receiver): only then may it go on.
+    poll_until(lambda: not ext.is_running(app), "stop() told the listener to stop")
     release.set()
     stopper.join(WAIT)
     assert not stopper.is_alive(), "stop() did not return"
