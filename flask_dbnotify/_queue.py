@@ -168,7 +168,12 @@ class Waker:
 
     def close(self) -> None:
         with self._lock:
-            for fd in (self.fd, self._write):
-                if fd >= 0:
-                    os.close(fd)
-            self.fd = self._write = -1
+            self.discard()
+
+    def discard(self) -> None:
+        """Close without the lock: in a forked child, where a thread of the
+        parent may have held it at the fork, and no other thread runs."""
+        for fd in (self.fd, self._write):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._write = -1

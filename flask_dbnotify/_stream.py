@@ -246,18 +246,23 @@ def run(
             else:
                 yield gap("this stream's events are not journaled: missed ones cannot be sent")
         skip = Repeats(resumed)
+        wrote = time.monotonic()
         while True:
             try:
                 batches, position = hub.read(position, keepalive)
             except Overrun as exc:
                 yield gap(f"the client fell {exc.args[0]} events behind")
                 return
-            if not batches:
-                yield ": keep-alive\n\n"
-                continue
             text = _frames(batches, selection, serializer, skip)
+            if not text and time.monotonic() - wrote >= keepalive:
+                # Nothing for this client for that long, however busy the
+                # others' tables: proxies keep the link, and a client
+                # that went is noticed at this write.
+                text = ": keep-alive\n\n"
             if text:
                 yield text
+                wrote = time.monotonic()
+            if batches:
                 time.sleep(PACE)
     finally:
         hub.leave()
@@ -322,7 +327,9 @@ def _resume(
         left -= last + 1 - since
         out = []
         for item in items:
-            if isinstance(item, (ChangeEvent, Notification)) and item.id is not None:
+            if isinstance(item, Gap):
+                out.append(gap(item.reason))  # as it was told live
+            elif isinstance(item, (ChangeEvent, Notification)) and item.id is not None:
                 if selection.wants(item):
                     sent.add(item.id)
                     out.append(frame(item, serializer))
@@ -350,7 +357,10 @@ def response(
     if not names and not channels:
         raise ValueError("stream() needs targets, messages, or both")
     selection = Selection(names, operations, dict(where or {}), channels)
-    journaled = served.backend.durable_by_nature or all(map(registry.is_durable, names))
+    backend = served.backend
+    journaled = backend.durable_by_nature or all(map(registry.is_durable, names))
+    if channels and served.settings.fast_messages and not backend.journals_messages:
+        journaled = False  # a message sent at once is in no journal
     body = run(
         served,
         served.hub,
@@ -380,4 +390,4 @@ def parse_last_event_id(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    return int(value) if value.isdigit() and len(value) < 20 else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None

@@ -238,7 +238,7 @@ class Listener:
             stream.discard()
         self._feed.discard()
         self._served.hub.renew()
-        self._waker.close()
+        self._waker.discard()
         self._lock = threading.Lock()
         self._reset()
 

@@ -312,6 +312,69 @@ def test_deliver_reaches_open_streams(backend: Backend) -> None:
     assert event["event"] == "insert" and event["data"]["new"]["item"] == "cake"
 
 
+@pytest.mark.backends("sqlite")  # no database is involved
+def test_a_stream_whose_filter_drops_busy_traffic_still_keeps_alive(backend: Backend) -> None:
+    """Events keep coming that the stream's filter leaves out: it still
+    sends a keep-alive comment once it has written nothing for
+    DBNOTIFY_STREAM_KEEPALIVE, so that proxies keep the link and a client
+    that went is noticed."""
+    app, ext = stream_app(backend)
+    hub = app.extensions["dbnotify"].served.hub
+    unwanted = make_event("orders", "insert", new={"id": 1, "item": "tea", "status": "new"})
+    with serving(app) as port:
+        client = Client(port, "/paid")
+        poll_until(lambda: hub.streams == 1, "the stream open")
+        busy = threading.Event()
+
+        def traffic() -> None:
+            while not busy.wait(0.02):  # a load generator, not a wait
+                ext.deliver(unwanted, app=app)
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            assert client.frame() == {"retry": "1000", "comment": "connected"}
+            assert client.frame() == {"comment": "keep-alive"}
+        finally:
+            busy.set()
+            thread.join(WAIT)
+            client.close()
+
+
+def test_a_stream_of_messages_sent_at_once_cannot_resume_and_says_so(backend: Backend) -> None:
+    """Messages sent at once (not durable) are in no journal but on
+    SQLite: a client that comes back to a stream of them gets
+    ``event: gap`` first, except on SQLite, where it gets what it missed."""
+    app, ext = stream_app(backend)
+    ext.notify("news", {"n": 1}, app=app)
+    with serving(app) as port:
+        client = Client(port, "/paid", last_event_id="0")
+        (first,) = client.events(1)
+        client.close()
+    if backend.name == "sqlite":
+        assert first["event"] == "message" and first["data"]["payload"] == {"n": 1}
+    else:
+        assert first["event"] == "gap", first
+
+
+@pytest.mark.backends("sqlite")  # the header, not the database
+def test_a_last_event_id_that_is_not_ours_is_ignored(backend: Backend) -> None:
+    """A Last-Event-ID that is not a journal id (text, or digits other than
+    ASCII ones) starts the stream afresh, without an error."""
+    app, _ = stream_app(backend)
+    with serving(app) as port:
+        for value in ("abc", "\u00b2", "-3", "9" * 30):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+            conn.putrequest("GET", "/all")
+            conn.putheader("Last-Event-ID", value.encode("latin-1"))
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == 200, value
+            assert response.read1(64).startswith(b"retry: 1000"), value
+            response.close()
+            conn.close()
+
+
 def test_stream_refuses_what_it_cannot_send(backend: Backend) -> None:
     backend.sql(ORDERS)
     app, ext = backend.make_app()

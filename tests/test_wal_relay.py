@@ -247,7 +247,11 @@ def journal_bodies(sql: SQL, after: int) -> list[tuple[int, str | None, str]]:
     ]
 
 
-@pytest.mark.parametrize("small", [writer.SMALL, 0], ids=["one-query", "copy"])
+@pytest.mark.parametrize(
+    ("small", "chars"),
+    [(writer.SMALL, writer.SMALL_CHARS), (0, writer.SMALL_CHARS), (writer.SMALL, 10)],
+    ids=["one-query", "copy", "copy-by-size"],
+)
 @pytest.mark.parametrize("watch", list(WATCHES))
 def test_bodies_built_in_python_equal_the_servers(
     wal_app: MakeApp,
@@ -256,13 +260,16 @@ def test_bodies_built_in_python_equal_the_servers(
     logical_url: str,
     watch: str,
     small: int,
+    chars: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same decoded changes relayed twice: bodies built in Python
-    (sent in the relay's one query, or past SMALL rows copied in), then
+    (sent in the relay's one query, or past SMALL rows or SMALL_CHARS
+    characters copied in), then
     every body built by the server: byte for byte the same, in the same
     order; the notification names each time's ids."""
     monkeypatch.setattr(writer, "SMALL", small)
+    monkeypatch.setattr(writer, "SMALL_CHARS", chars)
     wal_sql(TABLES)
     app, ext = wal_app()
     ext.watch("fast", **WATCHES[watch])
@@ -415,4 +422,16 @@ def test_a_listener_waits_for_the_relay_under_way_and_no_later_one() -> None:
     foreign.join(WAIT)
     assert not foreign.is_alive(), "the listener waits for a later relay"
     assert got["foreign"] is None
+    relayed.put(None)
+
+    # A relay whose rows are not handed over (some built on the server):
+    # its notification is read back at once, even while the next relay runs.
+    relayed.expect()
+    relayed.put((6, 9, 10, None))
+    relayed.expect()
+    done = threading.Event()
+    server_built = threading.Thread(target=lambda: (listener("server", (6, 9, 10)), done.set()))
+    server_built.start()
+    assert done.wait(WAIT / 4), "the listener waited for the next relay"
+    assert got["server"] is None
     relayed.put(None)

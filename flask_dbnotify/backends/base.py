@@ -252,6 +252,8 @@ class Backend(abc.ABC):
 
     #: Every change is journaled, so nothing is lost across reconnects.
     durable_by_nature = False
+    #: Every message is journaled too (not only ``notify(..., durable=True)``).
+    journals_messages = False
     #: Install, uninstall and status.
     admin: Admin
     #: The claims of once receivers.

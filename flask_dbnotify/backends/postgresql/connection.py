@@ -251,6 +251,18 @@ def discard(conn: Any) -> None:
         pass
 
 
+#: The reader's session: named, and a server that stops answering is
+#: noticed (as by the listener's stream); the URL's own settings win.
+_READER = {
+    "application_name": READER_NAME,
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
+
+
 class Reader:
     """One connection of its own for a listener's journal reads, which are
     frequent and latency-bound: no pool checkout and no ping before each
@@ -289,7 +301,7 @@ class Reader:
 
     def _open(self) -> Any:
         try:
-            conn = psycopg2.connect(**{"application_name": READER_NAME, **self.db.connect_kwargs})
+            conn = psycopg2.connect(**{**_READER, **self.db.connect_kwargs})
         except psycopg2.Error as exc:
             raise cannot_connect(self.db.where, exc) from exc
         conn.autocommit = True

@@ -41,6 +41,7 @@ class SQLiteBackend(Backend):
     """A journal table written by triggers, read by polling."""
 
     durable_by_nature = True
+    journals_messages = True
 
     def __init__(self, uri: str, path: str) -> None:
         super().__init__(uri, uri, "main")

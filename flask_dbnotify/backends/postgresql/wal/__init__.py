@@ -118,11 +118,13 @@ class Relayed:
 
     A notification can reach the listener before the relay that sent it
     has returned to the leader: the listener then waits for the relay
-    under way (not for any later one), at most :data:`KEEP_SECONDS`."""
+    under way (not for any later one), at most :data:`KEEP_SECONDS`. A
+    relay whose rows are not handed over (some built on the server) is
+    kept as such, so that its notification does not wait for the next."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._kept: dict[tuple[int, int, int], tuple[float, list[str]]] = {}
+        self._kept: dict[tuple[int, int, int], tuple[float, list[str] | None]] = {}
         self._rows = 0
         #: Relays begun and ended (one at a time).
         self._begun = self._ended = 0
@@ -131,7 +133,7 @@ class Relayed:
         with self._cond:
             self._begun += 1
 
-    def put(self, rows: tuple[int, int, int, list[str]] | None) -> None:
+    def put(self, rows: tuple[int, int, int, list[str] | None] | None) -> None:
         now = time.monotonic()
         with self._cond:
             self._ended = self._begun
@@ -140,14 +142,14 @@ class Relayed:
                 return
             lo, hi, xid, bodies = rows
             self._kept[(lo, hi, xid)] = (now, bodies)
-            self._rows += len(bodies)
+            self._rows += len(bodies or ())
             while self._kept:
                 first = next(iter(self._kept))
                 at, old = self._kept[first]
                 if self._rows <= KEEP_ROWS and now - at <= KEEP_SECONDS:
                     break
                 del self._kept[first]
-                self._rows -= len(old)
+                self._rows -= len(old or ())
 
     def take(self, lo: int, hi: int, xid: int) -> list[tuple[int, str]] | None:
         key = (lo, hi, xid)
@@ -155,7 +157,7 @@ class Relayed:
             under_way = self._begun
             self._cond.wait_for(lambda: key in self._kept or self._ended >= under_way, KEEP_SECONDS)
             kept = self._kept.pop(key, None)
-            if kept is None:
+            if kept is None or kept[1] is None:
                 return None
             self._rows -= len(kept[1])
         return list(zip(range(lo, hi + 1), kept[1], strict=True))

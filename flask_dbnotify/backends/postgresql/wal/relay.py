@@ -65,10 +65,11 @@ class Handoff(Protocol):
     def expect(self) -> None:
         """A relay begins."""
 
-    def put(self, rows: tuple[int, int, int, list[str]] | None) -> None:
+    def put(self, rows: tuple[int, int, int, list[str] | None] | None) -> None:
         """The relay ended: committed, with journal ids ``lo..hi`` of
-        transaction ``xid`` and their bodies in order, or None (nothing
-        to hand over, or it failed)."""
+        transaction ``xid`` and their bodies in order (None: some were
+        built on the server, read them back), or None (it wrote no rows,
+        or failed)."""
 
 
 class Part(NamedTuple):
@@ -216,7 +217,7 @@ class Relay:
 
     def _relay(
         self, changes: Sequence[Change | Truncated | Sent], end_lsn: int, part: Part | None
-    ) -> tuple[int, int, int, list[str]] | None:
+    ) -> tuple[int, int, int, list[str] | None] | None:
         with self.conn.cursor() as cur:
             journal = JournalWriter(cur, self.journal)
             sent: list[int] = []
@@ -230,12 +231,13 @@ class Relay:
                 else:
                     self._rows(journal, run)
             ids = journal.run(self._finish(cur, bool(journal.steps), sent, end_lsn, part))
-        bodies = journal.bodies()
-        if ids is None or bodies is None:
+        if ids is None:
             return None
         lo, hi, xid = ids
-        # Unless another session's row came between.
-        return (lo, hi, xid, bodies) if hi - lo + 1 == len(bodies) else None
+        bodies = journal.bodies()
+        if bodies is not None and hi - lo + 1 != len(bodies):
+            bodies = None  # another session's row came between: read them back
+        return lo, hi, xid, bodies
 
     def _finish(
         self, cur: Any, written: bool, sent: list[int], end_lsn: int, part: Part | None

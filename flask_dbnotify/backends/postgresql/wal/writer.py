@@ -15,9 +15,11 @@ from typing import Any
 
 #: Characters handed to COPY at a time.
 _COPY_CHUNK = 1 << 20
-#: Bodies built here up to which a relay inserts them in its one query;
-#: past it, COPY (see the module's docs).
+#: Bodies built here, and characters of them, up to which a relay inserts
+#: them in its one query; past either, COPY, which streams them in chunks
+#: (one query holds them all at once, and the server takes at most 1 GB).
 SMALL = 1000
+SMALL_CHARS = 4 << 20
 #: What separates bodies in that query's parameter: no JSON text holds
 #: this control character unescaped (a body that did would go by COPY).
 _SEPARATOR = "\x1e"
@@ -38,12 +40,13 @@ class JournalWriter:
         self.table = table
         #: Bodies built here, by watch, and statements, in order.
         self.steps: list[tuple[str | None, list[str]] | str] = []
-        self.built = 0
+        self.built = self.chars = 0
 
     def add(self, watch: str | None, bodies: list[str]) -> None:
         if bodies:
             self.steps.append((watch, bodies))
             self.built += len(bodies)
+            self.chars += sum(map(len, bodies))
 
     def insert(self, query: str, params: dict[str, Any]) -> None:
         """An INSERT that builds its rows on the server."""
@@ -60,7 +63,7 @@ class JournalWriter:
         first and last journal ids and the transaction id, if ``end``
         notified them."""
         statements = []
-        copy = self.built > SMALL
+        copy = self.built > SMALL or self.chars > SMALL_CHARS
         for step in self.steps:
             if isinstance(step, str):
                 statements.append(step)
