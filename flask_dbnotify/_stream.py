@@ -69,7 +69,8 @@ def default_serializer(data: dict[str, Any]) -> str:
 
 
 def event_data(event: ChangeEvent) -> dict[str, Any]:
-    """What a stream sends of a row change."""
+    """What a stream sends of a row change (and ``flask dbnotify listen``
+    prints, with ``cut``)."""
     return {
         "table": event.table,
         "op": event.op.value,

@@ -13,6 +13,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from ._stream import event_data
 from .errors import DBNotifyError
 from .events import ChangeEvent
 from .signals import notification_received, row_changed, table_truncated
@@ -99,17 +100,7 @@ def status() -> None:
 
 
 def _event_json(event: ChangeEvent) -> dict[str, Any]:
-    return {
-        "table": event.table,
-        "op": event.op.value,
-        "pk": event.pk,
-        "new": event.new,
-        "old": event.old,
-        "changed": sorted(event.changed),
-        "id": event.id,
-        "timestamp": event.timestamp.isoformat() if event.timestamp else None,
-        "cut": event.cut,
-    }
+    return {**event_data(event), "cut": event.cut}
 
 
 @dbnotify_cli.command("listen")

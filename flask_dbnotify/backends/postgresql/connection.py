@@ -251,10 +251,10 @@ def discard(conn: Any) -> None:
         pass
 
 
-#: The reader's session: named, and a server that stops answering is
-#: noticed (as by the listener's stream); the URL's own settings win.
-_READER = {
-    "application_name": READER_NAME,
+#: For the connections of our own that stay open (the journal reader, the
+#: WAL leader's): a server that stops answering is noticed, as by the
+#: listener's stream. The URL's own settings win.
+LIVENESS = {
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -301,7 +301,8 @@ class Reader:
 
     def _open(self) -> Any:
         try:
-            conn = psycopg2.connect(**{**_READER, **self.db.connect_kwargs})
+            settings = {**LIVENESS, "application_name": READER_NAME}
+            conn = psycopg2.connect(**{**settings, **self.db.connect_kwargs})
         except psycopg2.Error as exc:
             raise cannot_connect(self.db.where, exc) from exc
         conn.autocommit = True

@@ -28,7 +28,7 @@ import psycopg2.extras
 from ...._log import RateLimited
 from ...common import reason
 from .. import pgoutput
-from ..connection import discard
+from ..connection import LIVENESS, discard
 from .ddl import DEFINITIONS, MESSAGES
 from .relay import Change, Handoff, Part, Relay, Sent, Truncated
 
@@ -50,13 +50,6 @@ _HINTS = (
 )
 #: How often a process that does not lead tries to.
 RETRY = 1.0
-_LIVENESS = {
-    "connect_timeout": 10,
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 3,
-    "keepalives_count": 3,
-}
 #: A batch is relayed once it holds this many changes, or when the stream
 #: pauses.
 BATCH_ROWS = 20000
@@ -78,7 +71,7 @@ class Leader:
     ) -> None:
         # A server that stops answering is noticed, as by the listener's
         # stream; the URL's own settings win.
-        self.connect = {**_LIVENESS, **connect}
+        self.connect = {**LIVENESS, **connect}
         self.schema = schema
         self.slot = slot
         self.handoff = handoff
