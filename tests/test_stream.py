@@ -79,10 +79,12 @@ class Client:
         self.conn.close()
 
 
-def stream_app(backend: Backend, **config: Any) -> tuple[Flask, DBNotify]:
+def stream_app(backend: Backend, durable: bool = True, **config: Any) -> tuple[Flask, DBNotify]:
+    """An app watching ``orders`` (durably on PostgreSQL, unless not
+    ``durable``), started, with two streams: ``/paid`` and ``/all``."""
     backend.sql(ORDERS)
     app, ext = backend.make_app(DBNOTIFY_STREAM_KEEPALIVE=0.2, **config)
-    ext.watch("orders", durable=backend.pg)
+    ext.watch("orders", durable=durable and backend.pg)
 
     @app.get("/paid")
     def paid() -> Any:
@@ -196,18 +198,9 @@ def test_a_client_too_far_behind_resumes_no_further_than_the_buffer(backend: Bac
 def test_a_stream_that_cannot_resume_says_so(backend: Backend) -> None:
     """Fast watches are not journaled: a client that comes back with a
     Last-Event-ID gets ``event: gap`` first, then live events."""
-    backend.sql(ORDERS)
-    app, ext = backend.make_app(DBNOTIFY_STREAM_KEEPALIVE=0.2)
-    ext.watch("orders")
-
-    @app.get("/s")
-    def s() -> Any:
-        return ext.stream("orders")
-
-    ext.install_triggers(app)
-    ext.start(app)
+    app, _ = stream_app(backend, durable=False)
     with serving(app) as port:
-        client = Client(port, "/s", last_event_id="7")
+        client = Client(port, "/all", last_event_id="7")
         gap = client.events(1)[0]
         assert gap["event"] == "gap" and "not journaled" in gap["data"]["reason"]
         insert(backend, 1)
@@ -221,18 +214,9 @@ def test_a_stream_says_when_the_listener_may_have_missed_changes(backend: Backen
     """The listener's session is killed: changes of fast watches made
     before it listens again are lost, and every open stream says so with
     ``event: gap`` before the next change."""
-    backend.sql(ORDERS)
-    app, ext = backend.make_app(DBNOTIFY_STREAM_KEEPALIVE=0.2, DBNOTIFY_RECONNECT_MAX_DELAY=0.2)
-    ext.watch("orders")
-
-    @app.get("/s")
-    def s() -> Any:
-        return ext.stream("orders")
-
-    ext.install_triggers(app)
-    ext.start(app)
+    app, _ = stream_app(backend, durable=False, DBNOTIFY_RECONNECT_MAX_DELAY=0.2)
     with serving(app) as port:
-        client = Client(port, "/s")
+        client = Client(port, "/all")
         poll_until(lambda: app.extensions["dbnotify"].served.hub.streams == 1, "the stream open")
         assert isinstance(backend.writer, SQL)
         ((pid, _, _),) = listener_backends(backend.writer)
