@@ -250,7 +250,13 @@ class Dispatcher:
                     continue
                 if signals.notification_received.receivers:
                     for receiver in signals.notification_received.receivers_for(item.channel):
-                        self._call(receiver, item.payload, item.channel, payload=item.payload)
+                        self._call(
+                            receiver,
+                            item.payload,
+                            item.channel,
+                            payload=item.payload,
+                            context=item.context,
+                        )
                 delivered.append(item)
             else:
                 self._note(item)

@@ -23,6 +23,9 @@ class Notification:
     #: Journal id when the message was journaled (``notify(durable=True)``,
     #: and every message on SQLite), else ``None``.
     id: int | None = None
+    #: The sending transaction's :meth:`~flask_dbnotify.DBNotify.set_context`
+    #: values, or ``None``.
+    context: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

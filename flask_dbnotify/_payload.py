@@ -11,9 +11,12 @@ some columns, since ``changed`` covers them all). A row too large to carry
 is *cut*: ``["cut", KEY]`` (UPDATE: ``["cut", NEW_KEY, OLD_KEY]``), KEY an
 object of the primary key columns. ``s`` is unique per batch: PostgreSQL
 folds identical notifications sent in one transaction. A TRUNCATE has
-``"o": "T"`` and no ``s`` or ``r``.
+``"o": "T"`` and no ``s`` or ``r``. A batch of a transaction that set a
+context (``set_context()``) has ``"cx"`` after the head: its JSON, as a
+string.
 
-An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``.
+An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``,
+and ``"cx": CONTEXT`` (an object) when its transaction set one.
 A gap, journaled when WAL capture's slot was replaced after it was lost:
 ``{"v": 1, "gap": REASON}``. The marker a stopping listener sends itself:
 ``{"v": 1, "drained": TOKEN}``.
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from . import _context
 from ._items import Drained, Gap, Item, Notification
 from .events import ChangeEvent, Operation
 
@@ -87,17 +91,21 @@ def loads(text: str) -> Any:
     return _decode(text)
 
 
-def encode_message(channel: str, payload: Any) -> str:
-    """Encode an application message; raises ``TypeError`` for values JSON
-    cannot hold, before anything is sent."""
+def encode_message(channel: str, payload: Any, context: dict[str, Any] | None = None) -> str:
+    """Encode an application message (with its transaction's ``context``);
+    raises ``TypeError`` for values JSON cannot hold, before anything is
+    sent."""
     if not isinstance(channel, str) or not channel:
         raise ValueError("channel must be a non-empty string")
     # Unique within the process, so two equal messages in one transaction
     # are not folded into one by PostgreSQL.
     unique = f"{os.getpid():x}.{next(_counter):x}"
     try:
+        message = {"v": VERSION, "m": channel, "u": unique, "p": payload}
+        if context:
+            message["cx"] = context
         text = json.dumps(
-            {"v": VERSION, "m": channel, "u": unique, "p": payload},
+            message,
             ensure_ascii=False,
             separators=(",", ":"),
             allow_nan=False,
@@ -228,7 +236,8 @@ def decode(
         if "J" in msg:
             return _journaled(msg, read_journal)
         if "m" in msg:
-            return [Notification(msg["m"], msg.get("p"), journal_id)]
+            context = _context.decode(msg["cx"]) if "cx" in msg else None
+            return [Notification(msg["m"], msg.get("p"), journal_id, context)]
         if "gap" in msg or "drained" in msg:
             return [_marker(msg, journal_id)]
         if "ref" in msg:
@@ -266,8 +275,13 @@ def _journaled(msg: dict[str, Any], read_journal: ReadJournal | None) -> list[It
 def decode_rows(msg: dict[str, Any], journal_id: int | None) -> list[Item]:
     table = msg["t"]
     ts = datetime.fromtimestamp(msg["ts"], UTC)
+    context = _context.decode(msg["cx"]) if "cx" in msg else None
     if msg["o"] == "T":
-        return [ChangeEvent(table, Operation.TRUNCATE, None, None, None, _EMPTY, journal_id, ts)]
+        return [
+            ChangeEvent(
+                table, Operation.TRUNCATE, None, None, None, _EMPTY, journal_id, ts, False, context
+            )
+        ]
     op = _OPS[msg["o"]]
     keys = msg["k"]
     single = keys[0] if len(keys) == 1 else None
@@ -301,5 +315,5 @@ def decode_rows(msg: dict[str, Any], journal_id: int | None) -> list[Item]:
             pk = pk_row.get(single) if cut else pk_row[single]
         else:
             pk = tuple(pk_row.get(k) if cut else pk_row[k] for k in keys)
-        append(ChangeEvent(table, op, pk, new, old, changed, journal_id, ts, cut))
+        append(ChangeEvent(table, op, pk, new, old, changed, journal_id, ts, cut, context))
     return events

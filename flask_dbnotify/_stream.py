@@ -80,6 +80,7 @@ def event_data(event: ChangeEvent) -> dict[str, Any]:
         "changed": sorted(event.changed),
         "id": event.id,
         "timestamp": None if event.timestamp is None else event.timestamp.isoformat(),
+        "context": event.context,
     }
 
 
@@ -215,7 +216,8 @@ def frame(item: ChangeEvent | Notification, serializer: Serializer) -> str:
     if isinstance(item, ChangeEvent):
         kind, data = item.op.value.lower(), event_data(item)
     else:
-        kind, data = "message", {"channel": item.channel, "payload": item.payload, "id": item.id}
+        kind, data = "message", {"channel": item.channel, "payload": item.payload}
+        data.update(id=item.id, context=item.context)
     head = f"id: {item.id}\n" if item.id is not None else ""
     return f"{head}event: {kind}\ndata: {serializer(data)}\n\n"
 

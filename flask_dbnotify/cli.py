@@ -127,7 +127,7 @@ def listen(count: int | None) -> None:
             emit(_event_json(event))
 
     def on_message(sender: str, payload: Any, **extra: Any) -> None:
-        emit({"channel": sender, "payload": payload})
+        emit({"channel": sender, "payload": payload, "context": extra.get("context")})
 
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with (

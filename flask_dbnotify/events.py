@@ -69,6 +69,10 @@ class ChangeEvent:
     #: The row was too large to carry (see :ref:`cut-events`): ``new`` and
     #: ``old`` hold only the primary key columns.
     cut: bool = False
+    #: What the writer's transaction said of itself with
+    #: :meth:`~flask_dbnotify.DBNotify.set_context` (who, which request),
+    #: or ``None``. See :doc:`context`.
+    context: dict[str, Any] | None = None
 
     @property
     def row(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 
-from . import _delivery, _once, _payload, _process, _stream
+from . import _context, _delivery, _once, _payload, _process, _stream
 from ._registry import Registry, Served, check_where_columns
 from ._settings import Settings
 from ._stream import Hub
@@ -283,8 +283,22 @@ class DBNotify:
             listeners of apps with durable watches replay it after a
             reconnect. (SQLite journals every message.)
         """
-        text = _payload.encode_message(channel, payload)
+        context = None if connection is None else _context.current(connection)
+        text = _payload.encode_message(channel, payload, context)
         self._state(app).backend.notify(connection, channel, text, durable)
+
+    def set_context(self, connection: Any, /, **values: Any) -> None:
+        """Say who or what is making the changes of ``connection``'s
+        current transaction (a SQLAlchemy ``Connection`` or ``Session``):
+        every row change it makes from now on, and every message it sends
+        with ``notify(connection=...)``, carries ``values`` as
+        ``event.context`` (messages: the ``context`` argument). No
+        ``values`` clears it. At most 1 KiB of JSON (``ValueError``
+        beyond; ``TypeError`` for what is not JSON). See :doc:`context`."""
+        conn = _context.require_connection(connection)
+        text = _context.encode(values)
+        first = _context.remember(conn, values)
+        self._state().backend.set_context(conn, text, first)
 
     def deliver(self, *events: ChangeEvent, app: Flask | None = None) -> None:
         """Deliver ``events`` now, in this thread, as the listener would:

@@ -36,6 +36,7 @@ def make_event(
     id: int | None = None,
     timestamp: datetime | None = None,
     cut: bool = False,
+    context: Mapping[str, Any] | None = None,
 ) -> ChangeEvent:
     """Build the :class:`~flask_dbnotify.ChangeEvent` the listener would
     deliver for a change of ``table`` (a name, ``"schema.table"``, a
@@ -49,8 +50,9 @@ def make_event(
     for a composite key (then ``pk`` is a tuple). ``changed`` (UPDATE only)
     defaults, as the listener computes it, to the columns of ``new`` whose
     value differs from ``old`` or that ``old`` lacks. ``timestamp``
-    defaults to now, in UTC. Raises ``ValueError`` for a shape the listener
-    never delivers.
+    defaults to now, in UTC. ``context`` is what the writer's
+    :meth:`~flask_dbnotify.DBNotify.set_context` said. Raises
+    ``ValueError`` for a shape the listener never delivers.
     """
     name = resolve_target(table)[0]
     op = Operation.coerce(op)
@@ -67,7 +69,8 @@ def make_event(
     if changed is None:
         changed = _changed(new, old) if op is Operation.UPDATE and not cut else ()
     stamp = timestamp if timestamp is not None else datetime.now(UTC)
-    return ChangeEvent(name, op, pk, new, old, frozenset(changed), id, stamp, cut)
+    ctx = None if context is None else dict(context)
+    return ChangeEvent(name, op, pk, new, old, frozenset(changed), id, stamp, cut, ctx)
 
 
 def _check_shape(op: Operation, new: object, old: object) -> None:

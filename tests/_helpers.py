@@ -727,10 +727,11 @@ class Backend:
             return value
         return dt.datetime.now(dt.UTC)
 
-    def engine(self) -> sa.Engine:
+    def engine(self, driver: str = "psycopg2") -> sa.Engine:
+        """An engine on the database; on PostgreSQL through ``driver``
+        (``psycopg2``, or ``psycopg``: psycopg 3)."""
         if self.pg:
-            # SQLAlchemy 2.1 defaults to psycopg 3 for postgresql://; use psycopg2.
-            eng = sa.create_engine(sa.make_url(self.url).set(drivername="postgresql+psycopg2"))
+            eng = sa.create_engine(sa.make_url(self.url).set(drivername=f"postgresql+{driver}"))
         else:
             eng = sa.create_engine(self.url, connect_args={"timeout": WAIT})
         self._closing.append(eng.dispose)

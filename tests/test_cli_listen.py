@@ -111,7 +111,11 @@ def test_listen_prints_json_lines_and_exits_after_count(
     assert row["pk"] == 7
     assert row["new"] == {"id": 7, "note": "hello"}
     assert row["old"] is None
-    assert message == {"channel": "greeting", "payload": {"text": "hi", "n": [1, 2]}}
+    assert message == {
+        "channel": "greeting",
+        "payload": {"text": "hi", "n": [1, 2]},
+        "context": None,
+    }
     # `listen` starts its listener itself: autostart must not add another.
     err.rest()
     assert [line for line in err.seen if CONNECTED in line] == [f"{CONNECTED} pid={proc.pid}"], (

@@ -467,7 +467,7 @@ def test_a_flooded_queue_is_logged_once_not_per_overflow(
     hold = threading.Event()
     delivered, dropped = Recorder(), Recorder()
 
-    def slow(sender: Any, payload: Any) -> None:
+    def slow(sender: Any, payload: Any, **extra: Any) -> None:
         hold.wait(WAIT)
         delivered.add(payload)
 

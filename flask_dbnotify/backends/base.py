@@ -277,6 +277,12 @@ class Backend(abc.ABC):
         when ``durable``."""
 
     @abc.abstractmethod
+    def set_context(self, conn: Any, text: str, first: bool) -> None:
+        """Make ``text`` (JSON, or '' for none) the context of the changes
+        ``conn`` (a SQLAlchemy Connection) makes from now on in its current
+        transaction; ``first``: the transaction's first call."""
+
+    @abc.abstractmethod
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         """Journaled events and messages of up to ``limit`` journal rows with
         ids from ``since``, in id order, and the last id read."""

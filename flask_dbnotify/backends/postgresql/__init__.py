@@ -34,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ... import _payload
+from ..._context import SETTING as CONTEXT_SETTING
 from ..._items import Item
 from ..base import Backend, Feed
 from ..common import execute_on, parse_url
@@ -66,6 +67,8 @@ _NOTIFY_DURABLE = (
     "SELECT pg_notify(%(channel)s, '{{\"v\": 1, \"J\": [' || id || ', ' || id "
     "|| '], \"x\": ' || xid || ', \"j\": ' || to_json(%(schema)s::text) || '}}') FROM ins"
 )
+#: What the triggers read (see ``bodies.CONTEXT``).
+_SET_CONTEXT = "SELECT set_config(%(name)s, %(text)s, true)"
 #: Sends a message in pieces, in order, in one statement; each piece is
 #: unique (PostgreSQL folds equal notifications of a transaction).
 _NOTIFY_PIECES = (
@@ -121,6 +124,10 @@ class PostgreSQLBackend(Backend):
             self.db.run(statement, params, failed="notify() failed")
         else:
             execute_on(connection, statement, params)
+
+    def set_context(self, conn: Any, text: str, first: bool) -> None:
+        # Transaction-local: gone at commit or rollback, as it should be.
+        conn.exec_driver_sql(_SET_CONTEXT, {"name": CONTEXT_SETTING, "text": text})
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         return journal.read(self.db, self.tables["journal"], since, limit)

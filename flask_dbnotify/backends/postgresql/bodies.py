@@ -4,6 +4,8 @@ TRUNCATE. See the package's docstring for who runs what."""
 
 from __future__ import annotations
 
+from ..._context import MAX_BYTES as CONTEXT_BYTES
+from ..._context import SETTING as CONTEXT_SETTING
 from ...errors import WatchError
 from ...events import Operation
 from .catalog import Resolved
@@ -25,24 +27,43 @@ SLOT_BYTES = 64 * 1024 * 1024
 #: What a fast notification holds besides the head and the rows: the
 #: timestamp, the batch number and the brackets around the rows.
 ENVELOPE_BYTES = 120
+#: Room left in a fast notification for a typical context; a larger one
+#: makes a batch travel in pieces sooner.
+CONTEXT_ROOM = 200
 #: A watch whose names leave less room than this for rows is refused.
 MIN_BATCH_BYTES = 500
+#: Reads the writer's context (set_context()) once per statement.
+DECLARE_CONTEXT = f"cx text := current_setting({literal(CONTEXT_SETTING)}, true);"
+#: ``,"cx": "<the context's JSON, as a JSON string>"`` after a body's head,
+#: or nothing: no context, or one over CONTEXT_BYTES (which only a writer
+#: that sets the setting itself can make), which is left out rather than
+#: let grow every notification. to_json() quotes whatever the text holds.
+CONTEXT = (
+    f"CASE WHEN octet_length(cx) BETWEEN 1 AND {CONTEXT_BYTES} "
+    """THEN ',"cx": ' || to_json(cx)::text ELSE '' END"""
+)
+
+
+def head_with_context(prefix: str) -> str:
+    """SQL text: a body's head (``prefix``), the context, and ``,"ts": ``."""
+    return f"""{literal(prefix)} || {CONTEXT} || ',"ts": '"""
 
 
 def fast_body(r: Resolved, op: Operation) -> str:
     """Invoker rights: the rows become JSON as the writer, and go out by NOTIFY."""
     prefix = batch_head(r, op)
-    head = literal(prefix + ',"ts": ')
     # Rows are grouped so that a group's JSON, escaped once more inside the
     # message, fits in one notification after the head and the envelope.
-    budget = (NOTIFY_LIMIT - len(prefix.encode()) - ENVELOPE_BYTES) // 2
+    budget = (NOTIFY_LIMIT - len(prefix.encode()) - ENVELOPE_BYTES - CONTEXT_ROOM) // 2
     if budget < MIN_BATCH_BYTES:
         raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
     send = send_batch(literal(CHANNEL))
     slow = each_row(r, op, "batch", send)
     return f"""
 DECLARE
-  head text := {head} || extract(epoch FROM clock_timestamp())::text || ',"s": ';
+  {DECLARE_CONTEXT}
+  head text := {head_with_context(prefix)} || extract(epoch FROM clock_timestamp())::text
+    || ',"s": ';
   failed boolean := false;
   rows_in bigint;
   batch text;
@@ -164,9 +185,10 @@ def journal_body(r: Resolved, op: Operation, schema: str) -> str:
     and the transaction id. It reads text and writes our table; no value
     of the user's, and so no function of the user's, is involved."""
     journal, watch = ident(schema, "dbnotify_journal"), literal(r.watch.name)
-    head = literal(batch_head(r, op) + ',"ts": ')
+    head = head_with_context(batch_head(r, op))
     return f"""
 DECLARE
+  {DECLARE_CONTEXT}
   d text := pg_trigger_depth()::text;
   one text := current_setting('dbnotify.s' || d || '_1', true);
   x xid8;
@@ -228,14 +250,16 @@ def truncate_body(r: Resolved, schema: str) -> str:
     notifications, unchanged if none was sent, and PostgreSQL folds equal
     notifications; durable, it is not journaled when the transaction's
     latest journal row is already a TRUNCATE of this watch."""
-    head = batch_head(r, Operation.TRUNCATE) + ',"ts": '
+    prefix = batch_head(r, Operation.TRUNCATE)
+    head = head_with_context(prefix)
     ts = "extract(epoch FROM statement_timestamp())::text"
     if not r.watch.durable:
         return f"""
 DECLARE
+  {DECLARE_CONTEXT}
   seq text := coalesce(current_setting('dbnotify.batch', true), '');
 BEGIN
-  PERFORM pg_notify({literal(CHANNEL)}, {literal(head)} || {ts} || ',"s": '
+  PERFORM pg_notify({literal(CHANNEL)}, {head} || {ts} || ',"s": '
     || CASE WHEN seq ~ '^[0-9]{{1,15}}$' THEN seq ELSE '0' END || '}}');
   RETURN NULL;
 END
@@ -243,16 +267,17 @@ END
     journal = ident(schema, "dbnotify_journal")
     return f"""
 DECLARE
+  {DECLARE_CONTEXT}
   x xid8 := pg_current_xact_id();
   jid bigint;
 BEGIN
   INSERT INTO {journal} (xid, watch, body)
-  SELECT x, {literal(r.watch.name)}, {literal(head)} || {ts} || '}}'
+  SELECT x, {literal(r.watch.name)}, {head} || {ts} || '}}'
   WHERE NOT EXISTS (
     SELECT FROM (SELECT j.watch, j.body FROM {journal} AS j
                  WHERE j.xid = x ORDER BY j.id DESC LIMIT 1) AS latest
     WHERE latest.watch = {literal(r.watch.name)}
-      AND left(latest.body, {len(head)}) = {literal(head)})
+      AND left(latest.body, {len(prefix) + 1}) = {literal(prefix + ",")})
   RETURNING id INTO jid;
   IF jid IS NOT NULL THEN
     {notify_journal("jid", "jid")}

@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..._items import Item
+from ...errors import DBNotifyError
 from ..base import Backend, Feed
 from ..common import execute_on
 from .admin import SQLiteAdmin
@@ -35,6 +36,13 @@ __all__ = ["MAX_ROW_BYTES", "SQLiteBackend"]
 
 #: Every message is journaled on SQLite: durable or not, the same path.
 _NOTIFY = f"INSERT INTO dbnotify_journal (created_at, body) VALUES ({NOW}, :payload)"
+_SET_CONTEXT = "INSERT OR REPLACE INTO dbnotify_context (k, value) VALUES (0, ?)"
+_CLEAR_CONTEXT = "DELETE FROM dbnotify_context"
+
+
+def _clear_context(conn: sa.Connection) -> None:
+    """Before ``conn`` commits (a ConnectionEvents.commit hook)."""
+    conn.exec_driver_sql(_CLEAR_CONTEXT)
 
 
 class SQLiteBackend(Backend):
@@ -75,6 +83,24 @@ class SQLiteBackend(Backend):
             self.db.run(_NOTIFY, params)
         else:
             execute_on(connection, _NOTIFY, params)
+
+    def set_context(self, conn: Any, text: str, first: bool) -> None:
+        # The triggers read the one row of dbnotify_context; it must be gone
+        # before the commit, or later transactions would carry it.
+        try:
+            if text:
+                conn.exec_driver_sql(_SET_CONTEXT, (text,))
+            else:
+                conn.exec_driver_sql(_CLEAR_CONTEXT)
+        except sa.exc.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            raise DBNotifyError(
+                f"{self.where} has no dbnotify_context table (made by Flask-DBNotify "
+                "0.2): run `flask dbnotify install-triggers`"
+            ) from exc
+        if first:
+            sa.event.listen(conn, "commit", _clear_context, once=True)
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         return self.rows.read(since, limit)

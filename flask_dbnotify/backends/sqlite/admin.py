@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from ..._watch import Watch
 from ..base import Admin, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries
-from .catalog import our_tables, our_triggers, resolve
+from .catalog import JOURNAL, our_tables, our_triggers, resolve
 from .connection import Database, write_transaction
 from .ddl import drop_trigger, install_plan, unix, watch_triggers
 
@@ -26,7 +26,8 @@ class SQLiteAdmin(Admin):
 
     def _plan(self, conn: sqlite3.Connection, watches: Sequence[Watch]) -> list[str]:
         tables = [(watch, resolve(conn, self.db.path, watch)) for watch in watches]
-        return install_plan(our_triggers(conn), tables)
+        journal = [r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (JOURNAL,))]
+        return install_plan(our_triggers(conn), tables, journal)
 
     def install_sql(self, watches: Sequence[Watch]) -> list[str]:
         return self.db.with_connection(lambda conn: self._plan(conn, watches))

@@ -28,7 +28,10 @@ MAX_ROW_BYTES = 16 * 1024 * 1024
 #: meaningful.
 TABLES = {
     "dbnotify_journal": "id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, "
-    "shape TEXT, body TEXT NOT NULL",
+    "shape TEXT, body TEXT NOT NULL, context TEXT",
+    # The context of the transaction that is writing (set_context()): one
+    # row at most, there only until it commits.
+    "dbnotify_context": "k INTEGER PRIMARY KEY, value TEXT NOT NULL",
     "dbnotify_shapes": "key TEXT PRIMARY KEY, header TEXT NOT NULL",
     "dbnotify_listeners": "name TEXT PRIMARY KEY, position INTEGER NOT NULL, seen_at REAL NOT NULL",
     # Exactly-once receivers: how far each has claimed, and claims.
@@ -130,8 +133,8 @@ def trigger_sql(
     body = f"CASE WHEN {size} > {MAX_ROW_BYTES} THEN json_object('cut', {cut}) ELSE {body} END"
     return (
         f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN {MARKER} "
-        f"INSERT INTO dbnotify_journal (created_at, shape, body) "
-        f"VALUES ({NOW}, {quote_literal(key)}, {body}); END"
+        f"INSERT INTO dbnotify_journal (created_at, shape, body, context) "
+        f"VALUES ({NOW}, {quote_literal(key)}, {body}, (SELECT value FROM dbnotify_context)); END"
     )
 
 
@@ -173,11 +176,17 @@ def shared_sql() -> list[str]:
 
 
 def install_plan(
-    installed: Sequence[tuple[str, str]], tables: Sequence[tuple[Watch, Table]]
+    installed: Sequence[tuple[str, str]],
+    tables: Sequence[tuple[Watch, Table]],
+    journal_columns: Sequence[str] = (),
 ) -> list[str]:
     """The statements that make a database whose triggers of ours are
-    ``installed`` (name, table) match the watches, each with its table."""
+    ``installed`` (name, table) match the watches, each with its table;
+    ``journal_columns``: the journal's, if it exists."""
     statements = shared_sql()
+    if journal_columns and "context" not in journal_columns:
+        # Made before contexts: the triggers below write this column.
+        statements.append("ALTER TABLE dbnotify_journal ADD COLUMN context TEXT")
     seen: dict[str, str] = {}
     for watch, table in tables:
         key = table[0].lower()

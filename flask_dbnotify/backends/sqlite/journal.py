@@ -13,10 +13,11 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ... import _payload
+from ... import _context, _payload
 from ..._items import Item
 from ...events import ChangeEvent, Operation
 from ..base import Feed, Stream
+from .catalog import JOURNAL
 from .connection import Database, write_transaction
 from .ddl import julian, unix
 from .stream import SQLiteStream
@@ -28,8 +29,10 @@ log = logging.getLogger(__name__)
 
 _OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
 _EMPTY: frozenset[str] = frozenset()
-#: What a journal row is read as, everywhere.
-COLUMNS = "id, created_at, shape, body"
+#: What a journal row is read as, everywhere; a journal made before the
+#: context column (until install-triggers adds it) has none.
+COLUMNS = "id, created_at, shape, body, context"
+_BEFORE_CONTEXT = "id, created_at, shape, body, NULL"
 
 
 def _flatten(chunks: list[list[Any]]) -> list[Any]:
@@ -43,15 +46,27 @@ class Rows:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._shapes: dict[str, dict[str, Any]] = {}
+        self._columns: str | None = None
+
+    @property
+    def columns(self) -> str:
+        """The journal's columns to select (:data:`COLUMNS`, as it has them)."""
+        if self._columns is None:
+            found = {r[0] for r in self.db.run("SELECT name FROM pragma_table_info(?)", (JOURNAL,))}
+            if not found:
+                return COLUMNS  # no journal yet: made with the column
+            self._columns = COLUMNS if "context" in found else _BEFORE_CONTEXT
+        return self._columns
 
     def decode(self, raw: Any) -> list[Item]:
         """One journal row as events (or a message); a row we cannot read
         is logged and skipped."""
-        journal_id, created_at, shape, body = raw
+        journal_id, created_at, shape, body, context = raw
         try:
             if shape is None:
                 return _payload.decode(body, journal_id)
-            return [self._event(journal_id, created_at, self._shape(shape), body)]
+            shaped = self._shape(shape)
+            return [self._event(journal_id, created_at, shaped, body, _context.decode(context))]
         except (_payload.PayloadError, KeyError, ValueError, TypeError, IndexError) as exc:
             log.warning("skipped journal row %s: %s", journal_id, exc)
             return []
@@ -64,7 +79,7 @@ class Rows:
     def read(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         """Up to ``limit`` journal rows from id ``since``, decoded, and the last id."""
         rows = self.db.run(
-            f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
+            f"SELECT {self.columns} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
             (since, limit),
         )
         items = [item for raw in rows for item in self.decode(raw)]
@@ -82,7 +97,12 @@ class Rows:
         return shape
 
     def _event(
-        self, journal_id: int, created_at: float, shape: dict[str, Any], body: str
+        self,
+        journal_id: int,
+        created_at: float,
+        shape: dict[str, Any],
+        body: str,
+        context: dict[str, Any] | None,
     ) -> ChangeEvent:
         columns, keep, keys = shape["c"], shape["keep"], shape["k"]
         values = _payload.loads(body)
@@ -102,7 +122,9 @@ class Rows:
             row = new if new is not None else old
             assert row is not None
             pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
-            return ChangeEvent(shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True)
+            return ChangeEvent(
+                shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True, context
+            )
         if op is Operation.UPDATE:
             new_values, old_values = _flatten(values[0]), _flatten(values[1])
             pairs = zip(columns, new_values, old_values, strict=True)
@@ -120,7 +142,9 @@ class Rows:
         if keep is not None:
             new = None if new is None else {c: new[c] for c in keep}
             old = None if old is None else {c: old[c] for c in keep}
-        return ChangeEvent(shape["t"], op, pk, new, old, changed, journal_id, timestamp)
+        return ChangeEvent(
+            shape["t"], op, pk, new, old, changed, journal_id, timestamp, False, context
+        )
 
 
 class SQLiteFeed(Feed):

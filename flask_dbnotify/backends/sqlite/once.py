@@ -13,7 +13,7 @@ from typing import Any
 from ...events import ChangeEvent
 from ..base import OnceStore
 from .connection import Database, in_one_snapshot
-from .journal import COLUMNS, Rows
+from .journal import Rows
 
 
 class SQLiteOnceStore(OnceStore):
@@ -39,7 +39,7 @@ class SQLiteOnceStore(OnceStore):
             if mark is None:
                 return [], None
             rows = conn.execute(
-                f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id > ? "
+                f"SELECT {self.rows.columns} FROM dbnotify_journal WHERE id > ? "
                 "AND shape IN (SELECT key FROM dbnotify_shapes "
                 "  WHERE json_extract(header, '$.t') IN (SELECT value FROM json_each(?))) "
                 "ORDER BY id LIMIT ?",
@@ -119,7 +119,8 @@ class SQLiteOnceStore(OnceStore):
             return []
         ids = json.dumps([event_id for event_id, _ in rows])
         found = self.db.run(
-            f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id IN (SELECT value FROM json_each(?))",
+            f"SELECT {self.rows.columns} FROM dbnotify_journal "
+            "WHERE id IN (SELECT value FROM json_each(?))",
             (ids,),
         )
         raw_by_id = {raw[0]: raw for raw in found}

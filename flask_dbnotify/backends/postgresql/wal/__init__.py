@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ...._context import SETTING as CONTEXT_SETTING
 from ...base import Feed, Stream
 from ...common import execute_on, parse_url
 from .. import PostgreSQLBackend
@@ -34,6 +35,10 @@ KEEP_SECONDS = 10.0
 #: only the app's role may write (not pg_logical_emit_message(), which any
 #: role may call), and no NOTIFY (which would serialise notifying commits).
 _MESSAGE = "INSERT INTO {} (body) VALUES (%(payload)s)"
+
+#: The context, for the leader (see ``Stream.handle``). Any role may emit
+#: such a message; it only ever applies to its own transaction's changes.
+_EMIT_CONTEXT = "SELECT pg_logical_emit_message(true, %(prefix)s, %(text)s::text)"
 
 
 class WalBackend(PostgreSQLBackend):
@@ -63,6 +68,10 @@ class WalBackend(PostgreSQLBackend):
         # On the caller's connection, its errors its own: as in triggers mode.
         messages = ident(self.schema, MESSAGES)
         execute_on(connection, _MESSAGE.format(messages), {"payload": payload})
+
+    def set_context(self, conn: Any, text: str, first: bool) -> None:
+        # Decoded in the transaction, before the changes that follow it.
+        conn.exec_driver_sql(_EMIT_CONTEXT, {"prefix": CONTEXT_SETTING, "text": text})
 
     def feed(self) -> Feed:
         return WalFeed(self)

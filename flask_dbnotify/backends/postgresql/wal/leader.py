@@ -25,12 +25,14 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
+from ...._context import SETTING as CONTEXT_SETTING
 from ...._log import RateLimited
 from ...common import reason
 from .. import pgoutput
 from ..connection import LIVENESS, discard
 from .ddl import DEFINITIONS, MESSAGES
 from .relay import Change, Handoff, Part, Relay, Sent, Truncated
+from .shape import context_text
 
 log = logging.getLogger(__name__)
 _limited = RateLimited(log, interval=60.0)
@@ -199,7 +201,9 @@ class Stream:
         #: time as text; its commit position, how many of its changes were
         #: relayed (or skipped), and how many are still to skip.
         self.changes: list[Any] = []
-        self.ts = ""
+        #: What follows ``"ts": `` in the bodies of the current transaction's
+        #: changes: its commit time, then its context once it sets one.
+        self.commit_ts = self.ts = ""
         self.txn = 0
         self.txn_done = 0
         self.skip = 0
@@ -275,11 +279,10 @@ class Stream:
             self.relations[record.oid] = record
             self.relay.forget_types(record)
         elif isinstance(record, pgoutput.Begin):
-            self.changes = []
-            self.ts = f"{record.commit_time.timestamp():.6f}"
-            self.txn, self.txn_done = record.final_lsn, 0
-            part = self.part
-            self.skip = part.changes if part is not None and part.lsn == record.final_lsn else 0
+            self.begin(record)
+        elif isinstance(record, pgoutput.Message):
+            if record.transactional and record.prefix == CONTEXT_SETTING:
+                self.ts = self.commit_ts + context_text(record.content)
         elif isinstance(record, pgoutput.Insert):
             relation = self.relations[record.relation_oid]
             if relation.name == MESSAGES and relation.schema == self.relay.schema:
@@ -287,17 +290,7 @@ class Stream:
             else:
                 self.add(Change(relation, "I", record.new, None, self.ts))
         elif isinstance(record, pgoutput.Update):
-            relation = self.relations[record.relation_oid]
-            old = record.old
-            if old is None:
-                _limited.warning(
-                    "WAL capture: %s.%s has no REPLICA IDENTITY FULL: UPDATEs arrive without "
-                    "their old row; run `flask dbnotify install-triggers`",
-                    relation.schema,
-                    relation.name,
-                )
-                old = tuple(None for _ in record.new)
-            self.add(Change(relation, "U", record.new, old, self.ts))
+            self.update(record)
         elif isinstance(record, pgoutput.Delete):
             old = record.old if record.old is not None else record.key
             relation = self.relations[record.relation_oid]
@@ -311,6 +304,26 @@ class Stream:
             self.add(Truncated(tables, self.ts))
         elif isinstance(record, pgoutput.Commit):
             self.commit(record)
+
+    def begin(self, record: pgoutput.Begin) -> None:
+        self.changes = []
+        self.commit_ts = self.ts = f"{record.commit_time.timestamp():.6f}"
+        self.txn, self.txn_done = record.final_lsn, 0
+        part = self.part
+        self.skip = part.changes if part is not None and part.lsn == record.final_lsn else 0
+
+    def update(self, record: pgoutput.Update) -> None:
+        relation = self.relations[record.relation_oid]
+        old = record.old
+        if old is None:
+            _limited.warning(
+                "WAL capture: %s.%s has no REPLICA IDENTITY FULL: UPDATEs arrive without "
+                "their old row; run `flask dbnotify install-triggers`",
+                relation.schema,
+                relation.name,
+            )
+            old = tuple(None for _ in record.new)
+        self.add(Change(relation, "U", record.new, old, self.ts))
 
     def commit(self, record: pgoutput.Commit) -> None:
         if record.end_lsn > self.relayed:

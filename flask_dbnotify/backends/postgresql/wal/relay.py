@@ -265,8 +265,8 @@ class Relay:
             for schema, name in truncate.tables:
                 watch = self.watches.get((schema, name))
                 if watch is not None:
-                    head = {**watch.head, "o": "T", "ts": float(truncate.ts)}
-                    journal.add(watch.name, [json.dumps(head, ensure_ascii=False)])
+                    head = json.dumps({**watch.head, "o": "T"}, ensure_ascii=False)[:-1]
+                    journal.add(watch.name, [head + ', "ts": ' + truncate.ts + "}"])
 
     def _rows(self, journal: JournalWriter, run: list[Change]) -> None:
         first = run[0]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...._context import MAX_BYTES as CONTEXT_BYTES
 from .. import pgoutput
 from ..common import MAX_ROW_BYTES, literal
 from . import tojson
@@ -32,6 +33,19 @@ class WatchDef:
     when_changed: tuple[str, ...] | None
 
 
+def context_text(content: bytes) -> str:
+    """What a context message (``set_context()``) adds after the commit
+    time in the bodies of its transaction's later changes: ``, "cx": ``
+    and its JSON as a JSON string; nothing to clear it, or for a message
+    that is not UTF-8 or over the size triggers take."""
+    if not content or len(content) > CONTEXT_BYTES:
+        return ""
+    try:
+        return ', "cx": ' + json.dumps(content.decode(), ensure_ascii=False)
+    except UnicodeDecodeError:
+        return ""
+
+
 @dataclass
 class Change:
     """One row change of a transaction."""
@@ -40,7 +54,8 @@ class Change:
     op: str  # I, U or D
     new: pgoutput.Values | None
     old: pgoutput.Values | None
-    #: Its transaction's commit time, in seconds since the epoch, as text.
+    #: Its transaction's commit time, in seconds since the epoch, as text,
+    #: and its context (see :func:`context_text`): what follows ``"ts": ``.
     ts: str
 
 
