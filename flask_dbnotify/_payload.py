@@ -13,7 +13,10 @@ object of the primary key columns. ``s`` is unique per batch: PostgreSQL
 folds identical notifications sent in one transaction. A TRUNCATE has
 ``"o": "T"`` and no ``s`` or ``r``.
 
-An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``.
+An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``,
+written always in this order and spacing, so that its text starts with
+:func:`message_prefix`: once receivers of a channel find its journaled
+messages by that.
 A gap, journaled when WAL capture's slot was replaced after it was lost:
 ``{"v": 1, "gap": REASON}``. The marker a stopping listener sends itself:
 ``{"v": 1, "drained": TOKEN}``.
@@ -87,6 +90,11 @@ def loads(text: str) -> Any:
     return _decode(text)
 
 
+def message_prefix(channel: str) -> str:
+    """How the text of every message on ``channel`` starts."""
+    return f'{{"v":{VERSION},"m":{json.dumps(channel, ensure_ascii=False)},'
+
+
 def encode_message(channel: str, payload: Any) -> str:
     """Encode an application message; raises ``TypeError`` for values JSON
     cannot hold, before anything is sent."""
@@ -96,12 +104,13 @@ def encode_message(channel: str, payload: Any) -> str:
     # are not folded into one by PostgreSQL.
     unique = f"{os.getpid():x}.{next(_counter):x}"
     try:
-        text = json.dumps(
-            {"v": VERSION, "m": channel, "u": unique, "p": payload},
+        rest = json.dumps(
+            {"u": unique, "p": payload},
             ensure_ascii=False,
             separators=(",", ":"),
             allow_nan=False,
         )
+        text = message_prefix(channel) + rest[1:]
         # A lone surrogate passes json.dumps but is no text a database holds.
         text.encode()
     except RecursionError:
