@@ -21,6 +21,7 @@ from . import _payload
 from ._codecs import Record, record
 from ._items import Notification
 from ._watch import receiver_name
+from .events import ChangeEvent
 
 if TYPE_CHECKING:
     from ._registry import Registry
@@ -117,8 +118,11 @@ def outgoing(target: Any, payload: Any, fields: Mapping[str, Any]) -> tuple[str,
 
 
 def is_message(value: Any) -> bool:
-    """Whether ``value`` is a typed message (a dataclass instance)."""
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+    """Whether ``value`` is a typed message: a dataclass instance, other
+    than the events and messages the listener delivers."""
+    if isinstance(value, (type, ChangeEvent, Notification)):
+        return False
+    return dataclasses.is_dataclass(value)
 
 
 def as_notification(message: Any) -> Notification:

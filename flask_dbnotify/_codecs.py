@@ -280,7 +280,7 @@ def codec(hint: Any, where: str) -> Codec:
             raise TypeError(f"{where}: {hint} is not supported: of unions, only X | None is")
         return OptionalCodec(codec(others[0], where))
     if origin is not None or hint in (list, tuple, dict):
-        return _generic(origin or hint, typing.get_args(hint), where)
+        return _generic(origin or hint, typing.get_args(hint), where, hint)
     if hint in _SCALARS:
         return _SCALARS[hint]
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
@@ -296,7 +296,7 @@ def codec(hint: Any, where: str) -> Codec:
     )
 
 
-def _generic(origin: Any, args: tuple[Any, ...], where: str) -> Codec:
+def _generic(origin: Any, args: tuple[Any, ...], where: str, hint: Any) -> Codec:
     if origin is list:
         return ListCodec(list, [codec(args[0] if args else Any, where)], fixed=False)
     if origin is tuple:
@@ -307,4 +307,4 @@ def _generic(origin: Any, args: tuple[Any, ...], where: str) -> Codec:
         if args and args[0] is not str:
             raise TypeError(f"{where}: dict keys must be str (JSON object keys), not {args[0]!r}")
         return DictCodec(codec(args[1] if args else Any, where))
-    raise TypeError(f"{where}: {origin!r} is not supported: use list, tuple or dict[str, ...]")
+    raise TypeError(f"{where}: {hint} is not supported: use list, tuple or dict[str, ...]")
