@@ -18,6 +18,7 @@ import datetime as dt
 import enum
 import functools
 import math
+import threading
 import types
 import typing
 import uuid
@@ -204,6 +205,9 @@ class DictCodec(Codec):
         return {k: self.values.decode(v, f"{where}[{k!r}]") for k, v in value.items()}
 
 
+_COMPILING = threading.RLock()
+
+
 class Record(Codec):
     """A dataclass: a JSON object of its ``__init__`` fields. Its fields
     are compiled on first use (so a dataclass may contain itself)."""
@@ -218,12 +222,17 @@ class Record(Codec):
     @property
     def fields(self) -> list[tuple[str, Codec, bool]]:
         """``(name, codec, required)`` of each field ``__init__`` takes."""
-        if self._fields is None and not self._compiling:
-            self._compiling = True
-            try:
-                self._fields = self._compile()
-            finally:
-                self._compiling = False
+        if self._fields is None:
+            # One thread compiles (others wait: an empty list would send an
+            # empty payload); the compiling thread, reaching this class
+            # again through its fields, gets an empty list for the moment.
+            with _COMPILING:
+                if self._fields is None and not self._compiling:
+                    self._compiling = True
+                    try:
+                        self._fields = self._compile()
+                    finally:
+                        self._compiling = False
         return self._fields or []
 
     def _compile(self) -> list[tuple[str, Codec, bool]]:
