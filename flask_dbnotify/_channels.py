@@ -100,6 +100,12 @@ def outgoing(target: Any, payload: Any, fields: Mapping[str, Any]) -> tuple[str,
     ``TypeError`` (or ``ValueError``) before anything is sent."""
     if isinstance(target, str) and not fields:
         return target, payload
+    if isinstance(target, str) and payload is not None:
+        raise TypeError(
+            f"notify() got keyword arguments {', '.join(sorted(fields))} beside a payload: "
+            "fields go with a typed channel (a dataclass, or its dotted path), a payload "
+            "with an untyped one"
+        )
     if payload is not None:
         raise TypeError(
             "a typed channel takes its fields as keyword arguments or in an instance, "

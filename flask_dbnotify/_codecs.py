@@ -49,20 +49,26 @@ class ScalarCodec(Codec):
         to_json: Callable[[Any], Any] = lambda v: v,
         from_json: Callable[[Any], Any] | None = None,
         exclude: type | None = None,
+        accepts: tuple[type, ...] = (),
     ) -> None:
         self.kind, self.wire, self.to_json = kind, wire, to_json
         self.from_json = from_json or kind
         #: A subclass the value must not be (bool for int, datetime for date).
         self.exclude = exclude or _NEVER
+        #: What a value may be (an int for a float, as type checkers allow).
+        self.accepts = accepts or (kind,)
 
     @staticmethod
     def _is(value: Any, kind: type | tuple[type, ...], exclude: type) -> bool:
         return isinstance(value, kind) and not isinstance(value, exclude)
 
     def encode(self, value: Any, where: str) -> Any:
-        if not self._is(value, self.kind, self.exclude):
+        if not self._is(value, self.accepts, self.exclude):
             raise TypeError(f"{where}: expected {self.kind.__name__}, got {value!r}")
-        return self.to_json(value)
+        try:
+            return self.to_json(value)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
     def decode(self, value: Any, where: str) -> Any:
         if not self._is(value, self.wire, bool if bool not in self.wire else _NEVER):
@@ -78,9 +84,13 @@ class _NEVER:
 
 
 def _finite(value: Any) -> float:
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
         raise ValueError(f"{value!r} is not a JSON number")
-    return float(value)
+    return number
 
 
 def _decimal(value: Any) -> Decimal:
@@ -96,7 +106,7 @@ _NUMBER = (int, float)
 _SCALARS: dict[Any, ScalarCodec] = {
     str: ScalarCodec(str, (str,)),
     int: ScalarCodec(int, (int,), exclude=bool),
-    float: ScalarCodec(float, _NUMBER, _finite, float, exclude=bool),
+    float: ScalarCodec(float, _NUMBER, _finite, float, exclude=bool, accepts=_NUMBER),
     bool: ScalarCodec(bool, (bool,)),
     type(None): ScalarCodec(type(None), (type(None),), from_json=lambda v: None),
     dt.date: ScalarCodec(dt.date, (str,), _iso, dt.date.fromisoformat, exclude=dt.datetime),

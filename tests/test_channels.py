@@ -267,7 +267,9 @@ def test_bad_calls_raise_and_send_nothing(
         (TypeError, "expected int", lambda: ext.notify(PostReads, model_id="1", date=day)),
         (TypeError, "expected int", lambda: ext.notify(PostReads(True, day))),  # type: ignore[arg-type]
         (TypeError, "expected date", lambda: ext.notify(PostReads(1, dt.datetime(2024, 1, 1)))),
-        (ValueError, "not a JSON number", lambda: ext.notify(Point(1, math.nan))),
+        (ValueError, "Point.y: nan is not a JSON number", lambda: ext.notify(Point(1, math.nan))),
+        (ValueError, "not a JSON number", lambda: ext.notify(Point(1, 10**400))),
+        (TypeError, "durabel beside a payload", lambda: ext.notify("c", {}, durabel=True)),
         (TypeError, "expected a Node", lambda: ext.notify(Node("a", [Point(1, 2)]))),  # type: ignore[list-item]
         (TypeError, "not a payload", lambda: ext.notify(PostReads, {"model_id": 1}, date=day)),
         (TypeError, "not both", lambda: ext.notify(PostReads(1, day), model_id=2)),
@@ -552,6 +554,8 @@ def test_codecs_round_trip_and_name_where_a_value_does_not_fit() -> None:
     assert payload["amount"] == "12345678901234567890.123456789012345678901"
     assert payload["moment"] == "2024-02-29T23:59:58.123456+05:30"
     assert payload["color"] == "blue" and payload["level"] == 2
+    # An int where a float is annotated, as type checkers allow: a float.
+    assert _channels.resolve(Point).encode(Point(1, 2), "Point") == {"x": 1, "y": 2.0}
     payload["points"][1]["x"] = "5"
     with pytest.raises(ValueError, match=r"^Everything\.points\[1\]\.x: expected int"):
         record.decode(payload, "Everything")
