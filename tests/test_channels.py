@@ -351,6 +351,27 @@ def test_connection_sends_when_the_transaction_commits(
     assert got.wait_for(2, "committed messages") == [PostReads(2, day), PostReads(3, day)]
 
 
+def test_durable_typed_messages_sent_while_stopped_arrive_after_start(backend: Backend) -> None:
+    """``durable=True`` journals a typed message like any other: one sent
+    while the listener was stopped (in an app with a durable watch) is
+    replayed after start(), once, in order."""
+    backend.sql("CREATE TABLE orders (id int PRIMARY KEY)")
+    app, ext = backend.make_app()
+    ext.watch("orders", durable=True)
+    got = typed(ext, PostReads)
+    ext.install_triggers(app)
+    ext.start(app)
+    day = dt.date(2024, 6, 1)
+    ext.notify(PostReads(1, day), durable=True, app=app)
+    got.wait_for(1, "the first message")
+    ext.stop(app)
+    ext.notify(PostReads, model_id=2, date=day, durable=True, app=app)
+    ext.start(app)
+    ext.notify(NAME, model_id=3, date=day, durable=True, app=app)
+    assert got.wait_for(3, "messages") == [PostReads(n, day) for n in (1, 2, 3)]
+    got.assert_no_more(3, lambda: ext.notify(PostReads(4, day), durable=True, app=app))
+
+
 # -- once ------------------------------------------------------------------------------
 
 #: What the once receiver handled, as (app name, n); set per test.
