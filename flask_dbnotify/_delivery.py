@@ -1,13 +1,14 @@
-"""Sending one row event to its receivers: the one code path of the
-listener's dispatcher and of :meth:`DBNotify.deliver
+"""Sending one row event or message to its receivers: the one code path
+of the listener's dispatcher and of :meth:`DBNotify.deliver
 <flask_dbnotify.DBNotify.deliver>`, so a test that delivers an event by
 hand sees what the listener would do with it.
 
 The order is the documented one: the operation's signal and
 ``row_changed`` (or ``table_truncated``), then the ``on()`` receivers of
-the table that match the event, in the order they were registered. Each
-receiver is isolated: one that raises is logged and reported with
-``receiver_failed``, and the others still run.
+the table that match the event, in the order they were registered; for a
+message, ``notification_received``, then the ``on_message()`` receivers
+of its channel. Each receiver is isolated: one that raises is logged and
+reported with ``receiver_failed``, and the others still run.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 from blinker import NamedSignal
 
 from . import signals
+from ._items import Notification
 from .events import ChangeEvent, Operation
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ._registry import Registry
-    from ._watch import Subscription
+    from ._registry import OnceReceiver, Registry
 
 # The listener's logger, as documented: receivers' failures are logged there.
 log = logging.getLogger("flask_dbnotify.listener")
@@ -37,9 +38,9 @@ _OP_SIGNALS: dict[Operation, NamedSignal] = {
 }
 _TRUNCATE = (signals.table_truncated,)
 
-#: What to do with a once receiver that matches an event: the dispatcher
-#: offers it to its once runner, ``deliver()`` calls it.
-OnceHandler = Callable[["Subscription", ChangeEvent], None]
+#: What to do with a once receiver that matches an event or a message: the
+#: dispatcher offers it to its once runner, ``deliver()`` calls it.
+OnceHandler = Callable[["OnceReceiver", Any], None]
 
 
 def deliver_event(
@@ -66,26 +67,72 @@ def deliver_event(
             if sub.once:
                 once(sub, event)
             else:
-                call(app, sub.func, event, event)
+                handle(app, sub, event)
 
 
-def deliver_now(app: Flask, registry: Registry, events: Iterable[Any]) -> None:
-    """``DBNotify.deliver()``: deliver ``events`` in this thread, inside a
-    new application context of ``app`` (as the dispatcher pushes one), once
-    receivers called directly: there is no journal row to claim."""
-    events = list(events)
-    for event in events:
-        if not isinstance(event, ChangeEvent):
+def deliver_message(
+    app: Flask,
+    registry: Registry,
+    note: Notification,
+    *,
+    once: OnceHandler,
+    on_receivers: bool = True,
+) -> None:
+    """Send ``note`` to ``notification_received`` and, unless
+    ``on_receivers`` is false, to the ``on_message()`` receivers of its
+    channel, handing once receivers to ``once``. Run inside ``app``'s
+    application context."""
+    if signals.notification_received.receivers:
+        for receiver in signals.notification_received.receivers_for(note.channel):
+            call(
+                app,
+                receiver,
+                note.payload,
+                note.channel,
+                payload=note.payload,
+                context=note.context,
+            )
+    if not on_receivers:
+        return
+    for sub in registry.messages_for(note.channel):
+        if sub.once:
+            once(sub, note)
+        else:
+            handle(app, sub, note)
+
+
+def deliver_now(app: Flask, registry: Registry, items: Iterable[Any]) -> None:
+    """``DBNotify.deliver()``: deliver events and messages in this thread,
+    inside a new application context of ``app`` (as the dispatcher pushes
+    one), once receivers called directly: there is no journal row to claim."""
+    items = list(items)
+    for item in items:
+        if not isinstance(item, (ChangeEvent, Notification)):
             raise TypeError(
-                f"deliver() takes ChangeEvent objects (see make_event()), not {event!r}"
+                "deliver() takes ChangeEvent objects (see make_event()) and typed "
+                f"messages (dataclass instances), not {item!r}"
             )
 
-    def run_once(sub: Subscription, event: ChangeEvent) -> None:
-        call(app, sub.func, event, event)
+    def run_once(sub: OnceReceiver, item: Any) -> None:
+        handle(app, sub, item)
 
     with app.app_context():
-        for event in events:
-            deliver_event(app, registry, event, once=run_once)
+        for item in items:
+            if isinstance(item, ChangeEvent):
+                deliver_event(app, registry, item, once=run_once)
+            else:
+                deliver_message(app, registry, item, once=run_once)
+
+
+def handle(app: Flask, sub: OnceReceiver, item: Any) -> None:
+    """Run an ``on()`` or ``on_message()`` receiver (a message is decoded
+    first); if it raises, log it and send ``receiver_failed`` with the
+    receiver's function and ``item``."""
+    try:
+        sub.handle(item)
+    except Exception as exc:  # noqa: BLE001 - isolate receivers
+        log.exception("receiver %r failed", sub.func)
+        report(app, sub.func, item, exc)
 
 
 def call(
@@ -98,8 +145,13 @@ def call(
         receiver(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - isolate receivers
         log.exception("receiver %r failed", receiver)
-        for failed in signals.receiver_failed.receivers_for(app):
-            try:
-                failed(app, receiver=receiver, event=subject, error=exc)
-            except Exception:  # noqa: BLE001
-                log.exception("receiver_failed receiver %r failed", failed)
+        report(app, receiver, subject, exc)
+
+
+def report(app: Flask, receiver: Callable[..., Any], subject: Any, error: Exception) -> None:
+    """Send ``receiver_failed`` (sender ``app``), each of its receivers guarded."""
+    for failed in signals.receiver_failed.receivers_for(app):
+        try:
+            failed(app, receiver=receiver, event=subject, error=error)
+        except Exception:  # noqa: BLE001
+            log.exception("receiver_failed receiver %r failed", failed)

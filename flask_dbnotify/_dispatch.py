@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import signals
-from ._delivery import call, deliver_event
+from ._delivery import call, deliver_event, deliver_message
 from ._items import Drained, Gap, Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
@@ -28,9 +28,8 @@ from ._queue import Counts, HearingCheck, LifecycleSignal, Run, Task, raw_only
 from .events import ChangeEvent
 
 if TYPE_CHECKING:
-    from ._registry import Served
-    from ._watch import Subscription
-    from .backends import Feed
+    from ._registry import OnceReceiver, Served
+    from .backends import Claimable, Feed
 
 # The listener's logger, as documented: receivers' failures are logged there.
 log = logging.getLogger("flask_dbnotify.listener")
@@ -94,10 +93,10 @@ class Dispatcher:
         while True:
             with ready:
                 while not queue and not run.stop.is_set():
-                    tick = (
-                        _ONCE_EVERY if self._served.registry.once_receivers() else _CATCH_UP_EVERY
-                    )
-                    if not ready.wait(tick) and self._durable_in_use():
+                    once = bool(self._served.registry.once_receivers())
+                    tick = _ONCE_EVERY if once else _CATCH_UP_EVERY
+                    # Once receivers of messages need no durable watch.
+                    if not ready.wait(tick) and (once or self._durable_in_use()):
                         break  # Idle: catch up below, then wait again.
                 if run.stop.is_set():
                     break
@@ -248,15 +247,14 @@ class Dispatcher:
                 if item.id is None and not self._served.settings.fast_messages:
                     _limited.warning("ignored a message on %r that was not journaled", item.channel)
                     continue
-                if signals.notification_received.receivers:
-                    for receiver in signals.notification_received.receivers_for(item.channel):
-                        self._call(
-                            receiver,
-                            item.payload,
-                            item.channel,
-                            payload=item.payload,
-                            context=item.context,
-                        )
+                served = self._served
+                deliver_message(
+                    served.app,
+                    served.registry,
+                    item,
+                    once=self._offer_once,
+                    on_receivers=on_receivers,
+                )
                 delivered.append(item)
             else:
                 self._note(item)
@@ -285,10 +283,18 @@ class Dispatcher:
             served.app, served.registry, event, once=self._offer_once, on_receivers=on_receivers
         )
 
-    def _offer_once(self, sub: Subscription, event: ChangeEvent) -> None:
+    def _offer_once(self, sub: OnceReceiver, event: Claimable) -> None:
         # Only a journaled event can be claimed; the others are not offered.
         if event.id is not None:
             self._once.offer(sub, event)
+        else:
+            # Row events of durable watches always are: a message, then.
+            _limited.warning(
+                "once receiver %s did not get a message on %r: it was not journaled "
+                "(send it with notify(..., durable=True))",
+                sub.name,
+                getattr(event, "channel", "?"),
+            )
 
     def replay(self, since: int, until: int | None, receiver: str | None) -> int:
         """Deliver journaled events from id ``since`` (to ``until``) again,

@@ -1,8 +1,10 @@
-"""Exactly-once receivers: ``DBNotify.on(..., once=True)``.
+"""Exactly-once receivers: ``DBNotify.on(..., once=True)``, and
+``DBNotify.on_message(..., once=True)`` for journaled typed messages.
 
 Each process's dispatcher runs :meth:`OnceRunner.run` after deliveries and
 on an idle tick. For every once-receiver it reads the journal past the
-receiver's watermark, claims the events in one statement (the primary key
+receiver's watermark (the row events of its watch, or the messages of its
+channel), claims the events in one statement (the primary key
 (receiver, event id) lets exactly one process win each), moves the
 watermark, then runs the events it won. A receiver that raises is retried
 with exponential backoff up to ``DBNOTIFY_ONCE_ATTEMPTS`` times, then
@@ -16,15 +18,14 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .events import ChangeEvent
-from .signals import receiver_failed
+from ._channels import MessageSubscription
+from ._delivery import report
 
 if TYPE_CHECKING:
-    from ._registry import Served
-    from ._watch import Subscription
-    from .backends import OnceStore
+    from ._registry import OnceReceiver, Served
+    from .backends import Claimable, OnceStore
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ class OnceRunner:
         # Events that arrived live since the last run(): claimed first, so
         # a long transaction elsewhere (which holds back the journal scan)
         # does not hold them back.
-        self.offered: list[tuple[Subscription, ChangeEvent]] = []
+        self.offered: list[tuple[OnceReceiver, Claimable]] = []
 
-    def offer(self, sub: Subscription, event: ChangeEvent) -> None:
+    def offer(self, sub: OnceReceiver, event: Claimable) -> None:
         self.offered.append((sub, event))
 
     def run(self, stop: threading.Event) -> None:
@@ -67,18 +68,18 @@ class OnceRunner:
             if not self.scan(table, sub, stop) or not self.take_over_due(sub, stop):
                 return
 
-    def register_new(self, receivers: list[tuple[str, Subscription]]) -> None:
+    def register_new(self, receivers: list[tuple[str, OnceReceiver]]) -> None:
         """Register the receivers this process has not registered yet."""
         names = {sub.name for _, sub in receivers}
         if not names <= self.registered:
             register(self.store, sorted(names - self.registered))
             self.registered |= names
 
-    def run_offered(self, receivers: list[tuple[str, Subscription]], stop: threading.Event) -> bool:
+    def run_offered(self, receivers: list[tuple[str, OnceReceiver]], stop: threading.Event) -> bool:
         """Claim what arrived live and run what this process won; False
         if ``stop`` was set meanwhile."""
         offered, self.offered = self.offered, []
-        by_receiver: dict[str, list[ChangeEvent]] = {}
+        by_receiver: dict[str, list[Claimable]] = {}
         subs = {sub.name: sub for _, sub in receivers}
         for sub, event in offered:
             by_receiver.setdefault(sub.name, []).append(event)
@@ -88,21 +89,30 @@ class OnceRunner:
                 return False
         return True
 
-    def scan(self, table: str, sub: Subscription, stop: threading.Event) -> bool:
-        """Claim and run the journal's events of ``table`` past the
-        receiver's watermark, moving it on; False if ``stop`` was set."""
+    def scan(self, key: str, sub: OnceReceiver, stop: threading.Event) -> bool:
+        """Claim and run the journal's events of ``key`` (a watched table,
+        or a channel) past the receiver's watermark, moving it on; False if
+        ``stop`` was set."""
         store = self.store
         while True:
-            events, cursor = store.scan(sub.name, [table], _BATCH)
-            wanted = [e for e in events if sub.matches(e)]
+            found, wanted, cursor = self.read(key, sub)
             won = store.claim(sub.name, [e.id for e in wanted if e.id], self.worker)
             store.advance(sub.name, cursor)
             if not self.attempt_all(sub, [e for e in wanted if e.id in won], stop):
                 return False
-            if len(events) < _BATCH:
+            if found < _BATCH:
                 return True
 
-    def take_over_due(self, sub: Subscription, stop: threading.Event) -> bool:
+    def read(self, key: str, sub: OnceReceiver) -> tuple[int, list[Claimable], Any]:
+        """One batch past the receiver's watermark: how many journal rows
+        were found, those the receiver wants, and the cursor past them."""
+        if isinstance(sub, MessageSubscription):
+            notes, cursor = self.store.scan_messages(sub.name, key, _BATCH)
+            return len(notes), list(notes), cursor
+        events, cursor = self.store.scan(sub.name, [key], _BATCH)
+        return len(events), [e for e in events if sub.matches(e)], cursor
+
+    def take_over_due(self, sub: OnceReceiver, stop: threading.Event) -> bool:
         """Retry this process's failed events that are due, and take over
         claims whose lease ran out; False (with the rest given back) if
         ``stop`` was set."""
@@ -119,7 +129,7 @@ class OnceRunner:
         return True
 
     def attempt_all(
-        self, sub: Subscription, events: list[ChangeEvent], stop: threading.Event
+        self, sub: OnceReceiver, events: list[Claimable], stop: threading.Event
     ) -> bool:
         """First attempts of events this process claimed; False (with the
         rest given back) if ``stop`` is set meanwhile."""
@@ -130,18 +140,18 @@ class OnceRunner:
             self.attempt(sub, event, 1)
         return True
 
-    def claim_and_attempt(self, sub: Subscription, event: ChangeEvent) -> None:
+    def claim_and_attempt(self, sub: OnceReceiver, event: Claimable) -> None:
         """Run a once receiver for an operator's replay: claim the event if
         nobody has, then attempt it whatever its claim said."""
         assert event.id is not None
         self.store.reset(sub.name, event.id, self.worker)
         self.attempt(sub, event, 1)
 
-    def attempt(self, sub: Subscription, event: ChangeEvent, attempt: int) -> None:
+    def attempt(self, sub: OnceReceiver, event: Claimable, attempt: int) -> None:
         assert event.id is not None
         store, settings = self.store, self.served.settings
         try:
-            sub.func(event)
+            sub.handle(event)  # type: ignore[arg-type] # sub.matches(event) held
         except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
             error = f"{type(exc).__name__}: {exc}"
             if attempt < settings.once_attempts:
@@ -164,11 +174,6 @@ class OnceRunner:
                 error,
             )
             store.finish(sub.name, event.id, error, None)
-            app = self.served.app
-            for failed in receiver_failed.receivers_for(app):
-                try:
-                    failed(app, receiver=sub.func, event=event, error=exc)
-                except Exception:  # noqa: BLE001
-                    log.exception("receiver_failed receiver %r failed", failed)
+            report(self.served.app, sub.func, event, exc)
             return
         store.finish(sub.name, event.id, None, None)

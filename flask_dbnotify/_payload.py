@@ -16,7 +16,10 @@ context (``set_context()``) has ``"cx"`` after the head: its JSON, as a
 string.
 
 An application message: ``{"v": 1, "m": CHANNEL, "u": UNIQUE, "p": PAYLOAD}``,
-and ``"cx": CONTEXT`` (an object) when its transaction set one.
+and ``"cx": CONTEXT`` (an object) when its transaction set one, written
+always in this order and spacing, so that its text starts with
+:func:`message_prefix`: once receivers of a channel find its journaled
+messages by that.
 A gap, journaled when WAL capture's slot was replaced after it was lost:
 ``{"v": 1, "gap": REASON}``. The marker a stopping listener sends itself:
 ``{"v": 1, "drained": TOKEN}``.
@@ -91,6 +94,11 @@ def loads(text: str) -> Any:
     return _decode(text)
 
 
+def message_prefix(channel: str) -> str:
+    """How the text of every message on ``channel`` starts."""
+    return f'{{"v":{VERSION},"m":{json.dumps(channel, ensure_ascii=False)},'
+
+
 def encode_message(channel: str, payload: Any, context: dict[str, Any] | None = None) -> str:
     """Encode an application message (with its transaction's ``context``);
     raises ``TypeError`` for values JSON cannot hold, before anything is
@@ -101,15 +109,16 @@ def encode_message(channel: str, payload: Any, context: dict[str, Any] | None = 
     # are not folded into one by PostgreSQL.
     unique = f"{os.getpid():x}.{next(_counter):x}"
     try:
-        message = {"v": VERSION, "m": channel, "u": unique, "p": payload}
+        message = {"u": unique, "p": payload}
         if context:
             message["cx"] = context
-        text = json.dumps(
+        rest = json.dumps(
             message,
             ensure_ascii=False,
             separators=(",", ":"),
             allow_nan=False,
         )
+        text = message_prefix(channel) + rest[1:]
         # A lone surrogate passes json.dumps but is no text a database holds.
         text.encode()
     except RecursionError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._channels import MessageSubscription
 from ._watch import Subscription, Target, Watch
 from .events import Operation
 
@@ -22,23 +23,33 @@ if TYPE_CHECKING:
     from .backends import Backend
 
 
+#: A receiver a once runner runs: of row events, or of a typed channel.
+OnceReceiver = Subscription | MessageSubscription
+
+
 class Registry:
-    """Watches by name, and the ``on()`` receivers of each watched name."""
+    """Watches by name, the ``on()`` receivers of each watched name, and
+    the ``on_message()`` receivers of each typed channel."""
 
     def __init__(self) -> None:
         self.watches: dict[str, Watch] = {}
         self.subscriptions: dict[str, tuple[Subscription, ...]] = {}
+        self.messages: dict[str, tuple[MessageSubscription, ...]] = {}
 
     # -- what the listener and the once runner ask ------------------------
 
     def subscriptions_for(self, table: str) -> tuple[Subscription, ...]:
         return self.subscriptions.get(table, ())
 
-    def once_receivers(self) -> list[tuple[str, Subscription]]:
-        """``(watched name, receiver)`` for every once receiver."""
-        return [
-            (name, sub) for name, subs in self.subscriptions.items() for sub in subs if sub.once
-        ]
+    def messages_for(self, channel: str) -> tuple[MessageSubscription, ...]:
+        return self.messages.get(channel, ())
+
+    def once_receivers(self) -> list[tuple[str, OnceReceiver]]:
+        """``(watched name or channel, receiver)`` for every once receiver."""
+        kept: list[tuple[str, OnceReceiver]] = []
+        for by_name in (self.subscriptions, self.messages):
+            kept += [(name, sub) for name, subs in by_name.items() for sub in subs if sub.once]
+        return kept
 
     def once_names(self) -> list[str]:
         """The once receivers' names, sorted."""
@@ -73,7 +84,7 @@ class Registry:
             check_subscription(watch, sub)
         self.watches[watch.name] = watch
 
-    def check_once_name(self, sub: Subscription) -> None:
+    def check_once_name(self, sub: OnceReceiver) -> None:
         """A once receiver needs a name of its own: processes recognise it by it."""
         if "<lambda>" in sub.name or not hasattr(sub.func, "__qualname__"):
             raise ValueError(
@@ -104,6 +115,9 @@ class Registry:
     def subscribe(self, watch: Watch, sub: Subscription) -> None:
         check_subscription(watch, sub)
         self.subscriptions[watch.name] = (*self.subscriptions_for(watch.name), sub)
+
+    def subscribe_message(self, sub: MessageSubscription) -> None:
+        self.messages[sub.channel] = (*self.messages_for(sub.channel), sub)
 
 
 def check_where_columns(name: str, table: Any, sub: Subscription) -> None:

@@ -146,6 +146,11 @@ class Watch:
 Handler = Callable[[ChangeEvent], Any]
 
 
+def receiver_name(func: Callable[..., Any]) -> str:
+    """A receiver's identity across processes: its qualified name."""
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+
+
 @dataclass(frozen=True)
 class Subscription:
     """A receiver registered with ``DBNotify.on()``."""
@@ -157,6 +162,10 @@ class Subscription:
     once: bool = False
     #: The receiver's identity across processes: its qualified name.
     name: str = ""
+
+    def handle(self, event: ChangeEvent) -> None:
+        """Run the receiver (as a once runner does)."""
+        self.func(event)
 
     def matches(self, event: ChangeEvent) -> bool:
         if event.op not in self.operations:
@@ -179,5 +188,4 @@ class Subscription:
         ops = frozenset(coerce_operations(operations))
         if items and Operation.TRUNCATE in ops:
             raise ValueError("where= cannot apply to 'truncate': a TRUNCATE names no row")
-        name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
-        return cls(func, ops, items, once, name)
+        return cls(func, ops, items, once, receiver_name(func))

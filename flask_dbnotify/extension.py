@@ -2,50 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-import click
 from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 
-from . import _context, _delivery, _once, _payload, _process, _stream
-from ._registry import Registry, Served, check_where_columns
-from ._settings import Settings
-from ._stream import Hub
+from . import _appstate, _channels, _context, _delivery, _once, _payload, _process, _stream
+from ._appstate import AppState
+from ._registry import Registry, check_where_columns
 from ._watch import Subscription, Target, Watch, resolve_target
-from .backends import Backend, Status, backend_for
+from .backends import Status
 from .events import ChangeEvent, Operation
-from .listener import Listener, ListenerState
+from .listener import ListenerState
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class _CliValueError(click.ClickException, ValueError):
-    """A ValueError that click shows as one line."""
-
-
-class _CliRuntimeError(click.ClickException, RuntimeError):
-    """A RuntimeError that click shows as one line."""
-
-
-class _State:
-    """Per-app state, kept in ``app.extensions["dbnotify"]``."""
-
-    def __init__(self, ext: DBNotify, app: Flask, settings: Settings) -> None:
-        self.ext = ext
-        self.app = app
-        self.settings = settings
-        self.backend: Backend = backend_for(settings, app.instance_path)
-        self.served = Served(
-            app, settings, self.backend, ext._registry, Hub(settings.stream_buffer)
-        )
-        self.listener = Listener(self.served)
-        # True when the listener should run in this process (or in its forks).
-        self.wanted = False
-        # The process whose listener and connections these are.
-        self.pid = os.getpid()
 
 
 class DBNotify:
@@ -83,16 +54,7 @@ class DBNotify:
                 "Flask-DBNotify is already registered on this app: use "
                 "app.extensions['dbnotify'].ext, or create the app anew"
             )
-        try:
-            state = _State(self, app, Settings.from_app(app))
-        except (ValueError, RuntimeError) as exc:
-            if click.get_current_context(silent=True) is None:
-                raise
-            # Loaded by the `flask` command: one line that says what to
-            # set, not a traceback through the app's factory. Still a
-            # ValueError or RuntimeError to code that catches those.
-            kind = _CliValueError if isinstance(exc, ValueError) else _CliRuntimeError
-            raise kind(str(exc)) from exc
+        state = _appstate.create(self, app, self._registry)
         decision = _process.autostart_decision() if state.settings.autostart else "never"
         if decision != "never":
             _process.require_threads()
@@ -114,7 +76,7 @@ class DBNotify:
 
     # -- app lookup ---------------------------------------------------------
 
-    def _state(self, app: Flask | None = None) -> _State:
+    def _state(self, app: Flask | None = None) -> AppState:
         if app is None:
             if has_app_context():
                 app = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -262,30 +224,43 @@ class DBNotify:
 
     def notify(
         self,
-        channel: str,
+        channel: Any,
         payload: Any = None,
         *,
         connection: Any = None,
         durable: bool = False,
         app: Flask | None = None,
+        **fields: Any,
     ) -> None:
-        """Send an application message to every listener.
+        """Send an application message to every listener: untyped,
+        ``notify("cache", {"key": "menu"})``, or typed (:doc:`channels`):
+        ``notify(PostReads(model_id=1))``, ``notify(PostReads, model_id=1)``
+        or ``notify("myapp.channels.PostReads", model_id=1)``.
 
-        :param channel: the sender of ``notification_received``.
-        :param payload: any JSON-serialisable value. On PostgreSQL a message
-            is at most 16 MiB as JSON (``ValueError`` beyond); a durable
-            one, any size the journal holds.
+        :param channel: the sender of ``notification_received``; or a typed
+            channel (a dataclass instance, a dataclass, or its dotted path),
+            whose dotted path is then the channel name.
+        :param payload: any JSON-serialisable value (untyped messages only).
         :param connection: a SQLAlchemy ``Connection`` or ``Session`` (or a
             DB-API connection): the message is sent when its transaction
             commits, and not at all if it rolls back. Without it the message
             is sent at once.
         :param durable: journal the message like a durable row change, so
             listeners of apps with durable watches replay it after a
-            reconnect. (SQLite journals every message.)
+            reconnect, and once receivers get it. (SQLite journals every
+            message.)
+        :param fields: a typed channel's fields, with its class or path.
+
+        Nothing is sent when a typed message does not fit its class
+        (``TypeError``), nor when a value cannot be encoded (``TypeError``
+        or ``ValueError``). On PostgreSQL a message is at most 16 MiB as
+        JSON (``ValueError`` beyond); a durable one, any size the journal
+        holds.
         """
+        name, value = _channels.outgoing(channel, payload, fields)
         context = None if connection is None else _context.current(connection)
-        text = _payload.encode_message(channel, payload, context)
-        self._state(app).backend.notify(connection, channel, text, durable)
+        text = _payload.encode_message(name, value, context)
+        self._state(app).backend.notify(connection, name, text, durable)
 
     def set_context(self, connection: Any, /, **values: Any) -> None:
         """Say who or what is making the changes of ``connection``'s
@@ -300,17 +275,35 @@ class DBNotify:
         first = _context.remember(conn, values)
         self._state().backend.set_context(conn, text, first)
 
-    def deliver(self, *events: ChangeEvent, app: Flask | None = None) -> None:
+    def on_message(self, channel: Any, *, once: bool = False) -> Callable[[F], F]:
+        """Decorate a function ``f(message)`` to run for each message of a
+        typed channel (a dataclass, or its dotted path), as :meth:`on` does
+        for rows: ``message`` is an instance of the class, its fields typed
+        as annotated (see :doc:`channels`). A payload that does not fit the
+        class is logged and reported with ``receiver_failed``.
+
+        With ``once=True``, exactly one process of all that run the app
+        handles each journaled message (``notify(..., durable=True)`` on
+        PostgreSQL; every message on SQLite), even messages sent while no
+        process ran, with the retries of ``on(..., once=True)``.
+        """
+        return _channels.subscriber(self._registry, channel, once)
+
+    def deliver(self, *events: ChangeEvent | object, app: Flask | None = None) -> None:
         """Deliver ``events`` now, in this thread, as the listener would:
         to the row signals and the matching ``on()`` receivers, inside a
         new application context, each receiver's failure logged and sent
         as ``receiver_failed``; then to this process's open streams
-        (:meth:`stream`). For tests (see :doc:`testing`): it needs neither
-        the listener nor the database. Once receivers are called directly,
-        each time: there is no journal row to claim."""
+        (:meth:`stream`). A typed message (a dataclass instance) goes, as
+        sent on the wire, to ``notification_received`` and its channel's
+        ``on_message()`` receivers. For tests (see :doc:`testing`): it
+        needs neither the listener nor the database.
+        Once receivers are called directly, each time: there is no journal
+        row to claim."""
         state = self._state(app)
-        _delivery.deliver_now(state.app, self._registry, events)
-        state.served.hub.publish(events)
+        items = [_channels.as_notification(e) if _channels.is_message(e) else e for e in events]
+        _delivery.deliver_now(state.app, self._registry, items)
+        state.served.hub.publish(items)
 
     def replay(
         self,

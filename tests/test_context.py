@@ -5,6 +5,7 @@ transaction, and never at the cost of the write."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -359,3 +360,37 @@ def test_a_bare_postgresql_url_in_flask_sqlalchemy_needs_nothing(
         assert messages.recorder.wait_for(1, "the message") == [("done", [1], {"user_id": 11})]
         db.engine.dispose()
     assert (event.row["item"], event.context) == ("bare", {"user_id": 11})
+
+
+@dataclasses.dataclass
+class Shipped:
+    order_id: int
+
+
+def test_typed_message_receivers_that_ask_for_it_get_the_context(
+    backend: Backend, events: Recorder
+) -> None:
+    """An on_message() receiver with a ``context`` parameter gets the
+    sending transaction's context; one without gets the message alone."""
+    orders(backend)
+    app, ext = listening(backend.make_app, "orders")
+    with_context, without = Recorder(), Recorder()
+
+    @ext.on_message(Shipped)
+    def audit(message: Shipped, context: Any) -> None:
+        with_context.add((message, context))
+
+    @ext.on_message(Shipped)
+    def count(message: Shipped) -> None:
+        without.add(message)
+
+    with backend.engine().connect() as conn:
+        ext.set_context(conn, user_id=8)
+        ext.notify(Shipped(order_id=1), connection=conn, app=app)
+        conn.commit()
+    ext.notify(Shipped(order_id=2), app=app)
+    # With WAL capture a message sent at once may overtake the relayed one.
+    got = sorted(with_context.wait_for(2, "two typed messages"), key=lambda m: m[0].order_id)
+    assert got == [(Shipped(1), {"user_id": 8}), (Shipped(2), None)]
+    got = sorted(without.wait_for(2, "two typed messages"), key=lambda m: m.order_id)
+    assert got == [Shipped(1), Shipped(2)]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import DEAF, Backend, Feed, OnceStore, Status, Stream
+from .base import DEAF, Backend, Claimable, Feed, OnceStore, Status, Stream
 from .common import execute_on, parse_url, reason, where
 
 __all__ = [
     "DEAF",
     "Backend",
+    "Claimable",
     "Feed",
     "OnceStore",
     "Status",

@@ -20,12 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .._items import Item
+from .._items import Item, Notification
 from .._watch import Watch
 from ..events import ChangeEvent
 from .common import where
 
 WatchState = Literal["installed", "outdated", "missing", "error"]
+#: What a once receiver claims: a journaled row event or message.
+Claimable = ChangeEvent | Notification
 
 #: What a listener whose connection hears nothing is told (after "the
 #: listener's connection to WHERE").
@@ -168,8 +170,9 @@ class OnceStore(abc.ABC):
     """Claims of exactly-once receivers; all run on the dispatcher thread.
 
     A receiver's watermark says how far it has claimed: every journal row
-    of its watches up to there has a claim (receiver, event id), made by
-    exactly one process. ``cursor`` values are opaque to callers."""
+    of its watches (or its channel's messages) up to there has a claim
+    (receiver, event id), made by exactly one process. ``cursor`` values
+    are opaque to callers."""
 
     @abc.abstractmethod
     def register(self, receivers: Sequence[str]) -> None:
@@ -181,6 +184,14 @@ class OnceStore(abc.ABC):
     ) -> tuple[list[ChangeEvent], Any]:
         """Journaled events of ``watches`` past the receiver's watermark, in
         order, and the cursor to advance it to once they are claimed."""
+
+    @abc.abstractmethod
+    def scan_messages(
+        self, receiver: str, channel: str, limit: int
+    ) -> tuple[list[Notification], Any]:
+        """As :meth:`scan`, for the journaled messages of ``channel``: rows
+        no watch wrote whose body starts with
+        :func:`~flask_dbnotify._payload.message_prefix`."""
 
     @abc.abstractmethod
     def claim(self, receiver: str, ids: Sequence[int], worker: str) -> set[int]:
@@ -214,10 +225,11 @@ class OnceStore(abc.ABC):
     @abc.abstractmethod
     def due(
         self, receiver: str, worker: str, lease: float, limit: int
-    ) -> list[tuple[int, int, ChangeEvent | None]]:
-        """Claim events due for another attempt (retry time reached, or a
-        claim older than ``lease`` whose process died): ``(id, attempt,
-        event)``; the event is None if its journal row is gone."""
+    ) -> list[tuple[int, int, Claimable | None]]:
+        """Claim events (or messages) due for another attempt (retry time
+        reached, or a claim older than ``lease`` whose process died):
+        ``(id, attempt, event)``; the event is None if its journal row is
+        gone."""
 
 
 class Admin(abc.ABC):

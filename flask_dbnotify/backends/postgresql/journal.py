@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ... import _payload
-from ..._items import Item, Lost
+from ..._items import Item, Lost, Notification
 from ..._log import RateLimited
 from ...errors import DBNotifyError
 from ...events import ChangeEvent
@@ -43,10 +43,10 @@ def decode_row(row_id: int, body: str) -> list[Item]:
         return []
 
 
-def journal_event(row_id: int, body: str | None) -> ChangeEvent | None:
-    """The event of a journal row, if it holds one."""
+def journal_item(row_id: int, body: str | None) -> ChangeEvent | Notification | None:
+    """The event or message of a journal row, if it holds one."""
     items = [] if body is None else decode_row(row_id, body)
-    return items[0] if items and isinstance(items[0], ChangeEvent) else None
+    return items[0] if items and isinstance(items[0], (ChangeEvent, Notification)) else None
 
 
 def read(db: Database, journal: str, since: int, limit: int) -> tuple[list[Item], int | None]:

@@ -1,4 +1,6 @@
-"""The claims of exactly-once receivers, on PostgreSQL.
+"""The claims of exactly-once receivers, on PostgreSQL: of row events
+(journal rows with their watch's name) and of messages (rows without
+one, found by the start of their body).
 
 A scan reads only transactions older than every running one, so a later
 commit can never land behind a receiver's watermark; claims are rows whose
@@ -10,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..._items import Notification
+from ..._payload import message_prefix
 from ...events import ChangeEvent
-from ..base import OnceStore
+from ..base import Claimable, OnceStore
 from .connection import Database
-from .journal import journal_event
+from .journal import journal_item
 
 
 class PostgreSQLOnceStore(OnceStore):
@@ -36,6 +40,23 @@ class PostgreSQLOnceStore(OnceStore):
     def scan(
         self, receiver: str, watches: Sequence[str], limit: int
     ) -> tuple[list[ChangeEvent], Any]:
+        items, cursor = self._scan(receiver, "watch = ANY(%(w)s)", {"w": list(watches)}, limit)
+        return [e for e in items if isinstance(e, ChangeEvent)], cursor
+
+    def scan_messages(
+        self, receiver: str, channel: str, limit: int
+    ) -> tuple[list[Notification], Any]:
+        # A prefix of the body, measured by the server (characters in its
+        # encoding); a slice of a long body is read without the rest.
+        where = "watch IS NULL AND substr(body, 1, length(%(p)s)) = %(p)s"
+        items, cursor = self._scan(receiver, where, {"p": message_prefix(channel)}, limit)
+        return [n for n in items if isinstance(n, Notification) and n.channel == channel], cursor
+
+    def _scan(
+        self, receiver: str, where: str, params: dict[str, Any], limit: int
+    ) -> tuple[list[Claimable], Any]:
+        """Journal rows matching ``where`` (our SQL, values in ``params``)
+        past the receiver's watermark, decoded, and the cursor."""
         # Only transactions older than every running one: a later commit
         # can never land behind the watermark.
         rows = self._run(
@@ -43,21 +64,21 @@ class PostgreSQLOnceStore(OnceStore):
             "SELECT j.xid::text, j.id, j.body, s.xmin::text FROM s "
             "CROSS JOIN {receivers} AS r "
             "LEFT JOIN LATERAL (SELECT xid, id, body FROM {journal} "
-            "  WHERE (xid, id) > (r.xid, r.id) AND xid < s.xmin AND watch = ANY(%(w)s) "
+            "  WHERE (xid, id) > (r.xid, r.id) AND xid < s.xmin AND " + where + " "
             "  ORDER BY xid, id LIMIT %(n)s) AS j ON true "
             "WHERE r.receiver = %(r)s",
-            {"r": receiver, "w": list(watches), "n": limit},
+            {**params, "r": receiver, "n": limit},
         )
         found = [(row_id, body) for _, row_id, body, _ in rows if row_id is not None]
         if not rows:
             return [], None
-        events = [e for e in (journal_event(i, b) for i, b in found) if e is not None]
+        items = [e for e in (journal_item(i, b) for i, b in found) if e is not None]
         if len(found) == limit:
             cursor = (int(rows[-1][0]), rows[-1][1])
         else:
             # Everything of these watches below xmin is in hand.
             cursor = (int(rows[-1][3]), 0)
-        return events, cursor
+        return items, cursor
 
     def claim(self, receiver: str, ids: Sequence[int], worker: str) -> set[int]:
         if not ids:
@@ -113,7 +134,7 @@ class PostgreSQLOnceStore(OnceStore):
 
     def due(
         self, receiver: str, worker: str, lease: float, limit: int
-    ) -> list[tuple[int, int, ChangeEvent | None]]:
+    ) -> list[tuple[int, int, Claimable | None]]:
         rows = self._run(
             "UPDATE {claims} AS c SET state = 'running', attempts = c.attempts + 1, "
             "claimed_by = %(w)s, claimed_at = now() "
@@ -126,4 +147,4 @@ class PostgreSQLOnceStore(OnceStore):
             "(SELECT body FROM {journal} AS j WHERE j.id = c.event_id)",
             {"w": worker, "r": receiver, "l": lease, "n": limit},
         )
-        return sorted((row[0], row[1], journal_event(row[0], row[2])) for row in rows)
+        return sorted((row[0], row[1], journal_item(row[0], row[2])) for row in rows)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ... import _context, _payload
-from ..._items import Item
+from ..._items import Item, Notification
 from ...events import ChangeEvent, Operation
 from ..base import Feed, Stream
 from .catalog import JOURNAL
@@ -71,10 +71,10 @@ class Rows:
             log.warning("skipped journal row %s: %s", journal_id, exc)
             return []
 
-    def event(self, raw: Any) -> ChangeEvent | None:
-        """The event of a journal row (None if it holds none)."""
+    def item(self, raw: Any) -> ChangeEvent | Notification | None:
+        """The event or message of a journal row (None if it holds neither)."""
         items = [] if raw is None else self.decode(raw)
-        return items[0] if items and isinstance(items[0], ChangeEvent) else None
+        return items[0] if items and isinstance(items[0], (ChangeEvent, Notification)) else None
 
     def read(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         """Up to ``limit`` journal rows from id ``since``, decoded, and the last id."""

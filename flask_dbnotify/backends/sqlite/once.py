@@ -10,8 +10,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..._items import Item, Notification
+from ..._payload import message_prefix
 from ...events import ChangeEvent
-from ..base import OnceStore
+from ..base import Claimable, OnceStore
 from .connection import Database, in_one_snapshot
 from .journal import Rows
 
@@ -32,6 +34,27 @@ class SQLiteOnceStore(OnceStore):
     def scan(
         self, receiver: str, watches: Sequence[str], limit: int
     ) -> tuple[list[ChangeEvent], Any]:
+        where = (
+            "shape IN (SELECT key FROM dbnotify_shapes "
+            "  WHERE json_extract(header, '$.t') IN (SELECT value FROM json_each(?)))"
+        )
+        items, cursor = self._scan(receiver, where, (json.dumps(list(watches)),), limit)
+        return [e for e in items if isinstance(e, ChangeEvent)], cursor
+
+    def scan_messages(
+        self, receiver: str, channel: str, limit: int
+    ) -> tuple[list[Notification], Any]:
+        where = "shape IS NULL AND substr(body, 1, length(?)) = ?"
+        prefix = message_prefix(channel)
+        items, cursor = self._scan(receiver, where, (prefix, prefix), limit)
+        return [n for n in items if isinstance(n, Notification) and n.channel == channel], cursor
+
+    def _scan(
+        self, receiver: str, where: str, params: tuple[Any, ...], limit: int
+    ) -> tuple[list[Item], Any]:
+        """Journal rows matching ``where`` (our SQL, values in ``params``)
+        past the receiver's watermark, decoded, and the cursor."""
+
         def scan(conn: sqlite3.Connection) -> tuple[list[Any], Any]:
             mark = conn.execute(
                 "SELECT id FROM dbnotify_receivers WHERE receiver = ?", (receiver,)
@@ -39,11 +62,9 @@ class SQLiteOnceStore(OnceStore):
             if mark is None:
                 return [], None
             rows = conn.execute(
-                f"SELECT {self.rows.columns} FROM dbnotify_journal WHERE id > ? "
-                "AND shape IN (SELECT key FROM dbnotify_shapes "
-                "  WHERE json_extract(header, '$.t') IN (SELECT value FROM json_each(?))) "
+                f"SELECT {self.rows.columns} FROM dbnotify_journal WHERE id > ? AND ({where}) "
                 "ORDER BY id LIMIT ?",
-                (mark[0], json.dumps(list(watches)), limit),
+                (mark[0], *params, limit),
             ).fetchall()
             if len(rows) == limit:
                 return rows, rows[-1][0]
@@ -51,8 +72,7 @@ class SQLiteOnceStore(OnceStore):
             return rows, last
 
         rows, cursor = self.db.with_connection(in_one_snapshot(scan))
-        events = [e for raw in rows for e in self.rows.decode(raw) if isinstance(e, ChangeEvent)]
-        return events, cursor
+        return [item for raw in rows for item in self.rows.decode(raw)], cursor
 
     def claim(self, receiver: str, ids: Sequence[int], worker: str) -> set[int]:
         if not ids:
@@ -105,7 +125,7 @@ class SQLiteOnceStore(OnceStore):
 
     def due(
         self, receiver: str, worker: str, lease: float, limit: int
-    ) -> list[tuple[int, int, ChangeEvent | None]]:
+    ) -> list[tuple[int, int, Claimable | None]]:
         now = time.time()
         rows = self.db.run(
             "UPDATE dbnotify_claims SET state = 'running', attempts = attempts + 1, "
@@ -125,6 +145,6 @@ class SQLiteOnceStore(OnceStore):
         )
         raw_by_id = {raw[0]: raw for raw in found}
         return [
-            (event_id, attempts, self.rows.event(raw_by_id.get(event_id)))
+            (event_id, attempts, self.rows.item(raw_by_id.get(event_id)))
             for event_id, attempts in sorted(rows)
         ]
