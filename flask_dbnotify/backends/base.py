@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from .._items import Item, Notification
 from .._watch import Watch
+from ..errors import DBNotifyError
 from ..events import ChangeEvent
 from .common import where
 
@@ -67,6 +68,18 @@ class Status:
     def error(self, name: str, error: Exception) -> None:
         self.watches[name] = "error"
         self.details[name] = str(error)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """What a migration runs to make the database match the watches, and
+    what puts back what the database held before (see
+    :mod:`flask_dbnotify.migrations`)."""
+
+    upgrade: list[str]
+    downgrade: list[str]
+    #: What differs, one line each, for people: ``watch 'orders' (missing)``.
+    changes: list[str]
 
 
 class Stream(abc.ABC):
@@ -257,6 +270,23 @@ class Admin(abc.ABC):
     def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         """Compare the database with ``watches``; with ``health``, also
         read the database side's health (queue, listeners, journal)."""
+
+    def revision(self, watches: Sequence[Watch]) -> Revision | None:
+        """For a migration: the statements that make the database match
+        ``watches`` and those that undo them, read from the database as it
+        is now; None when it matches already."""
+        raise DBNotifyError(f"{type(self).__name__} cannot write migrations")
+
+    def kept_tables(self) -> tuple[str | None, frozenset[str]]:
+        """The schema (None: the database has one) and the names of the
+        tables Flask-DBNotify keeps: a migration's autogenerate, which
+        finds them in no model, leaves them alone."""
+        return None, frozenset()
+
+    def foreign(self, connection: Any) -> str | None:
+        """Why the SQLAlchemy ``connection`` (a migration's) is not to this
+        database, or None when it is."""
+        return f"{type(self).__name__} cannot compare databases"
 
 
 class Backend(abc.ABC):

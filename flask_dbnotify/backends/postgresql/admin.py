@@ -13,9 +13,9 @@ from typing import Any
 import psycopg2
 
 from ..._watch import Watch
-from ..base import DEAF, Admin, Status
+from ..base import DEAF, Admin, Revision, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries, reason
-from .catalog import read_catalog, resolve, resolve_all
+from .catalog import TABLE_NAMES, read_catalog, resolve, resolve_all
 from .common import CHECK_NAME, IDENTITY, LISTENER_NAME, check_channel, ident, identity_text
 from .connection import Database, cannot_connect
 from .ddl import (
@@ -26,6 +26,7 @@ from .ddl import (
     unused,
     watch_functions,
 )
+from .revision import plan, why_foreign
 
 #: How long ``status`` waits for its check notification to arrive.
 STATUS_CHECK_WAIT = 3.0
@@ -71,6 +72,20 @@ class PostgreSQLAdmin(Admin):
         # on a line of its own, in case it ends in a comment.
         if statements:
             self.db.cursor(lambda cur: cur.execute("\n;\n".join(statements)))
+
+    def revision(self, watches: Sequence[Watch]) -> Revision | None:
+        # One transaction: one snapshot of the catalog.
+        return self.db.cursor(lambda cur: plan(cur, watches, self.schema), transaction=True)
+
+    def kept_tables(self) -> tuple[str | None, frozenset[str]]:
+        return self.schema, TABLE_NAMES
+
+    def foreign(self, connection: Any) -> str | None:
+        def identity(cur: Any) -> Any:
+            cur.execute("SELECT " + IDENTITY)
+            return cur.fetchone()
+
+        return why_foreign(connection, lambda: self.db.cursor(identity))
 
     def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         def work(cur: Any) -> Status:

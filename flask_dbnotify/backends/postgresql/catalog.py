@@ -35,6 +35,8 @@ _TABLES = {
 }
 #: Tables of earlier versions that are no longer used.
 _LEGACY_TABLES = {"dbnotify_payload": {"id", "created_at", "body"}}
+#: The names of every table of ours, in use or left by an earlier version.
+TABLE_NAMES = frozenset(_TABLES) | frozenset(_LEGACY_TABLES)
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from ..._watch import Watch
-from ..base import Admin, Status
+from ..base import Admin, Revision, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries
-from .catalog import JOURNAL, our_tables, our_triggers, resolve
-from .connection import Database, write_transaction
+from .catalog import JOURNAL, TABLES, our_tables, our_triggers, resolve
+from .connection import Database, in_one_snapshot, write_transaction
 from .ddl import drop_trigger, install_plan, unix, watch_triggers
+from .revision import plan, why_foreign
 
 
 def iso(unix_time: float) -> str:
@@ -62,6 +64,18 @@ class SQLiteAdmin(Admin):
             return [drop_trigger(name) for name in drops] + tables
 
         return self.db.with_connection(work)
+
+    def revision(self, watches: Sequence[Watch]) -> Revision | None:
+        def work(conn: sqlite3.Connection) -> Revision | None:
+            return plan(conn, self.db.path, watches, self._plan(conn, watches))
+
+        return self.db.with_connection(in_one_snapshot(work))
+
+    def kept_tables(self) -> tuple[str | None, frozenset[str]]:
+        return None, frozenset(TABLES)
+
+    def foreign(self, connection: Any) -> str | None:
+        return why_foreign(connection, self.db.path)
 
     def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         def work(conn: sqlite3.Connection) -> Status:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ...._watch import Watch
 from ....errors import DBNotifyError
-from ...base import Status
+from ...base import Revision, Status
 from ...common import Inspection, compare_watches
 from ..admin import PostgreSQLAdmin
 from ..catalog import read_catalog, resolve, resolve_all
@@ -67,6 +67,13 @@ class WalAdmin(PostgreSQLAdmin):
         slot = self.db.cursor(work, transaction=True)
         # A slot cannot be made in a transaction that wrote anything.
         self.db.cursor(lambda cur: cur.execute(slot))
+
+    def revision(self, watches: Sequence[Watch]) -> Revision | None:
+        raise DBNotifyError(
+            "DBNOTIFY_CAPTURE = 'wal' is not written into migrations: its replication "
+            "slot cannot be made in a transaction that changed anything, as a migration's "
+            "has; run `flask dbnotify install-triggers` after `flask db upgrade`"
+        )
 
     def uninstall_sql(self, watches: Sequence[Watch], everything: bool) -> list[str]:
         def work(cur: Any) -> list[str]:
