@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -64,6 +65,8 @@ class DBNotify:
         from .cli import dbnotify_cli
 
         app.cli.add_command(dbnotify_cli)
+        if sys.modules.get("alembic") is not None:  # migrations may run: see migrations.py
+            from . import migrations  # noqa: F401 - registers op.dbnotify_sql, autogenerate
         if decision == "now":
             _process.guard_app_run(state)
             state.wanted = True
