@@ -115,21 +115,65 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).rstrip(":")
 
 
-def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: Any) -> None:
-    """Leave our tables alone, and add an ``op.dbnotify_sql()`` when the
-    migration's database does not match the current app's watches."""
+def _ours(autogen_context: AutogenContext, say: bool) -> Any:
+    """The current app's Flask-DBNotify admin, if the migration's database
+    is the one it is configured for; else None (logged why, if ``say``)."""
     state = current_app.extensions.get("dbnotify") if has_app_context() else None
     connection = autogen_context.connection
     if state is None or connection is None:
-        return
-    admin = state.backend.admin
+        return None
     try:
-        why = admin.foreign(connection)
-        if why is not None:
-            _log.info("Flask-DBNotify writes nothing into this revision: %s", why)
-            return
-        _leave_kept_tables(upgrade_ops, admin.kept_tables(), connection.dialect)
-        revision = admin.revision(list(state.ext.watches.values()))
+        why = state.backend.admin.foreign(connection)
+    except DBNotifyError as exc:
+        why = str(exc)
+    if why is None:
+        return state.backend.admin
+    if say:
+        _log.info("Flask-DBNotify writes nothing into this revision: %s", why)
+    return None
+
+
+def _hide_kept_tables(
+    autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: Any
+) -> None:
+    """Before Alembic reads the database: a name filter that leaves our
+    tables unread, as ``include_name`` in env.py would (Alembic would drop
+    them, being in no model, and warns about types it does not know)."""
+    admin = _ours(autogen_context, say=False)
+    filters = getattr(autogen_context, "_name_filters", None)
+    if admin is not None and isinstance(filters, list):
+        filters.append(_kept_filter(admin.kept_tables(), autogen_context.dialect))
+
+
+def _kept_filter(kept: tuple[str | None, frozenset[str]], dialect: Any) -> Any:
+    default = dialect.default_schema_name
+    schema, names = kept
+
+    def include(name: str | None, type_: str, parents: dict[str, Any]) -> bool:
+        table = name if type_ == "table" else parents.get("table_name")
+        where = parents.get("schema_name") or default
+        return not (table in names and where == (schema or default))
+
+    return include
+
+
+def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: Any) -> None:
+    """Add an ``op.dbnotify_sql()`` when the migration's database does not
+    match the current app's watches (and take out drops of our tables
+    where :func:`_hide_kept_tables` could not run)."""
+    admin = _ours(autogen_context, say=True)
+    if admin is None:
+        return
+    include = _kept_filter(admin.kept_tables(), autogen_context.dialect)
+    upgrade_ops.ops = [
+        op
+        for op in upgrade_ops.ops
+        if include(
+            getattr(op, "table_name", None), "table", {"schema_name": getattr(op, "schema", None)}
+        )
+    ]
+    try:
+        revision = admin.revision(list(current_app.extensions["dbnotify"].ext.watches.values()))
     except DBNotifyError as exc:
         _log.warning("Flask-DBNotify writes nothing into this revision: %s", exc)
         return
@@ -141,29 +185,18 @@ def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: 
     upgrade_ops.ops.insert(0, DBNotifySQLOp(revision.upgrade, revision.downgrade, revision.changes))
 
 
-def _leave_kept_tables(
-    upgrade_ops: UpgradeOps, kept: tuple[str | None, frozenset[str]], dialect: Any
-) -> None:
-    """Take out what autogenerate made of our tables (it finds them in no
-    model, so it would drop them)."""
-    default = dialect.default_schema_name
-    schema, names = kept
-
-    def ours(op: Any) -> bool:
-        name = getattr(op, "table_name", None)
-        return name in names and (getattr(op, "schema", None) or default) == (schema or default)
-
-    left = [op for op in upgrade_ops.ops if ours(op)]
-    if left:
-        _log.info("Flask-DBNotify's tables are left out of the revision, as theirs (not dropped)")
-        upgrade_ops.ops = [op for op in upgrade_ops.ops if not ours(op)]
+def op_table(op: Any) -> str | None:
+    """The name of the table an autogenerate operation is about, if any."""
+    return getattr(op, "table_name", None)
 
 
-# After Alembic's own comparators, whose drops of our tables it takes out.
-# Alembic 1.18 has priorities; before it, comparators ran in the order
-# registered, Alembic's first.
+# Alembic 1.18 runs comparators by priority: the filter first, the
+# comparison after Alembic's. Before 1.18 they ran in the order registered,
+# Alembic's first: too late for the filter, so the comparison takes out
+# what Alembic made of our tables.
 _priority = getattr(alembic.util, "DispatchPriority", None)
 if _priority is None:
     comparators.dispatch_for("schema")(_compare)
 else:
+    comparators.dispatch_for("schema", priority=_priority.FIRST)(_hide_kept_tables)
     comparators.dispatch_for("schema", priority=_priority.LAST)(_compare)
