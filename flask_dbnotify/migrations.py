@@ -31,7 +31,7 @@ from .errors import DBNotifyError
 # which shows alembic.* at INFO and turns off the loggers it does not name.
 _log = logging.getLogger("alembic.autogenerate.dbnotify")
 #: What a revision that uses the operation imports, so that it registers.
-IMPORT = "import flask_dbnotify.migrations  # noqa: F401 - registers op.dbnotify_sql"
+_IMPORT = "import flask_dbnotify.migrations  # noqa: F401 - registers op.dbnotify_sql"
 
 
 @Operations.register_operation("dbnotify_sql")
@@ -90,7 +90,7 @@ def _run(operations: Operations, operation: DBNotifySQLOp) -> None:
 
 @renderers.dispatch_for(DBNotifySQLOp)
 def _render(autogen_context: AutogenContext, op: DBNotifySQLOp) -> list[str]:
-    autogen_context.imports.add(IMPORT)
+    autogen_context.imports.add(_IMPORT)
     prefix = autogen_context.opts.get("alembic_module_prefix", "op.")
     return render(op, prefix)
 
@@ -185,7 +185,7 @@ def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: 
     upgrade_ops.ops.insert(0, DBNotifySQLOp(revision.upgrade, revision.downgrade, revision.changes))
 
 
-def op_table(op: Any) -> str | None:
+def _op_table(op: Any) -> str | None:
     """The name of the table an autogenerate operation is about, if any."""
     return getattr(op, "table_name", None)
 

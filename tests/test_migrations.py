@@ -268,12 +268,24 @@ def test_autogenerate_writes_install_sql_once(backend: Backend) -> None:
     ext.watch("orders")
     with backend.engine().connect() as connection:
         (op,) = ours(autogenerate(app, connection))
-        # A first install: what install-triggers would run, and its undoing.
-        assert op.statements == ext.install_sql(app)
+        # A first install: what install-triggers would run (after its lock).
+        assert op.statements[backend.pg :] == ext.install_sql(app)
         assert op.changes[0] == "watch 'orders' (missing)"
         ext.install_triggers(app)
         # Installed (our tables included): nothing of ours, nor drops of our tables.
         assert ours(autogenerate(app, connection)) == []
+    if not backend.pg:
+        return
+    assert "pg_advisory_xact_lock" in op.statements[0]
+    # A function that others may run is made safe again.
+    (function,) = backend.sql("SELECT proname FROM pg_proc WHERE proname LIKE 'dbnotify_%_i_%'")[0]
+    backend.sql(f"GRANT EXECUTE ON FUNCTION {function}() TO PUBLIC")
+    assert ext.status(app).warnings
+    with backend.engine().begin() as connection:
+        (op,) = ours(autogenerate(app, connection))
+        assert op.changes == [f"function public.{function}() (executable by others)"]
+        Operations(MigrationContext.configure(connection)).dbnotify_sql(op.statements)
+    assert ext.status(app).warnings == []
 
 
 @pytest.mark.backends("postgresql", "sqlite")  # the other database is of the same kind

@@ -16,7 +16,15 @@ from ..._watch import Watch
 from ..base import DEAF, Admin, Revision, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries, reason
 from .catalog import TABLE_NAMES, read_catalog, resolve, resolve_all
-from .common import CHECK_NAME, IDENTITY, LISTENER_NAME, check_channel, ident, identity_text
+from .common import (
+    CHECK_NAME,
+    IDENTITY,
+    INSTALL_LOCK,
+    LISTENER_NAME,
+    check_channel,
+    ident,
+    identity_text,
+)
 from .connection import Database, cannot_connect
 from .ddl import (
     LEGACY_FUNCTION,
@@ -30,7 +38,6 @@ from .revision import plan, why_foreign
 
 #: How long ``status`` waits for its check notification to arrive.
 STATUS_CHECK_WAIT = 3.0
-_LOCK_KEY = 0x64626E74  # "dbnt": serialises concurrent installs
 
 
 class PostgreSQLAdmin(Admin):
@@ -52,7 +59,7 @@ class PostgreSQLAdmin(Admin):
 
     def install(self, watches: Sequence[Watch]) -> None:
         def work(cur: Any) -> None:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
             for statement in self._plan(cur, watches):
                 cur.execute(statement)
 

@@ -31,6 +31,9 @@ PIECE_BYTES = 7900
 MAX_MESSAGE_BYTES = MAX_ROW_BYTES + 64 * 1024
 #: Comments on our functions and tables start with this.
 MARKER = "flask-dbnotify"
+#: The advisory lock that serialises installs ("dbnt"): install-triggers
+#: and migrations take it for their transaction.
+INSTALL_LOCK = 0x64626E74
 
 
 def check_channel(token: str) -> str:

@@ -13,7 +13,7 @@ from ..._watch import Watch
 from ...errors import DBNotifyError
 from ..base import Revision
 from .catalog import Catalog, Function, Installed, Resolved, read_catalog, resolve_all
-from .common import IDENTITY, ident, identity_text, literal
+from .common import IDENTITY, INSTALL_LOCK, ident, identity_text, literal
 from .ddl import LEGACY_FUNCTION, TABLES, drop_function, drop_trigger, install_plan, watch_functions
 
 _TRIGGER_DEFS = """
@@ -61,15 +61,18 @@ def plan(cur: Any, watches: Sequence[Watch], schema: str) -> Revision | None:
     have_triggers = {(o.table_oid, o.trigger) for o in catalog.triggers}
     # Our tables are needed once something is watched.
     tables_ok = not resolved or (catalog.schema_exists and set(TABLES) <= set(catalog.tables))
-    if have_triggers == want_triggers and set(catalog.functions) == want_functions and tables_ok:
+    same = have_triggers == want_triggers and set(catalog.functions) == want_functions
+    if same and tables_ok and not catalog.exposed:
         return None
     gone = [o for o in catalog.triggers if (o.table_oid, o.trigger) not in want_triggers]
     unused = [f for name, f in catalog.functions.items() if name not in want_functions]
-    upgrade = install_plan(catalog, resolved, schema)
+    # Each runs after concurrent installs, as install-triggers does.
+    lock = f"SELECT pg_catalog.pg_advisory_xact_lock({INSTALL_LOCK})"
+    upgrade = [lock, *install_plan(catalog, resolved, schema)]
     upgrade += [drop_trigger(o) for o in gone] + [drop_function(schema, f) for f in unused]
     # Definitions as the catalog gives them, every name qualified.
     cur.execute("SELECT pg_catalog.set_config('search_path', '', true)")
-    downgrade = _restore(cur, catalog, gone, unused, schema)
+    downgrade = [lock, *_restore(cur, catalog, gone, unused, schema)]
     downgrade += _unmake(catalog, resolved, have_triggers, want_functions, schema)
     changes = _changes(resolved, wanted, have_triggers, gone, catalog, schema)
     return Revision(list(dict.fromkeys(upgrade)), downgrade, changes)
@@ -152,6 +155,7 @@ def _changes(
         for name in catalog.functions
         if name not in wanted_names and name not in used
     ]
+    changes += [f"function {schema}.{name}() (executable by others)" for name in catalog.exposed]
     missing = [name for name in TABLES if name not in catalog.tables]
     if missing:
         changes.append(f"tables {', '.join(missing)} in {schema!r} (missing)")

@@ -11,7 +11,7 @@ from ...base import Revision, Status
 from ...common import Inspection, compare_watches
 from ..admin import PostgreSQLAdmin
 from ..catalog import read_catalog, resolve, resolve_all
-from ..common import ident
+from ..common import INSTALL_LOCK, ident
 from ..connection import Database
 from ..ddl import uninstall_plan as trigger_uninstall_plan
 from . import ddl
@@ -57,7 +57,7 @@ class WalAdmin(PostgreSQLAdmin):
 
     def install(self, watches: Sequence[Watch]) -> None:
         def work(cur: Any) -> str:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (0x64626E74,))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
             *statements, slot = self._plan(cur, watches)
             _require_slot(cur, self.slot)
             for statement in statements:
