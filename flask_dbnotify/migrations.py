@@ -71,7 +71,8 @@ class DBNotifySQLOp(MigrateOperation):
         return DBNotifySQLOp(self.reverse_statements, self.statements, undo)
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
-        return ("dbnotify_sql", tuple(self.statements))
+        # What `alembic check` (`flask db check`) lists: what differs.
+        return ("dbnotify_sql", *self.changes)
 
 
 @Operations.implementation_for(DBNotifySQLOp)

@@ -23,7 +23,7 @@ from alembic.operations import Operations
 from flask_dbnotify import ChangeEvent, Status, row_changed
 from flask_dbnotify.migrations import DBNotifySQLOp, render
 
-from ._helpers import Backend, Recorder
+from ._helpers import SQL, Backend, Recorder, pg_triggers, roles_on
 
 #: The app of the project: a model, Flask-SQLAlchemy, Flask-Migrate and
 #: Flask-DBNotify, its watches (keyword arguments of watch()) from the
@@ -436,3 +436,54 @@ def test_a_table_not_made_yet_waits_for_the_next_revision(
     assert "Flask-DBNotify writes nothing into this revision: table 'orders' does not exist" in (
         caplog.text
     )
+
+
+def test_another_roles_function_is_not_made_again_as_ours(
+    sql: SQL, pg_url: str, make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A downgrade makes functions again with the rights of the role that
+    runs it: a function of another role's (that role wrote its body) must
+    not become the migrating role's."""
+    sql("CREATE TABLE orders (id integer PRIMARY KEY, note text)")
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    app, ext = make_app()
+    ext.watch("orders", columns=["id"])
+    engine = sa.create_engine(sa.make_url(pg_url).set(drivername="postgresql+psycopg2"))
+    with roles_on(sql, pg_url) as make_role:
+        other = make_role("owner")
+        (function,) = sql("SELECT proname FROM pg_proc WHERE proname LIKE 'dbnotify_%_i_%'")[0]
+        sql(f'ALTER FUNCTION {function}() OWNER TO "{other.name}"')
+        try:
+            with engine.connect() as connection:
+                assert ours(autogenerate(app, connection)) == []
+        finally:
+            engine.dispose()
+    assert f"function public.{function}() belongs to the role {other.name}" in caplog.text
+
+
+def test_a_new_partition_gets_its_triggers_and_loses_them_on_downgrade(
+    sql: SQL, pg_url: str, make_app: Any
+) -> None:
+    sql("CREATE TABLE orders (id int, year int, PRIMARY KEY (id, year)) PARTITION BY LIST (year)")
+    sql("CREATE TABLE orders_2025 PARTITION OF orders FOR VALUES IN (2025)")
+    app, ext = make_app()
+    ext.watch("orders")
+    ext.install_triggers(app)
+    sql("CREATE TABLE orders_2026 PARTITION OF orders FOR VALUES IN (2026)")
+    assert ext.status(app).watches == {"orders": "outdated"}
+    engine = sa.create_engine(sa.make_url(pg_url).set(drivername="postgresql+psycopg2"))
+    try:
+        with engine.begin() as connection:
+            (op,) = ours(autogenerate(app, connection))
+            assert op.changes == ["watch 'orders' (outdated)"]
+            Operations(MigrationContext.configure(connection)).dbnotify_sql(op.statements)
+        assert ext.status(app).watches == {"orders": "installed"}
+        triggers = pg_triggers(sql)
+        assert {table for _, table in triggers} == {"orders", "orders_2025", "orders_2026"}
+        with engine.begin() as connection:
+            Operations(MigrationContext.configure(connection)).dbnotify_sql(op.reverse().statements)
+    finally:
+        engine.dispose()
+    assert [t for t in triggers if t[1] != "orders_2026"] == pg_triggers(sql)
