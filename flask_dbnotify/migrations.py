@@ -117,7 +117,7 @@ def _printable(text: str) -> str:
 
 
 def _ours(autogen_context: AutogenContext, say: bool) -> Any:
-    """The current app's Flask-DBNotify admin, if the migration's database
+    """The current app's Flask-DBNotify state, if the migration's database
     is the one it is configured for; else None (logged why, if ``say``)."""
     state = current_app.extensions.get("dbnotify") if has_app_context() else None
     connection = autogen_context.connection
@@ -128,7 +128,7 @@ def _ours(autogen_context: AutogenContext, say: bool) -> Any:
     except DBNotifyError as exc:
         why = str(exc)
     if why is None:
-        return state.backend.admin
+        return state
     if say:
         _log.info("Flask-DBNotify writes nothing into this revision: %s", why)
     return None
@@ -140,13 +140,16 @@ def _hide_kept_tables(
     """Before Alembic reads the database: a name filter that leaves our
     tables unread, as ``include_name`` in env.py would (Alembic would drop
     them, being in no model, and warns about types it does not know)."""
-    admin = _ours(autogen_context, say=False)
+    state = _ours(autogen_context, say=False)
+    # Where env.py's include_name goes (a list since Alembic 1.5).
     filters = getattr(autogen_context, "_name_filters", None)
-    if admin is not None and isinstance(filters, list):
-        filters.append(_kept_filter(admin.kept_tables(), autogen_context.dialect))
+    if state is not None and isinstance(filters, list):
+        filters.append(_kept_filter(state.backend.admin.kept_tables(), autogen_context.dialect))
 
 
 def _kept_filter(kept: tuple[str | None, frozenset[str]], dialect: Any) -> Any:
+    """An ``include_name`` function that is false for our tables and what
+    is theirs (indexes, columns)."""
     default = dialect.default_schema_name
     schema, names = kept
 
@@ -162,9 +165,10 @@ def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: 
     """Add an ``op.dbnotify_sql()`` when the migration's database does not
     match the current app's watches (and take out drops of our tables
     where :func:`_hide_kept_tables` could not run)."""
-    admin = _ours(autogen_context, say=True)
-    if admin is None:
+    state = _ours(autogen_context, say=True)
+    if state is None:
         return
+    admin = state.backend.admin
     include = _kept_filter(admin.kept_tables(), autogen_context.dialect)
     upgrade_ops.ops = [
         op
@@ -174,7 +178,7 @@ def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: 
         )
     ]
     try:
-        revision = admin.revision(list(current_app.extensions["dbnotify"].ext.watches.values()))
+        revision = admin.revision(list(state.ext.watches.values()))
     except DBNotifyError as exc:
         _log.warning("Flask-DBNotify writes nothing into this revision: %s", exc)
         return
@@ -184,11 +188,6 @@ def _compare(autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: 
         _log.info("Detected Flask-DBNotify change: %s", change)
     # First: its downgrade then comes last, after tables it names are back.
     upgrade_ops.ops.insert(0, DBNotifySQLOp(revision.upgrade, revision.downgrade, revision.changes))
-
-
-def _op_table(op: Any) -> str | None:
-    """The name of the table an autogenerate operation is about, if any."""
-    return getattr(op, "table_name", None)
 
 
 # Alembic 1.18 runs comparators by priority: the filter first, the

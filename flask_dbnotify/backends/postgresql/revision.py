@@ -73,7 +73,7 @@ def plan(cur: Any, watches: Sequence[Watch], schema: str) -> Revision | None:
     # Definitions as the catalog gives them, every name qualified.
     cur.execute("SELECT pg_catalog.set_config('search_path', '', true)")
     downgrade = [lock, *_restore(cur, catalog, gone, unused, schema)]
-    downgrade += _unmake(catalog, resolved, have_triggers, want_functions, schema)
+    downgrade += _unmake(catalog, resolved, wanted, have_triggers, schema)
     changes = _changes(resolved, wanted, have_triggers, gone, catalog, schema)
     return Revision(list(dict.fromkeys(upgrade)), downgrade, changes)
 
@@ -105,8 +105,8 @@ def _restore(
 def _unmake(
     catalog: Catalog,
     resolved: Sequence[Resolved],
+    wanted: dict[str, dict[str, Any]],
     have_triggers: set[tuple[int, str]],
-    want_functions: set[str],
     schema: str,
 ) -> list[str]:
     """Drop what the upgrade makes that the database does not hold now."""
@@ -114,12 +114,13 @@ def _unmake(
         drop_trigger(Installed(name, oid, table_schema, table, name))
         for r in resolved
         for oid, table_schema, table in r.tree
-        for name in watch_functions(r, schema)
+        for name in wanted[r.watch.name]
         if (oid, name) not in have_triggers
     ]
+    made_functions = {name for functions in wanted.values() for name in functions}
     statements += [
         drop_function(schema, Function(name, "", True))
-        for name in sorted(want_functions - set(catalog.functions))
+        for name in sorted(made_functions - set(catalog.functions))
     ]
     made = [name for name in TABLES if name not in catalog.tables]
     statements += [f"DROP TABLE IF EXISTS {ident(schema, name)}" for name in made]
