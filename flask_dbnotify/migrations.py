@@ -39,6 +39,10 @@ class DBNotifySQLOp(MigrateOperation):
     """Run Flask-DBNotify's DDL, each statement as written (no bind
     parameters, no ``%`` formatting).
 
+    In a revision, ``op.dbnotify_sql(statements)`` runs ``statements`` (a
+    list of strings) in the migration's transaction; offline (``flask db
+    upgrade --sql``) it prints them, each followed by ``;``.
+
     :param statements: the statements, one string each.
     :param reverse_statements: what undoes them, for :meth:`reverse`
         (autogenerate's downgrade); not written into the revision.
@@ -58,13 +62,15 @@ class DBNotifySQLOp(MigrateOperation):
 
     @classmethod
     def dbnotify_sql(cls, operations: Operations, statements: Sequence[str]) -> None:
-        """``op.dbnotify_sql(statements)``: run ``statements`` in the
-        migration's transaction (offline, ``--sql``: print them)."""
+        # Alembic puts its own docstring here: see the class's.
         if isinstance(statements, str):
             raise TypeError("op.dbnotify_sql() takes a list of statements, not one string")
         operations.invoke(cls(statements))
 
     def reverse(self) -> DBNotifySQLOp:
+        """The operation that undoes this one (autogenerate writes it into
+        the revision's downgrade). Raises ``ValueError`` when this one was
+        made without ``reverse_statements``."""
         if self.reverse_statements is None:
             raise ValueError("this op.dbnotify_sql() does not know what undoes it")
         undo = [f"undo: {change}" for change in self.changes]
