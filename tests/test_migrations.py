@@ -81,6 +81,8 @@ class Project:
         (root / "app.py").write_text(APP)
         self.env = {
             **os.environ,
+            # This checkout's flask_dbnotify, as the spawn fixture's children.
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
             "PROJECT_DATABASE": sqlalchemy_url(backend),
             "PROJECT_DBNOTIFY_DATABASE": backend.url,
         }
