@@ -63,15 +63,6 @@ EVERYTHING = [{"target": "orders"}]
 SOME = [{"target": "orders", "operations": ["insert", "update"], "columns": ["id", "status"]}]
 
 
-def sqlalchemy_url(backend: Backend) -> str:
-    # SQLAlchemy 2.1 defaults to psycopg 3 for postgresql://; use psycopg2.
-    if backend.pg:
-        return (
-            sa.make_url(backend.url).set(drivername="postgresql+psycopg2").render_as_string(False)
-        )
-    return backend.url
-
-
 class Project:
     """A Flask-Migrate project in ``root``: ``app.py`` and, once ``flask db
     init`` has run, ``migrations/``."""
@@ -83,7 +74,9 @@ class Project:
             **os.environ,
             # This checkout's flask_dbnotify, as the spawn fixture's children.
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-            "PROJECT_DATABASE": sqlalchemy_url(backend),
+            # Bare: psycopg 3 under SQLAlchemy 2.1 (this process's
+            # migrations use psycopg2).
+            "PROJECT_DATABASE": backend.url,
             "PROJECT_DBNOTIFY_DATABASE": backend.url,
         }
 
