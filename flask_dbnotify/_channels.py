@@ -32,7 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: What ``notify()`` binds to its own parameters: a channel with a field of
 #: one of these names cannot take it as a keyword argument, only in an
 #: instance (``notify(Channel(durable=...))``).
-RESERVED = ("channel", "payload", "connection", "durable", "app")
+RESERVED = ("self", "channel", "payload", "connection", "durable", "app")
 
 
 # -- channels -------------------------------------------------------------------

@@ -172,17 +172,17 @@ class ListCodec(Codec):
     def __init__(self, kind: type, items: list[Codec], fixed: bool) -> None:
         self.kind, self.items, self.fixed = kind, items, fixed
 
-    def _codecs(self, value: Any, where: str) -> list[Codec]:
+    def _codecs(self, value: Any, where: str, error: type[Exception]) -> list[Codec]:
         if not self.fixed:
             return self.items * len(value)
         if len(value) != len(self.items):
-            raise ValueError(f"{where}: expected {len(self.items)} items, got {len(value)}")
+            raise error(f"{where}: expected {len(self.items)} items, got {len(value)}")
         return self.items
 
     def encode(self, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{where}: expected a {self.kind.__name__}, got {value!r}")
-        codecs = self._codecs(value, where)
+        codecs = self._codecs(value, where, TypeError)
         return [
             c.encode(v, f"{where}[{n}]") for n, (c, v) in enumerate(zip(codecs, value, strict=True))
         ]
@@ -190,7 +190,7 @@ class ListCodec(Codec):
     def decode(self, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected an array, got {value!r}")
-        codecs = self._codecs(value, where)
+        codecs = self._codecs(value, where, ValueError)
         return self.kind(
             c.decode(v, f"{where}[{n}]") for n, (c, v) in enumerate(zip(codecs, value, strict=True))
         )
@@ -251,6 +251,12 @@ class Record(Codec):
             hints = typing.get_type_hints(cls)
         except Exception as exc:  # noqa: BLE001 - a NameError, mostly
             raise TypeError(f"cannot read the annotations of {self.name}: {exc}") from exc
+        init_only = [name for name, hint in hints.items() if isinstance(hint, dataclasses.InitVar)]
+        if init_only:
+            raise TypeError(
+                f"{self.name} has an init-only field ({init_only[0]!r}): a message "
+                "carries the fields, which cannot give it back"
+            )
         fields = []
         for f in dataclasses.fields(cls):
             if f.init:

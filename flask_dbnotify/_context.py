@@ -86,33 +86,45 @@ def sqlalchemy_connection(connection: Any) -> sa.Connection | None:
 
 
 def require_connection(connection: Any) -> sa.Connection:
-    """:func:`sqlalchemy_connection`, or a TypeError saying what to pass."""
+    """:func:`sqlalchemy_connection`, or a TypeError saying what to pass;
+    a ValueError for one in autocommit, which has no transaction to carry
+    a context."""
     conn = sqlalchemy_connection(connection)
     if conn is None:
         raise TypeError(
             "set_context() takes a SQLAlchemy Connection or Session (its transaction "
             f"is the one that carries the context), not {type(connection).__name__}"
         )
+    if getattr(conn.connection.dbapi_connection, "autocommit", None) is True:
+        raise autocommit_error()
     return conn
 
 
-def remember(conn: sa.Connection, values: dict[str, Any]) -> bool:
-    """Keep ``values`` for messages sent on ``conn`` in its current
-    transaction (which this begins if none is under way); whether this is
-    the first context of that transaction."""
-    if not conn.in_transaction():
-        conn.begin()
+def autocommit_error() -> ValueError:
+    """What set_context() raises for a connection in autocommit."""
+    return ValueError(
+        "set_context() needs a transaction, and this connection is in autocommit: "
+        "each statement commits on its own, so no change would carry the context"
+    )
+
+
+def remember(conn: sa.Connection, values: dict[str, Any]) -> None:
+    """Keep ``values`` for the messages ``conn`` sends in its current
+    transaction (begun by the statement that set the context)."""
     transaction = conn.get_transaction()
-    kept = conn.info.get(_INFO_KEY)
-    first = kept is None or kept[0]() is not transaction
-    conn.info[_INFO_KEY] = (weakref.ref(transaction), values or None)
-    return first
+    if transaction is not None:
+        conn.info[_INFO_KEY] = (weakref.ref(transaction), values or None)
 
 
 def current(connection: Any) -> dict[str, Any] | None:
-    """The context of ``connection``'s current transaction, if it set one."""
+    """The context of ``connection``'s current transaction, if it set one
+    (never one of an earlier transaction, nor of another checkout of the
+    same pooled connection)."""
     conn = sqlalchemy_connection(connection)
     kept = None if conn is None else conn.info.get(_INFO_KEY)
-    if kept is None or kept[0]() is not conn.get_transaction():  # type: ignore[union-attr]
+    if kept is None or conn is None:
+        return None
+    transaction = conn.get_transaction()
+    if transaction is None or kept[0]() is not transaction:
         return None
     return kept[1]  # type: ignore[no-any-return]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import signals
-from ._delivery import call, deliver_event, deliver_message
+from ._delivery import call, deliver_event, deliver_message, handle
 from ._items import Drained, Gap, Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
@@ -297,9 +297,10 @@ class Dispatcher:
             )
 
     def replay(self, since: int, until: int | None, receiver: str | None) -> int:
-        """Deliver journaled events from id ``since`` (to ``until``) again,
-        in this thread: to signals and every ``on()`` receiver, or to the
-        one named ``receiver``. How many events were replayed."""
+        """Deliver journaled events and messages from id ``since`` (to
+        ``until``) again, in this thread: to signals and every ``on()`` and
+        ``on_message()`` receiver, or to the one named ``receiver``. How
+        many were replayed."""
         replayed = 0
         with self._served.app.app_context():
             while until is None or since <= until:
@@ -307,7 +308,7 @@ class Dispatcher:
                 if last is None:
                     break
                 for event in items:
-                    if not isinstance(event, ChangeEvent) or event.id is None:
+                    if not isinstance(event, (ChangeEvent, Notification)) or event.id is None:
                         continue
                     if until is None or event.id <= until:
                         self._redeliver(event, receiver)
@@ -315,15 +316,21 @@ class Dispatcher:
                 since = last + 1
         return replayed
 
-    def _redeliver(self, event: ChangeEvent, receiver: str | None) -> None:
+    def _redeliver(self, item: ChangeEvent | Notification, receiver: str | None) -> None:
         if receiver is None:
-            self._deliver([event], on_receivers=False)
-        for sub in self._served.registry.subscriptions_for(event.table):
-            if (receiver is None or sub.name == receiver) and sub.matches(event):
+            self._deliver([item], on_receivers=False)
+        registry = self._served.registry
+        subs: list[OnceReceiver]
+        if isinstance(item, ChangeEvent):
+            subs = [s for s in registry.subscriptions_for(item.table) if s.matches(item)]
+        else:
+            subs = [s for s in registry.messages_for(item.channel) if s.matches(item)]
+        for sub in subs:
+            if receiver is None or sub.name == receiver:
                 if sub.once:
-                    self._once.claim_and_attempt(sub, event)
+                    self._once.claim_and_attempt(sub, item)
                 else:
-                    self._call(sub.func, event, event)
+                    handle(self._served.app, sub, item)
 
     def _call(
         self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any

@@ -56,8 +56,10 @@ class Registry:
         return sorted({sub.name for _, sub in self.once_receivers()})
 
     def receiver_names(self) -> list[str]:
-        """The names of every ``on()`` receiver, sorted."""
-        return sorted({sub.name for subs in self.subscriptions.values() for sub in subs})
+        """The names of every ``on()`` and ``on_message()`` receiver, sorted."""
+        found = {sub.name for subs in self.subscriptions.values() for sub in subs}
+        found.update(sub.name for subs in self.messages.values() for sub in subs)
+        return sorted(found)
 
     def all_durable(self) -> bool:
         """Whether there are watches and every one is durable."""

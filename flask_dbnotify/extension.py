@@ -275,8 +275,8 @@ class DBNotify:
         beyond; ``TypeError`` for what is not JSON). See :doc:`context`."""
         conn = _context.require_connection(connection)
         text = _context.encode(values)
-        first = _context.remember(conn, values)
-        self._state().backend.set_context(conn, text, first)
+        self._state().backend.set_context(conn, text)
+        _context.remember(conn, values)
 
     def on_message(self, channel: Any, *, once: bool = False) -> Callable[[F], F]:
         """Decorate a function ``f(message)`` to run for each message of a
@@ -315,16 +315,16 @@ class DBNotify:
         receiver: str | None = None,
         app: Flask | None = None,
     ) -> int:
-        """Dispatch journaled events again, in this thread, for operators:
-        ids from ``since`` (to ``until``). Signals and every ``on()``
-        receiver get them, or only the receiver whose qualified name is
-        ``receiver``; a once receiver that succeeds has its claim marked
-        done. Returns how many events were replayed."""
+        """Dispatch journaled events and messages again, in this thread,
+        for operators: ids from ``since`` (to ``until``). Signals and every
+        ``on()`` and ``on_message()`` receiver get them, or only the
+        receiver whose qualified name is ``receiver``; a once receiver that
+        succeeds has its claim marked done. Returns how many were replayed."""
         state = self._state(app)
         names = self._registry.receiver_names()
         if receiver is not None and receiver not in names:
-            known = f"known are {', '.join(names)}" if names else "the app has no on() receivers"
-            raise ValueError(f"no on() receiver is named {receiver!r}: {known}")
+            known = f"known are {', '.join(names)}" if names else "the app has no receivers"
+            raise ValueError(f"no receiver is named {receiver!r}: {known}")
         return state.listener.replay(since, until, receiver)
 
     def stream(

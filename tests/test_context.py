@@ -6,6 +6,7 @@ transaction, and never at the cost of the write."""
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from typing import Any
 
@@ -248,33 +249,32 @@ def test_a_context_set_by_hand_never_breaks_the_write(backend: Backend, events: 
     events.assert_no_more(4, marker(ext, app))
 
 
-@pytest.mark.backends("sqlite")  # SQLite's journal gained a column
-def test_a_journal_made_before_contexts_keeps_working(backend: Backend, events: Recorder) -> None:
-    """A journal made without the context column is read as it is; the
-    next install-triggers adds the column and contexts arrive."""
+@pytest.mark.backends("sqlite")  # an install SQL made elsewhere
+def test_install_sql_made_on_another_database_works_on_an_old_journal(
+    backend: Backend, events: Recorder, tmp_path: Any
+) -> None:
+    """``install-triggers --sql`` (or a migration) generated on a fresh
+    database, applied to one whose journal an earlier version made: writes
+    go on, and carry their context."""
     orders(backend)
     backend.sql(
         "CREATE TABLE dbnotify_journal (/* flask-dbnotify */ id INTEGER PRIMARY KEY "
         "AUTOINCREMENT, created_at REAL NOT NULL, shape TEXT, body TEXT NOT NULL)"
     )
+    fresh = tmp_path / "fresh.db"
+    sqlite3.connect(fresh).execute(ORDERS["sqlite"])
+    other, other_ext = backend.make_app(DBNOTIFY_DATABASE_URI=f"sqlite:///{fresh}")
+    other_ext.watch("orders")
+    statements = other_ext.install_sql(other)
+    backend.script(";\n".join(statements) + ";")
     app, ext = backend.make_app()
     ext.watch("orders")
     ext.start(app)
-    ext.notify("old", "journal", app=app)
-    assert events.wait_for(1, "a message through the old journal") == ["journal"]
-    ext.install_triggers(app)
-    columns = [r[1] for r in backend.sql("PRAGMA table_info(dbnotify_journal)")]
-    assert columns[-1] == "context"
-    # The listener goes on reading as it began; a new one reads contexts.
-    ext.stop(app)
-    app2, ext2 = backend.make_app()
-    ext2.watch("orders")
-    ext2.start(app2)
     with backend.engine().connect() as conn:
-        ext2.set_context(conn, user_id=5)
+        ext.set_context(conn, user_id=5)
         conn.execute(sa.text("INSERT INTO orders (item) VALUES ('new')"))
         conn.commit()
-    event = events.wait_for(2)[1]
+    [event] = events.wait_for(1)
     assert event.context == {"user_id": 5}
 
 
@@ -394,3 +394,56 @@ def test_typed_message_receivers_that_ask_for_it_get_the_context(
     assert got == [(Shipped(1), {"user_id": 8}), (Shipped(2), None)]
     got = sorted(without.wait_for(2, "two typed messages"), key=lambda m: m.order_id)
     assert got == [Shipped(1), Shipped(2)]
+
+
+def test_a_context_never_outlives_its_transaction(backend: Backend, events: Recorder) -> None:
+    """Two transactions on one Connection each with a context, a message
+    sent right after a commit (no transaction begun yet), a pooled
+    connection checked out again, and another writer: none of them gets a
+    context it did not set."""
+    orders(backend)
+    app, ext = listening(backend.make_app, "orders")
+    messages = Messages()
+    engine = backend.engine()
+    with notification_received.connected_to(messages, sender="m"):
+        with engine.connect() as conn:
+            for n in (1, 2):
+                ext.set_context(conn, n=n)
+                conn.execute(sa.text(f"INSERT INTO orders (item) VALUES ('ctx{n}')"))
+                conn.commit()
+            ext.notify("m", "right after a commit", connection=conn, app=app)
+            conn.commit()
+        with engine.connect() as again:  # the pool's same DB-API connection
+            ext.notify("m", "next checkout", connection=again, app=app)
+            again.execute(sa.text("INSERT INTO orders (item) VALUES ('next checkout')"))
+            again.commit()
+        backend.sql("INSERT INTO orders (item) VALUES ('elsewhere')")
+        got = [e for e in events.wait_for(6) if not isinstance(e, str)]
+        assert messages.recorder.wait_for(2, "two messages") == [
+            ("m", "right after a commit", None),
+            ("m", "next checkout", None),
+        ]
+    assert [(e.row["item"], e.context) for e in got] == [
+        ("ctx1", {"n": 1}),
+        ("ctx2", {"n": 2}),
+        ("next checkout", None),
+        ("elsewhere", None),
+    ]
+    if not backend.pg:
+        assert backend.sql("SELECT count(*) FROM dbnotify_context") == [(0,)]
+
+
+def test_an_autocommit_connection_is_refused(backend: Backend, events: Recorder) -> None:
+    """A connection in autocommit has no transaction to carry a context:
+    set_context() raises ValueError, and nothing of it reaches any write."""
+    orders(backend)
+    app, ext = listening(backend.make_app, "orders")
+    engine = backend.engine().execution_options(isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        with pytest.raises(ValueError, match="autocommit"):
+            ext.set_context(conn, user_id=42)
+        conn.execute(sa.text("INSERT INTO orders (item) VALUES ('auto')"))
+    backend.sql("INSERT INTO orders (item) VALUES ('elsewhere')")
+    got = events.wait_for(2)
+    assert [(e.row["item"], e.context) for e in got] == [("auto", None), ("elsewhere", None)]
+    events.assert_no_more(2, marker(ext, app))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_dbnotify import ChangeEvent, DBNotify, row_changed
+from flask_dbnotify import ChangeEvent, DBNotify, notification_received, row_changed
 
 from ._helpers import SQL, Recorder, listening, poll_until
 
@@ -21,9 +21,9 @@ MakeApp = Callable[..., tuple[Flask, DBNotify]]
 def test_replay_dispatches_journaled_events_again_in_this_thread(
     make_app: MakeApp, sql: SQL, events: Recorder
 ) -> None:
-    """replay(since) sends journaled row changes through the signals and
-    on() receivers again, in id order, in the calling thread; durable
-    messages in between do not end it early."""
+    """replay(since) sends journaled row changes and messages through the
+    signals and receivers again, in id order, in the calling thread; 600
+    durable messages in between (more than a page) are replayed too."""
     sql("CREATE TABLE orders (id int PRIMARY KEY, item text)")
     app, ext = listening(make_app, "orders", durable=True)
     seen: list[tuple[int, str]] = []
@@ -42,11 +42,15 @@ def test_replay_dispatches_journaled_events_again_in_this_thread(
     assert first is not None
 
     ext.stop(app)
-    replayed = Recorder()
-    with row_changed.connected_to(replayed):
-        assert ext.replay(first, app=app) == 3
+    replayed, noise = Recorder(), Recorder()
+    with (
+        row_changed.connected_to(replayed),
+        notification_received.connected_to(noise, sender="noise"),
+    ):
+        assert ext.replay(first, app=app) == 603
     me = threading.current_thread().name
     assert [e.pk for e in replayed.items] == [1, 2, 3]
+    assert noise.items == list(range(600))
     assert [e.id for e in replayed.items] == [e.id for e in live]
     assert seen[3:] == [(1, me), (2, me), (3, me)]
 

@@ -198,7 +198,7 @@ def test_cli_replay_for_a_receiver_when_there_are_none(
     result = runner.invoke(args=["dbnotify", "replay", "--since", "1", "--receiver", "app.nope"])
     assert result.exit_code == 2, result.output
     message = " ".join(result.output.split())
-    assert "no on() receiver is named 'app.nope': the app has no on() receivers" in message
+    assert "no receiver is named 'app.nope': the app has no receivers" in message
     assert "known are" not in message
     assert events.items == []
 

@@ -319,10 +319,10 @@ class Backend(abc.ABC):
         when ``durable``."""
 
     @abc.abstractmethod
-    def set_context(self, conn: Any, text: str, first: bool) -> None:
+    def set_context(self, conn: Any, text: str) -> None:
         """Make ``text`` (JSON, or '' for none) the context of the changes
         ``conn`` (a SQLAlchemy Connection) makes from now on in its current
-        transaction; ``first``: the transaction's first call."""
+        transaction (begun by this if none is under way)."""
 
     @abc.abstractmethod
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:

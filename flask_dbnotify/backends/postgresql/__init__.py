@@ -125,7 +125,7 @@ class PostgreSQLBackend(Backend):
         else:
             execute_on(connection, statement, params)
 
-    def set_context(self, conn: Any, text: str, first: bool) -> None:
+    def set_context(self, conn: Any, text: str) -> None:
         # Transaction-local: gone at commit or rollback, as it should be.
         conn.exec_driver_sql(_SET_CONTEXT, {"name": CONTEXT_SETTING, "text": text})
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ... import _context
 from ..._items import Item
 from ...errors import DBNotifyError
 from ..base import Backend, Feed
@@ -41,8 +42,10 @@ _CLEAR_CONTEXT = "DELETE FROM dbnotify_context"
 
 
 def _clear_context(conn: sa.Connection) -> None:
-    """Before ``conn`` commits (a ConnectionEvents.commit hook)."""
-    conn.exec_driver_sql(_CLEAR_CONTEXT)
+    """Before ``conn`` commits (a ConnectionEvents.commit hook): remove the
+    context row its transaction wrote, if it wrote one."""
+    if _context.current(conn) is not None:
+        conn.exec_driver_sql(_CLEAR_CONTEXT)
 
 
 class SQLiteBackend(Backend):
@@ -84,9 +87,17 @@ class SQLiteBackend(Backend):
         else:
             execute_on(connection, _NOTIFY, params)
 
-    def set_context(self, conn: Any, text: str, first: bool) -> None:
+    def set_context(self, conn: Any, text: str) -> None:
         # The triggers read the one row of dbnotify_context; it must be gone
         # before the commit, or later transactions would carry it.
+        if not sa.event.contains(conn, "commit", _clear_context):
+            sa.event.listen(conn, "commit", _clear_context)
+        if not conn.in_transaction():
+            conn.begin()  # as the statement would; a "begin" hook may send BEGIN
+        dbapi = conn.connection.dbapi_connection
+        if dbapi.isolation_level is None and not dbapi.in_transaction:
+            # Autocommit: the row would be there for everyone's writes.
+            raise _context.autocommit_error()
         try:
             if text:
                 conn.exec_driver_sql(_SET_CONTEXT, (text,))
@@ -99,8 +110,6 @@ class SQLiteBackend(Backend):
                 f"{self.where} has no dbnotify_context table (made by Flask-DBNotify "
                 "0.2): run `flask dbnotify install-triggers`"
             ) from exc
-        if first:
-            sa.event.listen(conn, "commit", _clear_context, once=True)
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         return self.rows.read(since, limit)

@@ -10,7 +10,7 @@ from typing import Any
 from ..._watch import Watch
 from ..base import Admin, Revision, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries
-from .catalog import JOURNAL, TABLES, our_tables, our_triggers, resolve
+from .catalog import TABLES, our_tables, our_triggers, resolve
 from .connection import Database, in_one_snapshot, write_transaction
 from .ddl import drop_trigger, install_plan, unix, watch_triggers
 from .revision import plan, why_foreign
@@ -28,8 +28,7 @@ class SQLiteAdmin(Admin):
 
     def _plan(self, conn: sqlite3.Connection, watches: Sequence[Watch]) -> list[str]:
         tables = [(watch, resolve(conn, self.db.path, watch)) for watch in watches]
-        journal = [r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (JOURNAL,))]
-        return install_plan(our_triggers(conn), tables, journal)
+        return install_plan(our_triggers(conn), tables)
 
     def install_sql(self, watches: Sequence[Watch]) -> list[str]:
         return self.db.with_connection(lambda conn: self._plan(conn, watches))

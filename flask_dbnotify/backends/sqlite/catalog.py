@@ -21,7 +21,6 @@ TABLES = {
     "dbnotify_claims": {"receiver", "event_id", "state", "attempts"},
     "dbnotify_context": {"k", "value"},
 }
-JOURNAL = "dbnotify_journal"
 #: A watched table: its name, columns with declared types, primary key.
 Table = tuple[str, list[tuple[str, str]], list[str]]
 

@@ -18,6 +18,8 @@ DDL_VERSION = 3
 #: SQLite's clock, in Julian days (what the journal stores).
 NOW = "julianday('now')"
 _UNIX_EPOCH_JD = 2440587.5
+#: The writing transaction's context, as the triggers read it.
+_CONTEXT = "(SELECT value FROM dbnotify_context)"
 #: SQLite functions take at most 127 arguments: rows are arrays of chunks.
 _CHUNK = 100
 #: A row whose text and blob values take more than this is journaled cut:
@@ -28,7 +30,7 @@ MAX_ROW_BYTES = 16 * 1024 * 1024
 #: meaningful.
 TABLES = {
     "dbnotify_journal": "id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, "
-    "shape TEXT, body TEXT NOT NULL, context TEXT",
+    "shape TEXT, body TEXT NOT NULL",
     # The context of the transaction that is writing (set_context()): one
     # row at most, there only until it commits.
     "dbnotify_context": "k INTEGER PRIMARY KEY, value TEXT NOT NULL",
@@ -131,10 +133,17 @@ def trigger_sql(
     # A row too large would make the journal row (or its JSON) exceed
     # SQLite's string limit and fail the write: it is journaled cut.
     body = f"CASE WHEN {size} > {MAX_ROW_BYTES} THEN json_object('cut', {cut}) ELSE {body} END"
+    # A writer's context (set_context()) wraps the values: {"cx": its JSON
+    # as a string, "r": values}. No column of its own, so the journal of
+    # any earlier version takes these rows as it is.
+    body = (
+        f"CASE WHEN {_CONTEXT} IS NULL THEN {body} "
+        f"ELSE json_object('cx', {_CONTEXT}, 'r', json({body})) END"
+    )
     return (
         f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN {MARKER} "
-        f"INSERT INTO dbnotify_journal (created_at, shape, body, context) "
-        f"VALUES ({NOW}, {quote_literal(key)}, {body}, (SELECT value FROM dbnotify_context)); END"
+        f"INSERT INTO dbnotify_journal (created_at, shape, body) "
+        f"VALUES ({NOW}, {quote_literal(key)}, {body}); END"
     )
 
 
@@ -176,17 +185,11 @@ def shared_sql() -> list[str]:
 
 
 def install_plan(
-    installed: Sequence[tuple[str, str]],
-    tables: Sequence[tuple[Watch, Table]],
-    journal_columns: Sequence[str] = (),
+    installed: Sequence[tuple[str, str]], tables: Sequence[tuple[Watch, Table]]
 ) -> list[str]:
     """The statements that make a database whose triggers of ours are
-    ``installed`` (name, table) match the watches, each with its table;
-    ``journal_columns``: the journal's, if it exists."""
+    ``installed`` (name, table) match the watches, each with its table."""
     statements = shared_sql()
-    if journal_columns and "context" not in journal_columns:
-        # Made before contexts: the triggers below write this column.
-        statements.append("ALTER TABLE dbnotify_journal ADD COLUMN context TEXT")
     seen: dict[str, str] = {}
     for watch, table in tables:
         key = table[0].lower()

@@ -17,7 +17,6 @@ from ... import _context, _payload
 from ..._items import Item, Notification
 from ...events import ChangeEvent, Operation
 from ..base import Feed, Stream
-from .catalog import JOURNAL
 from .connection import Database, write_transaction
 from .ddl import julian, unix
 from .stream import SQLiteStream
@@ -29,10 +28,8 @@ log = logging.getLogger(__name__)
 
 _OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
 _EMPTY: frozenset[str] = frozenset()
-#: What a journal row is read as, everywhere; a journal made before the
-#: context column (until install-triggers adds it) has none.
-COLUMNS = "id, created_at, shape, body, context"
-_BEFORE_CONTEXT = "id, created_at, shape, body, NULL"
+#: What a journal row is read as, everywhere.
+COLUMNS = "id, created_at, shape, body"
 
 
 def _flatten(chunks: list[list[Any]]) -> list[Any]:
@@ -46,27 +43,15 @@ class Rows:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._shapes: dict[str, dict[str, Any]] = {}
-        self._columns: str | None = None
-
-    @property
-    def columns(self) -> str:
-        """The journal's columns to select (:data:`COLUMNS`, as it has them)."""
-        if self._columns is None:
-            found = {r[0] for r in self.db.run("SELECT name FROM pragma_table_info(?)", (JOURNAL,))}
-            if not found:
-                return COLUMNS  # no journal yet: made with the column
-            self._columns = COLUMNS if "context" in found else _BEFORE_CONTEXT
-        return self._columns
 
     def decode(self, raw: Any) -> list[Item]:
         """One journal row as events (or a message); a row we cannot read
         is logged and skipped."""
-        journal_id, created_at, shape, body, context = raw
+        journal_id, created_at, shape, body = raw
         try:
             if shape is None:
                 return _payload.decode(body, journal_id)
-            shaped = self._shape(shape)
-            return [self._event(journal_id, created_at, shaped, body, _context.decode(context))]
+            return [self._event(journal_id, created_at, self._shape(shape), body)]
         except (_payload.PayloadError, KeyError, ValueError, TypeError, IndexError) as exc:
             log.warning("skipped journal row %s: %s", journal_id, exc)
             return []
@@ -79,7 +64,7 @@ class Rows:
     def read(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         """Up to ``limit`` journal rows from id ``since``, decoded, and the last id."""
         rows = self.db.run(
-            f"SELECT {self.columns} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
+            f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
             (since, limit),
         )
         items = [item for raw in rows for item in self.decode(raw)]
@@ -97,15 +82,14 @@ class Rows:
         return shape
 
     def _event(
-        self,
-        journal_id: int,
-        created_at: float,
-        shape: dict[str, Any],
-        body: str,
-        context: dict[str, Any] | None,
+        self, journal_id: int, created_at: float, shape: dict[str, Any], body: str
     ) -> ChangeEvent:
         columns, keep, keys = shape["c"], shape["keep"], shape["k"]
         values = _payload.loads(body)
+        context = None
+        if type(values) is dict and "cx" in values:
+            # A writer's context wraps the values (see ddl.trigger_sql).
+            context, values = _context.decode(values["cx"]), values["r"]
         op = shape["op"]
         old = new = None
         changed = _EMPTY

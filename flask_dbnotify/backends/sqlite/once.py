@@ -15,7 +15,7 @@ from ..._payload import message_prefix
 from ...events import ChangeEvent
 from ..base import Claimable, OnceStore
 from .connection import Database, in_one_snapshot
-from .journal import Rows
+from .journal import COLUMNS, Rows
 
 
 class SQLiteOnceStore(OnceStore):
@@ -62,7 +62,7 @@ class SQLiteOnceStore(OnceStore):
             if mark is None:
                 return [], None
             rows = conn.execute(
-                f"SELECT {self.rows.columns} FROM dbnotify_journal WHERE id > ? AND ({where}) "
+                f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id > ? AND ({where}) "
                 "ORDER BY id LIMIT ?",
                 (mark[0], *params, limit),
             ).fetchall()
@@ -139,8 +139,7 @@ class SQLiteOnceStore(OnceStore):
             return []
         ids = json.dumps([event_id for event_id, _ in rows])
         found = self.db.run(
-            f"SELECT {self.rows.columns} FROM dbnotify_journal "
-            "WHERE id IN (SELECT value FROM json_each(?))",
+            f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id IN (SELECT value FROM json_each(?))",
             (ids,),
         )
         raw_by_id = {raw[0]: raw for raw in found}

@@ -93,7 +93,7 @@ class SQLiteStream(Stream):
                 log.info("the journal was recreated; reading it from the start")
                 position = self.feed.position = 0
             rows = self.conn.execute(
-                f"SELECT {self.feed.rows.columns} FROM dbnotify_journal "
+                "SELECT id, created_at, shape, body FROM dbnotify_journal "
                 "WHERE id > ? ORDER BY id LIMIT ?",
                 (position, _READ_LIMIT),
             ).fetchall()

@@ -69,7 +69,7 @@ class WalBackend(PostgreSQLBackend):
         messages = ident(self.schema, MESSAGES)
         execute_on(connection, _MESSAGE.format(messages), {"payload": payload})
 
-    def set_context(self, conn: Any, text: str, first: bool) -> None:
+    def set_context(self, conn: Any, text: str) -> None:
         # Decoded in the transaction, before the changes that follow it.
         conn.exec_driver_sql(_EMIT_CONTEXT, {"prefix": CONTEXT_SETTING, "text": text})
 

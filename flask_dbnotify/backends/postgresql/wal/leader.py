@@ -281,8 +281,7 @@ class Stream:
         elif isinstance(record, pgoutput.Begin):
             self.begin(record)
         elif isinstance(record, pgoutput.Message):
-            if record.transactional and record.prefix == CONTEXT_SETTING:
-                self.ts = self.commit_ts + context_text(record.content)
+            self.message(record)
         elif isinstance(record, pgoutput.Insert):
             relation = self.relations[record.relation_oid]
             if relation.name == MESSAGES and relation.schema == self.relay.schema:
@@ -311,6 +310,11 @@ class Stream:
         self.txn, self.txn_done = record.final_lsn, 0
         part = self.part
         self.skip = part.changes if part is not None and part.lsn == record.final_lsn else 0
+
+    def message(self, record: pgoutput.Message) -> None:
+        """A context (``set_context()``) for the transaction's later changes."""
+        if record.transactional and record.prefix == CONTEXT_SETTING:
+            self.ts = self.commit_ts + context_text(record.content)
 
     def update(self, record: pgoutput.Update) -> None:
         relation = self.relations[record.relation_oid]
