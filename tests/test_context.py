@@ -6,6 +6,7 @@ transaction, and never at the cost of the write."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import threading
 from typing import Any
@@ -447,3 +448,28 @@ def test_an_autocommit_connection_is_refused(backend: Backend, events: Recorder)
     got = events.wait_for(2)
     assert [(e.row["item"], e.context) for e in got] == [("auto", None), ("elsewhere", None)]
     events.assert_no_more(2, marker(ext, app))
+
+
+def test_a_large_context_on_a_bulk_statement_loses_nothing(
+    backend: Backend, events: Recorder
+) -> None:
+    """A context near the 1 KiB bound, full of characters JSON escapes,
+    on a 3,000-row statement of wide rows (many notifications, some in
+    pieces): every row arrives once, with the context."""
+    orders(backend)
+    app, ext = listening(backend.make_app, "orders")
+    big = {"note": '"\\\n' * 165}
+    assert 1000 < len(json.dumps(big, ensure_ascii=False, separators=(",", ":"))) <= 1024
+    series = (
+        "SELECT repeat('x', 300) || g FROM generate_series(1, 3000) AS g"
+        if backend.pg
+        else "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < 3000) "
+        "SELECT printf('%.300c', 'x') || g FROM s"
+    )
+    with backend.engine().begin() as conn:
+        ext.set_context(conn, **big)
+        conn.execute(sa.text(f"INSERT INTO orders (item) {series}"))
+    got = events.wait_for(3000, timeout=60)
+    assert sorted(int(e.row["item"][300:]) for e in got) == list(range(1, 3001))
+    assert all(e.context == big for e in got)
+    events.assert_no_more(3000, marker(ext, app))

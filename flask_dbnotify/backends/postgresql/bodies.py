@@ -27,9 +27,6 @@ SLOT_BYTES = 64 * 1024 * 1024
 #: What a fast notification holds besides the head and the rows: the
 #: timestamp, the batch number and the brackets around the rows.
 ENVELOPE_BYTES = 120
-#: Room left in a fast notification for a typical context; a larger one
-#: makes a batch travel in pieces sooner.
-CONTEXT_ROOM = 200
 #: A watch whose names leave less room than this for rows is refused.
 MIN_BATCH_BYTES = 500
 #: Reads the writer's context (set_context()) once per statement.
@@ -53,8 +50,10 @@ def fast_body(r: Resolved, op: Operation) -> str:
     """Invoker rights: the rows become JSON as the writer, and go out by NOTIFY."""
     prefix = batch_head(r, op)
     # Rows are grouped so that a group's JSON, escaped once more inside the
-    # message, fits in one notification after the head and the envelope.
-    budget = (NOTIFY_LIMIT - len(prefix.encode()) - ENVELOPE_BYTES - CONTEXT_ROOM) // 2
+    # message, fits in one notification after the head and the envelope
+    # (and the half left over takes a context; a batch with a context too
+    # long for it goes in pieces).
+    budget = (NOTIFY_LIMIT - len(prefix.encode()) - ENVELOPE_BYTES) // 2
     if budget < MIN_BATCH_BYTES:
         raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
     send = send_batch(literal(CHANNEL))
