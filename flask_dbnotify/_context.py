@@ -4,11 +4,12 @@
 A transaction's context is a small JSON object. The backend puts it
 where its capture reads it in the same transaction (PostgreSQL triggers:
 the transaction-local setting :data:`SETTING`; WAL capture: a
-transactional logical message with the prefix :data:`SETTING`; SQLite:
-the one row of ``dbnotify_context``, removed again at commit), and every
-row change captured after that carries it, as the text ``"cx"`` of its
-body. Messages sent with ``notify(connection=...)`` carry it too: the
-connection remembers it for its current transaction (:func:`remember`).
+transactional logical message with the prefix :data:`SETTING`; SQLite: the
+journal rows written after the call, at commit: see
+``backends/sqlite/context.py``), and every row change captured after that
+carries it, as the text ``"cx"`` of its body. Messages sent with
+``notify(connection=...)`` carry it too: the connection remembers it for
+its current transaction (:func:`remember`).
 
 Anyone who may write a watched table can say anything of themselves this
 way: a context is what the writer claims, never proof of who it is.

@@ -174,7 +174,6 @@ def test_uninstall_everything_drops_journal_and_listeners(
         "dbnotify_listeners",
         "dbnotify_receivers",
         "dbnotify_claims",
-        "dbnotify_context",
     }
     ext.stop(app)
     ext.uninstall_triggers(app, everything=True)

@@ -22,11 +22,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ... import _context
 from ..._items import Item
-from ...errors import DBNotifyError
 from ..base import Backend, Feed
 from ..common import execute_on
+from . import context
 from .admin import SQLiteAdmin
 from .connection import Database
 from .ddl import MAX_ROW_BYTES, NOW
@@ -37,15 +36,6 @@ __all__ = ["MAX_ROW_BYTES", "SQLiteBackend"]
 
 #: Every message is journaled on SQLite: durable or not, the same path.
 _NOTIFY = f"INSERT INTO dbnotify_journal (created_at, body) VALUES ({NOW}, :payload)"
-_SET_CONTEXT = "INSERT OR REPLACE INTO dbnotify_context (k, value) VALUES (0, ?)"
-_CLEAR_CONTEXT = "DELETE FROM dbnotify_context"
-
-
-def _clear_context(conn: sa.Connection) -> None:
-    """Before ``conn`` commits (a ConnectionEvents.commit hook): remove the
-    context row its transaction wrote, if it wrote one."""
-    if _context.current(conn) is not None:
-        conn.exec_driver_sql(_CLEAR_CONTEXT)
 
 
 class SQLiteBackend(Backend):
@@ -88,28 +78,7 @@ class SQLiteBackend(Backend):
             execute_on(connection, _NOTIFY, params)
 
     def set_context(self, conn: Any, text: str) -> None:
-        # The triggers read the one row of dbnotify_context; it must be gone
-        # before the commit, or later transactions would carry it.
-        if not sa.event.contains(conn, "commit", _clear_context):
-            sa.event.listen(conn, "commit", _clear_context)
-        if not conn.in_transaction():
-            conn.begin()  # as the statement would; a "begin" hook may send BEGIN
-        dbapi = conn.connection.dbapi_connection
-        if dbapi.isolation_level is None and not dbapi.in_transaction:
-            # Autocommit: the row would be there for everyone's writes.
-            raise _context.autocommit_error()
-        try:
-            if text:
-                conn.exec_driver_sql(_SET_CONTEXT, (text,))
-            else:
-                conn.exec_driver_sql(_CLEAR_CONTEXT)
-        except sa.exc.OperationalError as exc:
-            if "no such table" not in str(exc):
-                raise
-            raise DBNotifyError(
-                f"{self.where} has no dbnotify_context table (made by Flask-DBNotify "
-                "0.2): run `flask dbnotify install-triggers`"
-            ) from exc
+        context.set_context(conn, text, self.where)
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
         return self.rows.read(since, limit)

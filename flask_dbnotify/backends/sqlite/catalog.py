@@ -19,7 +19,6 @@ TABLES = {
     "dbnotify_listeners": {"name", "position", "seen_at"},
     "dbnotify_receivers": {"receiver", "id"},
     "dbnotify_claims": {"receiver", "event_id", "state", "attempts"},
-    "dbnotify_context": {"k", "value"},
 }
 #: A watched table: its name, columns with declared types, primary key.
 Table = tuple[str, list[tuple[str, str]], list[str]]

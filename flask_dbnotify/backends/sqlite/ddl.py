@@ -18,8 +18,6 @@ DDL_VERSION = 3
 #: SQLite's clock, in Julian days (what the journal stores).
 NOW = "julianday('now')"
 _UNIX_EPOCH_JD = 2440587.5
-#: The writing transaction's context, as the triggers read it.
-_CONTEXT = "(SELECT value FROM dbnotify_context)"
 #: SQLite functions take at most 127 arguments: rows are arrays of chunks.
 _CHUNK = 100
 #: A row whose text and blob values take more than this is journaled cut:
@@ -31,9 +29,6 @@ MAX_ROW_BYTES = 16 * 1024 * 1024
 TABLES = {
     "dbnotify_journal": "id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL NOT NULL, "
     "shape TEXT, body TEXT NOT NULL",
-    # The context of the transaction that is writing (set_context()): one
-    # row at most, there only until it commits.
-    "dbnotify_context": "k INTEGER PRIMARY KEY, value TEXT NOT NULL",
     "dbnotify_shapes": "key TEXT PRIMARY KEY, header TEXT NOT NULL",
     "dbnotify_listeners": "name TEXT PRIMARY KEY, position INTEGER NOT NULL, seen_at REAL NOT NULL",
     # Exactly-once receivers: how far each has claimed, and claims.
@@ -133,13 +128,6 @@ def trigger_sql(
     # A row too large would make the journal row (or its JSON) exceed
     # SQLite's string limit and fail the write: it is journaled cut.
     body = f"CASE WHEN {size} > {MAX_ROW_BYTES} THEN json_object('cut', {cut}) ELSE {body} END"
-    # A writer's context (set_context()) wraps the values: {"cx": its JSON
-    # as a string, "r": values}. No column of its own, so the journal of
-    # any earlier version takes these rows as it is.
-    body = (
-        f"CASE WHEN {_CONTEXT} IS NULL THEN {body} "
-        f"ELSE json_object('cx', {_CONTEXT}, 'r', json({body})) END"
-    )
     return (
         f"AFTER {op.value} ON {quote_ident(table)} FOR EACH ROW{when} BEGIN {MARKER} "
         f"INSERT INTO dbnotify_journal (created_at, shape, body) "

@@ -88,7 +88,7 @@ class Rows:
         values = _payload.loads(body)
         context = None
         if type(values) is dict and "cx" in values:
-            # A writer's context wraps the values (see ddl.trigger_sql).
+            # A writer's context wraps the values (see SQLiteBackend.set_context).
             context, values = _context.decode(values["cx"]), values["r"]
         op = shape["op"]
         old = new = None
