@@ -76,8 +76,9 @@ def decode(value: Any) -> dict[str, Any] | None:
 
 
 def sqlalchemy_connection(connection: Any) -> sa.Connection | None:
-    """The SQLAlchemy Connection of a Connection or Session (the Session's
-    for its current transaction, which this begins); None otherwise."""
+    """The SQLAlchemy Connection of a Connection or Session (or
+    scoped_session: the Session's for its current transaction, which this
+    begins); None otherwise."""
     if isinstance(connection, sa.Connection):
         return connection
     if hasattr(connection, "connection") and hasattr(connection, "get_bind"):

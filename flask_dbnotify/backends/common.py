@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .._context import sqlalchemy_connection
 from .._watch import Watch
 from ..errors import WatchError
 from ..events import Operation
@@ -28,11 +29,9 @@ OP_CODE = {
 def execute_on(connection: Any, statement: str, params: dict[str, Any]) -> None:
     """Run ``statement`` on a SQLAlchemy Connection or Session, or on a
     DB-API connection, inside its current transaction."""
-    if isinstance(connection, sa.Connection):
-        connection.exec_driver_sql(statement, params)
-    elif hasattr(connection, "connection") and hasattr(connection, "get_bind"):
-        # A Session (or scoped_session): its Connection for this transaction.
-        connection.connection().exec_driver_sql(statement, params)
+    conn = sqlalchemy_connection(connection)
+    if conn is not None:
+        conn.exec_driver_sql(statement, params)
     elif hasattr(connection, "cursor"):
         cur = connection.cursor()
         try:
