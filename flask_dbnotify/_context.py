@@ -62,9 +62,15 @@ def encode(values: dict[str, Any]) -> str:
 
 def decode(value: Any) -> dict[str, Any] | None:
     """The context a body carries (``"cx"``: JSON text from the database,
-    or the object itself in a message); None if absent or unreadable."""
+    or the object itself in a message); None if absent or unreadable. The
+    rows of one transaction carry the same text: it is parsed once (each
+    event gets a dict of its own)."""
+    global _last
     if value is None or type(value) is dict:
         return value
+    last = _last
+    if last[0] == value and last[1] is not None:
+        return dict(last[1])
     try:
         found = json.loads(value) if isinstance(value, str) and value else None
     except (ValueError, RecursionError):
@@ -72,7 +78,12 @@ def decode(value: Any) -> dict[str, Any] | None:
     if type(found) is not dict:
         _limited.warning("ignored a context that is not a JSON object: %.100r", value)
         return None
-    return found
+    _last = (value, found)
+    return dict(found)
+
+
+#: The last context text read, and what it was read as.
+_last: tuple[Any, dict[str, Any] | None] = (None, None)
 
 
 def sqlalchemy_connection(connection: Any) -> sa.Connection | None:
