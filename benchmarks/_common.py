@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from typing import Any
@@ -37,3 +38,27 @@ class Arrivals:
         with self.cond:
             self.times.clear()
             self.count = 0
+
+
+#: How every script counts events/s: the rows of one statement divided by
+#: the time from the start of the writing statement to the last event
+#: delivered (the write is part of what a receiver waits for).
+def events_per_second(rows: int, started: float, last_event: float) -> float:
+    return rows / (last_event - started)
+
+
+def median_range(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the runs of one figure."""
+    return statistics.median(values), min(values), max(values)
+
+
+def spread(values: list[float], fmt: str = ",.0f", suffix: str = "") -> str:
+    """``median (min–max)`` of the runs of one figure: a noisy run shows as
+    a wide range instead of a changed median."""
+    mid, lo, hi = median_range(values)
+    return f"{mid:{fmt}}{suffix} ({lo:{fmt}}–{hi:{fmt}})"
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
