@@ -6,6 +6,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: The server the PostgreSQL scripts use; they make their own tables there.
@@ -62,3 +63,34 @@ def spread(values: list[float], fmt: str = ",.0f", suffix: str = "") -> str:
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_ours(url: str, table: str, arrivals: Arrivals) -> Callable[[], None]:
+    """Flask-DBNotify watching ``table``, an on() receiver noting each
+    INSERT's key in ``arrivals``; returns what stops it."""
+    from flask import Flask
+
+    from flask_dbnotify import DBNotify
+
+    app = Flask("bench")
+    app.config.update(DBNOTIFY_DATABASE_URI=url, DBNOTIFY_AUTOSTART=False)
+    dbnotify = DBNotify(app)
+
+    @dbnotify.on(table, "insert")
+    def received(event: Any) -> None:
+        arrivals.add(event.pk)
+
+    dbnotify.install_triggers(app)
+    dbnotify.start(app)
+    return lambda: dbnotify.close(app)
+
+
+def print_rates(figures: dict[str, dict[str, list[float]]], names: list[str], limit: str) -> None:
+    """The bulk table: events/s, against the first contender, write cost."""
+    print(f"{'':18} {'events/s':>27} {'vs ' + limit:>18} {'write vs plain':>21}")
+    for name in names:
+        r = figures[name]
+        print(
+            f"{name:18} {spread(r['rate']):>27} {spread(r['rate ratio'], '.2f'):>18} "
+            f"{spread(r['write'], '.2f', 'x'):>21}"
+        )

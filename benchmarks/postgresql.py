@@ -32,13 +32,18 @@ import time
 from typing import Any
 
 import psycopg2
-from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import DEFAULT_URL, Arrivals, events_per_second, pct, spread  # noqa: E402
-
-from flask_dbnotify import DBNotify  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_URL,
+    Arrivals,
+    events_per_second,
+    pct,
+    print_rates,
+    spread,
+    start_ours,
+)
 
 DDL = """
 DROP TABLE IF EXISTS bench_plain, bench_raw, bench_ours, bench_peer CASCADE;
@@ -193,16 +198,7 @@ def main() -> None:
     raw = RawListener(args.url, raw_arrivals)
 
     ours_arrivals = Arrivals()
-    app = Flask("bench")
-    app.config.update(DBNOTIFY_DATABASE_URI=args.url, DBNOTIFY_AUTOSTART=False)
-    dbnotify = DBNotify(app)
-
-    @dbnotify.on("bench_ours", "insert")
-    def received(event: Any) -> None:
-        ours_arrivals.add(event.pk)
-
-    dbnotify.install_triggers(app)
-    dbnotify.start(app)
+    stop_ours = start_ours(args.url, "bench_ours", ours_arrivals)
 
     contenders: list[tuple[str, str, Arrivals | None]] = [
         ("raw psycopg2 loop", "bench_raw", raw_arrivals),
@@ -252,7 +248,7 @@ def main() -> None:
                     limit = figures[names[0]]["rate"][-1]
                     note(name, "rate ratio", figures[name]["rate"][-1] / limit)
     finally:
-        dbnotify.stop(app)
+        stop_ours()
         raw.close()
         if peer is not None:
             peer.close()
@@ -266,13 +262,7 @@ def report(args: Any, figures: dict[str, dict[str, list[float]]], names: list[st
         f"{args.rows:,}-row INSERT; events/s from the statement's start to the last event; "
         f"plain INSERT without triggers: {spread(plain['bulk ms'])} ms"
     )
-    print(f"{'':18} {'events/s':>27} {'vs raw loop':>18} {'write vs plain':>21}")
-    for name in names:
-        r = figures[name]
-        print(
-            f"{name:18} {spread(r['rate']):>27} {spread(r['rate ratio'], '.2f'):>18} "
-            f"{spread(r['write'], '.2f', 'x'):>21}"
-        )
+    print_rates(figures, names, "raw loop")
     print()
     print(f"insert to receiver, ms ({args.latency_samples} single-row INSERTs a round)")
     print(f"{'':18} {'p50':>21} {'p99':>21}")

@@ -43,13 +43,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import Arrivals, events_per_second, pct, spread  # noqa: E402
-
-from flask_dbnotify import DBNotify  # noqa: E402
+from _common import Arrivals, events_per_second, pct, print_rates, spread, start_ours  # noqa: E402
 
 TABLES = """
 CREATE TABLE plain (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
@@ -148,18 +144,8 @@ class BareLoop:
         self.conn.close()
 
 
-def start_ours(path: str, arrivals: Arrivals) -> Callable[[], None]:
-    app = Flask("bench")
-    app.config.update(DBNOTIFY_DATABASE_URI=f"sqlite:///{path}", DBNOTIFY_AUTOSTART=False)
-    dbnotify = DBNotify(app)
-
-    @dbnotify.on("ours", "insert")
-    def received(event: Any) -> None:
-        arrivals.add(event.pk)
-
-    dbnotify.install_triggers(app)
-    dbnotify.start(app)
-    return lambda: dbnotify.close(app)
+def start_dbnotify(path: str, arrivals: Arrivals) -> Callable[[], None]:
+    return start_ours(f"sqlite:///{path}", "ours", arrivals)
 
 
 def start_peer(path: str, arrivals: Arrivals) -> Callable[[], None]:
@@ -257,7 +243,7 @@ def main() -> None:
 
     contenders: list[tuple[str, str, Callable[..., Callable[[], None]]]] = [
         ("bare polling loop", "bare", start_bare),
-        ("flask-dbnotify", "ours", start_ours),
+        ("flask-dbnotify", "ours", start_dbnotify),
     ]
     try:
         import sqlnotify  # noqa: F401
@@ -332,13 +318,7 @@ def report(args: Any, figures: dict[str, dict[str, list[float]]], names: list[st
         f"{args.rows:,}-row INSERT transaction; events/s from the statement's start to the "
         f"last event; plain transaction without triggers: {spread(plain['bulk ms'])} ms"
     )
-    print(f"{'':18} {'events/s':>27} {'vs bare loop':>18} {'write vs plain':>21}")
-    for name in names:
-        r = figures[name]
-        print(
-            f"{name:18} {spread(r['rate']):>27} {spread(r['rate ratio'], '.2f'):>18} "
-            f"{spread(r['write'], '.2f', 'x'):>21}"
-        )
+    print_rates(figures, names, "bare loop")
     print()
     print(
         f"commit to receiver across processes, ms ({args.latency_samples} single-row "
