@@ -20,6 +20,8 @@ class Arrivals:
         self.times: dict[Any, float] = {}
         self.count = 0
         self.last = 0.0
+        #: The count a waiter waits for (0: nobody waits).
+        self.target = 0
         self.cond = threading.Condition()
 
     def add(self, key: Any) -> None:
@@ -28,12 +30,19 @@ class Arrivals:
             self.times[key] = now
             self.count += 1
             self.last = now
-            self.cond.notify_all()
+            # Wake the waiter once, not for every event: a wake-up per
+            # event takes the GIL from the listener being measured.
+            if self.count >= self.target:
+                self.cond.notify_all()
 
     def wait_count(self, n: int, timeout: float = 300.0) -> None:
         with self.cond:
-            if not self.cond.wait_for(lambda: self.count >= n, timeout):
-                raise SystemExit(f"only {self.count} of {n} events arrived in {timeout}s")
+            self.target = n
+            try:
+                if not self.cond.wait_for(lambda: self.count >= n, timeout):
+                    raise SystemExit(f"only {self.count} of {n} events arrived in {timeout}s")
+            finally:
+                self.target = 0
 
     def reset(self) -> None:
         with self.cond:
