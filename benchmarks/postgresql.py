@@ -10,31 +10,40 @@ other, against the same server:
 - flask-dbnotify: DBNotify with watch(), a receiver connected with on().
 - SQLNotify, the peer (``pip install -e '.[bench]'``), in its async mode.
 
-Figures: insert-to-receiver latency (single-row autocommit INSERTs, one at
-a time), events/s delivered for one bulk INSERT statement, and that
-statement's cost against the same INSERT on a table without triggers.
+Figures, each measured in ``--rounds`` rounds (the contenders in a new
+order each round) and printed as the median with its spread (min–max):
+insert-to-receiver latency (single-row autocommit INSERTs, one at a time;
+p50 and p99 of each round), events/s for one bulk INSERT statement (from
+the statement's start to the last event delivered, as every script counts),
+that statement's cost against the same INSERT on a table without
+triggers, and single-row INSERT and UPDATE against the same on that table.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import select
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg2
-from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import DEFAULT_URL, Arrivals  # noqa: E402
-
-from flask_dbnotify import DBNotify  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_URL,
+    Arrivals,
+    events_per_second,
+    pct,
+    print_rates,
+    spread,
+    start_ours,
+)
 
 DDL = """
 DROP TABLE IF EXISTS bench_plain, bench_raw, bench_ours, bench_peer CASCADE;
@@ -91,7 +100,7 @@ def latency(writer: Any, table: str, arrivals: Arrivals, n: int) -> list[float]:
 
 
 def bulk(writer: Any, table: str, arrivals: Arrivals | None, rows: int) -> tuple[float, float]:
-    """(statement seconds, seconds from statement start to last event)."""
+    """(statement seconds, events/s from the statement's start to the last event)."""
     if arrivals is not None:
         arrivals.reset()
     with writer.cursor() as cur:
@@ -99,9 +108,9 @@ def bulk(writer: Any, table: str, arrivals: Arrivals | None, rows: int) -> tuple
         cur.execute(BULK.format(table), (rows,))
         wrote = time.perf_counter() - start
     if arrivals is None:
-        return wrote, wrote
+        return wrote, 0.0
     arrivals.wait_count(rows)
-    return wrote, arrivals.last - start
+    return wrote, events_per_second(rows, start, arrivals.last)
 
 
 def single_writes(writer: Any, table: str, n: int) -> tuple[float, float]:
@@ -117,16 +126,6 @@ def single_writes(writer: Any, table: str, n: int) -> tuple[float, float]:
             cur.execute(f"UPDATE {table} SET qty = qty + %s WHERE id = %s", (i + 1, key))
             updates.append(time.perf_counter() - start)
     return statistics.median(inserts), statistics.median(updates)
-
-
-def best(fn: Callable[[], tuple[float, float]], repeat: int) -> tuple[float, float]:
-    runs = [fn() for _ in range(repeat)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class PeerSQLNotify:
@@ -186,8 +185,8 @@ def main() -> None:
         default=DEFAULT_URL,
     )
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--latency-samples", type=int, default=500)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency-samples", type=int, default=200, help="per round")
+    parser.add_argument("--rounds", "--repeat", type=int, default=3)
     args = parser.parse_args()
 
     writer = psycopg2.connect(args.url)
@@ -199,18 +198,9 @@ def main() -> None:
     raw = RawListener(args.url, raw_arrivals)
 
     ours_arrivals = Arrivals()
-    app = Flask("bench")
-    app.config.update(DBNOTIFY_DATABASE_URI=args.url, DBNOTIFY_AUTOSTART=False)
-    dbnotify = DBNotify(app)
+    stop_ours = start_ours(args.url, "bench_ours", ours_arrivals)
 
-    @dbnotify.on("bench_ours", "insert")
-    def received(event: Any) -> None:
-        ours_arrivals.add(event.pk)
-
-    dbnotify.install_triggers(app)
-    dbnotify.start(app)
-
-    contenders = [
+    contenders: list[tuple[str, str, Arrivals | None]] = [
         ("raw psycopg2 loop", "bench_raw", raw_arrivals),
         ("flask-dbnotify", "bench_ours", ours_arrivals),
     ]
@@ -221,49 +211,73 @@ def main() -> None:
         contenders.append(("SQLNotify (peer)", "bench_peer", peer_arrivals))
     except ImportError as exc:
         print(f"SQLNotify not measured ({exc}): pip install -e '.[bench]'")
+    names = [name for name, _, _ in contenders]
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in [*names, "plain"]}
 
-    results: dict[str, dict[str, float]] = {}
-    for name, table, arrivals in contenders:
-        latency(writer, table, arrivals, 50)  # warm up
-        samples = latency(writer, table, arrivals, args.latency_samples)
-        runs = [bulk(writer, table, arrivals, args.rows) for _ in range(args.repeat)]
-        wrote, delivered = min(r[0] for r in runs), min(r[1] for r in runs)
-        results[name] = {
-            "p50 ms": statistics.median(samples),
-            "p99 ms": pct(samples, 0.99),
-            "events/s": args.rows / delivered,
-            "write s": wrote,
-        }
-    plain, _ = best(lambda: bulk(writer, "bench_plain", None, args.rows), args.repeat)
-    singles = {"plain": single_writes(writer, "bench_plain", args.latency_samples)}
-    for name, table, _ in contenders:
-        singles[name] = single_writes(writer, table, args.latency_samples)
+    def note(name: str, key: str, value: float) -> None:
+        figures[name].setdefault(key, []).append(value)
 
-    dbnotify.stop(app)
-    raw.close()
-    if peer is not None:
-        peer.close()
+    shuffle = random.Random(16)
+    order = [*contenders, ("plain", "bench_plain", None)]
+    try:
+        for _, table, arrivals in contenders:
+            assert arrivals is not None
+            latency(writer, table, arrivals, 50)  # warm up
+        for _ in range(args.rounds):
+            # A new order each round: no contender always follows the same one.
+            shuffle.shuffle(order)
+            wrote, singles = {}, {}
+            for name, table, arrivals in order:
+                if arrivals is not None:
+                    samples = latency(writer, table, arrivals, args.latency_samples)
+                    note(name, "p50", pct(samples, 0.5))
+                    note(name, "p99", pct(samples, 0.99))
+                wrote[name], rate = bulk(writer, table, arrivals, args.rows)
+                if arrivals is not None:
+                    note(name, "rate", rate)
+                singles[name] = single_writes(writer, table, args.latency_samples)
+            note("plain", "bulk ms", wrote["plain"] * 1000)
+            for name in ["plain", *names]:
+                insert, update = singles[name]
+                note(name, "insert ms", insert * 1000)
+                note(name, "update ms", update * 1000)
+                note(name, "insert x", insert / singles["plain"][0])
+                note(name, "update x", update / singles["plain"][1])
+                if name != "plain":
+                    note(name, "write", wrote[name] / wrote["plain"])
+                    limit = figures[names[0]]["rate"][-1]
+                    note(name, "rate ratio", figures[name]["rate"][-1] / limit)
+    finally:
+        stop_ours()
+        raw.close()
+        if peer is not None:
+            peer.close()
+    report(args, figures, names)
 
-    limit = results["raw psycopg2 loop"]
-    print(f"PostgreSQL, {args.rows:,}-row INSERT, {args.latency_samples} latency samples")
-    print(f"plain INSERT without triggers: {plain * 1000:.0f} ms")
-    header = f"{'':20} {'p50 ms':>8} {'p99 ms':>8} {'events/s':>10} {'write':>8}"
-    print(header + f" {'p50 ratio':>10} {'rate ratio':>10}")
-    for name, r in results.items():
-        print(
-            f"{name:20} {r['p50 ms']:8.3f} {r['p99 ms']:8.3f} {r['events/s']:10,.0f} "
-            f"{r['write s'] / plain:7.2f}x {r['p50 ms'] / limit['p50 ms']:10.2f} "
-            f"{r['events/s'] / limit['events/s']:10.2f}"
-        )
-    print("write = bulk statement time / plain INSERT; ratios are against the raw loop")
+
+def report(args: Any, figures: dict[str, dict[str, list[float]]], names: list[str]) -> None:
+    plain = figures["plain"]
+    print(f"PostgreSQL; {args.rounds} rounds, each figure median (min–max) over them")
+    print(
+        f"{args.rows:,}-row INSERT; events/s from the statement's start to the last event; "
+        f"plain INSERT without triggers: {spread(plain['bulk ms'])} ms"
+    )
+    print_rates(figures, names, "raw loop")
     print()
-    print(f"single-row writes in autocommit, median ({args.latency_samples} each)")
-    base_insert, base_update = singles["plain"]
-    print(f"{'':20} {'INSERT ms':>10} {'vs plain':>9} {'UPDATE ms':>10} {'vs plain':>9}")
-    for name, (insert, update) in singles.items():
+    print(f"insert to receiver, ms ({args.latency_samples} single-row INSERTs a round)")
+    print(f"{'':18} {'p50':>21} {'p99':>21}")
+    for name in names:
+        r = figures[name]
+        print(f"{name:18} {spread(r['p50'], '.3f'):>21} {spread(r['p99'], '.3f'):>21}")
+    print()
+    print(f"single-row writes in autocommit, median of {args.latency_samples} each a round")
+    print(f"{'':18} {'INSERT ms':>21} {'vs plain':>21} {'UPDATE ms':>21} {'vs plain':>21}")
+    for name in ["plain", *names]:
+        r = figures[name]
         print(
-            f"{name:20} {insert * 1000:10.3f} {insert / base_insert:8.2f}x "
-            f"{update * 1000:10.3f} {update / base_update:8.2f}x"
+            f"{name:18} {spread(r['insert ms'], '.3f'):>21} "
+            f"{spread(r['insert x'], '.2f', 'x'):>21} {spread(r['update ms'], '.3f'):>21} "
+            f"{spread(r['update x'], '.2f', 'x'):>21}"
         )
 
 

@@ -1,40 +1,51 @@
 """SQLite side by side: a bare polling loop, Flask-DBNotify, SQLNotify.
 
-Run:  .venv/bin/python benchmarks/sqlite.py [--rows 100000]
+Run:  .venv/bin/python benchmarks/sqlite.py [--rows 100000] [--rounds 3]
 
-Writers run in a separate process, as another worker or a cron job would.
+Writers run in a separate process, as another worker or a cron job would,
+with ``PRAGMA synchronous = NORMAL`` (what WAL applications use: a commit
+does not wait for fsync, so the figures are the triggers' work rather
+than the disk's).
 
-- bare loop: an outbox trigger (INSERT INTO outbox (row_id) VALUES (NEW.id))
-  and a thread that polls PRAGMA data_version every millisecond and reads
-  the outbox past its cursor: the simplest thing that works.
+- bare loop: outbox triggers (INSERT INTO outbox (row_id) VALUES (NEW.id),
+  on INSERT and UPDATE) and a thread that polls PRAGMA data_version every
+  millisecond and reads the outbox past its cursor: the simplest thing
+  that works, and the yardstick.
 - flask-dbnotify: DBNotify with watch(), a receiver connected with on().
+- SQLNotify (the bench extra), in its async mode, INSERT and UPDATE watched.
 
-Figures: commit-to-receiver latency across processes (single-row
-transactions, a few ms apart), events/s delivered for one 100k-row
-transaction (commit to last event), that transaction's cost against the
-same table without triggers, and the CPU an idle listener burns.
+Every figure is measured in each of ``--rounds`` rounds, the contenders in
+a new order each round, and printed as the median with its spread (min–max)
+over the rounds; ratios are taken within a round.
+
+- events/s: one ``--rows``-row INSERT transaction, from the start of the
+  writing statement to the last event delivered (as every script counts).
+- write: that transaction's time against the same one on a table without
+  triggers; and single-row INSERT and UPDATE transactions (the median of
+  ``--singles`` each), against the same on that table, with no listener
+  running.
+- latency: commit to receiver across processes (single-row transactions, a
+  few ms apart), p50 and p99 of each round.
+- idle CPU: what the listener alone burns, in percent of one core.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
-
-from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import Arrivals  # noqa: E402
-
-from flask_dbnotify import DBNotify  # noqa: E402
+from _common import Arrivals, events_per_second, pct, print_rates, spread, start_ours  # noqa: E402
 
 TABLES = """
 CREATE TABLE plain (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
@@ -44,28 +55,62 @@ CREATE TABLE peer (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
 CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, row_id INTEGER);
 CREATE TRIGGER bare_outbox AFTER INSERT ON bare BEGIN
   INSERT INTO outbox (row_id) VALUES (NEW.id); END;
+CREATE TRIGGER bare_outbox_update AFTER UPDATE ON bare BEGIN
+  INSERT INTO outbox (row_id) VALUES (NEW.id); END;
 """
 
 WRITER = r"""
-import sqlite3, sys, time, random
-path, table, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import random, sqlite3, statistics, sys, time
+path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-if mode == "single":
-    for _ in range(n):
-        conn.execute("BEGIN")
-        cur = conn.execute(f"INSERT INTO {table} (name, qty, at) VALUES ('x', 1, datetime())")
-        conn.execute("COMMIT")
-        print(cur.lastrowid, time.perf_counter(), flush=True)
-        time.sleep(random.uniform(0.003, 0.006))
-else:
-    start = time.perf_counter()
+conn.execute("PRAGMA synchronous = NORMAL")
+clock = time.perf_counter
+
+def txn(sql, params=()):
     conn.execute("BEGIN")
-    conn.execute(f"WITH RECURSIVE s(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM s "
-                 f"WHERE value < {n}) INSERT INTO {table} (name, qty, at) "
-                 f"SELECT 'item ' || value, value, datetime() FROM s")
+    cur = conn.execute(sql, params)
     conn.execute("COMMIT")
-    print(start, time.perf_counter(), flush=True)
+    return cur
+
+if mode == "latency":
+    table = sys.argv[4]
+    for _ in range(n):
+        cur = txn(f"INSERT INTO {table} (name, qty, at) VALUES ('x', 1, datetime())")
+        print(cur.lastrowid, clock(), flush=True)
+        time.sleep(random.uniform(0.003, 0.006))
+elif mode == "bulk":
+    table = sys.argv[4]
+    start = clock()
+    txn(f"WITH RECURSIVE s(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM s "
+        f"WHERE value < {n}) INSERT INTO {table} (name, qty, at) "
+        f"SELECT 'item ' || value, value, datetime() FROM s")
+    print(start, clock(), flush=True)
+else:  # singles: every table given, in a new order each round
+    tables, rounds = sys.argv[4].split(","), int(sys.argv[5])
+    for _ in range(rounds):
+        random.shuffle(tables)
+        for table in tables:
+            inserts, updates = [], []
+            for i in range(n):
+                start = clock()
+                sql = f"INSERT INTO {table} (name, qty, at) VALUES ('s', 1, datetime())"
+                key = txn(sql).lastrowid
+                inserts.append(clock() - start)
+                start = clock()
+                txn(f"UPDATE {table} SET qty = qty + ? WHERE id = ?", (i + 1, key))
+                updates.append(clock() - start)
+            print(table, statistics.median(inserts), statistics.median(updates), flush=True)
 """
+
+
+def write(path: str, mode: str, n: int, *more: str) -> list[list[str]]:
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, path, mode, str(n), *more],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.split() for line in out.splitlines()]
 
 
 class BareLoop:
@@ -99,42 +144,11 @@ class BareLoop:
         self.conn.close()
 
 
-def write(path: str, table: str, mode: str, n: int) -> list[tuple[float, float]]:
-    out = subprocess.run(
-        [sys.executable, "-c", WRITER, path, table, mode, str(n)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [(float(a), float(b)) for a, b in (line.split() for line in out.splitlines())]
+def start_dbnotify(path: str, arrivals: Arrivals) -> Callable[[], None]:
+    return start_ours(f"sqlite:///{path}", "ours", arrivals)
 
 
-def latency(path: str, table: str, arrivals: Arrivals, n: int) -> list[float]:
-    arrivals.reset()
-    sent = write(path, table, "single", n)
-    arrivals.wait_count(n)
-    return [(arrivals.times[int(key)] - at) * 1000 for key, at in sent]
-
-
-def bulk(path: str, table: str, arrivals: Arrivals | None, rows: int) -> tuple[float, float]:
-    """(transaction seconds, commit to last event in seconds)."""
-    if arrivals is not None:
-        arrivals.reset()
-    ((start, committed),) = write(path, table, "bulk", rows)
-    if arrivals is None:
-        return committed - start, 0.0
-    arrivals.wait_count(rows)
-    return committed - start, arrivals.last - committed
-
-
-def idle_cpu(seconds: float) -> float:
-    """Percent of one core this process burns over ``seconds`` doing nothing."""
-    before = time.process_time()
-    time.sleep(seconds)
-    return (time.process_time() - before) / seconds * 100
-
-
-def start_peer(path: str, arrivals: Arrivals) -> Any:
+def start_peer(path: str, arrivals: Arrivals) -> Callable[[], None]:
     """SQLNotify (the bench extra) on the same file, in its async mode, on
     an asyncio loop in its own thread; returns a stop function."""
     import asyncio
@@ -161,7 +175,8 @@ def start_peer(path: str, arrivals: Arrivals) -> Any:
     async def setup() -> Any:
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
         notifier = Notifier(db_engine=engine, use_logger=False)
-        notifier.watch(Peer, Operation.INSERT, extra_columns=["name", "qty", "at"])
+        for operation in (Operation.INSERT, Operation.UPDATE):
+            notifier.watch(Peer, operation, extra_columns=["name", "qty", "at"])
 
         @notifier.subscribe(Peer, Operation.INSERT)
         async def received(event: Any) -> None:
@@ -180,11 +195,43 @@ def start_peer(path: str, arrivals: Arrivals) -> Any:
     return stop
 
 
+def start_bare(path: str, arrivals: Arrivals) -> Callable[[], None]:
+    return BareLoop(path, arrivals).close
+
+
+def idle_cpu(seconds: float) -> float:
+    """Percent of one core this process burns over ``seconds`` doing nothing."""
+    before = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - before) / seconds * 100
+
+
+def latency(path: str, table: str, arrivals: Arrivals, n: int) -> list[float]:
+    arrivals.reset()
+    sent = write(path, "latency", n, table)
+    arrivals.wait_count(n)
+    return [(arrivals.times[int(key)] - float(at)) * 1000 for key, at in sent]
+
+
+def bulk(path: str, table: str, arrivals: Arrivals | None, rows: int) -> tuple[float, float]:
+    """(transaction seconds, events/s from the statement's start to the last event)."""
+    if arrivals is not None:
+        arrivals.reset()
+    ((start, committed),) = write(path, "bulk", rows, table)
+    wrote = float(committed) - float(start)
+    if arrivals is None:
+        return wrote, 0.0
+    arrivals.wait_count(rows)
+    return wrote, events_per_second(rows, float(start), arrivals.last)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--latency-samples", type=int, default=300)
-    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-samples", type=int, default=100, help="per round")
+    parser.add_argument("--singles", type=int, default=200, help="per table and round")
+    parser.add_argument("--idle-seconds", type=float, default=3.0)
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="dbnotify-bench-")
@@ -194,84 +241,108 @@ def main() -> None:
     conn.executescript(TABLES)
     conn.close()
 
-    baseline = idle_cpu(args.idle_seconds)
-    results: dict[str, dict[str, float]] = {}
-
-    bare_arrivals = Arrivals()
-    bare = BareLoop(path, bare_arrivals)
-    bare_idle = idle_cpu(args.idle_seconds)
-    latency(path, "bare", bare_arrivals, 20)
-    samples = latency(path, "bare", bare_arrivals, args.latency_samples)
-    wrote, delivered = bulk(path, "bare", bare_arrivals, args.rows)
-    bare.close()
-    results["bare polling loop"] = {
-        "p50": statistics.median(samples),
-        "p99": sorted(samples)[int(0.99 * len(samples))],
-        "rate": args.rows / delivered,
-        "write": wrote,
-        "idle": bare_idle - baseline,
-    }
-
-    ours_arrivals = Arrivals()
-    app = Flask("bench")
-    app.config.update(DBNOTIFY_DATABASE_URI=f"sqlite:///{path}", DBNOTIFY_AUTOSTART=False)
-    dbnotify = DBNotify(app)
-
-    @dbnotify.on("ours", "insert")
-    def received(event: Any) -> None:
-        ours_arrivals.add(event.pk)
-
-    dbnotify.install_triggers(app)
-    dbnotify.start(app)
-    ours_idle = idle_cpu(args.idle_seconds)
-    latency(path, "ours", ours_arrivals, 20)
-    samples = latency(path, "ours", ours_arrivals, args.latency_samples)
-    wrote, delivered = bulk(path, "ours", ours_arrivals, args.rows)
-    dbnotify.stop(app)
-    results["flask-dbnotify"] = {
-        "p50": statistics.median(samples),
-        "p99": sorted(samples)[int(0.99 * len(samples))],
-        "rate": args.rows / delivered,
-        "write": wrote,
-        "idle": ours_idle - baseline,
-    }
+    contenders: list[tuple[str, str, Callable[..., Callable[[], None]]]] = [
+        ("bare polling loop", "bare", start_bare),
+        ("flask-dbnotify", "ours", start_dbnotify),
+    ]
     try:
-        peer_arrivals = Arrivals()
-        stop_peer = start_peer(path, peer_arrivals)
+        import sqlnotify  # noqa: F401
     except ImportError as exc:
         print(f"SQLNotify not measured ({exc}): pip install -e '.[bench]'")
     else:
-        peer_idle = idle_cpu(args.idle_seconds)
-        latency(path, "peer", peer_arrivals, 20)
-        samples = latency(path, "peer", peer_arrivals, args.latency_samples)
-        wrote, delivered = bulk(path, "peer", peer_arrivals, args.rows)
-        stop_peer()
-        results["SQLNotify (peer)"] = {
-            "p50": statistics.median(samples),
-            "p99": sorted(samples)[int(0.99 * len(samples))],
-            "rate": args.rows / delivered,
-            "write": wrote,
-            "idle": peer_idle - baseline,
-        }
-    plain, _ = bulk(path, "plain", None, args.rows)
+        contenders.append(("SQLNotify (peer)", "peer", start_peer))
+    names = [name for name, _, _ in contenders]
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in names + ["plain"]}
 
-    limit = results["bare polling loop"]
+    def note(name: str, key: str, value: float) -> None:
+        figures[name].setdefault(key, []).append(value)
+
+    # Idle: each listener alone, against the process without one.
+    for _ in range(args.rounds):
+        for name, _, start in contenders:
+            baseline = idle_cpu(args.idle_seconds)
+            stop = start(path, Arrivals())
+            note(name, "idle", idle_cpu(args.idle_seconds) - baseline)
+            stop()
+
+    arrivals = {name: Arrivals() for name in names}
+    stops = [start(path, arrivals[name]) for name, _, start in contenders]
+    shuffle = random.Random(16)
+    try:
+        for name, table, _ in contenders:
+            latency(path, table, arrivals[name], 20)  # warm up
+        order = [*contenders, ("plain", "plain", None)]
+        for _ in range(args.rounds):
+            shuffle.shuffle(order)
+            wrote: dict[str, float] = {}
+            for name, table, _ in order:
+                if name != "plain":
+                    samples = latency(path, table, arrivals[name], args.latency_samples)
+                    note(name, "p50", pct(samples, 0.5))
+                    note(name, "p99", pct(samples, 0.99))
+                wrote[name], rate = bulk(path, table, arrivals.get(name), args.rows)
+                if name != "plain":
+                    note(name, "rate", rate)
+            note("plain", "bulk ms", wrote["plain"] * 1000)
+            for name in names:
+                note(name, "write", wrote[name] / wrote["plain"])
+                note(name, "rate ratio", figures[name]["rate"][-1] / figures[names[0]]["rate"][-1])
+    finally:
+        for stop in stops:
+            stop()
+
+    # Single-row transactions, no listener running: what the triggers cost.
+    tables = {table: name for name, table, _ in contenders} | {"plain": "plain"}
+    rounds: dict[str, list[tuple[float, float]]] = {}
+    for table, insert, update in write(
+        path, "singles", args.singles, ",".join(tables), str(args.rounds)
+    ):
+        rounds.setdefault(table, []).append((float(insert), float(update)))
+    for table, name in tables.items():
+        for (insert, update), (base_i, base_u) in zip(rounds[table], rounds["plain"], strict=True):
+            note(name, "insert us", insert * 1e6)
+            note(name, "update us", update * 1e6)
+            note(name, "insert x", insert / base_i)
+            note(name, "update x", update / base_u)
+
+    report(args, figures, names)
+
+
+def report(args: Any, figures: dict[str, dict[str, list[float]]], names: list[str]) -> None:
+    plain = figures["plain"]
     print(
-        f"SQLite {sqlite3.sqlite_version}, writers in another process, "
-        f"{args.rows:,}-row transaction, {args.latency_samples} latency samples"
+        f"SQLite {sqlite3.sqlite_version}, writers in another process (synchronous = NORMAL); "
+        f"{args.rounds} rounds, each figure median (min–max) over them"
     )
-    print(f"plain transaction without triggers: {plain * 1000:.0f} ms")
     print(
-        f"{'':20} {'p50 ms':>7} {'p99 ms':>7} {'events/s':>9} {'write':>7} "
-        f"{'idle CPU':>9} {'p50 ratio':>10} {'rate ratio':>11}"
+        f"{args.rows:,}-row INSERT transaction; events/s from the statement's start to the "
+        f"last event; plain transaction without triggers: {spread(plain['bulk ms'])} ms"
     )
-    for name, r in results.items():
+    print_rates(figures, names, "bare loop")
+    print()
+    print(
+        f"commit to receiver across processes, ms ({args.latency_samples} single-row "
+        "transactions a round); idle CPU in % of one core"
+    )
+    print(f"{'':18} {'p50':>18} {'p99':>21} {'idle CPU %':>20}")
+    for name in names:
+        r = figures[name]
         print(
-            f"{name:20} {r['p50']:7.2f} {r['p99']:7.2f} {r['rate']:9,.0f} "
-            f"{r['write'] / plain:6.2f}x {r['idle']:8.2f}% {r['p50'] / limit['p50']:10.2f} "
-            f"{r['rate'] / limit['rate']:11.2f}"
+            f"{name:18} {spread(r['p50'], '.2f'):>18} {spread(r['p99'], '.2f'):>21} "
+            f"{spread(r['idle'], '.2f'):>20}"
         )
-    print("write = transaction time / plain; idle = % of one core; ratios vs the bare loop")
+    print()
+    print(
+        f"single-row transactions, no listener running: median of {args.singles} each "
+        "a round, and against the same on the table without triggers"
+    )
+    print(f"{'':18} {'INSERT us':>18} {'vs plain':>21} {'UPDATE us':>18} {'vs plain':>21}")
+    for name in ["plain", *names]:
+        r = figures[name]
+        print(
+            f"{name:18} {spread(r['insert us']):>18} {spread(r['insert x'], '.2f', 'x'):>21} "
+            f"{spread(r['update us']):>18} {spread(r['update x'], '.2f', 'x'):>21}"
+        )
 
 
 if __name__ == "__main__":

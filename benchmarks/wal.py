@@ -43,7 +43,8 @@ still hear every notification on the one channel). Three parts:
    running the same two apps, which does not lead: it starts after this
    process leads the slot). Both stamp ``time.time()``.
 3. One ``--rows``-row INSERT statement: the statement's time, and events/s
-   from its commit to the last event received, here and in the child.
+   from the statement's start to the last event received (as every script
+   counts), here and in the child.
 
 Part 2 runs ``--rounds`` rounds of ``--singles`` commits per contender,
 part 3 ``--bulk-rounds`` rounds. In every
@@ -567,16 +568,16 @@ def main() -> None:
                 here.reset()
                 other.times.reset()
                 here.current = other.times.current = name
+                begun = time.time()  # the receivers stamp time.time()
                 start = time.perf_counter()
                 cur.execute(BULK.format(TABLES[name]), (args.rows,))
                 statement[name].append(time.perf_counter() - start)
-                committed = time.time()
                 if name not in WATCHED:
                     continue
                 for times, took in ((here, took_here), (other.times, took_other)):
                     if not times.wait_count(name, args.rows, 600):
                         raise SystemExit(f"{name}: {times.count[name]} of {args.rows} in 600 s")
-                    took[name].append(times.last[name] - committed)
+                    took[name].append(times.last[name] - begun)
         if slot_pid(cur) != leader:
             print("NOTE: the leader changed during the run")
     finally:

@@ -733,3 +733,29 @@ def test_row_changes_and_notify_share_one_transaction(backend: Backend, events: 
     ins, message, upd = events.wait_for(3)
     events.assert_no_more(3, marker(ext, app))
     assert (ins.op, message, upd.op) == ("INSERT", {"ids": [1]}, "UPDATE")
+
+
+def test_decoders_make_the_same_events_as_the_constructor() -> None:
+    """make_change_event(), which decoders use, builds what ChangeEvent()
+    does: equal, same repr and hash, frozen, every field set."""
+    import dataclasses
+
+    from flask_dbnotify.events import make_change_event
+
+    args = (
+        "orders",
+        Operation.UPDATE,
+        (1, "a"),
+        {"id": 1, "qty": 2},
+        {"id": 1, "qty": 1},
+        frozenset({"qty"}),
+        7,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        False,
+        {"user": 1},
+    )
+    made, built = make_change_event(*args), ChangeEvent(*args)
+    assert type(made) is ChangeEvent and made == built and repr(made) == repr(built)
+    assert dataclasses.astuple(made) == dataclasses.astuple(built) and made.row == built.row
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.pk = 2  # type: ignore[misc]

@@ -118,6 +118,40 @@ def test_added_column_makes_status_outdated_until_reinstalled(
     assert after.new == {"id": 1, "item": "a", "qty": 1, "note": "changed"}
 
 
+def test_rows_of_earlier_triggers_are_read(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """Journal rows as the triggers of earlier versions wrote them (values
+    in chunks, the trigger's name as the shape key) are still read: an
+    install keeps its triggers until install-triggers runs again."""
+    sqlite_db(ORDERS)
+    app, ext = listening(sqlite_app, "orders")
+    columns = {"k": ["id"], "c": ["id", "item", "qty"], "keep": None}
+    for op, body in [
+        ("I", '[[7,"a",1]]'),
+        ("U", '[[[7,"b",2]],[[7,"a",1]]]'),
+        ("D", '[[7,"b",2]]'),
+    ]:
+        key = f"dbnotify_orders_{op.lower()}_0123456789"
+        header = json.dumps({"t": "orders", "o": op, **columns})
+        sqlite_db("INSERT INTO dbnotify_shapes (key, header) VALUES (?, ?)", (key, header))
+        sqlite_db(
+            "INSERT INTO dbnotify_journal (created_at, shape, body) "
+            "VALUES (julianday('now'), ?, ?)",
+            (key, body),
+        )
+    inserted, updated, deleted = events.wait_for(3)
+    assert (inserted.op, inserted.pk, inserted.new, inserted.old) == (
+        "INSERT",
+        7,
+        {"id": 7, "item": "a", "qty": 1},
+        None,
+    )
+    assert updated.changed == {"item", "qty"} and updated.old == inserted.new
+    assert updated.new == deleted.old == {"id": 7, "item": "b", "qty": 2}
+    assert deleted.new is None and deleted.timestamp is not None
+
+
 def test_renamed_column_keeps_its_old_key_until_reinstalled(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
 ) -> None:

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from ..._watch import Watch
 from ...errors import WatchError
 from ...events import Operation
-from ..common import digest, trigger_name
+from ..common import OP_CODE, digest, trigger_name
 from .catalog import MARKER, Table
 
-DDL_VERSION = 3
-#: SQLite's clock, in Julian days (what the journal stores).
-NOW = "julianday('now')"
+DDL_VERSION = 4
+#: SQLite's clock, in Julian days (what the journal stores): ``'now'``
+#: without the text to parse.
+NOW = "julianday()"
 _UNIX_EPOCH_JD = 2440587.5
 #: SQLite functions take at most 127 arguments: rows are arrays of chunks.
 _CHUNK = 100
@@ -79,24 +81,24 @@ def json_value(ref: str, declared: str) -> str:
     return f"CASE typeof({ref}) {' '.join(cases)} ELSE {ref} END"
 
 
-def row_array(ref: str, columns: list[tuple[str, str]]) -> str:
-    """``json_array(json_array(c1..c100), json_array(c101..), ...)``."""
+def row_array(ref: str, columns: list[tuple[str, str]], flat: bool = False) -> str:
+    """``json_array(json_array(c1..c100), json_array(c101..), ...)``, or
+    ``json_array(c1..)`` when ``flat`` (and the columns fit one chunk)."""
     chunks = [
         "json_array("
         + ", ".join(json_value(f"{ref}.{quote_ident(name)}", declared) for name, declared in part)
         + ")"
         for part in (columns[i : i + _CHUNK] for i in range(0, len(columns), _CHUNK))
     ]
-    return f"json_array({', '.join(chunks)})"
+    return chunks[0] if flat and len(chunks) == 1 else f"json_array({', '.join(chunks)})"
 
 
 def size_of(ref: str, columns: list[tuple[str, str]]) -> str:
-    """Bytes of the row's text and blob values, without copying them."""
+    """Bytes of the row's values as text and blobs, without copying them
+    (CAST to BLOB only relabels text; a number counts its digits).
+    ``ifnull`` is compiled inline: one function call per column."""
     return " + ".join(
-        f"CASE typeof({ref}.{quote_ident(name)}) "
-        f"WHEN 'text' THEN length(CAST({ref}.{quote_ident(name)} AS BLOB)) "
-        f"WHEN 'blob' THEN length({ref}.{quote_ident(name)}) ELSE 8 END"
-        for name, _ in columns
+        f"ifnull(length(CAST({ref}.{quote_ident(name)} AS BLOB)), 0)" for name, _ in columns
     )
 
 
@@ -109,7 +111,10 @@ def trigger_sql(
     key: str,
 ) -> str:
     """A row trigger appending ``(time, shape key, values)`` to the
-    journal; the shape (names, keys) is stored once in dbnotify_shapes."""
+    journal; the shape (names, keys) is stored once in dbnotify_shapes.
+    Values are one flat array of up to :data:`_CHUNK` columns (an array of
+    chunks beyond, and in the triggers of earlier versions; the shape says
+    which); the cut keys are chunked."""
     when = ""
     declared = dict(columns)
     keys = [(k, declared[k]) for k in pk]
@@ -119,12 +124,12 @@ def trigger_sql(
         new = ", ".join(f"NEW.{quote_ident(c)}" for c in watched)
         old = ", ".join(f"OLD.{quote_ident(c)}" for c in watched)
         when = f" WHEN ({new}) IS NOT ({old})"
-        body = f"json_array({row_array('NEW', columns)}, {row_array('OLD', columns)})"
+        body = f"json_array({row_array('NEW', columns, True)}, {row_array('OLD', columns, True)})"
         size = f"{size_of('NEW', columns)} + {size_of('OLD', columns)}"
         cut = f"json_array({row_array('NEW', keys)}, {row_array('OLD', keys)})"
     else:
         ref = "NEW" if op is Operation.INSERT else "OLD"
-        body, size, cut = row_array(ref, columns), size_of(ref, columns), row_array(ref, keys)
+        body, size, cut = row_array(ref, columns, True), size_of(ref, columns), row_array(ref, keys)
     # A row too large would make the journal row (or its JSON) exceed
     # SQLite's string limit and fail the write: it is journaled cut.
     body = f"CASE WHEN {size} > {MAX_ROW_BYTES} THEN json_object('cut', {cut}) ELSE {body} END"
@@ -139,13 +144,16 @@ def _header(watch: Watch, op: Operation, pk: list[str], names: list[str]) -> str
     """The shape of the journal rows of ``op``: what the listener needs to
     turn their values back into an event."""
     keep = None if watch.columns is None else [c for c in names if watch.carries(c, pk)]
-    shape = {"t": watch.name, "o": op.value[0], "k": pk, "c": names, "keep": keep}
+    shape: dict[str, Any] = {"t": watch.name, "o": op.value[0], "k": pk, "c": names, "keep": keep}
+    if len(names) <= _CHUNK:
+        shape["flat"] = True
     return json.dumps(shape, ensure_ascii=False)
 
 
-def watch_triggers(watch: Watch, table: Table) -> dict[str, tuple[str, str]]:
-    """``{trigger name: (trigger body, shape header)}`` for ``watch`` on
-    ``table``. The name (and shape key) hashes everything the trigger does."""
+def watch_triggers(watch: Watch, table: Table) -> dict[str, tuple[str, str, str]]:
+    """``{trigger name: (trigger body, shape key, shape header)}`` for
+    ``watch`` on ``table``. The name and the shape key hash everything the
+    trigger does; the key, written in every journal row, is short."""
     name, columns, pk = table
     names = [column for column, _ in columns]
     # SQLite has no TRUNCATE: a DELETE without WHERE fires the row triggers.
@@ -159,8 +167,9 @@ def watch_triggers(watch: Watch, table: Table) -> dict[str, tuple[str, str]]:
     )
     result = {}
     for op in ops:
-        trigger = trigger_name(name, op, hashed)
-        result[trigger] = (trigger_sql(watch, name, columns, pk, op, trigger), headers[op])
+        key = f"{OP_CODE[op]}{hashed}"
+        body = trigger_sql(watch, name, columns, pk, op, key)
+        result[trigger_name(name, op, hashed)] = (body, key, headers[op])
     return result
 
 
@@ -188,10 +197,10 @@ def install_plan(
         statements += [
             drop_trigger(name) for name, on in installed if on.lower() == key and name not in wanted
         ]
-        for name, (body, header) in wanted.items():
+        for name, (body, key, header) in wanted.items():
             statements.append(
                 f"INSERT OR REPLACE INTO dbnotify_shapes (key, header) "
-                f"VALUES ({quote_literal(name)}, {quote_literal(header)})"
+                f"VALUES ({quote_literal(key)}, {quote_literal(header)})"
             )
             statements.append(f"CREATE TRIGGER IF NOT EXISTS {quote_ident(name)} {body}")
     return statements
