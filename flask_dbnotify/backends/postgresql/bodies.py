@@ -14,6 +14,7 @@ from .rows import (
     TOO_LARGE,
     batch_head,
     changed_table,
+    cut,
     cut_rows,
     each_row,
     groups,
@@ -29,25 +30,36 @@ SLOT_BYTES = 64 * 1024 * 1024
 ENVELOPE_BYTES = 120
 #: A watch whose names leave less room than this for rows is refused.
 MIN_BATCH_BYTES = 500
-#: Reads the writer's context (set_context()) once per statement.
-DECLARE_CONTEXT = f"cx text := current_setting({literal(CONTEXT_SETTING)}, true);"
-#: ``,"cx": "<the context's JSON, as a JSON string>"`` after a body's head,
-#: or nothing: no context, or one over CONTEXT_BYTES (which only a writer
-#: that sets the setting itself can make), which is left out rather than
-#: let grow every notification. to_json() quotes whatever the text holds.
-CONTEXT = (
-    f"CASE WHEN octet_length(cx) BETWEEN 1 AND {CONTEXT_BYTES} "
-    """THEN ',"cx": ' || to_json(cx)::text ELSE '' END"""
-)
+#: The time of a change, as a JSON number (seconds since the epoch).
+STAMP = "extract(epoch FROM clock_timestamp())::text"
+#: The writer's context (set_context()).
+CX = f"current_setting({literal(CONTEXT_SETTING)}, true)"
+#: Reads the writer's context once per statement.
+DECLARE_CONTEXT = f"cx text := {CX};"
 
 
-def head_with_context(prefix: str) -> str:
+def context(cx: str = "cx") -> str:
+    """``,"cx": "<the context's JSON, as a JSON string>"`` after a body's
+    head, or nothing: no context, or one over CONTEXT_BYTES (which only a
+    writer that sets the setting itself can make), which is left out
+    rather than let grow every notification. to_json() quotes whatever the
+    text holds. ``cx``: an expression of the context's text."""
+    return (
+        f"CASE WHEN octet_length({cx}) BETWEEN 1 AND {CONTEXT_BYTES} "
+        f"""THEN ',"cx": ' || to_json({cx})::text ELSE '' END"""
+    )
+
+
+def head_with_context(prefix: str, cx: str = "cx") -> str:
     """SQL text: a body's head (``prefix``), the context, and ``,"ts": ``."""
-    return f"""{literal(prefix)} || {CONTEXT} || ',"ts": '"""
+    return f"""{literal(prefix)} || {context(cx)} || ',"ts": '"""
 
 
 def fast_body(r: Resolved, op: Operation) -> str:
-    """Invoker rights: the rows become JSON as the writer, and go out by NOTIFY."""
+    """Invoker rights: the rows become JSON as the writer, and go out by
+    NOTIFY. Most writes change one row; that path is one query (which
+    converts the row and tells whether it is the only one) and plain
+    expressions: every query and statement of PL/pgSQL costs a writer."""
     prefix = batch_head(r, op)
     # Rows are grouped so that a group's JSON, escaped once more inside the
     # message, fits in one notification after the head and the envelope
@@ -56,14 +68,14 @@ def fast_body(r: Resolved, op: Operation) -> str:
     budget = (NOTIFY_LIMIT - len(prefix.encode()) - ENVELOPE_BYTES) // 2
     if budget < MIN_BATCH_BYTES:
         raise WatchError(f"names of {r.watch.name!r} are too long for a notification")
+    head = f"""{head_with_context(prefix, CX)} || {STAMP} || ',"s": '"""
     send = send_batch(literal(CHANNEL))
     slow = each_row(r, op, "batch", send)
     return f"""
 DECLARE
-  {DECLARE_CONTEXT}
-  head text := {head_with_context(prefix)} || extract(epoch FROM clock_timestamp())::text
-    || ',"s": ';
-  failed boolean := false;
+  head text;
+  many boolean;
+  failed boolean;
   rows_in bigint;
   batch text;
   seq text;
@@ -75,22 +87,35 @@ DECLARE
   k int;
   pair record;
 BEGIN
-  SELECT count(*) INTO rows_in FROM {changed_table(op)};
-  IF rows_in = 0 THEN
-    RETURN NULL;
-  END IF;
-  IF rows_in = 1 THEN
-    -- Most writes touch one row: skip the batching machinery.
-    {one_row(r, op, "batch", send, slow)}
-  ELSE
-    BEGIN
-      FOR batch IN {groups(r, op, budget)} LOOP
-        {send}
-      END LOOP;
-    EXCEPTION WHEN {TOO_LARGE} THEN
-      -- Nothing was sent (the block's notifications are rolled back).
+  BEGIN
+    -- One row's JSON, or NULL (no row, or an UPDATE that changed nothing).
+    SELECT r.j INTO STRICT batch FROM ({one_row(r, op)}) AS r;
+  EXCEPTION WHEN too_many_rows THEN
+    many := true;
+  WHEN {TOO_LARGE} THEN
+    failed := true;
+  END;
+  IF batch IS NOT NULL THEN
+    IF octet_length(batch) > {MAX_ROW_BYTES} THEN
+      batch := {cut(r, op, "batch")};
+    END IF;
+    {send_batch(literal(CHANNEL), head)}
+  ELSIF many OR failed THEN
+    head := {head};
+    SELECT count(*) INTO rows_in FROM {changed_table(op)};
+    IF rows_in = 1 THEN
+      -- The only row cannot become JSON.
       {slow}
-    END;
+    ELSE
+      BEGIN
+        FOR batch IN {groups(r, op, budget)} LOOP
+          {send}
+        END LOOP;
+      EXCEPTION WHEN {TOO_LARGE} THEN
+        -- Nothing was sent (the block's notifications are rolled back).
+        {slow}
+      END;
+    END IF;
   END IF;
   RETURN NULL;
 END
@@ -172,9 +197,10 @@ END
 
 def notify_journal(lo: str, hi: str) -> str:
     """NOTIFY the journal ids ``lo``..``hi`` of transaction ``x`` (variables)."""
+    # An expression, not PERFORM (a query): pg_notify()'s void, cast, is kept in ``sent``.
     return (
-        f"""PERFORM pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || {lo} || ', ' """
-        f"""|| {hi} || '], "x": ' || x || '}}');"""
+        f"""sent := pg_notify({literal(CHANNEL)}, '{{"v": 1, "J": [' || {lo} || ', ' """
+        f"""|| {hi} || '], "x": ' || x || '}}')::text;"""
     )
 
 
@@ -194,12 +220,13 @@ DECLARE
   lo bigint;
   hi bigint;
   head text;
+  sent text;
 BEGIN
   IF one IS NULL OR one = '' OR one = '#0' THEN
     RETURN NULL;
   END IF;
   x := pg_current_xact_id();
-  head := {head} || extract(epoch FROM clock_timestamp())::text || ',"r": [';
+  head := {head} || {STAMP} || ',"r": [';
   IF left(one, 1) <> '#' THEN
     IF strpos(one, chr(30)) = 0 THEN
       -- Most writes touch one row.
@@ -269,6 +296,7 @@ DECLARE
   {DECLARE_CONTEXT}
   x xid8 := pg_current_xact_id();
   jid bigint;
+  sent text;
 BEGIN
   INSERT INTO {journal} (xid, watch, body)
   SELECT x, {literal(r.watch.name)}, {head} || {ts} || '}}'

@@ -12,6 +12,8 @@ from ...events import Operation
 from .catalog import Resolved
 from .common import MAX_ROW_BYTES, NOTIFY_LIMIT, PIECE_BYTES, ident, literal, text_array
 
+#: The transaction's counter of row notifications (see send_batch()).
+BATCH = "current_setting('dbnotify.batch', true)"
 #: Errors that mean "this row is too large to turn into JSON".
 TOO_LARGE = "program_limit_exceeded OR out_of_memory"
 
@@ -112,26 +114,34 @@ def cut_rows(r: Resolved, op: Operation) -> str:
     )
 
 
-def one_row(r: Resolved, op: Operation, target: str, emit: str, fallback: str) -> str:
-    """A statement's only row into ``target``, then ``emit`` (unless an
-    UPDATE changed nothing); ``fallback`` if it cannot become JSON. Only
-    the conversion is guarded: a block around a query is cheap, one around
-    set_config() and pg_notify() is not. The size is checked here rather
-    than in the query: a plan's parts are set up on every run, used or not."""
-    return f"""
-      BEGIN
-        SELECT r.j INTO {target} FROM ({rows_query(r, op, one=True)}) AS r;
-      EXCEPTION WHEN {TOO_LARGE} THEN
-        failed := true;
-      END;
-      IF failed THEN
-        {fallback}
-      ELSIF {target} IS NOT NULL THEN
-        IF octet_length({target}) > {MAX_ROW_BYTES} THEN
-          {target} := {cut(r, op, target)};
-        END IF;
-        {emit}
-      END IF;"""
+def one_row(r: Resolved, op: Operation) -> str:
+    """A query that yields exactly one row, ``j``, when the statement
+    changed at most one row: that row's JSON (NULL when there is none, or
+    when an UPDATE changed nothing or none of ``when_changed``), and more
+    than one row otherwise (every pair of new and old rows of an UPDATE),
+    so that ``SELECT ... INTO STRICT`` tells a single-row statement from
+    others in the query that converts the row: no ``count(*)`` first."""
+    alias = "dbnotify_row"
+    while alias in r.columns:
+        alias += "_"
+    row = ident(alias)
+    if op is not Operation.UPDATE:
+        return (
+            f"SELECT {row_json(r, row)} AS j FROM (SELECT) AS dbnotify_none "
+            f"LEFT JOIN {changed_table(op)} AS {row} ON true"
+        )
+    # The condition is in the select list, not in WHERE: an UPDATE of two
+    # rows makes four pairs whatever they hold.
+    condition = "nn.r *<> oo.r"
+    if r.watch.when_changed:
+        condition += " AND " + when_changed(r, "nn.r", "oo.r")
+    changed = changed_json("nn.r", "oo.r") if r.watch.columns is not None else ""
+    j = f"'[' || {row_json(r, 'nn.r')} || ',' || {row_json(r, 'oo.r')} {changed}|| ']'"
+    return (
+        f"SELECT CASE WHEN {condition} THEN {j} END AS j FROM (SELECT) AS dbnotify_none "
+        f"LEFT JOIN ((SELECT {row} AS r FROM dbnotify_new AS {row}) AS nn "
+        f"CROSS JOIN (SELECT {row} AS r FROM dbnotify_old AS {row}) AS oo) ON true"
+    )
 
 
 def groups(r: Resolved, op: Operation, size: int) -> str:
@@ -206,21 +216,19 @@ def each_row(r: Resolved, op: Operation, target: str, emit: str) -> str:
     END;"""
 
 
-def send_batch(channel: str) -> str:
-    """Notify ``head || seq || ',"r": [' || batch || ']}'``, in pieces when
-    it does not fit in one notification. A piece is ``~SEQ K BYTES LAST``,
-    a newline, then the next stretch of the message's UTF-8 bytes, cut at
-    a character boundary."""
-    counter = (
-        "seq := coalesce(current_setting('dbnotify.batch', true), ''); "
-        "seq := set_config('dbnotify.batch', "
-        "(CASE WHEN seq ~ '^[0-9]{1,15}$' THEN seq::bigint ELSE 0 END + 1)::text, true);"
-    )
+def send_batch(channel: str, head: str = "head") -> str:
+    """Notify ``head || seq || ',"r": [' || batch || ']}'`` (``head`` an
+    SQL expression), in pieces when it does not fit in one notification.
+    A piece is ``~SEQ K BYTES LAST``, a newline, then the next stretch of
+    the message's UTF-8 bytes, cut at a character boundary."""
+    # Each statement of PL/pgSQL costs; an expression without a query is
+    # the cheapest (so pg_notify()'s void is cast and kept, not PERFORMed).
     return f"""
-      {counter}
-      msg := head || seq || ',"r": [' || batch || ']}}';
+      seq := set_config('dbnotify.batch', (CASE WHEN {BATCH} ~ '^[0-9]{{1,15}}$'
+        THEN {BATCH}::bigint ELSE 0 END + 1)::text, true);
+      msg := {head} || seq || ',"r": [' || batch || ']}}';
       IF octet_length(msg) < {NOTIFY_LIMIT} THEN
-        PERFORM pg_notify({channel}, msg);
+        msg := pg_notify({channel}, msg)::text;
       ELSE
         bytes := convert_to(msg, 'UTF8');
         total := octet_length(bytes);
