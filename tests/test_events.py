@@ -3,6 +3,7 @@ PostgreSQL; the tests taking the ``backend`` fixture run on SQLite too."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -733,3 +734,66 @@ def test_row_changes_and_notify_share_one_transaction(backend: Backend, events: 
     ins, message, upd = events.wait_for(3)
     events.assert_no_more(3, marker(ext, app))
     assert (ins.op, message, upd.op) == ("INSERT", {"ids": [1]}, "UPDATE")
+
+
+def test_decoded_events_are_the_events_the_constructor_makes() -> None:
+    """The decoder builds events its own (faster) way: each is the same
+    frozen ChangeEvent as one made with ``ChangeEvent(...)``, for every
+    shape of row a batch carries; ``changed`` compares exact numbers by
+    their text."""
+    from dataclasses import FrozenInstanceError
+
+    from flask_dbnotify import _payload
+
+    ts = datetime.fromtimestamp(1700000000.5, UTC)
+    head = '"v":1,"ts":1700000000.5,"s":1'
+    cases: list[tuple[str, list[ChangeEvent]]] = [
+        (
+            '{HEAD,"t":"t","o":"I","k":["id"],"r":[{"id":1,"a":"x"},["cut",{"id":2}]]}',
+            [
+                ChangeEvent("t", Operation.INSERT, 1, {"id": 1, "a": "x"}, None, timestamp=ts),
+                ChangeEvent("t", Operation.INSERT, 2, {"id": 2}, None, timestamp=ts, cut=True),
+            ],
+        ),
+        (
+            '{HEAD,"t":"t","o":"D","k":["a","b"],"r":[{"a":1,"b":2}],"cx":"{\\"u\\":7}"}',
+            [
+                ChangeEvent(
+                    "t",
+                    Operation.DELETE,
+                    (1, 2),
+                    None,
+                    {"a": 1, "b": 2},
+                    timestamp=ts,
+                    context={"u": 7},
+                )
+            ],
+        ),
+        (
+            '{HEAD,"t":"t","o":"U","k":["id"],"r":[[{"id":1,"p":1.50,"q":2},{"id":1,"p":1.5,"q":2}],'
+            '[{"id":2},{"id":2},["q"]],["cut",{"id":3},{"id":3}]]}',
+            [
+                ChangeEvent(
+                    "t",
+                    Operation.UPDATE,
+                    1,
+                    {"id": 1, "p": 1.5, "q": 2},
+                    {"id": 1, "p": 1.5, "q": 2},
+                    frozenset({"p"}),
+                    timestamp=ts,
+                ),
+                ChangeEvent(
+                    "t", Operation.UPDATE, 2, {"id": 2}, {"id": 2}, frozenset({"q"}), timestamp=ts
+                ),
+                ChangeEvent("t", Operation.UPDATE, 3, {"id": 3}, {"id": 3}, timestamp=ts, cut=True),
+            ],
+        ),
+    ]
+    for text, expected in cases:
+        decoded = _payload.decode(text.replace("HEAD", head), 9)
+        expected = [dataclasses.replace(e, id=9) for e in expected]
+        assert decoded == expected
+        assert [repr(e) for e in decoded] == [repr(e) for e in expected]
+        assert all(type(e) is ChangeEvent for e in decoded)
+        with pytest.raises(FrozenInstanceError):
+            decoded[0].pk = 0  # type: ignore[misc]
