@@ -797,3 +797,30 @@ def test_decoded_events_are_the_events_the_constructor_makes() -> None:
         assert all(type(e) is ChangeEvent for e in decoded)
         with pytest.raises(FrozenInstanceError):
             decoded[0].pk = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1,"a":2,"b":[1E5,1e-7,1.0,1.50,-0.0,-0,0.1,1e400,123456789.123456789]}',
+        '[18446744073709551616,-9223372036854775809,"\\ud83d\\ude00","\\u00e9"]',
+        '["\\ud800",NaN,Infinity]',
+    ],
+)
+def test_the_fast_json_decoder_reads_as_json_does(text: str) -> None:
+    """With msgspec installed (the fast extra) payloads are read with it:
+    the same values, exact numbers by their text, big integers whole;
+    what it refuses, json reads."""
+    from flask_dbnotify import _payload
+
+    if _payload._fast is None:
+        pytest.skip("msgspec is not installed")
+
+    def typed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: typed(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [typed(v) for v in value]
+        return type(value), repr(value), getattr(value, "text", None)
+
+    assert typed(_payload.loads(text)) == typed(_payload._decode(text))
