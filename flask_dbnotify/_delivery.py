@@ -39,6 +39,42 @@ _SIGNALS: dict[Operation, tuple[NamedSignal, ...]] = {
     Operation.TRUNCATE: (signals.table_truncated,),
 }
 
+#: Connects to each row signal so far, and the (signal, table) pairs
+#: found without receivers, with the count of connects then. Asking blinker
+#: (has_receivers_for) costs a few hundred ns per signal and event when an
+#: app's row receivers are all for other tables; a pair can only gain a
+#: receiver by a connect, so the answer holds until the count moves.
+_connects: dict[NamedSignal, int] = {}
+_silent: dict[tuple[NamedSignal, str], int] = {}
+#: Anyone may send events of any table name: what is kept is bounded.
+_SILENT_MAX = 1024
+
+
+def _connected(signal: NamedSignal, **kwargs: Any) -> None:
+    _connects[signal] += 1
+
+
+for _signal in {s for sent in _SIGNALS.values() for s in sent}:
+    _connects[_signal] = 0
+    _signal.receiver_connected.connect(_connected, weak=False)
+
+
+def _send(signal: NamedSignal, app: Flask, event: ChangeEvent, table: str) -> None:
+    """Send ``event`` to the receivers of ``signal`` for ``table``."""
+    key = (signal, table)
+    seen = _connects[signal]
+    if _silent.get(key) == seen:
+        return
+    if not signal.has_receivers_for(table):
+        if len(_silent) >= _SILENT_MAX:
+            _silent.clear()
+        # The count from before the question: a connect meanwhile voids it.
+        _silent[key] = seen
+        return
+    for receiver in signal.receivers_for(table):
+        call(app, receiver, event, table, event=event)
+
+
 #: What to do with a once receiver that matches an event or a message: the
 #: dispatcher offers it to its once runner, ``deliver()`` calls it.
 OnceHandler = Callable[["OnceReceiver", Any], None]
@@ -57,11 +93,8 @@ def deliver_event(
     once receivers to ``once``. Run inside ``app``'s application context."""
     table, op = event.table, event.op
     for signal in _SIGNALS[op]:
-        # has_receivers_for() first: receivers_for() copies a set of ids
-        # even when every receiver is connected for other tables.
-        if signal.receivers and signal.has_receivers_for(table):
-            for receiver in signal.receivers_for(table):
-                call(app, receiver, event, table, event=event)
+        if signal.receivers:
+            _send(signal, app, event, table)
     if not on_receivers:
         return
     # The tuple of the table's receivers, and the operation checked here,
