@@ -311,30 +311,46 @@ def decode_rows(msg: dict[str, Any], journal_id: int | None) -> list[Item]:
         ]
     op = _OPS[msg["o"]]
     keys = msg["k"]
-    single = keys[0] if len(keys) == 1 else None
     head = (table, op, journal_id, ts, context)
-    make = new_event
+    # The common rows take a loop of their own (a row is a few hundred ns
+    # all told): with one key column, INSERT and DELETE rows that are
+    # objects, UPDATE rows [new, old]; anything else takes _event().
+    if len(keys) != 1:
+        return [_event(row, keys, head) for row in msg["r"]]
+    if op is Operation.UPDATE:
+        return _updates(msg["r"], keys, head)
+    return _rows(msg["r"], keys, head)
+
+
+def _rows(rows: list[Any], keys: list[str], head: tuple[Any, ...]) -> list[Item]:
+    """The events of INSERT or DELETE ``rows``, keyed by one column."""
+    table, op, journal_id, ts, context = head
+    single, insert, make = keys[0], op is Operation.INSERT, new_event
     events: list[Item] = []
     append = events.append
-    # The common rows first, in a loop of their own (a row is a few
-    # hundred ns all told): INSERT and DELETE rows that are objects, with
-    # one key column; anything else takes _event().
-    if single is not None and op is not Operation.UPDATE:
-        insert = op is Operation.INSERT
-        for row in msg["r"]:
-            if type(row) is not dict:
-                append(_event(row, keys, head))
-            elif insert:
-                append(
-                    make(table, op, row[single], row, None, _EMPTY, journal_id, ts, False, context)
-                )
-            else:
-                append(
-                    make(table, op, row[single], None, row, _EMPTY, journal_id, ts, False, context)
-                )
-        return events
-    for row in msg["r"]:
-        append(_event(row, keys, head))
+    for row in rows:
+        if type(row) is not dict:
+            append(_event(row, keys, head))
+        elif insert:
+            append(make(table, op, row[single], row, None, _EMPTY, journal_id, ts, False, context))
+        else:
+            append(make(table, op, row[single], None, row, _EMPTY, journal_id, ts, False, context))
+    return events
+
+
+def _updates(rows: list[Any], keys: list[str], head: tuple[Any, ...]) -> list[Item]:
+    """The events of UPDATE ``rows``, keyed by one column."""
+    table, op, journal_id, ts, context = head
+    single, make = keys[0], new_event
+    events: list[Item] = []
+    append = events.append
+    for row in rows:
+        if type(row) is list and len(row) == 2 and type(row[0]) is dict:
+            new, old = row
+            changed = _changed(new, old)
+            append(make(table, op, new[single], new, old, changed, journal_id, ts, False, context))
+        else:
+            append(_event(row, keys, head))
     return events
 
 
@@ -342,29 +358,22 @@ def _event(row: Any, keys: list[str], head: tuple[Any, ...]) -> ChangeEvent:
     """The event of one row of a batch; ``head``: the batch's table,
     operation, journal id, timestamp and context."""
     table, op, journal_id, ts, context = head
-    cut = False
-    pk_row: dict[str, Any]
+    cut, changed = False, _EMPTY
     if type(row) is list and row[0] == "cut":
-        cut = True
+        cut, pk_row = True, row[1]
         new, old = (None, row[1]) if op is Operation.DELETE else (row[1], None)
         if op is Operation.UPDATE:
             old = row[2]
-        changed = _EMPTY
-        pk_row = row[1]
     elif op is Operation.INSERT:
-        new, old, changed = row, None, _EMPTY
-        pk_row = row
+        new, old, pk_row = row, None, row
     elif op is Operation.DELETE:
-        new, old, changed = None, row, _EMPTY
-        pk_row = row
+        new, old, pk_row = None, row, row
     elif len(row) == 2:
         new, old = row
-        changed = _changed(new, old)
-        pk_row = new
+        changed, pk_row = _changed(new, old), new
     else:
         new, old, names = row
-        changed = frozenset(names)
-        pk_row = new
+        changed, pk_row = frozenset(names), new
     if len(keys) == 1:
         pk = pk_row.get(keys[0]) if cut else pk_row[keys[0]]
     else:
