@@ -3,6 +3,7 @@ PostgreSQL; the tests taking the ``backend`` fixture run on SQLite too."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -736,11 +737,11 @@ def test_row_changes_and_notify_share_one_transaction(backend: Backend, events: 
 
 
 def test_decoders_make_the_same_events_as_the_constructor() -> None:
-    """make_change_event(), which decoders use, builds what ChangeEvent()
+    """new_event(), which decoders use, builds what ChangeEvent()
     does: equal, same repr and hash, frozen, every field set."""
     import dataclasses
 
-    from flask_dbnotify.events import make_change_event
+    from flask_dbnotify.events import new_event
 
     args = (
         "orders",
@@ -754,8 +755,98 @@ def test_decoders_make_the_same_events_as_the_constructor() -> None:
         False,
         {"user": 1},
     )
-    made, built = make_change_event(*args), ChangeEvent(*args)
+    made, built = new_event(*args), ChangeEvent(*args)
     assert type(made) is ChangeEvent and made == built and repr(made) == repr(built)
     assert dataclasses.astuple(made) == dataclasses.astuple(built) and made.row == built.row
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.pk = 2  # type: ignore[misc]
+
+
+def test_decoded_events_are_the_events_the_constructor_makes() -> None:
+    """The decoder builds events its own (faster) way: each is the same
+    frozen ChangeEvent as one made with ``ChangeEvent(...)``, for every
+    shape of row a batch carries; ``changed`` compares exact numbers by
+    their text."""
+    from dataclasses import FrozenInstanceError
+
+    from flask_dbnotify import _payload
+
+    ts = datetime.fromtimestamp(1700000000.5, UTC)
+    head = '"v":1,"ts":1700000000.5,"s":1'
+    cases: list[tuple[str, list[ChangeEvent]]] = [
+        (
+            '{HEAD,"t":"t","o":"I","k":["id"],"r":[{"id":1,"a":"x"},["cut",{"id":2}]]}',
+            [
+                ChangeEvent("t", Operation.INSERT, 1, {"id": 1, "a": "x"}, None, timestamp=ts),
+                ChangeEvent("t", Operation.INSERT, 2, {"id": 2}, None, timestamp=ts, cut=True),
+            ],
+        ),
+        (
+            '{HEAD,"t":"t","o":"D","k":["a","b"],"r":[{"a":1,"b":2}],"cx":"{\\"u\\":7}"}',
+            [
+                ChangeEvent(
+                    "t",
+                    Operation.DELETE,
+                    (1, 2),
+                    None,
+                    {"a": 1, "b": 2},
+                    timestamp=ts,
+                    context={"u": 7},
+                )
+            ],
+        ),
+        (
+            '{HEAD,"t":"t","o":"U","k":["id"],"r":[[{"id":1,"p":1.50,"q":2},{"id":1,"p":1.5,"q":2}],'
+            '[{"id":2},{"id":2},["q"]],["cut",{"id":3},{"id":3}]]}',
+            [
+                ChangeEvent(
+                    "t",
+                    Operation.UPDATE,
+                    1,
+                    {"id": 1, "p": 1.5, "q": 2},
+                    {"id": 1, "p": 1.5, "q": 2},
+                    frozenset({"p"}),
+                    timestamp=ts,
+                ),
+                ChangeEvent(
+                    "t", Operation.UPDATE, 2, {"id": 2}, {"id": 2}, frozenset({"q"}), timestamp=ts
+                ),
+                ChangeEvent("t", Operation.UPDATE, 3, {"id": 3}, {"id": 3}, timestamp=ts, cut=True),
+            ],
+        ),
+    ]
+    for text, expected in cases:
+        decoded = _payload.decode(text.replace("HEAD", head), 9)
+        expected = [dataclasses.replace(e, id=9) for e in expected]
+        assert decoded == expected
+        assert [repr(e) for e in decoded] == [repr(e) for e in expected]
+        assert all(type(e) is ChangeEvent for e in decoded)
+        with pytest.raises(FrozenInstanceError):
+            decoded[0].pk = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1,"a":2,"b":[1E5,1e-7,1.0,1.50,-0.0,-0,0.1,1e400,123456789.123456789]}',
+        '[18446744073709551616,-9223372036854775809,"\\ud83d\\ude00","\\u00e9"]',
+        '["\\ud800",NaN,Infinity]',
+    ],
+)
+def test_the_fast_json_decoder_reads_as_json_does(text: str) -> None:
+    """With msgspec installed (the fast extra) payloads are read with it:
+    the same values, exact numbers by their text, big integers whole;
+    what it refuses, json reads."""
+    from flask_dbnotify import _payload
+
+    if _payload._fast is None:
+        pytest.skip("msgspec is not installed")
+
+    def typed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: typed(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [typed(v) for v in value]
+        return type(value), repr(value), getattr(value, "text", None)
+
+    assert typed(_payload.loads(text)) == typed(_payload._decode(text))

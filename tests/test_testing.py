@@ -233,6 +233,38 @@ def test_deliver_sends_each_operation_to_its_signals(sqlite_app: SqliteApp) -> N
     ]
 
 
+def test_a_receiver_connected_later_gets_the_next_event(sqlite_app: SqliteApp) -> None:
+    """Whether a table has signal receivers is remembered between events,
+    until any receiver connects: one connected for it, for ANY, or by a
+    receiver during delivery gets the very next event."""
+    app, ext = sqlite_app()
+    calls = Calls()
+    first, second, third = calls.signal("first"), calls.signal("second"), calls.signal("third")
+
+    def connect_third(sender: Any, **kwargs: Any) -> None:
+        row_changed.connect(third, sender="orders")
+
+    event = make_event("orders", "insert", {"id": 1})
+    other = calls.signal("other")
+    with (
+        row_inserted.connected_to(other, sender="items"),
+        row_changed.connected_to(other, sender="items"),
+    ):
+        ext.deliver(event, app=app)
+        with row_inserted.connected_to(first, sender="orders"):
+            ext.deliver(event, app=app)
+        with row_inserted.connected_to(second), row_inserted.connected_to(connect_third):
+            try:
+                ext.deliver(event, event, app=app)
+            finally:
+                row_changed.disconnect(third)
+    assert calls.names() == [
+        "first:orders",
+        # row_changed, after row_inserted: third was connected in between.
+        *["second:orders", "third:orders"] * 2,
+    ]
+
+
 def test_deliver_honours_operations_and_where(sqlite_app: SqliteApp) -> None:
     """on() receivers get the events of their operations whose row (new, or
     old for DELETE) matches where=; TRUNCATE only those that ask for it."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import _context, _payload
 from ..._items import Item, Notification
-from ...events import ChangeEvent, Operation, make_change_event
+from ...events import ChangeEvent, Operation, new_event
 from ..base import Feed, Stream
 from .connection import Database, write_transaction
 from .ddl import julian, unix
@@ -133,7 +133,7 @@ class Rows:
         if keep is not None:
             new = None if new is None else {c: new[c] for c in keep}
             old = None if old is None else {c: old[c] for c in keep}
-        return make_change_event(
+        return new_event(
             shape["t"],
             op,
             pk,
@@ -184,9 +184,7 @@ def _cut(
     row = new if new is not None else old
     assert row is not None
     pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
-    return make_change_event(
-        shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True, context
-    )
+    return new_event(shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True, context)
 
 
 class SQLiteFeed(Feed):
