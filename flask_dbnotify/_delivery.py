@@ -14,6 +14,7 @@ reported with ``receiver_failed``, and the others still run.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +52,13 @@ _silent: dict[tuple[NamedSignal, str], int] = {}
 _SILENT_MAX = 1024
 
 
+_connects_lock = threading.Lock()
+
+
 def _connected(signal: NamedSignal, **kwargs: Any) -> None:
-    _connects[signal] += 1
+    # Under a lock: a count that went back would revive a voided answer.
+    with _connects_lock:
+        _connects[signal] += 1
 
 
 for _signal in {s for sent in _SIGNALS.values() for s in sent}:

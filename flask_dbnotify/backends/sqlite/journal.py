@@ -58,7 +58,14 @@ class Rows:
                 return _payload.decode(body, journal_id)
             known = self._shapes.get(shape) or self._shape(shape)
             return [self._event(journal_id, created_at, known, body)]
-        except (_payload.PayloadError, KeyError, ValueError, TypeError, IndexError) as exc:
+        except (
+            _payload.PayloadError,
+            KeyError,
+            ValueError,
+            TypeError,
+            IndexError,
+            RecursionError,
+        ) as exc:
             log.warning("skipped journal row %s: %s", journal_id, exc)
             return []
 
