@@ -121,23 +121,33 @@ def autocommit_error() -> ValueError:
     )
 
 
+def keep(conn: sa.Connection, key: str, value: Any) -> None:
+    """Keep ``value`` under ``key`` for ``conn``'s current transaction, if
+    one is under way."""
+    transaction = conn.get_transaction()
+    if transaction is not None:
+        conn.info[key] = (weakref.ref(transaction), value)
+
+
+def kept(conn: sa.Connection, key: str, pop: bool = False) -> Any:
+    """What :func:`keep` kept under ``key`` for ``conn``'s current
+    transaction, or None: never what an earlier transaction kept, nor
+    another checkout of the same pooled connection (``Connection.info``
+    is the DB-API connection's)."""
+    found = conn.info.pop(key, None) if pop else conn.info.get(key)
+    transaction = conn.get_transaction()
+    if found is None or transaction is None or found[0]() is not transaction:
+        return None
+    return found[1]
+
+
 def remember(conn: sa.Connection, values: dict[str, Any]) -> None:
     """Keep ``values`` for the messages ``conn`` sends in its current
     transaction (begun by the statement that set the context)."""
-    transaction = conn.get_transaction()
-    if transaction is not None:
-        conn.info[_INFO_KEY] = (weakref.ref(transaction), values or None)
+    keep(conn, _INFO_KEY, values or None)
 
 
 def current(connection: Any) -> dict[str, Any] | None:
-    """The context of ``connection``'s current transaction, if it set one
-    (never one of an earlier transaction, nor of another checkout of the
-    same pooled connection)."""
+    """The context of ``connection``'s current transaction, if it set one."""
     conn = sqlalchemy_connection(connection)
-    kept = None if conn is None else conn.info.get(_INFO_KEY)
-    if kept is None or conn is None:
-        return None
-    transaction = conn.get_transaction()
-    if transaction is None or kept[0]() is not transaction:
-        return None
-    return kept[1]  # type: ignore[no-any-return]
+    return None if conn is None else kept(conn, _INFO_KEY)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import signals
-from ._delivery import call, deliver_event, deliver_message, handle
+from ._delivery import deliver_event, deliver_message, handle
 from ._items import Drained, Gap, Lost, Notification
 from ._log import RateLimited
 from ._once import OnceRunner
@@ -320,12 +320,6 @@ class Dispatcher:
                     self._once.claim_and_attempt(sub, item)
                 else:
                     handle(self._served.app, sub, item)
-
-    def _call(
-        self, receiver: Callable[..., Any], subject: Any, /, *args: Any, **kwargs: Any
-    ) -> None:
-        """Run one receiver; if it raises, log it and send ``receiver_failed``."""
-        call(self._served.app, receiver, subject, *args, **kwargs)
 
     def _send_lifecycle(self, item: LifecycleSignal) -> None:
         if item.signal is signals.events_dropped:

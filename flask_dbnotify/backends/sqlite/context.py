@@ -10,12 +10,11 @@ bypasses the hook leaves no context behind for anyone.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import sqlalchemy as sa
 
-from ..._context import autocommit_error
+from ..._context import autocommit_error, keep, kept
 from ...errors import DBNotifyError
 
 #: Takes the write lock and changes nothing.
@@ -25,7 +24,7 @@ _APPLY = (
     "UPDATE dbnotify_journal SET body = json_object('cx', ?, 'r', json(body)) "
     "WHERE id > ? AND id <= ? AND shape IS NOT NULL"
 )
-#: In ``Connection.info``: the transaction, and ``(last id, context)`` of
+#: Kept for the transaction (``_context.keep``): ``(last id, context)`` of
 #: each set_context() call in it.
 _KEY = "flask_dbnotify.sqlite_context"
 
@@ -49,20 +48,19 @@ def set_context(conn: sa.Connection, text: str, where: str) -> None:
         raise DBNotifyError(
             f"{where} has no journal: run `flask dbnotify install-triggers`"
         ) from exc
-    transaction = conn.get_transaction()
-    kept: Any = conn.info.get(_KEY)
-    if kept is None or kept[0]() is not transaction:
-        kept = conn.info[_KEY] = (weakref.ref(transaction), [])
-    kept[1].append((last, text))
+    calls = kept(conn, _KEY)
+    if calls is None:
+        calls = []
+        keep(conn, _KEY, calls)
+    calls.append((last, text))
 
 
 def apply(conn: sa.Connection) -> None:
     """Before ``conn`` commits (a ConnectionEvents.commit hook): write the
     contexts of its transaction into its journal rows."""
-    kept: Any = conn.info.pop(_KEY, None)
-    if kept is None or kept[0]() is not conn.get_transaction():
+    calls = kept(conn, _KEY, pop=True)
+    if calls is None:
         return
-    calls = kept[1]
     end = conn.exec_driver_sql(_LAST).scalar_one()
     ends = [last for last, _ in calls[1:]] + [end]
     for (last, text), upto in zip(calls, ends, strict=True):
