@@ -5,6 +5,8 @@ its own table with ratios (see docs/benchmarks.rst for today's figures):
 
 - postgresql.py: raw psycopg2 loop, Flask-DBNotify, SQLNotify (bench extra)
 - sqlite.py:     bare polling loop, Flask-DBNotify, SQLNotify (bench extra)
+- sqlite_instructions.py: what SQLite's triggers cost a writer, in CPU
+                 instructions (callgrind): repeatable on a busy machine
 - durable.py:    fast vs durable watches, replay after an outage
 - memory.py:     a listener's RSS over a million events
 - processes.py:  one vs eight listening processes
@@ -25,6 +27,7 @@ import sys
 SCRIPTS = [
     "postgresql.py",
     "sqlite.py",
+    "sqlite_instructions.py",
     "durable.py",
     "memory.py",
     "processes.py",

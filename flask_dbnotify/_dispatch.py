@@ -39,6 +39,12 @@ _limited = RateLimited(log)
 #: with once receivers (retries are due on time), this often.
 _CATCH_UP_EVERY = 5.0
 _ONCE_EVERY = 1.0
+#: Raw messages decoded and delivered together by the dispatcher: what
+#: every delivery looks up is looked up once for them, and a stop waits
+#: for at most this many.
+_CHUNK = 256
+#: Items of a batch that are not raw messages.
+_CONTROL = (HearingCheck, Task, LifecycleSignal)
 #: Journal rows read at a time by replay().
 _REPLAY_BATCH = 500
 
@@ -121,22 +127,8 @@ class Dispatcher:
                 self._feed.rewind(raw)
 
     def _dispatch(self, run: Run, batch: list[Any]) -> None:
-        decode = self._feed.decode
         with self._served.app.app_context():
-            for n, item in enumerate(batch):
-                if run.stop.is_set():
-                    # Left for the next start (a journaled backend reads it
-                    # again; durable rows are replayed).
-                    if self._is_current(run):
-                        self._feed.rewind(raw_only(batch[n:]))
-                    break
-                try:
-                    if isinstance(item, (HearingCheck, Task, LifecycleSignal)):
-                        self._control(item)
-                    else:
-                        self._deliver(decode(item))
-                except Exception:  # noqa: BLE001 - the dispatcher must go on
-                    log.exception("could not dispatch %r; skipped", item)
+            self._run_batch(run, batch)
             if self._served.registry.once_receivers():
                 try:
                     self._once.run(run.stop)
@@ -145,6 +137,46 @@ class Dispatcher:
         with run.ready:
             run.queued -= len(raw_only(batch))
             run.ready.notify()
+
+    def _run_batch(self, run: Run, batch: list[Any]) -> None:
+        """Control items one by one; raw messages decoded and delivered up
+        to :data:`_CHUNK` at a time, so that what every delivery looks up
+        is looked up once per chunk, not per event."""
+        start, end = 0, len(batch)
+        while start < end:
+            if run.stop.is_set():
+                # Left for the next start (a journaled backend reads it
+                # again; durable rows are replayed).
+                if self._is_current(run):
+                    self._feed.rewind(raw_only(batch[start:]))
+                return
+            item = batch[start]
+            if isinstance(item, _CONTROL):
+                start += 1
+                try:
+                    self._control(item)
+                except Exception:  # noqa: BLE001 - the dispatcher must go on
+                    log.exception("could not dispatch %r; skipped", item)
+                continue
+            stop = start + 1
+            while stop < end and stop - start < _CHUNK and not isinstance(batch[stop], _CONTROL):
+                stop += 1
+            self._deliver(self._decode(batch[start:stop]))
+            start = stop
+
+    def _decode(self, raws: list[Any]) -> list[Any]:
+        """The items of ``raws``; one that fails to decode is logged and
+        skipped, the others are kept."""
+        try:
+            return self._feed.decode_many(raws)
+        except Exception:  # noqa: BLE001 - find the one, keep the rest
+            items = []
+            for raw in raws:
+                try:
+                    items += self._feed.decode(raw)
+                except Exception:  # noqa: BLE001 - the dispatcher must go on
+                    log.exception("could not dispatch %r; skipped", raw)
+            return items
 
     def _control(self, item: HearingCheck | Task | LifecycleSignal) -> None:
         if isinstance(item, HearingCheck):
@@ -231,30 +263,36 @@ class Dispatcher:
         by_nature = served.backend.durable_by_nature
         delivered: list[Any] = []
         for item in items:
-            if isinstance(item, ChangeEvent):
-                if item.id is None and (by_nature or registry.is_durable(item.table)):
-                    # A durable watch's triggers, and WAL capture's relay,
-                    # only ever send journal ids: anyone who can connect
-                    # may send the rest (or another app in triggers mode,
-                    # on the same channel, for a table this one does not
-                    # watch: not worth a line).
-                    if item.table in watches:
+            try:
+                if isinstance(item, ChangeEvent):
+                    if item.id is None and (by_nature or registry.is_durable(item.table)):
+                        # A durable watch's triggers, and WAL capture's relay,
+                        # only ever send journal ids: anyone who can connect
+                        # may send the rest (or another app in triggers mode,
+                        # on the same channel, for a table this one does not
+                        # watch: not worth a line).
+                        if item.table in watches:
+                            _limited.warning(
+                                "ignored a notification for durable watch %r without a journal id",
+                                item.table,
+                            )
+                        continue
+                    deliver_event(app, registry, item, once=once, on_receivers=on_receivers)
+                elif isinstance(item, Notification):
+                    if item.id is None and not served.settings.fast_messages:
                         _limited.warning(
-                            "ignored a notification for durable watch %r without a journal id",
-                            item.table,
+                            "ignored a message on %r that was not journaled", item.channel
                         )
+                        continue
+                    deliver_message(app, registry, item, once=once, on_receivers=on_receivers)
+                else:
+                    self._note(item)
                     continue
-                deliver_event(app, registry, item, once=once, on_receivers=on_receivers)
-            elif isinstance(item, Notification):
-                if item.id is None and not served.settings.fast_messages:
-                    _limited.warning("ignored a message on %r that was not journaled", item.channel)
-                    continue
-                deliver_message(app, registry, item, once=once, on_receivers=on_receivers)
-            else:
-                self._note(item)
+            except Exception:  # noqa: BLE001 - the dispatcher must go on
+                log.exception("could not dispatch %r; skipped", item)
                 continue
             delivered.append(item)
-            counts.dispatched += 1
+        counts.dispatched += len(delivered)
         if on_receivers:
             served.hub.publish(delivered)
 

@@ -347,7 +347,7 @@ def _updates(rows: list[Any], keys: list[str], head: tuple[Any, ...]) -> list[It
     for row in rows:
         if type(row) is list and len(row) == 2 and type(row[0]) is dict:
             new, old = row
-            changed = _changed(new, old)
+            changed = changed_columns(new, old)
             append(make(table, op, new[single], new, old, changed, journal_id, ts, False, context))
         else:
             append(_event(row, keys, head))
@@ -370,7 +370,7 @@ def _event(row: Any, keys: list[str], head: tuple[Any, ...]) -> ChangeEvent:
         new, old, pk_row = None, row, row
     elif len(row) == 2:
         new, old = row
-        changed, pk_row = _changed(new, old), new
+        changed, pk_row = changed_columns(new, old), new
     else:
         new, old, names = row
         changed, pk_row = frozenset(names), new
@@ -384,7 +384,7 @@ def _event(row: Any, keys: list[str], head: tuple[Any, ...]) -> ChangeEvent:
 _MISSING = object()
 
 
-def _changed(new: dict[str, Any], old: dict[str, Any]) -> frozenset[str]:
+def changed_columns(new: dict[str, Any], old: dict[str, Any]) -> frozenset[str]:
     """The columns whose value differs in ``new`` from ``old``: what
     :func:`differs` says, called only where ``!=`` cannot say alone (an
     exact number on either side), as it is a function call per column."""

@@ -330,6 +330,133 @@ def test_real_values_arrive_exactly(
     assert [e.new["v"] for e in got] == values
 
 
+#: One column of each affinity SQLite knows, and the rowid.
+EVERY_AFFINITY = (
+    "CREATE TABLE anything (id INTEGER PRIMARY KEY, t TEXT, v VARCHAR(5), i INT, "
+    "n NUMERIC, r REAL, d DOUBLE, b BLOB, x, j JSON)"
+)
+#: What a writer may put in any of them: SQLite stores some as another type.
+ANY_VALUE = [b"\x00\xffz", 0.1 + 0.2, 2**62 + 1, "12", "1.5", " text ", None, 7.0, 1e300]
+
+
+def as_delivered(value: Any) -> Any:
+    """A value as SELECT returns it, as events carry it: BLOBs as hex."""
+    return value.hex().upper() if isinstance(value, bytes) else value
+
+
+def test_every_value_arrives_as_select_returns_it_in_columns_of_every_affinity(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """Whatever type SQLite stored in a column of any affinity (a number in
+    TEXT becomes text, '12' in INT a number, a blob stays a blob), the
+    event's values are what a SELECT of the row returns, on insert, update
+    and delete. The triggers skip the checks a column's affinity makes
+    needless, so each affinity gets every kind of value."""
+    sqlite_db(EVERY_AFFINITY)
+    app, ext = listening(sqlite_app, "anything")
+    columns = ["t", "v", "i", "n", "r", "d", "b", "x", "j"]
+    stored = []
+    for n, value in enumerate(ANY_VALUE):
+        sqlite_db(
+            f"INSERT INTO anything VALUES ({n}, {', '.join('?' * len(columns))})",
+            [value] * len(columns),
+        )
+        stored.append(sqlite_db("SELECT * FROM anything WHERE id = ?", (n,))[0])
+    # Every column to the next value: each row changes type in every column.
+    sqlite_db(
+        "UPDATE anything SET (" + ", ".join(columns) + ") = "
+        "(SELECT " + ", ".join(f"o.{c}" for c in columns) + " FROM anything AS o "
+        f"WHERE o.id = (anything.id + 1) % {len(ANY_VALUE)})"
+    )
+    updated = sqlite_db("SELECT * FROM anything ORDER BY id")
+    sqlite_db("DELETE FROM anything")
+    count = 3 * len(ANY_VALUE)
+    got = events.wait_for(count)
+    events.assert_no_more(count, marker(ext, app))
+    names = ["id", *columns]
+
+    def row(values: tuple[Any, ...]) -> dict[str, Any]:
+        return {c: as_delivered(v) for c, v in zip(names, values, strict=True)}
+
+    assert [e.new for e in got[: len(ANY_VALUE)]] == [row(r) for r in stored]
+    by_pk = {e.pk: e for e in got[len(ANY_VALUE) : 2 * len(ANY_VALUE)]}
+    assert [by_pk[r[0]].new for r in updated] == [row(r) for r in updated]
+    assert [by_pk[r[0]].old for r in updated] == [row(r) for r in stored]
+    assert [e.old for e in got[2 * len(ANY_VALUE) :]] == [row(r) for r in updated]
+    # The values did change type: the check above covers mixed types.
+    assert {type(v) for v in stored[0][1:]} >= {bytes}
+    assert {type(v) for r in stored for v in r[1:]} == {bytes, float, int, str, type(None)}
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "CREATE TABLE keyed (id INTEGER PRIMARY KEY DESC, v TEXT)",
+        "CREATE TABLE keyed (id INTEGER PRIMARY KEY, v TEXT) WITHOUT ROWID",
+        "CREATE TABLE keyed (id INT PRIMARY KEY, v TEXT)",
+    ],
+    ids=["desc", "without-rowid", "int"],
+)
+def test_an_integer_key_that_is_not_the_rowid_may_hold_text_and_blobs(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, ddl: str
+) -> None:
+    """Only a lone ``INTEGER PRIMARY KEY`` of a rowid table is the rowid,
+    whose values are always integers: these keys look like it, but hold
+    anything, and arrive as stored."""
+    sqlite_db(ddl)
+    app, ext = listening(sqlite_app, "keyed")
+    sqlite_db("INSERT INTO keyed VALUES ('abc', 'a'), (x'0102', 'b'), (3, 'c')")
+    got = events.wait_for(3)
+    events.assert_no_more(3, marker(ext, app))
+    assert sorted((str(e.pk), e.new["v"]) for e in got) == [("0102", "b"), ("3", "c"), ("abc", "a")]
+
+
+def test_a_case_only_change_in_a_nocase_column_is_an_update(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """'Bob' to 'bob' under the column's NOCASE collation is still a change
+    of the stored value: it arrives, with the column in ``changed``."""
+    sqlite_db("CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT COLLATE NOCASE, n INT)")
+    sqlite_db("INSERT INTO people VALUES (1, 'Bob@Example.com', 1)")
+    app, ext = listening(sqlite_app, "people")
+    sqlite_db("UPDATE people SET email = lower(email)")
+    (event,) = events.wait_for(1)
+    events.assert_no_more(1, marker(ext, app))
+    assert event.changed == {"email"}
+    assert (event.old["email"], event.new["email"]) == ("Bob@Example.com", "bob@example.com")
+
+
+def test_a_writer_without_a_columns_custom_collation_can_still_write(
+    sqlite_app: SqliteApp, sqlite_path: str, events: Recorder
+) -> None:
+    """A column may use a collation the app registers on its own
+    connections; the triggers compare values byte for byte, so a writer
+    that lacks the collation (a script, the sqlite3 shell) still writes,
+    and its changes arrive."""
+    maker = sqlite3.connect(sqlite_path, isolation_level=None)
+    maker.create_collation("app_order", lambda a, b: (a > b) - (a < b))
+    maker.execute(
+        "CREATE TABLE tags "
+        "(id INTEGER PRIMARY KEY, name TEXT COLLATE app_order, n INT COLLATE app_order)"
+    )
+    maker.close()
+    app, ext = listening(sqlite_app, "tags")
+    writer = SQLiteDB(sqlite_path)
+    try:
+        writer("INSERT INTO tags VALUES (1, 'a', 1)")
+        writer("UPDATE tags SET name = 'b', n = 2")
+        writer("DELETE FROM tags")
+    finally:
+        writer.close()
+    got = events.wait_for(3)
+    events.assert_no_more(3, marker(ext, app))
+    assert [(e.op.value, e.changed) for e in got] == [
+        ("INSERT", frozenset()),
+        ("UPDATE", {"name", "n"}),
+        ("DELETE", frozenset()),
+    ]
+
+
 def test_one_megabyte_row_arrives_whole(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
 ) -> None:
@@ -379,6 +506,27 @@ def test_rows_over_the_limit_arrive_cut_and_the_write_succeeds(
         ("DELETE", (2, "b"), True, None, {"id": 2, "part": "b"}),
     ]
     assert all(e.changed == frozenset() for e in got if e.cut)
+
+
+def test_a_large_value_in_a_numeric_column_is_counted_towards_the_cut(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """Text and blobs in a column of numeric affinity count towards the
+    limit as in a TEXT column (the triggers size such columns another way)."""
+    from flask_dbnotify.backends.sqlite import MAX_ROW_BYTES
+
+    sqlite_db("CREATE TABLE counts (id INTEGER PRIMARY KEY, n INT, r REAL)")
+    app, ext = listening(sqlite_app, "counts")
+    half = MAX_ROW_BYTES // 2 + 1
+    sqlite_db(
+        "INSERT INTO counts VALUES (1, ?, ?), (2, 5, 2.5)", ("1" * half + "x", b"\x00" * half)
+    )
+    got = events.wait_for(2)
+    events.assert_no_more(2, marker(ext, app))
+    assert [(e.pk, e.cut, e.new) for e in got] == [
+        (1, True, {"id": 1}),
+        (2, False, {"id": 2, "n": 5, "r": 2.5}),
+    ]
 
 
 class Color(enum.Enum):

@@ -715,8 +715,9 @@ def test_the_sqlite_ddl_is_built_without_a_database(tmp_path: Path) -> None:
     offline = DBNotify()
     watches = [offline.watch("orders", when_changed=["qty"]), offline.watch("Mixed Case")]
     tables = [
-        ("orders", [("id", "INTEGER"), ("item", "TEXT"), ("qty", "INTEGER")], ["id"]),
-        ("Mixed Case", [("id", "INTEGER"), ("note", "JSON")], ["id"]),
+        # The last: the column that is the rowid.
+        ("orders", [("id", "INTEGER"), ("item", "TEXT"), ("qty", "INTEGER")], ["id"], "id"),
+        ("Mixed Case", [("id", "INTEGER"), ("note", "JSON")], ["id"], "id"),
     ]
     built = install_plan([], list(zip(watches, tables, strict=True)))
     assert any("CREATE TRIGGER" in s and '"Mixed Case"' in s for s in built), built

@@ -1,5 +1,5 @@
 """What the database holds: our triggers and tables, and each watched
-table as ``(name, [(column, declared type)], primary key)``."""
+table as ``(name, [(column, declared type)], primary key, rowid alias)``."""
 
 from __future__ import annotations
 
@@ -20,15 +20,14 @@ TABLES = {
     "dbnotify_receivers": {"receiver", "id"},
     "dbnotify_claims": {"receiver", "event_id", "state", "attempts"},
 }
-#: A watched table: its name, columns with declared types, primary key.
-Table = tuple[str, list[tuple[str, str]], list[str]]
+#: A watched table: its name, columns with declared types, primary key,
+#: and the column that is an alias of the rowid (None if none is).
+Table = tuple[str, list[tuple[str, str]], list[str], str | None]
 
 
-def resolve(
-    conn: sqlite3.Connection, path: str, watch: Watch
-) -> tuple[str, list[tuple[str, str]], list[str]]:
-    """``(table, [(column, declared type)], primary key)`` as the
-    database has them."""
+def resolve(conn: sqlite3.Connection, path: str, watch: Watch) -> Table:
+    """``(table, [(column, declared type)], primary key, rowid alias)`` as
+    the database has them."""
     if watch.schema not in (None, "main"):
         raise WatchError(
             f"{watch.name!r}: only tables of the main database can be watched in SQLite"
@@ -53,7 +52,23 @@ def resolve(
         raise WatchError(
             f"table {watch.table!r} has no primary key: events are identified by it, so add one"
         )
-    return table, columns, pk
+    return table, columns, pk, _rowid_alias(conn, table, columns, pk)
+
+
+def _rowid_alias(
+    conn: sqlite3.Connection, table: str, columns: list[tuple[str, str]], pk: list[str]
+) -> str | None:
+    """The primary key column that is the rowid itself: its values are
+    integers, never NULL, whatever is written. That is a lone key declared
+    exactly ``INTEGER`` with no index of its own (``WITHOUT ROWID`` tables
+    and ``INTEGER PRIMARY KEY DESC`` columns have one, and hold anything
+    of INTEGER affinity)."""
+    if len(pk) != 1 or dict(columns)[pk[0]].upper() != "INTEGER":
+        return None
+    own_index = conn.execute(
+        "SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'", (table,)
+    ).fetchone()
+    return None if own_index else pk[0]
 
 
 def our_triggers(conn: sqlite3.Connection) -> list[tuple[str, str]]:

@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
+#: What a journal row we cannot read raises: it is logged and skipped.
+_UNREADABLE = (
+    _payload.PayloadError,
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    RecursionError,
+)
 _EMPTY: frozenset[str] = frozenset()
 #: What a journal row is read as, everywhere.
 COLUMNS = "id, created_at, shape, body"
@@ -52,22 +61,30 @@ class Rows:
     def decode(self, raw: Any) -> list[Item]:
         """One journal row as events (or a message); a row we cannot read
         is logged and skipped."""
-        journal_id, created_at, shape, body = raw
-        try:
-            if shape is None:
-                return _payload.decode(body, journal_id)
-            known = self._shapes.get(shape) or self._shape(shape)
-            return [self._event(journal_id, created_at, known, body)]
-        except (
-            _payload.PayloadError,
-            KeyError,
-            ValueError,
-            TypeError,
-            IndexError,
-            RecursionError,
-        ) as exc:
-            log.warning("skipped journal row %s: %s", journal_id, exc)
-            return []
+        return self.decode_many([raw])
+
+    def decode_many(self, raws: list[Any]) -> list[Item]:
+        """Journal rows as events (and messages), in order, in one pass: a
+        row we cannot read is logged and skipped."""
+        items: list[Item] = []
+        shapes, event = self._shapes, self._event
+        # The rows of one statement share one time (SQLite's clock stands
+        # still during a statement): it is made once.
+        at, timestamp = self._last_time
+        for journal_id, created_at, shape, body in raws:
+            try:
+                if shape is None:
+                    items += _payload.decode(body, journal_id)
+                    continue
+                if created_at != at:
+                    timestamp = datetime.fromtimestamp(unix(created_at), UTC)
+                    at = created_at
+                known = shapes.get(shape) or self._shape(shape)
+                items.append(event(journal_id, timestamp, known, body))
+            except _UNREADABLE as exc:
+                log.warning("skipped journal row %s: %s", journal_id, exc)
+        self._last_time = (at, timestamp)
+        return items
 
     def item(self, raw: Any) -> ChangeEvent | Notification | None:
         """The event or message of a journal row (None if it holds neither)."""
@@ -80,8 +97,7 @@ class Rows:
             f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
             (since, limit),
         )
-        items = [item for raw in rows for item in self.decode(raw)]
-        return items, (rows[-1][0] if rows else None)
+        return self.decode_many(rows), (rows[-1][0] if rows else None)
 
     def _shape(self, key: str) -> dict[str, Any]:
         shape = self._shapes.get(key)
@@ -97,42 +113,37 @@ class Rows:
             self._shapes[key] = shape
         return shape
 
-    def _time(self, created_at: float) -> datetime:
-        """The event time of ``created_at``: the rows of one statement share
-        one (SQLite's clock stands still during a statement), so the last
-        is kept."""
-        at, timestamp = self._last_time
-        if at != created_at:
-            timestamp = datetime.fromtimestamp(unix(created_at), UTC)
-            self._last_time = (created_at, timestamp)
-        return timestamp
-
     def _event(
-        self, journal_id: int, created_at: float, shape: dict[str, Any], body: str
+        self, journal_id: int, timestamp: datetime, shape: dict[str, Any], body: str
     ) -> ChangeEvent:
-        values = _values(body)
+        # The decoder's scanner alone reads what our triggers write (no
+        # whitespace around it to skip); anything else, as payloads are read.
+        try:
+            values, end = _scan(body, 0)
+        except StopIteration:
+            end = -1
+        if end != len(body):
+            values = _payload.loads(body)
         context = None
         if type(values) is dict:
             if "cx" in values:
                 # A writer's context wraps the values (see SQLiteBackend.set_context).
                 context, values = _context.decode(values["cx"]), values["r"]
             if type(values) is dict:
-                return _cut(journal_id, self._time(created_at), shape, values["cut"], context)
+                return _cut(journal_id, timestamp, shape, values["cut"], context)
         op, columns = shape["op"], shape["c"]
         changed = _EMPTY
         new: dict[str, Any] | None
         old: dict[str, Any] | None
-        flat = shape["flat"]
         if op is Operation.UPDATE:
             new_values, old_values = values
-            if not flat:
+            if not shape["flat"]:
                 new_values, old_values = _flatten(new_values), _flatten(old_values)
-            pairs = zip(columns, new_values, old_values, strict=True)
-            changed = frozenset([c for c, a, b in pairs if _payload.differs(a, b)])
             new, old = _row(columns, new_values), _row(columns, old_values)
+            changed = _payload.changed_columns(new, old)
             row = new
         else:
-            row = _row(columns, values if flat else _flatten(values))
+            row = _row(columns, values if shape["flat"] else _flatten(values))
             new, old = (row, None) if op is Operation.INSERT else (None, row)
         key = shape["key"]
         pk = row[key] if key is not None else tuple(row[k] for k in shape["k"])
@@ -141,28 +152,8 @@ class Rows:
             new = None if new is None else {c: new[c] for c in keep}
             old = None if old is None else {c: old[c] for c in keep}
         return new_event(
-            shape["t"],
-            op,
-            pk,
-            new,
-            old,
-            changed,
-            journal_id,
-            self._time(created_at),
-            False,
-            context,
+            shape["t"], op, pk, new, old, changed, journal_id, timestamp, False, context
         )
-
-
-def _values(body: str) -> Any:
-    """A journal row's body, as :func:`_payload.loads` reads it (exact
-    numbers kept), through the decoder's scanner alone: the bodies our
-    triggers write have no whitespace around them to skip."""
-    try:
-        values, end = _scan(body, 0)
-    except StopIteration:
-        end = -1
-    return values if end == len(body) else _payload.loads(body)
 
 
 def _row(columns: list[str], values: list[Any]) -> dict[str, Any]:
@@ -213,6 +204,9 @@ class SQLiteFeed(Feed):
 
     def decode(self, raw: Any) -> list[Item]:
         return self.rows.decode(raw)
+
+    def decode_many(self, raws: list[Any]) -> list[Item]:
+        return self.rows.decode_many(raws)
 
     def rewind(self, raw: list[Any]) -> None:
         if raw:

@@ -72,7 +72,7 @@ class SQLiteOnceStore(OnceStore):
             return rows, last
 
         rows, cursor = self.db.with_connection(in_one_snapshot(scan))
-        return [item for raw in rows for item in self.rows.decode(raw)], cursor
+        return self.rows.decode_many(rows), cursor
 
     def claim(self, receiver: str, ids: Sequence[int], worker: str) -> set[int]:
         if not ids:
