@@ -57,6 +57,20 @@ def events_per_second(rows: int, started: float, last_event: float) -> float:
     return rows / (last_event - started)
 
 
+def claim_database(conn: Any, script: str) -> None:
+    """Hold, for as long as ``conn`` is open, the lock every PostgreSQL
+    script takes before it drops and makes its tables (some share names):
+    a second run on the same database stops here instead of breaking the
+    first one's tables under it."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(hashtext('flask-dbnotify benchmarks'))")
+        if not cur.fetchone()[0]:
+            raise SystemExit(
+                f"{script}: another benchmark is running on this database; wait for it, "
+                "or point DBNOTIFY_BENCH_URL (or --url) at another database"
+            )
+
+
 def median_range(values: list[float]) -> tuple[float, float, float]:
     """(median, min, max) of the runs of one figure."""
     return statistics.median(values), min(values), max(values)

@@ -20,7 +20,7 @@ from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import DEFAULT_URL  # noqa: E402
+from _common import DEFAULT_URL, claim_database  # noqa: E402
 
 from flask_dbnotify import DBNotify  # noqa: E402
 
@@ -45,6 +45,7 @@ def main() -> None:
 
     writer = psycopg2.connect(args.url)
     writer.autocommit = True
+    claim_database(writer, "memory.py")
     cur = writer.cursor()
     cur.execute(
         "DROP TABLE IF EXISTS mem_rows; "

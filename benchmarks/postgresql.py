@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _common import (  # noqa: E402
     DEFAULT_URL,
     Arrivals,
+    claim_database,
     events_per_second,
     pct,
     print_rates,
@@ -191,6 +192,7 @@ def main() -> None:
 
     writer = psycopg2.connect(args.url)
     writer.autocommit = True
+    claim_database(writer, "postgresql.py")
     with writer.cursor() as cur:
         cur.execute(DDL)
 

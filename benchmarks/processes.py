@@ -19,7 +19,7 @@ import sys
 import time
 
 import psycopg2
-from _common import DEFAULT_URL
+from _common import DEFAULT_URL, claim_database
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -104,6 +104,7 @@ def main() -> None:
 
     conn = psycopg2.connect(args.url)
     conn.autocommit = True
+    claim_database(conn, "processes.py")
     conn.cursor().execute(
         "DROP TABLE IF EXISTS proc_rows; "
         "CREATE TABLE proc_rows (id bigserial PRIMARY KEY, name text, qty int)"

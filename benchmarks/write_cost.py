@@ -48,7 +48,7 @@ from flask import Flask
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import DEFAULT_URL, Arrivals  # noqa: E402
+from _common import DEFAULT_URL, Arrivals, claim_database  # noqa: E402
 from postgresql import PeerSQLNotify, RawListener  # noqa: E402
 
 from flask_dbnotify import DBNotify  # noqa: E402
@@ -231,6 +231,7 @@ def main() -> None:
 
     writer = psycopg2.connect(args.url)
     writer.autocommit = True
+    claim_database(writer, "write_cost.py")
     cur = writer.cursor()
     if args.async_commit:
         cur.execute("SET synchronous_commit = off")
