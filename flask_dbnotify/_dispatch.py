@@ -135,23 +135,19 @@ class Dispatcher:
                 except Exception as exc:  # noqa: BLE001 - retried at the next tick
                     log.warning("could not run once receivers: %s", exc)
         with run.ready:
-            run.queued -= len(raw_only(batch))
+            run.queued -= self._feed.received(raw_only(batch))
             run.ready.notify()
 
     def _run_batch(self, run: Run, batch: list[Any]) -> None:
-        """Control items one by one; raw messages decoded and delivered up
-        to :data:`_CHUNK` at a time, so that what every delivery looks up
-        is looked up once per chunk, not per event."""
+        """Control items one by one; raw messages up to :data:`_CHUNK` at a
+        time, delivered in the feed's pieces, so that what every delivery
+        looks up is looked up once per piece, not per event."""
         start, end = 0, len(batch)
         while start < end:
-            if run.stop.is_set():
-                # Left for the next start (a journaled backend reads it
-                # again; durable rows are replayed).
-                if self._is_current(run):
-                    self._feed.rewind(raw_only(batch[start:]))
-                return
             item = batch[start]
             if isinstance(item, _CONTROL):
+                if self._stopped(run, batch[start:]):
+                    return
                 start += 1
                 try:
                     self._control(item)
@@ -161,22 +157,36 @@ class Dispatcher:
             stop = start + 1
             while stop < end and stop - start < _CHUNK and not isinstance(batch[stop], _CONTROL):
                 stop += 1
-            self._deliver(self._decode(batch[start:stop]))
+            try:
+                for items in self._feed.pieces(batch[start:stop]):
+                    if self._stopped(run, batch[start:]):
+                        return
+                    self._deliver(items)
+            except Exception:  # noqa: BLE001 - find the one, keep the rest
+                log.exception("could not dispatch a batch; going through it one by one")
+                self._one_by_one(batch[start:stop])
             start = stop
 
-    def _decode(self, raws: list[Any]) -> list[Any]:
-        """The items of ``raws``; one that fails to decode is logged and
-        skipped, the others are kept."""
-        try:
-            return self._feed.decode_many(raws)
-        except Exception:  # noqa: BLE001 - find the one, keep the rest
-            items = []
-            for raw in raws:
-                try:
-                    items += self._feed.decode(raw)
-                except Exception:  # noqa: BLE001 - the dispatcher must go on
-                    log.exception("could not dispatch %r; skipped", raw)
-            return items
+    def _stopped(self, run: Run, rest: list[Any]) -> bool:
+        """Whether the run was stopped: then ``rest`` is left for the next
+        start (a journaled backend reads it again; durable rows are
+        replayed)."""
+        if not run.stop.is_set():
+            return False
+        if self._is_current(run):
+            self._feed.rewind(raw_only(rest))
+        return True
+
+    def _one_by_one(self, raws: list[Any]) -> None:
+        """Decode and deliver ``raws`` each on its own: one that fails is
+        logged and skipped, and the others are delivered."""
+        for raw in raws:
+            try:
+                items = self._feed.decode(raw)
+            except Exception:  # noqa: BLE001 - the dispatcher must go on
+                log.exception("could not dispatch %r; skipped", raw)
+                continue
+            self._deliver(items)
 
     def _control(self, item: HearingCheck | Task | LifecycleSignal) -> None:
         if isinstance(item, HearingCheck):

@@ -341,8 +341,9 @@ class Listener:
             now = time.monotonic()
             if raw:
                 last_seen = now
-                self._counts.received += len(raw)
-                self._put(run, raw, len(raw))
+                count = self._feed.received(raw)
+                self._counts.received += count
+                self._put(run, raw, count)
                 # Notifications arrive, so a connection thought deaf may
                 # hear after all: check again without waiting to be idle.
                 if self._hearing.deaf and check is None and now - last_check >= idle_limit:

@@ -1032,6 +1032,47 @@ def test_rows_a_stopped_listener_has_not_read_survive_pruning(
 # -- stop(), start() and reconnecting ---------------------------------------------------
 
 
+def test_pruning_keeps_the_rows_a_lagging_dispatcher_has_not_delivered(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """The reader hands the dispatcher spans of journal ids, and the
+    dispatcher reads their rows when it gets to them. While a span waits
+    behind a slow receiver, the position a listener records for pruning is
+    what it has delivered, not what it has queued, so another process's
+    pruning cannot delete rows it has yet to read. The receiver here holds
+    the first event of the first transaction until the second transaction's
+    span is queued and a prune has recorded the position."""
+    sqlite_db(ORDERS)
+    blocked, gate = threading.Event(), threading.Event()
+    # Pruning as often as it goes (every millisecond): a prune queued while
+    # the receiver holds the first event runs before the second span.
+    app, ext = sqlite_app(DBNOTIFY_PAYLOAD_RETENTION=0.002)
+    ext.watch("orders")
+
+    @ext.on("orders", "insert")
+    def slow(event: ChangeEvent) -> None:
+        if event.pk == 1:
+            blocked.set()
+            assert gate.wait(WAIT), "the test never opened the gate"
+
+    ext.install_triggers(app)
+    ext.start(app)
+    try:
+        sqlite_db("INSERT INTO orders VALUES (1, 'first', 1)")
+        assert blocked.wait(WAIT), "the first event never arrived"
+        sqlite_db(
+            "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < 1001) "
+            "INSERT INTO orders SELECT n, 'second', n FROM g"
+        )
+        # Both spans are queued: the reader has found all 1,001 ids.
+        poll_until(lambda: ext.listener_state(app).received >= 1001, "the second span queued")
+    finally:
+        gate.set()
+    got = events.wait_for(1001, timeout=3 * WAIT)
+    events.assert_no_more(1001, marker(ext, app))
+    assert [e.pk for e in got] == list(range(1, 1002))
+
+
 def test_changes_made_while_stopped_arrive_after_start(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
 ) -> None:

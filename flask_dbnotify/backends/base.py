@@ -16,7 +16,7 @@ Architecture page of the docs.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,9 +136,21 @@ class Feed(abc.ABC):
         dispatcher thread."""
 
     def decode_many(self, raws: list[Any]) -> list[Item]:
-        """:meth:`decode` of each of ``raws``, in order: a feed whose
-        messages hold one event each does it in one pass."""
+        """:meth:`decode` of each of ``raws``, in order."""
         return [item for raw in raws for item in self.decode(raw)]
+
+    def pieces(self, raws: list[Any]) -> Iterator[list[Item]]:
+        """The items of ``raws``, in order, as the dispatcher delivers them:
+        a piece at a time, a stop waiting for the piece being delivered.
+        When the dispatcher stops between pieces it calls :meth:`rewind`
+        with every raw message of ``raws``: a feed whose pieces are parts
+        of a raw message keeps track of what was delivered."""
+        yield self.decode_many(raws)
+
+    def received(self, raws: list[Any]) -> int:
+        """How many items ``raws`` count for in ``received`` and ``queued``
+        (and against ``DBNOTIFY_QUEUE_SIZE``)."""
+        return len(raws)
 
     def count(self, raw: Any) -> int:
         """How many events a raw message holds, without building them."""

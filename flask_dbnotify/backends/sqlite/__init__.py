@@ -29,7 +29,8 @@ from . import context
 from .admin import SQLiteAdmin
 from .connection import Database
 from .ddl import MAX_ROW_BYTES, NOW
-from .journal import Rows, SQLiteFeed
+from .feed import SQLiteFeed
+from .journal import Rows
 from .once import SQLiteOnceStore
 
 __all__ = ["MAX_ROW_BYTES", "SQLiteBackend"]

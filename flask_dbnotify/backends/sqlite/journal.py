@@ -1,28 +1,18 @@
 """The journal as listeners and once receivers read it: rows turned back
-into events (:class:`Rows`), and what one listener has read
-(:class:`SQLiteFeed`: its position, recorded for pruning)."""
+into events (:class:`Rows`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import sqlite3
-import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ... import _context, _payload
 from ..._items import Item, Notification
 from ...events import ChangeEvent, Operation, new_event
-from ..base import Feed, Stream
-from .connection import Database, write_transaction
-from .ddl import julian, unix
-from .stream import SQLiteStream
-
-if TYPE_CHECKING:
-    from . import SQLiteBackend
+from .connection import Database
+from .ddl import unix
 
 log = logging.getLogger(__name__)
 
@@ -183,75 +173,3 @@ def _cut(
     assert row is not None
     pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
     return new_event(shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True, context)
-
-
-class SQLiteFeed(Feed):
-    """One listener's position in the journal. It reads from the newest
-    row when its first stream opens, and records how far it has read in
-    ``dbnotify_listeners`` when pruning, so that rows nobody has read are
-    kept."""
-
-    def __init__(self, backend: SQLiteBackend) -> None:
-        self.db = backend.db
-        self.rows = backend.rows
-        self.where = backend.where
-        #: The last journal id read (None until the first stream opens).
-        self.position: int | None = None
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-
-    def open_stream(self, settings: Any) -> Stream:
-        return SQLiteStream(self, settings)
-
-    def decode(self, raw: Any) -> list[Item]:
-        return self.rows.decode(raw)
-
-    def decode_many(self, raws: list[Any]) -> list[Item]:
-        return self.rows.decode_many(raws)
-
-    def rewind(self, raw: list[Any]) -> None:
-        if raw:
-            # Only ever back: undelivered rows of an interrupted batch come
-            # before the queued ones.
-            first = min(journal_id for journal_id, *_ in raw) - 1
-            self.position = first if self.position is None else min(self.position, first)
-
-    def prune(self, retention: float) -> None:
-        """Record how far this listener has read, then delete journal rows
-        older than ``retention`` that every live listener has read."""
-        now = time.time()
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA busy_timeout = 1000")  # housekeeping can wait
-            with write_transaction(conn):
-                if self.position is not None:
-                    conn.execute(
-                        "INSERT INTO dbnotify_listeners (name, position, seen_at) VALUES (?, ?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, "
-                        "seen_at = excluded.seen_at",
-                        (self.name, self.position, now),
-                    )
-                # A listener silent for this long is gone.
-                conn.execute(
-                    "DELETE FROM dbnotify_listeners WHERE seen_at < ?",
-                    (now - max(retention, 600.0),),
-                )
-                conn.execute(
-                    "DELETE FROM dbnotify_claims WHERE state = 'done' AND claimed_at < ?",
-                    (now - retention,),
-                )
-                # Old rows every live listener has read, that no once
-                # receiver still has to claim, and that no claim still
-                # needs (failed ones are kept for inspection).
-                conn.execute(
-                    "DELETE FROM dbnotify_journal WHERE created_at < ? AND id <= coalesce("
-                    "(SELECT min(position) FROM dbnotify_listeners), "
-                    "(SELECT max(id) FROM dbnotify_journal)) "
-                    "AND id <= coalesce((SELECT min(id) FROM dbnotify_receivers), id) "
-                    "AND NOT EXISTS (SELECT 1 FROM dbnotify_claims AS c "
-                    "  WHERE c.event_id = dbnotify_journal.id AND c.state <> 'done')",
-                    (julian(now - retention),),
-                )
-
-        self.db.with_connection(work)
-
-    # -- messages ----------------------------------------------------------

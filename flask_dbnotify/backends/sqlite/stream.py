@@ -18,19 +18,26 @@ from ..base import Stream
 from .connection import connect
 
 if TYPE_CHECKING:
-    from .journal import SQLiteFeed
+    from .feed import SQLiteFeed
 
 log = logging.getLogger(__name__)
 
 #: How long after a wake-up without news the stream keeps looking: a WAL
 #: write wakes us just before the commit becomes visible.
 _SETTLE = 0.05
-_READ_LIMIT = 5000
 _abandoned: list[sqlite3.Connection] = []
 
 
+def abandon(conn: sqlite3.Connection) -> None:
+    """Keep ``conn`` referenced, never touched again: SQLite forbids using a
+    connection across fork(), closing included."""
+    _abandoned.append(conn)
+
+
 class SQLiteStream(Stream):
-    """Reads the journal past a cursor when another connection committed."""
+    """Finds the journal ids committed past the feed's position, whenever
+    another connection committed; the dispatcher reads their rows (see
+    :mod:`.feed`)."""
 
     def __init__(self, feed: SQLiteFeed, settings: Any) -> None:
         self.feed = feed
@@ -44,14 +51,13 @@ class SQLiteStream(Stream):
         try:
             self.conn.execute("PRAGMA journal_mode = WAL")
             if feed.position is None:
-                feed.position = self._last_id()
+                feed.position = feed.delivered = self._last_id()
             self.version: int | None = None
             self.watch = open_watch(os.path.dirname(feed.db.path))
         except BaseException:
             self.conn.close()
             raise
         self.settle_until = 0.0
-        self.more = False
 
     def _last_id(self) -> int:
         try:
@@ -61,7 +67,7 @@ class SQLiteStream(Stream):
         return int(row[0] or 0)
 
     def wait(self, timeout: float, wake_fd: int) -> None:
-        if self.more:
+        if self.feed.failure is not None:
             return
         now = time.monotonic()
         if now < self.settle_until:
@@ -79,33 +85,35 @@ class SQLiteStream(Stream):
             self.settle_until = time.monotonic() + _SETTLE
 
     def read(self) -> list[Any]:
+        feed = self.feed
+        failure = feed.failure
+        if failure is not None:
+            # The dispatcher could not read what this stream found.
+            feed.failure = None
+            raise failure
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self.version and not self.more:
+        if version == self.version:
             return []
         self.version = version
-        try:
-            position = self.feed.position or 0
-            last = self.conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'dbnotify_journal'"
-            ).fetchone()
-            if last is not None and last[0] < position:
-                # The journal was dropped and made anew: its ids restarted.
-                log.info("the journal was recreated; reading it from the start")
-                position = self.feed.position = 0
-            rows = self.conn.execute(
-                "SELECT id, created_at, shape, body FROM dbnotify_journal "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (position, _READ_LIMIT),
-            ).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
+        with feed.lock:
+            try:
+                position = feed.position or 0
+                last = self.conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'dbnotify_journal'"
+                ).fetchone()
+                if last is not None and last[0] < position:
+                    # The journal was dropped and made anew: its ids restarted.
+                    log.info("the journal was recreated; reading it from the start")
+                    position = feed.position = 0
+                top = self.conn.execute("SELECT max(id) FROM dbnotify_journal").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []
+                raise
+            if top is None or top <= position:
                 return []
-            raise
-        self.more = len(rows) == _READ_LIMIT
-        if rows:
-            self.feed.position = rows[-1][0]
             self.settle_until = 0.0
-        return rows
+            return [feed.span(position, top)]
 
     def probe(self) -> None:
         self.conn.execute("SELECT 1").fetchone()
@@ -116,8 +124,6 @@ class SQLiteStream(Stream):
         self.conn.close()
 
     def discard(self) -> None:
-        # SQLite forbids using a connection across fork(), closing included:
-        # keep it referenced, never touched again.
-        _abandoned.append(self.conn)
+        abandon(self.conn)
         if self.watch is not None:
             self.watch.close()
