@@ -86,6 +86,19 @@ def finish(proc: subprocess.Popen[bytes], what: str) -> str:
     return stderr
 
 
+@pytest.fixture(params=["msgspec", "json"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Journal rows read with msgspec (the fast extra, which the tests
+    install) and with json's scanner (without it): the same values."""
+    from flask_dbnotify import _payload
+    from flask_dbnotify.backends.sqlite import journal
+
+    if request.param == "msgspec" and _payload._fast is None:
+        pytest.fail("msgspec is not installed: pip install -e '.[test]'")
+    monkeypatch.setattr(journal, "_FAST", request.param == "msgspec")
+    return str(request.param)
+
+
 # -- installing, inspecting and removing triggers ------------------------------
 
 
@@ -286,7 +299,7 @@ def test_one_transaction_of_many_rows_arrives_whole_and_in_order(
 
 
 def test_sqlite_values_arrive_as_json(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, decoder: str
 ) -> None:
     """BLOBs arrive as hex strings; unicode text, NULL, INTEGER (to 64 bits)
     and REAL values arrive as written."""
@@ -316,7 +329,7 @@ def test_sqlite_values_arrive_as_json(
 
 
 def test_real_values_arrive_exactly(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, decoder: str
 ) -> None:
     """A REAL arrives as the same float that was written (PostgreSQL's float8
     does): 17 significant digits, not 15."""
@@ -345,7 +358,7 @@ def as_delivered(value: Any) -> Any:
 
 
 def test_every_value_arrives_as_select_returns_it_in_columns_of_every_affinity(
-    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder, decoder: str
 ) -> None:
     """Whatever type SQLite stored in a column of any affinity (a number in
     TEXT becomes text, '12' in INT a number, a blob stays a blob), the
