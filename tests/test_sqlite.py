@@ -1045,6 +1045,26 @@ def test_rows_a_stopped_listener_has_not_read_survive_pruning(
 # -- stop(), start() and reconnecting ---------------------------------------------------
 
 
+def gated_listener(
+    sqlite_app: SqliteApp, **config: Any
+) -> tuple[Flask, DBNotify, threading.Event, threading.Event]:
+    """A listener on orders whose receiver holds the event of pk 1 until
+    the gate opens: what is committed meanwhile waits in its queue."""
+    blocked, gate = threading.Event(), threading.Event()
+    app, ext = sqlite_app(**config)
+    ext.watch("orders")
+
+    @ext.on("orders", "insert")
+    def hold(event: ChangeEvent) -> None:
+        if event.pk == 1:
+            blocked.set()
+            assert gate.wait(WAIT), "the test never opened the gate"
+
+    ext.install_triggers(app)
+    ext.start(app)
+    return app, ext, blocked, gate
+
+
 def test_pruning_keeps_the_rows_a_lagging_dispatcher_has_not_delivered(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
 ) -> None:
@@ -1056,20 +1076,9 @@ def test_pruning_keeps_the_rows_a_lagging_dispatcher_has_not_delivered(
     the first event of the first transaction until the second transaction's
     span is queued and a prune has recorded the position."""
     sqlite_db(ORDERS)
-    blocked, gate = threading.Event(), threading.Event()
     # Pruning as often as it goes (every millisecond): a prune queued while
     # the receiver holds the first event runs before the second span.
-    app, ext = sqlite_app(DBNOTIFY_PAYLOAD_RETENTION=0.002)
-    ext.watch("orders")
-
-    @ext.on("orders", "insert")
-    def slow(event: ChangeEvent) -> None:
-        if event.pk == 1:
-            blocked.set()
-            assert gate.wait(WAIT), "the test never opened the gate"
-
-    ext.install_triggers(app)
-    ext.start(app)
+    app, ext, blocked, gate = gated_listener(sqlite_app, DBNOTIFY_PAYLOAD_RETENTION=0.002)
     try:
         sqlite_db("INSERT INTO orders VALUES (1, 'first', 1)")
         assert blocked.wait(WAIT), "the first event never arrived"
@@ -1084,6 +1093,88 @@ def test_pruning_keeps_the_rows_a_lagging_dispatcher_has_not_delivered(
     got = events.wait_for(1001, timeout=3 * WAIT)
     events.assert_no_more(1001, marker(ext, app))
     assert [e.pk for e in got] == list(range(1, 1002))
+
+
+def test_a_journal_made_anew_while_rows_wait_delivers_each_new_row_once(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """The journal dropped and made anew (uninstall --all, install) while
+    the old one's ids wait in the listener's queue: its ids restart, and
+    the waiting ids must not be read from the new journal; each new row
+    arrives once, in order."""
+    sqlite_db(ORDERS)
+    app, ext, blocked, gate = gated_listener(sqlite_app)
+    try:
+        sqlite_db("INSERT INTO orders VALUES (1, 'held', 1)")
+        assert blocked.wait(WAIT), "the first event never arrived"
+        sqlite_db(
+            "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < 10) "
+            "INSERT INTO orders SELECT n, 'old journal', n FROM g"
+        )
+        poll_until(lambda: ext.listener_state(app).received >= 10, "the old rows queued")
+        ext.uninstall_triggers(app, everything=True)
+        ext.install_triggers(app)
+        sqlite_db(
+            "WITH RECURSIVE g(n) AS (SELECT 101 UNION ALL SELECT n + 1 FROM g WHERE n < 108) "
+            "INSERT INTO orders SELECT n, 'new journal', n FROM g"
+        )
+        poll_until(lambda: ext.listener_state(app).received >= 18, "the new rows queued")
+    finally:
+        gate.set()
+    got = events.wait_for(9)
+    events.assert_no_more(9, marker(ext, app))
+    # The old journal's rows, but the one being delivered, went with it.
+    assert [e.pk for e in got] == [1, *range(101, 109)]
+
+
+def test_rows_deleted_before_the_listener_read_them_are_reported_as_a_gap(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """Journal rows gone before the listener got to them (deleted by hand
+    here; pruned after the listener was gone for long, in life) are not
+    skipped silently: ``listener_connected`` says ``gap=True``, and the
+    rows still there arrive."""
+    sqlite_db(ORDERS)
+    connected = Recorder()
+    with listener_connected.connected_to(connected):
+        app, ext, blocked, gate = gated_listener(sqlite_app)
+        connected.wait_for(1, "listener_connected")
+        try:
+            sqlite_db("INSERT INTO orders VALUES (1, 'held', 1)")
+            assert blocked.wait(WAIT), "the first event never arrived"
+            sqlite_db(
+                "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < 10) "
+                "INSERT INTO orders SELECT n, 'waiting', n FROM g"
+            )
+            poll_until(lambda: ext.listener_state(app).received >= 10, "the rows queued")
+            sqlite_db("DELETE FROM dbnotify_journal WHERE body LIKE '[4,%' OR body LIKE '[5,%'")
+        finally:
+            gate.set()
+        got = events.wait_for(8)
+        events.assert_no_more(8, marker(ext, app))
+        gaps = [kw for kw in connected.wait_for(2, "listener_connected") if kw.get("gap")]
+    assert [e.pk for e in got] == [1, 2, 3, 6, 7, 8, 9, 10]
+    assert gaps and all(kw["reconnect"] for kw in gaps)
+
+
+def test_a_row_that_cannot_be_decoded_is_skipped_alone(
+    sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
+) -> None:
+    """A journal row no event can be made of (here: a time no datetime
+    holds, written by hand) is logged and skipped; the rows around it
+    arrive."""
+    sqlite_db(ORDERS)
+    app, ext = listening(sqlite_app, "orders")
+    sqlite_db("BEGIN")
+    sqlite_db(
+        "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 500) "
+        "INSERT INTO orders SELECT n, 'row', n FROM g"
+    )
+    sqlite_db("UPDATE dbnotify_journal SET created_at = 1e300 WHERE body LIKE '[250,%'")
+    sqlite_db("COMMIT")
+    got = events.wait_for(499)
+    events.assert_no_more(499, marker(ext, app))
+    assert [e.pk for e in got] == [n for n in range(1, 501) if n != 250]
 
 
 def test_changes_made_while_stopped_arrive_after_start(

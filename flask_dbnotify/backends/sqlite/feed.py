@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..._items import Item
+from ..._items import Gap, Item
 from ...errors import DBNotifyError
 from ..base import Feed, Stream
 from .connection import connect, write_transaction
@@ -37,6 +37,16 @@ log = logging.getLogger(__name__)
 
 #: Journal rows read, decoded and delivered at a time.
 PIECE = 256
+#: The most journal ids one span holds: what a stop that cannot wait for
+#: the dispatcher leaves to the run after it, at most.
+SPAN = 5000
+
+
+def _missing(after: int, upto: int) -> Gap:
+    return Gap(
+        f"journal rows after {after} up to {upto} were deleted before this listener "
+        "read them (pruned while it was gone, or by hand)"
+    )
 
 
 class Span:
@@ -88,10 +98,11 @@ class SQLiteFeed(Feed):
     def open_stream(self, settings: Any) -> Stream:
         return SQLiteStream(self, settings)
 
-    def span(self, lo: int, hi: int) -> Span:
-        """The ids the reader found committed past ``position``; under ``lock``."""
+    def spans(self, lo: int, hi: int) -> list[Span]:
+        """The ids the reader found committed past ``position``, in spans
+        of up to :data:`SPAN`; under ``lock``."""
         self.position = hi
-        return Span(lo, hi, self.epoch)
+        return [Span(at, min(at + SPAN, hi), self.epoch) for at in range(lo, hi, SPAN)]
 
     def received(self, raws: list[Any]) -> int:
         return sum(span.size for span in raws)
@@ -108,20 +119,41 @@ class SQLiteFeed(Feed):
         piece once the dispatcher asks for the next one (it has delivered
         this one). If the journal cannot be read, the position goes back to
         where delivery stopped, and the reader's stream fails (the listener
-        reconnects and reads on from there)."""
+        reconnects and reads on from there). Rows missing from a span were
+        deleted before this listener read them: a :class:`Gap` says so."""
         for span in raws:
             while span.lo < span.hi and span.epoch == self.epoch:
                 try:
                     rows = self._read(span.lo, span.hi)
+                    items = self._decode(rows)
                 except (sqlite3.Error, DBNotifyError) as exc:
                     self._read_again(span.lo, exc)
                     return
-                if not rows:
-                    span.lo = span.hi  # Deleted by hand: pruning keeps unread rows.
-                else:
-                    yield self.rows.decode_many(rows)
-                    span.lo = rows[-1][0]
+                first = rows[0][0] if rows else span.hi + 1
+                if first != span.lo + 1 or (rows and rows[-1][0] - first + 1 != len(rows)):
+                    items.insert(0, _missing(span.lo, rows[-1][0] if rows else span.hi))
+                yield items
+                span.lo = rows[-1][0] if rows else span.hi
                 self.delivered = span.lo
+
+    def _decode(self, rows: list[Any]) -> list[Item]:
+        """The events of ``rows``; a row that fails to decode for a reason
+        the decoder does not expect is logged and skipped, the others are
+        kept. A failure of the database itself is raised."""
+        try:
+            return self.rows.decode_many(rows)
+        except (sqlite3.Error, DBNotifyError):
+            raise
+        except Exception:  # noqa: BLE001 - find the one, keep the rest
+            items: list[Item] = []
+            for row in rows:
+                try:
+                    items += self.rows.decode_many([row])
+                except (sqlite3.Error, DBNotifyError):
+                    raise
+                except Exception:  # noqa: BLE001 - the listener goes on
+                    log.exception("skipped journal row %s", row[0])
+            return items
 
     def _read(self, lo: int, hi: int) -> list[Any]:
         with self._conn_lock:
@@ -142,11 +174,19 @@ class SQLiteFeed(Feed):
         self.release_idle(0.0)
 
     def rewind(self, raw: list[Any]) -> None:
-        if raw:
-            # Only ever back: an interrupted span comes before the queued ones.
-            first = min(span.lo for span in raw)
-            with self.lock:
+        with self.lock:
+            # Spans of an earlier epoch were, or will be, read again.
+            current = [span.lo for span in raw if span.epoch == self.epoch]
+            if current:
+                # Only ever back: an interrupted span comes before the queued ones.
+                first = min(current)
                 self.position = first if self.position is None else min(self.position, first)
+
+    def recreated(self) -> None:
+        """The journal was dropped and made anew, its ids restarted: what
+        was queued of the old one is skipped. Under ``lock``."""
+        self.epoch += 1
+        self.position = self.delivered = 0
 
     def release_idle(self, idle: float) -> None:
         # Not while the dispatcher reads: it closes its own when it ends.

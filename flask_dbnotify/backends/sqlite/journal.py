@@ -25,6 +25,7 @@ _UNREADABLE = (
     TypeError,
     IndexError,
     RecursionError,
+    OverflowError,  # a time no datetime holds
 )
 _EMPTY: frozenset[str] = frozenset()
 #: What a journal row is read as, everywhere.

@@ -50,8 +50,12 @@ class SQLiteStream(Stream):
         self.conn = connect(feed.db.path)
         try:
             self.conn.execute("PRAGMA journal_mode = WAL")
-            if feed.position is None:
-                feed.position = feed.delivered = self._last_id()
+            with feed.lock:
+                # A new stream reads on from the position: an earlier
+                # stream's failure is moot.
+                feed.failure = None
+                if feed.position is None:
+                    feed.position = feed.delivered = self._last_id()
             self.version: int | None = None
             self.watch = open_watch(os.path.dirname(feed.db.path))
         except BaseException:
@@ -104,7 +108,8 @@ class SQLiteStream(Stream):
                 if last is not None and last[0] < position:
                     # The journal was dropped and made anew: its ids restarted.
                     log.info("the journal was recreated; reading it from the start")
-                    position = feed.position = 0
+                    feed.recreated()
+                    position = 0
                 top = self.conn.execute("SELECT max(id) FROM dbnotify_journal").fetchone()[0]
             except sqlite3.OperationalError as exc:
                 if "no such table" in str(exc):
@@ -113,7 +118,7 @@ class SQLiteStream(Stream):
             if top is None or top <= position:
                 return []
             self.settle_until = 0.0
-            return [feed.span(position, top)]
+            return feed.spans(position, top)
 
     def probe(self) -> None:
         self.conn.execute("SELECT 1").fetchone()
