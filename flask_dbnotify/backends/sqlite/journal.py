@@ -104,6 +104,14 @@ class Rows:
             keys = shape["k"]
             shape["key"] = keys[0] if len(keys) == 1 else None
             shape.setdefault("flat", False)  # the triggers of earlier versions chunk
+            # The common case, an INSERT or DELETE of a whole row with one
+            # key column, has a path of its own in _event().
+            simple = shape["flat"] and shape["keep"] is None and shape["key"] is not None
+            shape["simple"] = (
+                (shape["t"], shape["op"], shape["c"], len(shape["c"]), shape["key"])
+                if simple and shape["op"] is not Operation.UPDATE
+                else None
+            )
             self._shapes[key] = shape
         return shape
 
@@ -121,6 +129,17 @@ class Rows:
                 end = -1
             if end != len(body):
                 values = _payload.loads(body)
+        simple = shape["simple"]
+        if simple is not None and type(values) is list and len(values) == simple[3]:
+            table, op, columns, _, key = simple
+            row = dict(zip(columns, values, strict=False))  # checked above
+            if op is Operation.INSERT:
+                return new_event(
+                    table, op, row[key], row, None, _EMPTY, journal_id, timestamp, False, None
+                )
+            return new_event(
+                table, op, row[key], None, row, _EMPTY, journal_id, timestamp, False, None
+            )
         context = None
         if type(values) is dict:
             if "cx" in values:
