@@ -1065,6 +1065,22 @@ def gated_listener(
     return app, ext, blocked, gate
 
 
+def queue_behind_row_one(
+    sqlite_db: SQLiteDB, app: Flask, ext: DBNotify, blocked: threading.Event, rows: int
+) -> None:
+    """With a :func:`gated_listener`: row 1 committed and held by its
+    receiver, then rows 2 to ``rows`` in one transaction, until the reader
+    has queued them behind it."""
+    sqlite_db("INSERT INTO orders VALUES (1, 'held', 1)")
+    assert blocked.wait(WAIT), "the first event never arrived"
+    sqlite_db(
+        "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < ?) "
+        "INSERT INTO orders SELECT n, 'waiting', n FROM g",
+        (rows,),
+    )
+    poll_until(lambda: ext.listener_state(app).received >= rows, f"rows 2 to {rows} queued")
+
+
 def test_pruning_keeps_the_rows_a_lagging_dispatcher_has_not_delivered(
     sqlite_app: SqliteApp, sqlite_db: SQLiteDB, events: Recorder
 ) -> None:
@@ -1080,14 +1096,8 @@ def test_pruning_keeps_the_rows_a_lagging_dispatcher_has_not_delivered(
     # the receiver holds the first event runs before the second span.
     app, ext, blocked, gate = gated_listener(sqlite_app, DBNOTIFY_PAYLOAD_RETENTION=0.002)
     try:
-        sqlite_db("INSERT INTO orders VALUES (1, 'first', 1)")
-        assert blocked.wait(WAIT), "the first event never arrived"
-        sqlite_db(
-            "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < 1001) "
-            "INSERT INTO orders SELECT n, 'second', n FROM g"
-        )
         # Both spans are queued: the reader has found all 1,001 ids.
-        poll_until(lambda: ext.listener_state(app).received >= 1001, "the second span queued")
+        queue_behind_row_one(sqlite_db, app, ext, blocked, 1001)
     finally:
         gate.set()
     got = events.wait_for(1001, timeout=3 * WAIT)
@@ -1105,13 +1115,7 @@ def test_a_journal_made_anew_while_rows_wait_delivers_each_new_row_once(
     sqlite_db(ORDERS)
     app, ext, blocked, gate = gated_listener(sqlite_app)
     try:
-        sqlite_db("INSERT INTO orders VALUES (1, 'held', 1)")
-        assert blocked.wait(WAIT), "the first event never arrived"
-        sqlite_db(
-            "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < 10) "
-            "INSERT INTO orders SELECT n, 'old journal', n FROM g"
-        )
-        poll_until(lambda: ext.listener_state(app).received >= 10, "the old rows queued")
+        queue_behind_row_one(sqlite_db, app, ext, blocked, 10)
         ext.uninstall_triggers(app, everything=True)
         ext.install_triggers(app)
         sqlite_db(
@@ -1140,13 +1144,7 @@ def test_rows_deleted_before_the_listener_read_them_are_reported_as_a_gap(
         app, ext, blocked, gate = gated_listener(sqlite_app)
         connected.wait_for(1, "listener_connected")
         try:
-            sqlite_db("INSERT INTO orders VALUES (1, 'held', 1)")
-            assert blocked.wait(WAIT), "the first event never arrived"
-            sqlite_db(
-                "WITH RECURSIVE g(n) AS (SELECT 2 UNION ALL SELECT n + 1 FROM g WHERE n < 10) "
-                "INSERT INTO orders SELECT n, 'waiting', n FROM g"
-            )
-            poll_until(lambda: ext.listener_state(app).received >= 10, "the rows queued")
+            queue_behind_row_one(sqlite_db, app, ext, blocked, 10)
             sqlite_db("DELETE FROM dbnotify_journal WHERE body LIKE '[4,%' OR body LIKE '[5,%'")
         finally:
             gate.set()
