@@ -633,6 +633,62 @@ class SQLiteDB:
         self.conn.close()
 
 
+# -- MySQL / MariaDB ---------------------------------------------------------------
+
+
+class MySQLDB:
+    """Another writer on a MySQL/MariaDB database: its own autocommit
+    connection (``BEGIN`` ... ``COMMIT`` make a transaction); ``?``
+    placeholders, double-quoted identifiers (ANSI_QUOTES), ``||`` (PIPES_AS_CONCAT),
+    and scripts of several statements."""
+
+    def __init__(self, url: str) -> None:
+        from pymysql.constants import CLIENT
+
+        from ._mariadb import connect
+
+        self.database = sa.make_url(url).database
+        self.conn = connect(url, client_flag=CLIENT.MULTI_STATEMENTS)
+        self(
+            "SET SESSION sql_mode = "
+            "'ANSI_QUOTES,PIPES_AS_CONCAT,STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"
+        )
+
+    def __call__(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        if params is not None:
+            statement = statement.replace("%", "%%").replace("?", "%s")
+        with self.conn.cursor() as cur:
+            cur.execute(statement, params)
+            rows = list(cur.fetchall()) if cur.description else []
+            while cur.nextset():
+                pass
+            return rows
+
+    def triggers(self) -> list[tuple[str, str]]:
+        """``(trigger, table)`` of every dbnotify trigger in the database."""
+        rows = self(
+            "SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
+            "WHERE TRIGGER_SCHEMA = ? AND TRIGGER_NAME LIKE 'dbnotify%' "
+            "ORDER BY EVENT_OBJECT_TABLE, TRIGGER_NAME",
+            (self.database,),
+        )
+        return [(name, table) for name, table in rows]
+
+    def objects(self) -> list[str]:
+        """``"kind name"`` of every table and trigger named dbnotify*."""
+        tables = self(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? "
+            "AND TABLE_NAME LIKE 'dbnotify%' ORDER BY TABLE_NAME",
+            (self.database,),
+        )
+        return [f"table {name}" for (name,) in tables] + [
+            f"trigger {name}" for name, _ in self.triggers()
+        ]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def app_factory(
     url: str, prefix: str, **defaults: Any
 ) -> tuple[MakeApp, list[tuple[Flask, DBNotify]]]:
@@ -674,13 +730,29 @@ class Backend:
 
     def __init__(self, name: str, url: str, make_app: MakeApp, path: str | None = None) -> None:
         self.name, self.url, self.make_app, self.path = name, url, make_app, path
-        self.writer: SQL | SQLiteDB = SQLiteDB(str(path)) if name == "sqlite" else SQL(url)
+        self.writer: SQL | SQLiteDB | MySQLDB
+        if name == "sqlite":
+            self.writer = SQLiteDB(str(path))
+        elif name == "mysql":
+            self.writer = MySQLDB(url)
+        else:
+            self.writer = SQL(url)
         self._closing: list[Callable[[], None]] = []
 
     @property
     def pg(self) -> bool:
         """PostgreSQL, with either capture."""
-        return self.name != "sqlite"
+        return self.name in ("postgresql", "wal")
+
+    @property
+    def mysql(self) -> bool:
+        """MySQL or MariaDB."""
+        return self.name == "mysql"
+
+    @property
+    def journaled(self) -> bool:
+        """Every change is journaled (SQLite, MySQL): durable by nature."""
+        return self.name in ("sqlite", "mysql")
 
     @property
     def wal(self) -> bool:
@@ -693,7 +765,9 @@ class Backend:
         return self.writer(statement, params)
 
     def script(self, text: str) -> None:
-        if isinstance(self.writer, SQL):
+        if isinstance(self.writer, MySQLDB):
+            self.writer(text)  # as the mariadb client would run it
+        elif isinstance(self.writer, SQL):
             self.writer(text)  # the whole script, as psql would run it
         else:
             self.writer.conn.executescript(text)  # as the sqlite3 shell would run it
@@ -708,11 +782,19 @@ class Backend:
         """``"kind name"`` of every object whose name starts with dbnotify."""
         if isinstance(self.writer, SQL):
             return pg_objects(self.writer)
+        if isinstance(self.writer, MySQLDB):
+            return self.writer.objects()
         return [f"{kind} {name}" for kind, name in self.writer.objects()]
 
     def table_exists(self, name: str) -> bool:
         if self.pg:
             return self.sql("SELECT to_regclass(?) IS NOT NULL", (quote(name),)) == [(True,)]
+        if self.mysql:
+            return self.sql(
+                "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
+                "AND TABLE_NAME = ?",
+                (name,),
+            ) == [(1,)]
         return self.sql("SELECT count(*) FROM sqlite_schema WHERE name = ?", (name,)) == [(1,)]
 
     def journal_ids(self) -> list[int]:
@@ -725,6 +807,9 @@ class Backend:
         if self.pg:
             value: dt.datetime = self.sql("SELECT clock_timestamp()")[0][0]
             return value
+        if self.mysql:
+            now: dt.datetime = self.sql("SELECT UTC_TIMESTAMP(6)")[0][0]
+            return now.replace(tzinfo=dt.UTC)
         return dt.datetime.now(dt.UTC)
 
     def engine(self, driver: str = "psycopg2") -> sa.Engine:
@@ -732,6 +817,8 @@ class Backend:
         (``psycopg2``, or ``psycopg``: psycopg 3)."""
         if self.pg:
             eng = sa.create_engine(sa.make_url(self.url).set(drivername=f"postgresql+{driver}"))
+        elif self.mysql:
+            eng = sa.create_engine(self.url)
         else:
             eng = sa.create_engine(self.url, connect_args={"timeout": WAIT})
         self._closing.append(eng.dispose)
@@ -739,9 +826,18 @@ class Backend:
 
     def connect(self) -> Any:
         """A DB-API connection with transactions (not autocommit)."""
-        conn: Any = (
-            psycopg2.connect(self.url) if self.pg else sqlite3.connect(str(self.path), timeout=WAIT)
-        )
+        conn: Any
+        if self.mysql:
+            from ._mariadb import connect
+
+            conn = connect(self.url)
+            conn.autocommit(False)
+        else:
+            conn = (
+                psycopg2.connect(self.url)
+                if self.pg
+                else sqlite3.connect(str(self.path), timeout=WAIT)
+            )
         self._closing.append(conn.close)
         return conn
 

@@ -29,6 +29,9 @@ from ._helpers import (
     app_factory,
     not_here,
 )
+from ._mariadb import Found as FoundMariaDB
+from ._mariadb import connect as mysql_connect
+from ._mariadb import find_or_start_mariadb
 from ._postgres import (
     LOGICAL_SETTINGS,
     Found,
@@ -64,6 +67,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     wanted = ("pg_server", "backend")  # backend: its postgresql half
     if any(set(wanted) & set(getattr(item, "fixturenames", ())) for item in session.items):
         _find_postgres(session.config)
+    if any(
+        {"mysql_server", "backend"} & set(getattr(item, "fixturenames", ()))
+        for item in session.items
+    ):
+        _find_mariadb(session.config)
 
 
 @pytest.fixture(scope="session")
@@ -146,12 +154,61 @@ def sqlite_app(sqlite_path: str) -> Iterator[Callable[..., tuple[Flask, DBNotify
         ext.close(app)
 
 
+# -- MySQL / MariaDB -----------------------------------------------------------------
+
+_mariadb: list[FoundMariaDB | RuntimeError] = []
+
+
+def _find_mariadb(config: pytest.Config) -> FoundMariaDB | RuntimeError:
+    """The run's MySQL/MariaDB server, found or started once, said in one line."""
+    if not _mariadb:
+        try:
+            found: FoundMariaDB | RuntimeError = find_or_start_mariadb()
+        except RuntimeError as exc:
+            found = exc
+        _mariadb.append(found)
+        if isinstance(found, FoundMariaDB):
+            config.add_cleanup(found.cleanup)
+            line = f"MySQL/MariaDB for the tests: {found.summary}"
+        else:
+            line = f"MySQL/MariaDB for the tests: NONE: {found}"
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+    return _mariadb[0]
+
+
+@pytest.fixture(scope="session")
+def mysql_server(pytestconfig: pytest.Config) -> str:
+    """URL of the run's MySQL/MariaDB server (no database)."""
+    found = _find_mariadb(pytestconfig)
+    if isinstance(found, RuntimeError):
+        not_here(f"MySQL tests NOT RUN, no server: {found}")
+    return found.url
+
+
+@pytest.fixture()
+def mysql_url(mysql_server: str) -> Iterator[str]:
+    """A scratch database of the test's own, dropped afterwards."""
+    name = f"dbnotify_test_{os.getpid()}"
+    admin = mysql_connect(mysql_server)
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield make_url(mysql_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.close()
+
+
 # -- either database -----------------------------------------------------------------
 
 
 #: What the ``backend`` fixture runs a test on, unless the test (or its
 #: module) is marked ``@pytest.mark.backends(...)`` with fewer.
-BACKENDS = ("postgresql", "wal", "sqlite")
+BACKENDS = ("postgresql", "wal", "sqlite", "mysql")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -176,6 +233,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     config = {}
     if request.param == "postgresql":
         url, path = request.getfixturevalue("pg_url"), None
+    elif request.param == "mysql":
+        url, path = request.getfixturevalue("mysql_url"), None
     elif request.param == "wal":
         url, path = request.getfixturevalue("logical_url"), None
         slot = "slot_" + str(make_url(url).database)

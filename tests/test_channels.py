@@ -472,7 +472,7 @@ def test_once_receivers_run_each_journaled_message_in_one_listener(
         )
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # the retry semantics are the once runner's
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # the retry semantics are the once runner's
 def test_once_receivers_retry_then_fail_as_on_once_does(
     backend: Backend, once_log: None, failures: Recorder
 ) -> None:

@@ -108,9 +108,9 @@ def test_a_bad_message() -> None:
             "cannot read database URL 'postgresql://someone:***@127.0.0.1:port/shop': ",
         ),
         (
-            "mysql://root@127.0.0.1/shop",
-            "unsupported database URL 'mysql://root@127.0.0.1/shop': Flask-DBNotify works "
-            "with postgresql:// and sqlite:/// URLs",
+            "mssql+pymssql://sa@127.0.0.1/shop",
+            "unsupported database URL 'mssql+pymssql://sa@127.0.0.1/shop': Flask-DBNotify works "
+            "with postgresql://, mysql+pymysql:// (MySQL, MariaDB) and sqlite:/// URLs",
         ),
         (None, "Flask-DBNotify needs a database: set DBNOTIFY_DATABASE_URI"),
     ],
@@ -131,7 +131,7 @@ def test_in_code_it_stays_a_value_error() -> None:
     @click.command()
     def build() -> None:
         app = Flask(__name__)
-        app.config["DBNOTIFY_DATABASE_URI"] = "mysql://root@127.0.0.1/shop"
+        app.config["DBNOTIFY_DATABASE_URI"] = "mssql+pymssql://sa@127.0.0.1/shop"
         try:
             DBNotify(app)
         except ValueError as exc:

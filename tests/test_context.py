@@ -23,11 +23,12 @@ from ._helpers import SQL, Backend, Recorder, listening, marker, roles_on
 ORDERS = {
     "postgresql": "CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL)",
     "sqlite": "CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL)",
+    "mysql": "CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL)",
 }
 
 
 def orders(backend: Backend) -> None:
-    backend.sql(ORDERS["postgresql" if backend.pg else "sqlite"])
+    backend.sql(ORDERS["postgresql" if backend.pg else backend.name])
 
 
 class Messages:
@@ -458,13 +459,21 @@ def test_a_large_context_on_a_bulk_statement_loses_nothing(
     app, ext = listening(backend.make_app, "orders")
     big = {"note": '"\\\n' * 165}
     assert 1000 < len(json.dumps(big, ensure_ascii=False, separators=(",", ":"))) <= 1024
-    series = (
-        "SELECT repeat('x', 300) || g FROM generate_series(1, 3000) AS g"
-        if backend.pg
-        else "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < 3000) "
-        "SELECT printf('%.300c', 'x') || g FROM s"
-    )
+    if backend.pg:
+        series = "SELECT repeat('x', 300) || g FROM generate_series(1, 3000) AS g"
+    elif backend.mysql:
+        series = (
+            "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < 3000) "
+            "SELECT concat(repeat('x', 300), g) FROM s"
+        )
+    else:
+        series = (
+            "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < 3000) "
+            "SELECT printf('%.300c', 'x') || g FROM s"
+        )
     with backend.engine().begin() as conn:
+        if backend.mysql:  # MariaDB's default is 1000
+            conn.exec_driver_sql("SET SESSION max_recursive_iterations = 10000")
         ext.set_context(conn, **big)
         conn.execute(sa.text(f"INSERT INTO orders (item) {series}"))
     got = events.wait_for(3000, timeout=60)

@@ -43,6 +43,7 @@ AUTO_ORDERS = {
     "sqlite": (
         "CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL, qty INTEGER NOT NULL)"
     ),
+    "mysql": ORDERS,
 }
 
 
@@ -86,13 +87,13 @@ def test_insert_update_delete_deliver_change_events(backend: Backend, events: Re
         assert isinstance(event.op, Operation)
         assert event.pk == 1
         assert event.timestamp is not None and event.timestamp.tzinfo is not None
-        if not backend.pg:  # SQLite's clock gives UTC
+        if not backend.pg:  # SQLite's clock and MySQL's journal give UTC
             assert event.timestamp.utcoffset() == timedelta(0)
         slack = timedelta(milliseconds=5)
         assert before - slack <= event.timestamp <= after + slack
     if backend.pg and not backend.wal:  # a plain watch's triggers journal nothing: no id
         assert all(e.id is None for e in (ins, upd, dele))
-    else:  # SQLite and WAL capture journal every event: the id of its journal row
+    else:  # SQLite, MySQL and WAL capture journal every event: the id of its journal row
         assert [e.id for e in (ins, upd, dele)] == journal
         assert all(type(e.id) is int for e in (ins, upd, dele))
         assert ins.id < upd.id < dele.id
@@ -339,7 +340,8 @@ def test_columns_limit_new_and_old(backend: Backend, events: Recorder) -> None:
 def test_composite_primary_key_is_a_tuple_in_key_order(backend: Backend, events: Recorder) -> None:
     """pk follows the PRIMARY KEY's column order, not the table's."""
     backend.sql(
-        "CREATE TABLE stock (region text, num integer, qty integer, PRIMARY KEY (num, region))"
+        "CREATE TABLE stock (region varchar(10), num integer, qty integer, "
+        "PRIMARY KEY (num, region))"
     )
     app, ext = listening(backend.make_app, "stock")
     backend.sql("INSERT INTO stock VALUES ('eu', 7, 1)")

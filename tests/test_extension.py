@@ -210,7 +210,7 @@ def test_no_database_uri_names_both_keys(bare_app: Any) -> None:
 
 def test_unsupported_database_url_names_it(bare_app: Any) -> None:
     """A URL of a database the extension cannot use raises ValueError naming it."""
-    url = "mysql://someone@db.example/shop"
+    url = "oracle://someone@db.example/shop"
     app = bare_app(DBNOTIFY_DATABASE_URI=url, DBNOTIFY_AUTOSTART=False)
     with pytest.raises(ValueError) as info:
         DBNotify(app)

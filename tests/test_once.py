@@ -26,12 +26,12 @@ import pytest
 
 from flask_dbnotify import ChangeEvent, DBNotify
 
-from ._helpers import WAIT, Backend
+from ._helpers import WAIT, Backend, MySQLDB
 from .apps import once_app
 
 # Triggers mode and SQLite only: its processes start with triggers mode's
 # settings. WAL mode's once receivers are tested in test_wal.py.
-pytestmark = pytest.mark.backends("postgresql", "sqlite")
+pytestmark = pytest.mark.backends("postgresql", "sqlite", "mysql")
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = 60.0  # the 1,000-event run may take this long on a slow machine
@@ -41,6 +41,7 @@ INSERTS_ONLY = "tests.apps.once_app.inserts_only"
 TABLES = {
     "postgresql": "CREATE TABLE orders (id serial PRIMARY KEY, item text, qty int)",
     "sqlite": "CREATE TABLE orders (id INTEGER PRIMARY KEY AUTOINCREMENT, item TEXT, qty INTEGER)",
+    "mysql": "CREATE TABLE orders (id serial PRIMARY KEY, item text, qty int)",
 }
 #: Quick retries, so failure tests finish in a few seconds.
 RETRIES = {"DBNOTIFY_ONCE_ATTEMPTS": 3, "DBNOTIFY_ONCE_RETRY_DELAY": 0.2}
@@ -59,6 +60,9 @@ class Database:
         if kind == "postgresql":
             self.conn = psycopg2.connect(url)
             self.conn.autocommit = True
+        elif kind == "mysql":
+            self.conn = MySQLDB(url)
+            self.conn("SET SESSION max_recursive_iterations = 100000")  # MariaDB's is 1000
         else:
             assert path is not None
             self.conn = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -72,6 +76,8 @@ class Database:
             with self.conn.cursor() as cur:
                 cur.execute(statement.replace("?", "%s"), params or None)
                 return list(cur.fetchall()) if cur.description else []
+        if self.kind == "mysql":
+            return self.conn(statement, params or None)
         return list(self.conn.execute(statement, params).fetchall())
 
     def transaction(self, *statements: tuple[str, Any]) -> None:
@@ -86,6 +92,13 @@ class Database:
         )
 
     def bulk_insert(self, item: str, count: int) -> None:
+        if self.kind == "mysql":
+            self(
+                "INSERT INTO orders (item, qty) WITH RECURSIVE g(n) AS "
+                "(SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?) SELECT ?, n FROM g",
+                (count, item),
+            )
+            return
         self(
             "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < ?) "
             "INSERT INTO orders (item, qty) SELECT ?, n FROM g",
@@ -117,7 +130,7 @@ class Database:
 
 @pytest.fixture()
 def database(backend: Backend) -> Iterator[Database]:
-    """An empty database with an ``orders`` table; PostgreSQL, then SQLite."""
+    """An empty database with an ``orders`` table; PostgreSQL, SQLite, MySQL."""
     db = Database(backend.name, backend.url, backend.path)
     db(TABLES[backend.name])
     yield db

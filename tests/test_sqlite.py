@@ -91,11 +91,11 @@ def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Journal rows read with msgspec (the fast extra, which the tests
     install) and with json's scanner (without it): the same values."""
     from flask_dbnotify import _payload
-    from flask_dbnotify.backends.sqlite import journal
+    from flask_dbnotify.backends import shaped
 
     if request.param == "msgspec" and _payload._fast is None:
         pytest.fail("msgspec is not installed: pip install -e '.[test]'")
-    monkeypatch.setattr(journal, "_FAST", request.param == "msgspec")
+    monkeypatch.setattr(shaped, "_FAST", request.param == "msgspec")
     return str(request.param)
 
 

@@ -40,7 +40,7 @@ MakeApp = Callable[..., tuple[Flask, DBNotify]]
 ORDERS = "CREATE TABLE orders (id integer PRIMARY KEY, item text, qty integer)"
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # the triggers' own DDL
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # the triggers' own DDL
 def test_install_is_idempotent(backend: Backend, events: Recorder) -> None:
     """Installing twice leaves one set of working triggers, one per
     operation, named dbnotify_*; status goes from missing to installed."""
@@ -124,7 +124,7 @@ def test_install_failing_midway_leaves_nothing(
     assert ext.status(app).watches == {"orders": "missing", "locked": "missing"}
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # the triggers' own DDL
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # the triggers' own DDL
 def test_install_sql_changes_nothing_and_works_when_run(backend: Backend, events: Recorder) -> None:
     """install_sql() and `install-triggers --sql` only print; the printed
     script, run as is (as psql or the sqlite3 shell would), installs
@@ -290,7 +290,7 @@ def test_status_reports_errors_with_details(backend: Backend) -> None:
             one.install_sql(one_app)
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # the triggers' own DDL
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # the triggers' own DDL
 def test_status_lists_orphaned_objects(backend: Backend) -> None:
     """Triggers on tables no watch covers are listed as orphaned. On
     PostgreSQL, functions left by a dropped table are too, and installing
@@ -485,12 +485,14 @@ def cli_status(app: Flask, backend: str = "postgresql") -> tuple[int, dict[str, 
         assert "listeners: " in result.output, result.output
     elif backend == "wal":  # the slot, its leader and lag
         assert any(line.startswith("slot: ") for line in lines), result.output
+    elif backend == "mysql":  # the capture, and why
+        assert any(line.startswith("capture: triggers") for line in lines), result.output
     else:  # SQLite's health starts with its journal mode (listeners: once installed)
         assert any(line.startswith("journal mode: ") for line in lines), result.output
     return result.exit_code, states
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # the triggers' own DDL
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # the triggers' own DDL
 def test_cli_install_status_uninstall(backend: Backend) -> None:
     """`flask dbnotify status` names each watch and its state and exits 1
     unless all are installed; install/uninstall change what it shows;
@@ -508,9 +510,9 @@ def test_cli_install_status_uninstall(backend: Backend) -> None:
     assert result.exit_code == 0, result.output
     assert len(backend.triggers()) == 2 * per_table
     assert cli_status(app, backend.name) == (0, {"orders": "installed", "customers": "installed"})
-    if not backend.pg:  # SQLite's own health lines
+    if not backend.pg:  # the journal's own health lines
         status = runner.invoke(args=["dbnotify", "status"])
-        assert "journal mode: wal" in status.output
+        assert ("capture: triggers" if backend.mysql else "journal mode: wal") in status.output
         assert "journal: 0 rows" in status.output
 
     result = runner.invoke(args=["dbnotify", "uninstall-triggers", "--sql"])

@@ -44,13 +44,17 @@ def backend_for(settings: Any, root: str) -> Backend:
     if settings.capture != "triggers":
         raise ValueError(
             f"DBNOTIFY_CAPTURE = {settings.capture!r} needs PostgreSQL; "
-            "SQLite journals every change with triggers"
+            "SQLite, MySQL and MariaDB journal every change with triggers"
         )
     if name == "sqlite":
         from .sqlite import SQLiteBackend
 
         return SQLiteBackend.from_url(url, root)
+    if name in ("mysql", "mariadb"):
+        from .mysql import MySQLBackend
+
+        return MySQLBackend.from_url(url, settings.connect_timeout)
     raise ValueError(
-        f"unsupported database URL {url.render_as_string()!r}: "
-        "Flask-DBNotify works with postgresql:// and sqlite:/// URLs"
+        f"unsupported database URL {url.render_as_string()!r}: Flask-DBNotify works "
+        "with postgresql://, mysql+pymysql:// (MySQL, MariaDB) and sqlite:/// URLs"
     )

@@ -73,6 +73,8 @@ def where(uri: str) -> str:
     url = sa.make_url(uri)
     if url.get_backend_name() == "sqlite":
         return f"SQLite file {url.database or '(none)'}"
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        return _mysql_where(url)
 
     def setting(value: Any, query: str, env: str) -> str | None:
         # The query overrides the URL's own part, as it does when we connect.
@@ -88,6 +90,15 @@ def where(uri: str) -> str:
     if host is None:
         return "PostgreSQL on the local socket (" + ", ".join([f"port {port}", *found]) + ")"
     return f"PostgreSQL at {host}:{port}" + (f" ({', '.join(found)})" if found else "")
+
+
+def _mysql_where(url: sa.URL) -> str:
+    """``MySQL at HOST:PORT (database D, user U)``."""
+    found = [f"database {url.database}"] if url.database else []
+    found += [f"user {url.username}"] if url.username else []
+    socket = url.query.get("unix_socket")
+    place = f"on socket {socket}" if socket else f"at {url.host or 'localhost'}:{url.port or 3306}"
+    return f"MySQL {place}" + (f" ({', '.join(found)})" if found else "")
 
 
 _PASSWORD = re.compile(r"(^|://)([^:/@]*):[^/]*@")

@@ -25,12 +25,11 @@ import sqlalchemy as sa
 from ..._items import Item
 from ..base import Backend, Feed
 from ..common import execute_on
-from . import context
+from . import context, journal
 from .admin import SQLiteAdmin
 from .connection import Database
 from .ddl import MAX_ROW_BYTES, NOW
 from .feed import SQLiteFeed
-from .journal import Rows
 from .once import SQLiteOnceStore
 
 __all__ = ["MAX_ROW_BYTES", "SQLiteBackend"]
@@ -49,7 +48,7 @@ class SQLiteBackend(Backend):
         super().__init__(uri, uri, "main")
         self.path = path
         self.db = Database(path)
-        self.rows = Rows(self.db)
+        self.rows = journal.rows_of(self.db)
         self.admin = SQLiteAdmin(self.db)
         self.once = SQLiteOnceStore(self.db, self.rows)
 
@@ -82,7 +81,7 @@ class SQLiteBackend(Backend):
         context.set_context(conn, text, self.where)
 
     def journal(self, since: int, limit: int) -> tuple[list[Item], int | None]:
-        return self.rows.read(since, limit)
+        return journal.read(self.db, self.rows, since, limit)
 
     def feed(self) -> Feed:
         return SQLiteFeed(self)

@@ -5,14 +5,13 @@ appending ``(time, shape key, values)`` to the journal, where the shape
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from ..._watch import Watch
 from ...errors import WatchError
 from ...events import Operation
 from ..common import OP_CODE, digest, trigger_name
+from ..shaped import header as shape_header
 from .catalog import MARKER, Table
 
 DDL_VERSION = 4
@@ -180,16 +179,6 @@ def trigger_sql(watch: Watch, table: Table, op: Operation, key: str) -> str:
     )
 
 
-def _header(watch: Watch, op: Operation, pk: list[str], names: list[str]) -> str:
-    """The shape of the journal rows of ``op``: what the listener needs to
-    turn their values back into an event."""
-    keep = None if watch.columns is None else [c for c in names if watch.carries(c, pk)]
-    shape: dict[str, Any] = {"t": watch.name, "o": op.value[0], "k": pk, "c": names, "keep": keep}
-    if len(names) <= _CHUNK:
-        shape["flat"] = True
-    return json.dumps(shape, ensure_ascii=False)
-
-
 def watch_triggers(watch: Watch, table: Table) -> dict[str, tuple[str, str, str]]:
     """``{trigger name: (trigger body, shape key, shape header)}`` for
     ``watch`` on ``table``. The name and the shape key hash everything the
@@ -198,7 +187,7 @@ def watch_triggers(watch: Watch, table: Table) -> dict[str, tuple[str, str, str]
     names = [column for column, _ in columns]
     # SQLite has no TRUNCATE: a DELETE without WHERE fires the row triggers.
     ops = [op for op in watch.operations if op is not Operation.TRUNCATE]
-    headers = {op: _header(watch, op, pk, names) for op in ops}
+    headers = {op: shape_header(watch, op, pk, names, len(names) <= _CHUNK) for op in ops}
     hashed = digest(
         [
             DDL_VERSION,

@@ -1,201 +1,31 @@
-"""The journal as listeners and once receivers read it: rows turned back
-into events (:class:`Rows`)."""
+"""The journal as listeners and once receivers read it, on SQLite: rows
+turned back into events by :class:`~..shaped.Rows`, with SQLite's clock."""
 
 from __future__ import annotations
 
-import json
-import logging
-from datetime import UTC, datetime
-from typing import Any
-
-from ... import _context, _payload
-from ..._items import Item, Notification
-from ...events import ChangeEvent, Operation, new_event
+from ..._items import Item
+from ..shaped import Rows
 from .connection import Database
 from .ddl import unix
 
-log = logging.getLogger(__name__)
-
-_OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
-#: What a journal row we cannot read raises: it is logged and skipped.
-_UNREADABLE = (
-    _payload.PayloadError,
-    KeyError,
-    ValueError,
-    TypeError,
-    IndexError,
-    RecursionError,
-    OverflowError,  # a time no datetime holds
-)
-_EMPTY: frozenset[str] = frozenset()
 #: What a journal row is read as, everywhere.
 COLUMNS = "id, created_at, shape, body"
 
 
-#: With the ``fast`` extra, msgspec reads a row's values in half the
-#: time of json's scanner (0.20 against 0.42 µs for four columns).
-_FAST = _payload._fast is not None
-#: The payload decoder's own scanner.
-_scan: Any = json.JSONDecoder(parse_float=_payload._parse_float).scan_once  # type: ignore[attr-defined]
+def rows_of(db: Database) -> Rows:
+    """The decoder of ``db``'s journal rows."""
+
+    def header(key: str) -> str | None:
+        found = db.run("SELECT header FROM dbnotify_shapes WHERE key = ?", (key,))
+        return str(found[0][0]) if found else None
+
+    return Rows(header, unix)
 
 
-def _flatten(chunks: list[list[Any]]) -> list[Any]:
-    return chunks[0] if len(chunks) == 1 else [v for chunk in chunks for v in chunk]
-
-
-class Rows:
-    """Turns journal rows (:data:`COLUMNS`) into events, with the shapes
-    (names, keys) their triggers stored, read once each."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self._shapes: dict[str, dict[str, Any]] = {}
-        self._last_time: tuple[float | None, datetime] = (None, datetime.now(UTC))
-
-    def decode(self, raw: Any) -> list[Item]:
-        """One journal row as events (or a message); a row we cannot read
-        is logged and skipped."""
-        return self.decode_many([raw])
-
-    def decode_many(self, raws: list[Any]) -> list[Item]:
-        """Journal rows as events (and messages), in order, in one pass: a
-        row we cannot read is logged and skipped."""
-        items: list[Item] = []
-        shapes, event = self._shapes, self._event
-        # The rows of one statement share one time (SQLite's clock stands
-        # still during a statement): it is made once.
-        at, timestamp = self._last_time
-        for journal_id, created_at, shape, body in raws:
-            try:
-                if shape is None:
-                    items += _payload.decode(body, journal_id)
-                    continue
-                if created_at != at:
-                    timestamp = datetime.fromtimestamp(unix(created_at), UTC)
-                    at = created_at
-                known = shapes.get(shape) or self._shape(shape)
-                items.append(event(journal_id, timestamp, known, body))
-            except _UNREADABLE as exc:
-                log.warning("skipped journal row %s: %s", journal_id, exc)
-        self._last_time = (at, timestamp)
-        return items
-
-    def item(self, raw: Any) -> ChangeEvent | Notification | None:
-        """The event or message of a journal row (None if it holds neither)."""
-        items = [] if raw is None else self.decode(raw)
-        return items[0] if items and isinstance(items[0], (ChangeEvent, Notification)) else None
-
-    def read(self, since: int, limit: int) -> tuple[list[Item], int | None]:
-        """Up to ``limit`` journal rows from id ``since``, decoded, and the last id."""
-        rows = self.db.run(
-            f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
-            (since, limit),
-        )
-        return self.decode_many(rows), (rows[-1][0] if rows else None)
-
-    def _shape(self, key: str) -> dict[str, Any]:
-        shape = self._shapes.get(key)
-        if shape is None:
-            rows = self.db.run("SELECT header FROM dbnotify_shapes WHERE key = ?", (key,))
-            if not rows:
-                raise _payload.PayloadError(f"unknown shape {key!r}")
-            shape = json.loads(rows[0][0])
-            shape["op"] = _OPS[shape["o"]]
-            keys = shape["k"]
-            shape["key"] = keys[0] if len(keys) == 1 else None
-            shape.setdefault("flat", False)  # the triggers of earlier versions chunk
-            # The common case, an INSERT or DELETE of a whole row with one
-            # key column, has a path of its own in _event().
-            simple = shape["flat"] and shape["keep"] is None and shape["key"] is not None
-            shape["simple"] = (
-                (shape["t"], shape["op"], shape["c"], len(shape["c"]), shape["key"])
-                if simple and shape["op"] is not Operation.UPDATE
-                else None
-            )
-            self._shapes[key] = shape
-        return shape
-
-    def _event(
-        self, journal_id: int, timestamp: datetime, shape: dict[str, Any], body: str
-    ) -> ChangeEvent:
-        if _FAST:
-            values = _payload.loads(body)
-        else:
-            # The decoder's scanner alone reads what our triggers write (no
-            # whitespace around it to skip); anything else, as payloads are.
-            try:
-                values, end = _scan(body, 0)
-            except StopIteration:
-                end = -1
-            if end != len(body):
-                values = _payload.loads(body)
-        simple = shape["simple"]
-        if simple is not None and type(values) is list and len(values) == simple[3]:
-            table, op, columns, _, key = simple
-            row = dict(zip(columns, values, strict=False))  # checked above
-            if op is Operation.INSERT:
-                return new_event(
-                    table, op, row[key], row, None, _EMPTY, journal_id, timestamp, False, None
-                )
-            return new_event(
-                table, op, row[key], None, row, _EMPTY, journal_id, timestamp, False, None
-            )
-        context = None
-        if type(values) is dict:
-            if "cx" in values:
-                # A writer's context wraps the values (see SQLiteBackend.set_context).
-                context, values = _context.decode(values["cx"]), values["r"]
-            if type(values) is dict:
-                return _cut(journal_id, timestamp, shape, values["cut"], context)
-        op, columns = shape["op"], shape["c"]
-        changed = _EMPTY
-        new: dict[str, Any] | None
-        old: dict[str, Any] | None
-        if op is Operation.UPDATE:
-            new_values, old_values = values
-            if not shape["flat"]:
-                new_values, old_values = _flatten(new_values), _flatten(old_values)
-            new, old = _row(columns, new_values), _row(columns, old_values)
-            changed = _payload.changed_columns(new, old)
-            row = new
-        else:
-            row = _row(columns, values if shape["flat"] else _flatten(values))
-            new, old = (row, None) if op is Operation.INSERT else (None, row)
-        key = shape["key"]
-        pk = row[key] if key is not None else tuple(row[k] for k in shape["k"])
-        keep = shape["keep"]
-        if keep is not None:
-            new = None if new is None else {c: new[c] for c in keep}
-            old = None if old is None else {c: old[c] for c in keep}
-        return new_event(
-            shape["t"], op, pk, new, old, changed, journal_id, timestamp, False, context
-        )
-
-
-def _row(columns: list[str], values: list[Any]) -> dict[str, Any]:
-    if len(values) != len(columns):
-        raise ValueError(f"{len(values)} values for {len(columns)} columns")
-    return dict(zip(columns, values, strict=False))  # checked: strict costs a third more
-
-
-def _cut(
-    journal_id: int,
-    timestamp: datetime,
-    shape: dict[str, Any],
-    cut: list[Any],
-    context: dict[str, Any] | None,
-) -> ChangeEvent:
-    """The event of a row journaled cut: its keys only."""
-    op, keys = shape["op"], shape["k"]
-    new = old = None
-    if op is Operation.UPDATE:
-        new = dict(zip(keys, _flatten(cut[0]), strict=True))
-        old = dict(zip(keys, _flatten(cut[1]), strict=True))
-    elif op is Operation.INSERT:
-        new = dict(zip(keys, _flatten(cut), strict=True))
-    else:
-        old = dict(zip(keys, _flatten(cut), strict=True))
-    row = new if new is not None else old
-    assert row is not None
-    pk = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
-    return new_event(shape["t"], op, pk, new, old, _EMPTY, journal_id, timestamp, True, context)
+def read(db: Database, rows: Rows, since: int, limit: int) -> tuple[list[Item], int | None]:
+    """Up to ``limit`` journal rows from id ``since``, decoded, and the last id."""
+    found = db.run(
+        f"SELECT {COLUMNS} FROM dbnotify_journal WHERE id >= ? ORDER BY id LIMIT ?",
+        (since, limit),
+    )
+    return rows.decode_many(found), (found[-1][0] if found else None)

@@ -14,8 +14,9 @@ from ..._items import Item, Notification
 from ..._payload import message_prefix
 from ...events import ChangeEvent
 from ..base import Claimable, OnceStore
+from ..shaped import Rows
 from .connection import Database, in_one_snapshot
-from .journal import COLUMNS, Rows
+from .journal import COLUMNS
 
 
 class SQLiteOnceStore(OnceStore):

@@ -1,0 +1,105 @@
+"""What the database holds: our triggers and tables, and each watched
+table as :class:`Table`, read from ``information_schema``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..._watch import Watch
+from ...errors import TABLE_MISSING_TODO, WatchError
+
+#: The comment every table of ours carries: we drop only what carries it.
+MARKER = "flask-dbnotify"
+TABLES = (
+    "dbnotify_journal",
+    "dbnotify_shapes",
+    "dbnotify_listeners",
+    "dbnotify_receivers",
+    "dbnotify_claims",
+)
+
+
+class Table(NamedTuple):
+    """A watched table: its database and name, columns with their types
+    (``DATA_TYPE``, lower case), and primary key."""
+
+    schema: str
+    name: str
+    columns: list[tuple[str, str]]
+    pk: list[str]
+
+
+def quote_ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def qualified(schema: str, name: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+def resolve(cur: Any, database: str, watch: Watch) -> Table:
+    """The watched table as the database has it; names are matched
+    exactly, as the server matches them on Linux."""
+    schema = watch.schema or database
+    cur.execute(
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
+        "AND TABLE_NAME = %s AND TABLE_TYPE = 'BASE TABLE'",
+        (schema, watch.table),
+    )
+    found = [row[0] for row in cur.fetchall() if row[0] == watch.table]
+    if not found:
+        raise WatchError(
+            f"table {watch.table!r} does not exist in database {schema!r}: " + TABLE_MISSING_TODO
+        )
+    cur.execute(
+        "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS "
+        "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+        (schema, watch.table),
+    )
+    columns = [(name, kind.lower()) for name, kind in cur.fetchall()]
+    names = [name for name, _ in columns]
+    cur.execute(
+        "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s "
+        "AND TABLE_NAME = %s AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX",
+        (schema, watch.table),
+    )
+    pk = [row[0] for row in cur.fetchall()]
+    for col in (watch.columns or ()) + (watch.when_changed or ()):
+        if col not in names:
+            raise WatchError(
+                f"table {watch.table!r} has no column {col!r} (columns: {', '.join(names)})"
+            )
+    if not pk:
+        raise WatchError(
+            f"table {watch.table!r} has no primary key: events are identified by it, so add one"
+        )
+    return Table(schema, watch.table, columns, pk)
+
+
+def journal_reference(database: str) -> str:
+    """How our triggers name the journal: what makes a trigger ours (and
+    the app's whose journal it writes)."""
+    return qualified(database, "dbnotify_journal")
+
+
+def our_triggers(cur: Any, database: str) -> list[tuple[str, str, str]]:
+    """``(schema, trigger, table)`` of the triggers that write our journal,
+    named ``dbnotify_*``, on any table the user may see."""
+    cur.execute(
+        "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
+        "WHERE TRIGGER_NAME LIKE 'dbnotify\\_%%' AND INSTR(ACTION_STATEMENT, %s) > 0 "
+        "ORDER BY TRIGGER_SCHEMA, EVENT_OBJECT_TABLE, TRIGGER_NAME",
+        (journal_reference(database),),
+    )
+    return [tuple(row) for row in cur.fetchall()]
+
+
+def our_tables(cur: Any, database: str) -> list[str]:
+    """Our tables present in ``database``: named as ours and marked."""
+    cur.execute(
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
+        f"AND TABLE_NAME IN ({', '.join(['%s'] * len(TABLES))}) AND TABLE_COMMENT = %s",
+        (database, *TABLES, MARKER),
+    )
+    found = {row[0] for row in cur.fetchall()}
+    return [name for name in TABLES if name in found]
