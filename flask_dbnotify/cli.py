@@ -52,8 +52,7 @@ def install_triggers(print_sql: bool) -> None:
     """Create or update the triggers of every watch."""
     ext = _ext()
     if print_sql:
-        for statement in ext.install_sql():
-            click.echo(statement + ";")
+        click.echo(ext.sql_script(ext.install_sql()), nl=False)
         return
     ext.install_triggers()
     click.echo(f"installed triggers for {len(ext.watches)} watch(es)")
@@ -71,8 +70,7 @@ def uninstall_triggers(print_sql: bool, everything: bool) -> None:
     """Drop the triggers of every watch."""
     ext = _ext()
     if print_sql:
-        for statement in ext.uninstall_sql(everything=everything):
-            click.echo(statement + ";")
+        click.echo(ext.sql_script(ext.uninstall_sql(everything=everything)), nl=False)
         return
     ext.uninstall_triggers(everything=everything)
     click.echo("uninstalled triggers")

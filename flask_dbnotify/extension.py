@@ -369,6 +369,11 @@ class DBNotify:
         """The DDL that ``install_triggers()`` would run."""
         return self._state(app).backend.admin.install_sql(list(self.watches.values()))
 
+    def sql_script(self, statements: list[str], app: Flask | None = None) -> str:
+        """``statements`` as a script the database's own client runs as is
+        (psql, sqlite3, mysql: ``DELIMITER`` around compound triggers)."""
+        return self._state(app).backend.admin.script(statements)
+
     def install_triggers(self, app: Flask | None = None) -> None:
         """Create or update the triggers for every watch, in one
         transaction; superseded ones are dropped."""

@@ -647,6 +647,7 @@ class MySQLDB:
 
         from ._mariadb import connect
 
+        self.url = url
         self.database = sa.make_url(url).database
         self.conn = connect(url, client_flag=CLIENT.MULTI_STATEMENTS)
         self(
@@ -663,6 +664,34 @@ class MySQLDB:
             while cur.nextset():
                 pass
             return rows
+
+    def client(self, text: str) -> None:
+        """Run a script with the mariadb (or mysql) command-line client, as a
+        user would; fail with what it said."""
+        import shutil
+
+        command = shutil.which("mariadb") or shutil.which("mysql")
+        if command is None:
+            not_here("the mariadb client is not installed (apt-get install mariadb-client)")
+        url = sa.make_url(self.url)
+        done = subprocess.run(
+            [
+                command,
+                "--host",
+                url.host or "127.0.0.1",
+                "--port",
+                str(url.port or 3306),
+                "--user",
+                url.username or "root",
+                f"--password={url.password or ''}",
+                str(url.database),
+            ],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert done.returncode == 0, f"the mariadb client failed: {done.stderr}"
 
     def triggers(self) -> list[tuple[str, str]]:
         """``(trigger, table)`` of every dbnotify trigger in the database."""
@@ -766,7 +795,7 @@ class Backend:
 
     def script(self, text: str) -> None:
         if isinstance(self.writer, MySQLDB):
-            self.writer(text)  # as the mariadb client would run it
+            self.writer.client(text)
         elif isinstance(self.writer, SQL):
             self.writer(text)  # the whole script, as psql would run it
         else:

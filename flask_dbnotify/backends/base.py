@@ -279,6 +279,11 @@ class Admin(abc.ABC):
         """The statements that remove what ``watches`` installed (or every
         object of ours, with ``everything``)."""
 
+    def script(self, statements: Sequence[str]) -> str:
+        """``statements`` as a script the database's own client runs as
+        is (psql, the sqlite3 shell): each ends with a semicolon."""
+        return "".join(f"{statement};\n" for statement in statements)
+
     @abc.abstractmethod
     def execute_all(self, statements: Sequence[str]) -> None:
         """Run ``statements`` (our DDL, no parameters) in one transaction."""

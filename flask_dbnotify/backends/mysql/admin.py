@@ -50,6 +50,17 @@ class MySQLAdmin(Admin):
 
         self._cursor(work)
 
+    def script(self, statements: Sequence[str]) -> str:
+        # The mysql client ends a statement at the first semicolon: a
+        # trigger of several statements is set off by another delimiter.
+        lines = []
+        for statement in statements:
+            if ";" in statement:
+                lines += ["DELIMITER $$", f"{statement}$$", "DELIMITER ;"]
+            else:
+                lines.append(f"{statement};")
+        return "".join(f"{line}\n" for line in lines)
+
     def execute_all(self, statements: Sequence[str]) -> None:
         def work(cur: Any) -> None:
             for statement in statements:

@@ -21,12 +21,14 @@ TABLES = (
 
 class Table(NamedTuple):
     """A watched table: its database and name, columns with their types
-    (``DATA_TYPE``, lower case), and primary key."""
+    (``DATA_TYPE``, lower case), primary key, and each column's largest
+    value in bytes where its type bounds it (``CHARACTER_OCTET_LENGTH``)."""
 
     schema: str
     name: str
     columns: list[tuple[str, str]]
     pk: list[str]
+    octets: dict[str, int | None]
 
 
 def quote_ident(name: str) -> str:
@@ -52,11 +54,13 @@ def resolve(cur: Any, database: str, watch: Watch) -> Table:
             f"table {watch.table!r} does not exist in database {schema!r}: " + TABLE_MISSING_TODO
         )
     cur.execute(
-        "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS "
+        "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS "
         "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
         (schema, watch.table),
     )
-    columns = [(name, kind.lower()) for name, kind in cur.fetchall()]
+    found = cur.fetchall()
+    columns = [(name, kind.lower()) for name, kind, _ in found]
+    octets = {name: None if size is None else int(size) for name, _, size in found}
     names = [name for name, _ in columns]
     cur.execute(
         "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s "
@@ -73,7 +77,7 @@ def resolve(cur: Any, database: str, watch: Watch) -> Table:
         raise WatchError(
             f"table {watch.table!r} has no primary key: events are identified by it, so add one"
         )
-    return Table(schema, watch.table, columns, pk)
+    return Table(schema, watch.table, columns, pk, octets)
 
 
 def journal_reference(database: str) -> str:

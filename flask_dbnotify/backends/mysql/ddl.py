@@ -85,13 +85,41 @@ def value(ref: str, kind: str) -> str:
     return ref
 
 
-def size(ref: str, kind: str) -> str | None:
-    """The bytes a column's value adds to the journal row, if it can be large."""
+#: Bytes a value of a type without CHARACTER_OCTET_LENGTH (a number, a
+#: time, BIT) takes in the journal, at most.
+_SCALAR_BYTES = 64
+#: Columns that hold at most this are never measured (VARCHAR(255) and the
+#: like): what they hold together is subtracted from the limit instead.
+_SMALL_BYTES = 65535
+
+
+def largest(kind: str, octets: int | None) -> int | None:
+    """The most bytes a column's value takes in the journal (hex doubles
+    bytes), or None when its type does not bound it."""
+    if kind in _GEOMETRY:
+        return None
+    if octets is None:
+        return _SCALAR_BYTES
+    return 2 * octets if kind in _BINARY else octets
+
+
+def measured(table: Table, names: list[str]) -> tuple[list[str], int]:
+    """The columns whose size a trigger must measure, and the bytes the
+    others may add at most. A table of small columns measures none: its
+    rows cannot reach the limit, and its writers pay nothing for it."""
+    bound = {c: largest(kind, table.octets.get(c)) for c, kind in table.columns}
+    small = [c for c in names if (bound[c] or _SMALL_BYTES + 1) <= _SMALL_BYTES]
+    slack = sum(bound[c] or 0 for c in small)
+    if slack > MAX_ROW_BYTES // 4:
+        small, slack = [], 0
+    return [c for c in names if c not in small], slack
+
+
+def size(ref: str, kind: str) -> str:
+    """The bytes a column's value adds to the journal row."""
     if kind in _BINARY or kind in _GEOMETRY:
         return f"2 * IFNULL(LENGTH({ref}), 0)"
-    if kind in _TEXTUAL:
-        return f"IFNULL(LENGTH({ref}), 0)"
-    return None
+    return f"IFNULL(LENGTH({ref}), 0)"
 
 
 def same(column: str, kind: str) -> str:
@@ -116,31 +144,38 @@ def trigger_sql(database: str, watch: Watch, table: Table, op: Operation, key: s
             + ")"
         )
 
+    checked, slack = measured(table, names)
+
     def sizes(ref: str) -> list[str]:
-        found = (size(f"{ref}.{quote_ident(c)}", types[c]) for c in names)
-        return [s for s in found if s is not None]
+        return [size(f"{ref}.{quote_ident(c)}", types[c]) for c in checked]
 
     if op is Operation.UPDATE:
         body = f"JSON_ARRAY({row('NEW', names)}, {row('OLD', names)})"
         cut = f"JSON_ARRAY({row('NEW', table.pk)}, {row('OLD', table.pk)})"
         large = sizes("NEW") + sizes("OLD")
         watched = watch.when_changed or names
-        when = " FROM DUAL WHERE NOT (" + " AND ".join(same(c, types[c]) for c in watched) + ")"
+        when = "NOT (" + " AND ".join(same(c, types[c]) for c in watched) + ")"
     else:
         ref = "NEW" if op is Operation.INSERT else "OLD"
         body, cut, large, when = row(ref, names), row(ref, table.pk), sizes(ref), ""
     if large:
-        body = f"IF({' + '.join(large)} > {MAX_ROW_BYTES}, JSON_OBJECT('cut', {cut}), {body})"
+        # Both rows of an UPDATE count, each with its unmeasured columns.
+        limit = MAX_ROW_BYTES - slack * (2 if op is Operation.UPDATE else 1)
+        body = f"IF({' + '.join(large)} > {limit}, JSON_OBJECT('cut', {cut}), {body})"
     # A writer's context wraps the values (see .context).
     body = (
         f"IF(LENGTH({CONTEXT}) <= {MAX_CONTEXT_BYTES}, "
         f"JSON_OBJECT('cx', {CONTEXT}, 'r', {body}), {body})"
     )
-    return (
-        f"AFTER {op.value} ON {qualified(table.schema, table.name)} FOR EACH ROW "
-        f"INSERT INTO {journal_reference(database)} (created_at, shape, body) "
-        f"SELECT {NOW}, '{key}', {body}{when}"
-    )
+    insert = f"INSERT INTO {journal_reference(database)} (created_at, shape, body) "
+    if when:
+        # INSERT ... SELECT would take the journal's table-wide AUTO-INC
+        # lock for the statement (innodb_autoinc_lock_mode = 1, MariaDB's
+        # default), serialising concurrent writers: a compound statement.
+        insert = f"BEGIN IF {when} THEN {insert}VALUES ({NOW}, '{key}', {body}); END IF; END"
+    else:
+        insert += f"VALUES ({NOW}, '{key}', {body})"
+    return f"AFTER {op.value} ON {qualified(table.schema, table.name)} FOR EACH ROW {insert}"
 
 
 def watch_triggers(database: str, watch: Watch, table: Table) -> dict[str, tuple[str, str, str]]:
