@@ -73,6 +73,12 @@ class MySQLBackend(Backend):
             raise ValueError(
                 "the MySQL URL names no database: add it, e.g. mysql+pymysql://user@host/app"
             )
+        if "%" in url.database:
+            # Our statements name the journal's database next to PyMySQL's
+            # %s parameters.
+            raise ValueError(
+                f"the database name {url.database!r} holds a %: Flask-DBNotify cannot use it"
+            )
         try:
             import pymysql  # noqa: F401
         except ImportError:

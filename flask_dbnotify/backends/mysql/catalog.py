@@ -80,22 +80,33 @@ def resolve(cur: Any, database: str, watch: Watch) -> Table:
     return Table(schema, watch.table, columns, pk, octets)
 
 
-def journal_reference(database: str) -> str:
-    """How our triggers name the journal: what makes a trigger ours (and
-    the app's whose journal it writes)."""
-    return qualified(database, "dbnotify_journal")
+def journal_insert(database: str) -> str:
+    """How every trigger of ours begins writing to the app's journal."""
+    return f"INSERT INTO {qualified(database, 'dbnotify_journal')} (created_at, shape, body) "
 
 
 def our_triggers(cur: Any, database: str) -> list[tuple[str, str, str]]:
-    """``(schema, trigger, table)`` of the triggers that write our journal,
-    named ``dbnotify_*``, on any table the user may see."""
+    """``(schema, trigger, table)`` of our triggers: named ``dbnotify_*``,
+    writing to this app's journal, and recorded by the install that made
+    them in ``dbnotify_shapes``, which no one else may write (a trigger
+    of that name and body that anyone else made is not ours)."""
     cur.execute(
-        "SELECT TRIGGER_SCHEMA, TRIGGER_NAME, EVENT_OBJECT_TABLE FROM information_schema.TRIGGERS "
-        "WHERE TRIGGER_NAME LIKE 'dbnotify\\_%%' AND INSTR(ACTION_STATEMENT, %s) > 0 "
-        "ORDER BY TRIGGER_SCHEMA, EVENT_OBJECT_TABLE, TRIGGER_NAME",
-        (journal_reference(database),),
+        "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
+        "AND TABLE_NAME = 'dbnotify_shapes' AND TABLE_COMMENT = %s",
+        (database, MARKER),
     )
-    return [tuple(row) for row in cur.fetchall()]
+    if not cur.fetchone()[0]:
+        return []
+    cur.execute(
+        "SELECT t.TRIGGER_SCHEMA, t.TRIGGER_NAME, t.EVENT_OBJECT_TABLE "
+        f"FROM information_schema.TRIGGERS AS t JOIN {qualified(database, 'dbnotify_shapes')} AS s "
+        "ON BINARY s.trigger_schema = BINARY t.TRIGGER_SCHEMA "
+        "AND BINARY s.trigger_name = BINARY t.TRIGGER_NAME "
+        "WHERE t.TRIGGER_NAME LIKE 'dbnotify\\_%%' AND INSTR(t.ACTION_STATEMENT, %s) > 0 "
+        "ORDER BY t.TRIGGER_SCHEMA, t.EVENT_OBJECT_TABLE, t.TRIGGER_NAME",
+        (journal_insert(database),),
+    )
+    return sorted({tuple(row) for row in cur.fetchall()})
 
 
 def our_tables(cur: Any, database: str) -> list[str]:

@@ -18,7 +18,7 @@ from ...errors import WatchError
 from ...events import Operation
 from ..common import OP_CODE, digest, trigger_name
 from ..shaped import header as shape_header
-from .catalog import MARKER, Table, journal_reference, qualified, quote_ident
+from .catalog import MARKER, Table, journal_insert, qualified, quote_ident
 
 DDL_VERSION = 1
 #: The server's clock, in seconds since the epoch (what the journal
@@ -43,8 +43,11 @@ TABLES = {
     "dbnotify_journal": f"id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, "
     f"created_at DOUBLE NOT NULL, shape {_KEY} NULL, body LONGTEXT {_TEXT} NOT NULL, "
     "KEY dbnotify_journal_created (created_at)",
+    # Also the trigger that writes the shape: what makes a trigger ours (no
+    # one else may write this table).
     "dbnotify_shapes": f"name {_KEY} PRIMARY KEY, watch {_NAME} NOT NULL, "
-    f"header LONGTEXT {_TEXT} NOT NULL, KEY dbnotify_shapes_watch (watch)",
+    f"header LONGTEXT {_TEXT} NOT NULL, trigger_schema VARCHAR(64) {_TEXT} NOT NULL, "
+    f"trigger_name VARCHAR(64) {_TEXT} NOT NULL, KEY dbnotify_shapes_watch (watch)",
     "dbnotify_listeners": f"name {_NAME} PRIMARY KEY, position BIGINT UNSIGNED NOT NULL, "
     "seen_at DOUBLE NOT NULL",
     # Exactly-once receivers: how far each has claimed, and claims.
@@ -167,7 +170,7 @@ def trigger_sql(database: str, watch: Watch, table: Table, op: Operation, key: s
         f"IF(LENGTH({CONTEXT}) <= {MAX_CONTEXT_BYTES}, "
         f"JSON_OBJECT('cx', {CONTEXT}, 'r', {body}), {body})"
     )
-    insert = f"INSERT INTO {journal_reference(database)} (created_at, shape, body) "
+    insert = journal_insert(database)
     if when:
         # INSERT ... SELECT would take the journal's table-wide AUTO-INC
         # lock for the statement (innodb_autoinc_lock_mode = 1, MariaDB's
@@ -236,9 +239,12 @@ def install_plan(
         statements += [drop_trigger(table.schema, name) for name in sorted(present - set(wanted))]
         for name, (body, key, header) in wanted.items():
             statements.append(
-                f"INSERT INTO {qualified(database, 'dbnotify_shapes')} (name, watch, header) "
-                f"VALUES ('{key}', {literal(watch.name)}, {literal(header)}) "
-                "ON DUPLICATE KEY UPDATE watch = VALUES(watch), header = VALUES(header)"
+                f"INSERT INTO {qualified(database, 'dbnotify_shapes')} "
+                "(name, watch, header, trigger_schema, trigger_name) "
+                f"VALUES ('{key}', {literal(watch.name)}, {literal(header)}, "
+                f"{literal(table.schema)}, {literal(name)}) ON DUPLICATE KEY UPDATE "
+                "watch = VALUES(watch), header = VALUES(header), "
+                "trigger_schema = VALUES(trigger_schema), trigger_name = VALUES(trigger_name)"
             )
             if name not in present:
                 statements.append(f"CREATE TRIGGER {qualified(table.schema, name)} {body}")

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 #: How long an id given out is waited for.
 HOLE_TIMEOUT = 300.0
-#: Holes looked for at a read (the oldest first); more are kept, and
-#: looked for once older ones are filled or given up.
+#: Holes looked for at a read: the newest half of them (an open
+#: transaction's, which fill within milliseconds), and the rest in turns
+#: over the older ones, so that many rollbacks hold no hole back for long.
 LOOK_FOR = 200
 #: Holes kept at most: beyond, the oldest are given up.
 MAX_HOLES = 10000
@@ -36,6 +37,8 @@ class Seen:
     def __init__(self, top: int) -> None:
         self.top = top
         self.holes: list[list[float]] = []
+        #: Where the next turn over the older holes begins.
+        self._turn = 0
 
     @property
     def floor(self) -> int:
@@ -48,10 +51,21 @@ class Seen:
         top and in the holes looked for."""
         clause = ["id > %s"]
         params = [self.top]
-        for lo, hi, _ in self.holes[:LOOK_FOR]:
+        for lo, hi, _ in self._looked_for():
             clause.append("id BETWEEN %s AND %s")
             params += [int(lo), int(hi)]
         return " OR ".join(clause), params
+
+    def _looked_for(self) -> list[list[float]]:
+        holes = self.holes
+        if len(holes) <= LOOK_FOR:
+            return holes
+        newest = LOOK_FOR // 2
+        older = holes[:-newest]
+        start = self._turn % len(older)
+        self._turn = start + (LOOK_FOR - newest)
+        turn = (older[start:] + older[:start])[: LOOK_FOR - newest]
+        return turn + holes[-newest:]
 
     def saw(self, ids: list[int], now: float) -> None:
         """Record ``ids`` (ascending), read now."""
