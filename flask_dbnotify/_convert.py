@@ -81,6 +81,9 @@ def converter_for(type_: sa.types.TypeEngine[Any]) -> Converter | None:
         (satypes.Date, _date),
         (satypes.Time, _time),
         (satypes.Numeric, _decimal),
+        # Not a Numeric in SQLAlchemy 2.1: a DOUBLE read as Decimal (MySQL's
+        # default) is turned into one too.
+        (satypes.Float, _decimal),
         (satypes.Uuid, _uuid),
         (satypes._Binary, _bytes),
         (satypes.Boolean, _bool),

@@ -162,8 +162,9 @@ class DBNotify:
             ``sqlalchemy.Table`` or a declarative model class. The name as
             given (or the table's ``fullname``) is the sender of row signals.
         :param operations: any of ``"insert"``, ``"update"``, ``"delete"``;
-            all three by default. A ``TRUNCATE`` of a watched table is
-            always delivered (:data:`~flask_dbnotify.table_truncated`).
+            all three by default. On PostgreSQL a ``TRUNCATE`` of a watched
+            table is always delivered (:data:`~flask_dbnotify.table_truncated`);
+            SQLite has none, and MySQL's fires no trigger.
         :param columns: the columns ``new`` and ``old`` carry (the primary
             key is always carried); every column by default.
         :param when_changed: UPDATEs are delivered only if one of these

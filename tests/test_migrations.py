@@ -1,5 +1,5 @@
 """Triggers in migrations: a real Flask-Migrate project in a folder of the
-test's, driven by the real ``flask db`` commands, on PostgreSQL and SQLite;
+test's, driven by the real ``flask db`` commands, on PostgreSQL, SQLite and MySQL;
 then Alembic's autogenerate and the operation in this process."""
 
 from __future__ import annotations
@@ -121,6 +121,17 @@ class Project:
 def definitions(backend: Backend) -> list[Any]:
     """Every object of Flask-DBNotify's as the database defines it: on
     PostgreSQL with the grants and comments of its functions."""
+    if backend.mysql:
+        triggers = backend.sql(
+            "SELECT TRIGGER_NAME, EVENT_OBJECT_TABLE, ACTION_TIMING, EVENT_MANIPULATION, "
+            "ACTION_STATEMENT FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE() "
+            "AND TRIGGER_NAME LIKE 'dbnotify%' ORDER BY 1"
+        )
+        tables = backend.sql(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
+            "AND TABLE_NAME LIKE 'dbnotify%' ORDER BY 1"
+        )
+        return [tuple(row) for row in triggers + tables]
     if not backend.pg:
         rows = backend.sql(
             "SELECT type, name, sql FROM sqlite_schema WHERE name LIKE 'dbnotify%' ORDER BY 2"
@@ -136,6 +147,11 @@ def definitions(backend: Backend) -> list[Any]:
     )
     tables = backend.sql("SELECT relname FROM pg_class WHERE relname LIKE 'dbnotify%' ORDER BY 1")
     return [tuple(row) for row in functions + triggers + tables]
+
+
+def database(backend: Backend) -> str:
+    """The database's name, as MySQL's statements qualify names with it."""
+    return str(sa.make_url(backend.url).database)
 
 
 def status(backend: Backend, watches: list[dict[str, Any]]) -> Status:
@@ -165,7 +181,9 @@ def assert_matches(backend: Backend, watches: list[dict[str, Any]]) -> None:
     assert not found.orphaned, found
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # WAL capture: see test_wal_capture_writes_nothing
+@pytest.mark.backends(
+    "postgresql", "sqlite", "mysql"
+)  # WAL capture: see test_wal_capture_writes_nothing
 def test_a_watch_through_its_migrations(backend: Backend, tmp_path: Path) -> None:
     project = Project(tmp_path, backend)
     project.flask("db", "init", watches=[])
@@ -206,9 +224,14 @@ def test_a_watch_through_its_migrations(backend: Backend, tmp_path: Path) -> Non
     upgrade, downgrade = second_revision.split("def downgrade")
     for name in new_names:
         assert name in upgrade, f"new trigger {name} not in the upgrade"
+    # Names as written: "name" (PostgreSQL, SQLite), `database`.`name` (MySQL).
+    upgrade, downgrade = (
+        text.replace(f"`{database(backend)}`.", "").replace('"', "").replace("`", "")
+        for text in (upgrade, downgrade)
+    )
     for name in old_names:
-        assert f'DROP TRIGGER IF EXISTS "{name}"' in upgrade, f"{name} not dropped"
-        assert f"CREATE TRIGGER {name}" in downgrade.replace('"', ""), f"{name} not restored"
+        assert f"DROP TRIGGER IF EXISTS {name}" in upgrade, f"{name} not dropped"
+        assert f"CREATE TRIGGER {name}" in downgrade, f"{name} not restored"
 
     # Downgrade: the previous triggers, exactly as they were.
     project.flask("db", "downgrade", watches=[])
@@ -256,7 +279,7 @@ def ours(ops: list[Any]) -> list[Any]:
     ]
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # WAL capture writes no operation at all
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # WAL capture writes no operation at all
 def test_autogenerate_writes_install_sql_once(backend: Backend) -> None:
     backend.sql("CREATE TABLE orders (id integer PRIMARY KEY, note text)")
     app, ext = backend.make_app()
@@ -283,7 +306,7 @@ def test_autogenerate_writes_install_sql_once(backend: Backend) -> None:
     assert ext.status(app).warnings == []
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # the other database is of the same kind
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # the other database is of the same kind
 def test_another_database_gets_no_operation(
     backend: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -293,6 +316,8 @@ def test_another_database_gets_no_operation(
     if backend.pg:
         other = sa.make_url(backend.url).set(database="postgres", drivername="postgresql+psycopg2")
         engine = sa.create_engine(other)
+    elif backend.mysql:
+        engine = sa.create_engine(sa.make_url(backend.url).set(database="mysql"))
     else:
         engine = sa.create_engine(f"sqlite:///{tmp_path / 'other.db'}")
     caplog.set_level(logging.INFO, logger="alembic.autogenerate.dbnotify")
@@ -319,7 +344,7 @@ def test_wal_capture_writes_nothing(make_app: Any, caplog: pytest.LogCaptureFixt
     assert "run `flask dbnotify install-triggers` after `flask db upgrade`" in caplog.text
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # no WAL-specific behaviour
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # no WAL-specific behaviour
 def test_the_operation_runs_statements_as_written(backend: Backend) -> None:
     # Neither a bind parameter (':x') nor '%' formatting.
     statements = [
@@ -328,11 +353,11 @@ def test_the_operation_runs_statements_as_written(backend: Backend) -> None:
     ]
     with backend.engine().begin() as connection:
         Operations(MigrationContext.configure(connection)).dbnotify_sql(statements)
-    backend.sql("INSERT INTO t DEFAULT VALUES")
+    backend.sql("INSERT INTO t () VALUES ()" if backend.mysql else "INSERT INTO t DEFAULT VALUES")
     assert sorted(backend.sql("SELECT a FROM t")) == [(":x %s 100%",), ("it's :y %(z)s",)]
     # Offline (`flask db upgrade --sql`): printed as written.
     buffer = io.StringIO()
-    dialect = "postgresql" if backend.pg else "sqlite"
+    dialect = "postgresql" if backend.pg else backend.name
     offline = MigrationContext.configure(
         dialect_name=dialect, opts={"as_sql": True, "output_buffer": buffer}
     )
@@ -418,7 +443,7 @@ def test_alembic_is_no_dependency(alembic: str) -> None:
     assert done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
-@pytest.mark.backends("postgresql", "sqlite")  # no WAL-specific behaviour
+@pytest.mark.backends("postgresql", "sqlite", "mysql")  # no WAL-specific behaviour
 def test_a_table_not_made_yet_waits_for_the_next_revision(
     backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:

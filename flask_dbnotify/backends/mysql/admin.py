@@ -11,11 +11,12 @@ from typing import Any
 import pymysql
 
 from ..._watch import Watch
-from ..base import Admin, Status
+from ..base import Admin, Revision, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries
 from .catalog import our_tables, our_triggers, qualified, resolve
 from .connection import NO_SUCH_TABLE, Database
 from .ddl import drop_trigger, install_plan, watch_triggers
+from .revision import WHERE, plan, why_foreign
 
 
 def iso(unix_time: float) -> str:
@@ -89,6 +90,16 @@ class MySQLAdmin(Admin):
             return [drop_trigger(schema, name) for schema, name in drops] + tables
 
         return list(self._cursor(work))
+
+    def revision(self, watches: Sequence[Watch]) -> Revision | None:
+        def work(cur: Any) -> Revision | None:
+            return plan(cur, self.db.database, watches, self._plan(cur, watches))
+
+        result: Revision | None = self._cursor(work)
+        return result
+
+    def foreign(self, connection: Any) -> str | None:
+        return why_foreign(connection, tuple(self.db.run(WHERE)[0]))
 
     def kept_tables(self) -> tuple[str | None, frozenset[str]]:
         return None, frozenset(

@@ -106,6 +106,15 @@ class Database:
         the task failed on it."""
         with self._lock:
             conn = self._idle.pop()[1] if self._idle else None
+        if conn is not None:
+            # Pinged before each use, as on PostgreSQL: a connection that a
+            # server restart closed is replaced, not lent out.
+            try:
+                conn.ping(reconnect=False)
+            except pymysql.MySQLError:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
         if conn is None:
             conn = self.connect()
         try:

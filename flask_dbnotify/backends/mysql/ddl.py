@@ -154,13 +154,15 @@ def trigger_sql(database: str, watch: Watch, table: Table, op: Operation, key: s
 
     if op is Operation.UPDATE:
         body = f"JSON_ARRAY({row('NEW', names)}, {row('OLD', names)})"
-        cut = f"JSON_ARRAY({row('NEW', table.pk)}, {row('OLD', table.pk)})"
+        # The keys of a cut row are chunked, as the decoder reads them.
+        cut = f"JSON_ARRAY(JSON_ARRAY({row('NEW', table.pk)}), JSON_ARRAY({row('OLD', table.pk)}))"
         large = sizes("NEW") + sizes("OLD")
         watched = watch.when_changed or names
         when = "NOT (" + " AND ".join(same(c, types[c]) for c in watched) + ")"
     else:
         ref = "NEW" if op is Operation.INSERT else "OLD"
-        body, cut, large, when = row(ref, names), row(ref, table.pk), sizes(ref), ""
+        cut = f"JSON_ARRAY({row(ref, table.pk)})"
+        body, large, when = row(ref, names), sizes(ref), ""
     if large:
         # Both rows of an UPDATE count, each with its unmeasured columns.
         limit = MAX_ROW_BYTES - slack * (2 if op is Operation.UPDATE else 1)

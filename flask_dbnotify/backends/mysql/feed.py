@@ -118,6 +118,11 @@ class MySQLFeed(Feed):
                 "~0), coalesce((SELECT min(id) FROM {receivers}), ~0)), 0)".format(**names)
             )
             upto = cur.fetchone()[0]
+            # The newest row is always kept: the journal's newest id never
+            # goes down but when the journal is made anew, which is how a
+            # listener knows that it was.
+            cur.execute("SELECT coalesce(max(id), 0) FROM {journal}".format(**names))
+            upto = min(upto, cur.fetchone()[0] - 1)
             cur.execute(
                 "DELETE FROM {journal} WHERE created_at < %s AND id <= %s "
                 "AND NOT EXISTS (SELECT 1 FROM {claims} AS c "

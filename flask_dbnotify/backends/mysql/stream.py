@@ -27,6 +27,9 @@ BATCH = 5000
 #: an eighth of the time since rows last came.
 _FASTEST = 0.001
 _SLOWING = 8
+#: Seconds a read of the journal may take before the server is taken for
+#: gone: far more than a batch needs, far less than TCP's own timeouts.
+_ANSWER_WITHIN = 15
 _abandoned: list[Any] = []
 
 
@@ -39,8 +42,9 @@ class MySQLStream(Stream):
         self.poll_interval = settings.poll_interval
         args = connect_args(feed.db.url, settings.connect_timeout)
         # A poll answers in milliseconds: a server that does not answer
-        # for this long is taken for gone.
-        args.update(read_timeout=max(30, int(settings.connect_timeout)), write_timeout=30)
+        # for this long is taken for gone (a half-open connection).
+        wait = max(_ANSWER_WITHIN, int(settings.connect_timeout))
+        args.update(read_timeout=wait, write_timeout=wait)
         try:
             self.conn = pymysql.connect(**args)
         except pymysql.MySQLError as exc:
