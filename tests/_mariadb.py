@@ -159,7 +159,13 @@ def find_or_start_mariadb() -> Found:
         if why is not None:
             raise RuntimeError(f"{ENV_URL}={url} does not answer: {why}")
         return Found(url, f"{url} (from {ENV_URL})", lambda: None)
-    if os.environ.get(ENV_SKIP_LOCAL) != "1" and _answers(LOCAL_URL) is None:
-        return Found(LOCAL_URL, f"the local server ({LOCAL_URL})", lambda: None)
+    if os.environ.get(ENV_SKIP_LOCAL) == "1":
+        why = "127.0.0.1:3306 skipped"
+    else:
+        failure = _answers(LOCAL_URL)
+        if failure is None:
+            return Found(LOCAL_URL, f"the local server ({LOCAL_URL})", lambda: None)
+        why = f"no server at 127.0.0.1:3306 ({failure})"
     server = ThrowawayMariaDB()
-    return Found(server.url, f"a throwaway mariadbd on port {server.port}", server.cleanup)
+    summary = f"{why}; started a throwaway mariadbd on port {server.port}"
+    return Found(server.url, summary, server.cleanup)

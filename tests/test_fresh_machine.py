@@ -1,5 +1,6 @@
-"""The README's test command on a machine with no PostgreSQL server: the
-run starts a throwaway one, says so, and passes.
+"""The README's test command on a machine with no PostgreSQL and no
+MySQL/MariaDB server: the run starts a throwaway one of each, says so,
+and passes.
 
 The throwaway server is built differently from a distribution's (pgserver's
 binaries have no libxml, for one), so the tests that lean on the server's
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import _mariadb
 from ._postgres import ENV_SKIP_LOCAL, ENV_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +47,9 @@ def _isolated() -> list[str]:
 
 def test_the_suite_passes_where_no_server_runs() -> None:
     prefix = _isolated()
-    env = {k: v for k, v in os.environ.items() if k != ENV_URL}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, _mariadb.ENV_URL)}
     if not prefix:
-        env[ENV_SKIP_LOCAL] = "1"
+        env[ENV_SKIP_LOCAL] = env[_mariadb.ENV_SKIP_LOCAL] = "1"
     # Their SQLite cases need no server, and the suite runs them anyway.
     done = subprocess.run(
         [
@@ -76,5 +78,9 @@ def test_the_suite_passes_where_no_server_runs() -> None:
     expected = "no server at 127.0.0.1:5432" if prefix else "127.0.0.1:5432 skipped"
     assert first.startswith(f"PostgreSQL for the tests: {expected}"), first
     assert "; started a throwaway PostgreSQL" in first, first
+    mysql = [line for line in out.splitlines() if line.startswith("MySQL/MariaDB for the tests")]
+    expected = "no server at 127.0.0.1:3306" if prefix else "127.0.0.1:3306 skipped"
+    assert mysql and mysql[0].startswith(f"MySQL/MariaDB for the tests: {expected}"), mysql
+    assert "; started a throwaway mariadbd" in mysql[0], mysql
     summary = out.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
