@@ -108,6 +108,13 @@ def start_ours(url: str, table: str, arrivals: Arrivals) -> Callable[[], None]:
     return lambda: dbnotify.close(app)
 
 
+def idle_cpu(seconds: float) -> float:
+    """Percent of one core this process burns over ``seconds`` doing nothing."""
+    before = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - before) / seconds * 100
+
+
 def print_rates(figures: dict[str, dict[str, list[float]]], names: list[str], limit: str) -> None:
     """The bulk table: events/s, against the first contender, write cost."""
     print(f"{'':18} {'events/s':>27} {'vs ' + limit:>18} {'write vs plain':>21}")

@@ -49,7 +49,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import Arrivals, events_per_second, pct, print_rates, spread, start_ours  # noqa: E402
+from _common import (  # noqa: E402
+    Arrivals,
+    events_per_second,
+    idle_cpu,
+    pct,
+    print_rates,
+    spread,
+    start_ours,
+)
 
 from tests._mariadb import ThrowawayMariaDB, connect  # noqa: E402
 
@@ -132,13 +140,6 @@ class BareLoop:
         self.stop.set()
         self.thread.join()
         self.conn.close()
-
-
-def idle_cpu(seconds: float) -> float:
-    """Percent of one core this process burns over ``seconds`` doing nothing."""
-    before = time.process_time()
-    time.sleep(seconds)
-    return (time.process_time() - before) / seconds * 100
 
 
 def latency(port: int, table: str, arrivals: Arrivals, n: int) -> list[float]:

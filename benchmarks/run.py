@@ -12,8 +12,9 @@ its own table with ratios (see docs/benchmarks.rst for today's figures):
 - processes.py:  one vs eight listening processes
 - write_cost.py: what each capture costs writers, in the same rounds
 - wal.py:        triggers against WAL capture (a throwaway server of its own)
-- mariadb_capture.py: what binlog and trigger capture cost MariaDB's
-                 writers (a throwaway mariadbd of its own)
+- mysql.py:      bare polling loop and Flask-DBNotify on MariaDB, and what
+                 triggers and the binary log cost its writers (a throwaway
+                 mariadbd of its own)
 
 PostgreSQL scripts use $DBNOTIFY_BENCH_URL (default: the local server's
 ``test`` database) and create their own tables there; wal.py needs
@@ -35,7 +36,7 @@ SCRIPTS = [
     "processes.py",
     "write_cost.py",
     "wal.py",
-    "mariadb_capture.py",
+    "mysql.py",
 ]
 
 

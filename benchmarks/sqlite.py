@@ -39,13 +39,20 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _common import Arrivals, events_per_second, pct, print_rates, spread, start_ours  # noqa: E402
+from _common import (  # noqa: E402
+    Arrivals,
+    events_per_second,
+    idle_cpu,
+    pct,
+    print_rates,
+    spread,
+    start_ours,
+)
 
 TABLES = """
 CREATE TABLE plain (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at TEXT);
@@ -197,13 +204,6 @@ def start_peer(path: str, arrivals: Arrivals) -> Callable[[], None]:
 
 def start_bare(path: str, arrivals: Arrivals) -> Callable[[], None]:
     return BareLoop(path, arrivals).close
-
-
-def idle_cpu(seconds: float) -> float:
-    """Percent of one core this process burns over ``seconds`` doing nothing."""
-    before = time.process_time()
-    time.sleep(seconds)
-    return (time.process_time() - before) / seconds * 100
 
 
 def latency(path: str, table: str, arrivals: Arrivals, n: int) -> list[float]:

@@ -14,8 +14,10 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import psycopg2
@@ -532,6 +534,38 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=timeout)
+
+
+def local_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets that process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def assert_once(got: list[int], expected: Collection[int], who: str) -> None:
+    """``got`` holds each of ``expected`` once, nothing else, in commit order."""
+    repeated = sorted(pk for pk, n in Counter(got).items() if n > 1)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    assert not (repeated or missing or extra), (
+        f"{who}: {len(got)} events for {len(expected)} rows; repeated: {repeated[:10]} "
+        f"({len(repeated)}), missing: {missing[:10]} ({len(missing)}), not expected: "
+        f"{extra[:10]} ({len(extra)})"
+    )
+    assert got == sorted(got), f"{who}: not in commit order"
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -40,26 +41,38 @@ from ._postgres import (
     start_private_postgres,
 )
 
-_postgres: list[Found | RuntimeError] = []
+#: The run's servers, found or started once each: label -> Found or why not.
+_servers: dict[str, Any] = {}
 
 
-def _find_postgres(config: pytest.Config) -> Found | RuntimeError:
-    """The run's server, found or started once, said in one line."""
-    if not _postgres:
+def _find(config: pytest.Config, label: str, find: Callable[[], Any]) -> Any:
+    """The run's server of ``label``, found (or started) once with
+    ``find()``, said in one line; the RuntimeError saying why there is none."""
+    if label not in _servers:
         try:
-            found: Found | RuntimeError = find_or_start_postgres()
+            found = find()
         except RuntimeError as exc:
             found = exc
-        _postgres.append(found)
-        if isinstance(found, Found):
-            config.add_cleanup(found.cleanup)
-            line = f"PostgreSQL for the tests: {found.summary}"
+        _servers[label] = found
+        if isinstance(found, RuntimeError):
+            line = f"{label} for the tests: NONE: {found}"
         else:
-            line = f"PostgreSQL for the tests: NONE: {found}"
+            config.add_cleanup(found.cleanup)
+            line = f"{label} for the tests: {found.summary}"
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(line)
-    return _postgres[0]
+    return _servers[label]
+
+
+def _find_postgres(config: pytest.Config) -> Found | RuntimeError:
+    found: Found | RuntimeError = _find(config, "PostgreSQL", find_or_start_postgres)
+    return found
+
+
+def _find_mariadb(config: pytest.Config) -> FoundMariaDB | RuntimeError:
+    found: FoundMariaDB | RuntimeError = _find(config, "MySQL/MariaDB", find_or_start_mariadb)
+    return found
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -156,27 +169,6 @@ def sqlite_app(sqlite_path: str) -> Iterator[Callable[..., tuple[Flask, DBNotify
 
 # -- MySQL / MariaDB -----------------------------------------------------------------
 
-_mariadb: list[FoundMariaDB | RuntimeError] = []
-
-
-def _find_mariadb(config: pytest.Config) -> FoundMariaDB | RuntimeError:
-    """The run's MySQL/MariaDB server, found or started once, said in one line."""
-    if not _mariadb:
-        try:
-            found: FoundMariaDB | RuntimeError = find_or_start_mariadb()
-        except RuntimeError as exc:
-            found = exc
-        _mariadb.append(found)
-        if isinstance(found, FoundMariaDB):
-            config.add_cleanup(found.cleanup)
-            line = f"MySQL/MariaDB for the tests: {found.summary}"
-        else:
-            line = f"MySQL/MariaDB for the tests: NONE: {found}"
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(line)
-    return _mariadb[0]
-
 
 @pytest.fixture(scope="session")
 def mysql_server(pytestconfig: pytest.Config) -> str:
@@ -248,6 +240,19 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     for app, ext in made:
         ext.close(app)
     runner.close()
+
+
+@pytest.fixture(params=["msgspec", "json"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Journal rows of SQLite and MySQL read with msgspec (the fast extra, which the tests
+    install) and with json's scanner (without it): the same values."""
+    from flask_dbnotify import _payload
+    from flask_dbnotify.backends import shaped
+
+    if request.param == "msgspec" and _payload._fast is None:
+        pytest.fail("msgspec is not installed: pip install -e '.[test]'")
+    monkeypatch.setattr(shaped, "_FAST", request.param == "msgspec")
+    return str(request.param)
 
 
 @pytest.fixture()

@@ -43,6 +43,7 @@ from ._helpers import (
     free_port,
     kill_group,
     listener_count,
+    local_ports,
     not_here,
     orders_app,
     poll_until,
@@ -55,25 +56,6 @@ BIN = Path(sys.executable).parent
 APP = "tests.apps.workers_app"
 LISTENER_NAME = "flask-dbnotify listener"
 LINE = re.compile(r"workers_app: (?P<what>.+) pid=(?P<pid>\d+)")
-
-
-def local_ports(pid: int) -> set[int]:
-    """Local TCP ports of the sockets that process ``pid`` holds open."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            fields = row.split()
-            if fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def session_owners(sql: SQL, pids: list[int]) -> dict[int, list[int]]:

@@ -64,19 +64,6 @@ ORDERS = "CREATE TABLE orders (id INT PRIMARY KEY, item VARCHAR(50) NOT NULL, qt
 # -- helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["msgspec", "json"])
-def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Journal rows read with msgspec (the fast extra, which the tests
-    install) and with json's scanner (without it): the same values."""
-    from flask_dbnotify import _payload
-    from flask_dbnotify.backends import shaped
-
-    if request.param == "msgspec" and _payload._fast is None:
-        pytest.fail("msgspec is not installed: pip install -e '.[test]'")
-    monkeypatch.setattr(shaped, "_FAST", request.param == "msgspec")
-    return str(request.param)
-
-
 def connected(ext: DBNotify, app: Flask) -> None:
     """Wait (bounded) until the listener's stream is open: it has found
     where in the journal it begins."""

@@ -51,8 +51,10 @@ from ._helpers import (
     MySQLDB,
     Recorder,
     app_factory,
+    assert_once,
     free_port,
     kill_group,
+    local_ports,
     marker,
     not_here,
     poll_until,
@@ -129,19 +131,6 @@ class Writer:
         self._stop.set()
         self._thread.join(WAIT)
         assert not self._thread.is_alive(), f"the writer still runs {WAIT}s after stop()"
-
-
-def assert_once(got: list[int], expected: Collection[int], who: str) -> None:
-    """``got`` holds each of ``expected`` once, nothing else, in commit order."""
-    repeated = sorted(pk for pk, n in Counter(got).items() if n > 1)
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    assert not (repeated or missing or extra), (
-        f"{who}: {len(got)} events for {len(expected)} rows; repeated: {repeated[:10]} "
-        f"({len(repeated)}), missing: {missing[:10]} ({len(missing)}), not expected: "
-        f"{extra[:10]} ({len(extra)})"
-    )
-    assert got == sorted(got), f"{who}: not in commit order"
 
 
 def row_pks(events: Recorder) -> list[int]:
@@ -825,25 +814,6 @@ def test_process_killed_inside_a_large_transaction_handles_nothing_twice(
 
 APP = "tests.apps.workers_app"
 LINE = re.compile(r"workers_app: (?P<what>.+) pid=(?P<pid>\d+)")
-
-
-def local_ports(pid: int) -> set[int]:
-    """Local TCP ports of the sockets that process ``pid`` holds open."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            fields = row.split()
-            if fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def session_holders(admin: Any, database: str, pids: list[int]) -> dict[int, list[int]]:

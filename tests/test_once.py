@@ -560,8 +560,17 @@ def test_always_failing_receiver_fails_for_good_and_is_reported_once(
 
 
 def retention_passed(db: Database, event_ids: set[int]) -> Callable[[], bool]:
-    """True once housekeeping has deleted the journal rows of these (done) events."""
-    return lambda: not (event_ids & db.journal_ids())
+    """True once housekeeping has deleted the journal rows of these (done)
+    events; on MySQL, but the newest journal row, which it always keeps
+    (a listener knows a journal made anew by its newest id going down)."""
+
+    def passed() -> bool:
+        left = event_ids & db.journal_ids()
+        if db.kind == "mysql":
+            left -= {db("SELECT max(id) FROM dbnotify_journal")[0][0]}
+        return not left
+
+    return passed
 
 
 def test_failed_event_keeps_its_journal_row_through_housekeeping(

@@ -86,19 +86,6 @@ def finish(proc: subprocess.Popen[bytes], what: str) -> str:
     return stderr
 
 
-@pytest.fixture(params=["msgspec", "json"])
-def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Journal rows read with msgspec (the fast extra, which the tests
-    install) and with json's scanner (without it): the same values."""
-    from flask_dbnotify import _payload
-    from flask_dbnotify.backends import shaped
-
-    if request.param == "msgspec" and _payload._fast is None:
-        pytest.fail("msgspec is not installed: pip install -e '.[test]'")
-    monkeypatch.setattr(shaped, "_FAST", request.param == "msgspec")
-    return str(request.param)
-
-
 # -- installing, inspecting and removing triggers ------------------------------
 
 

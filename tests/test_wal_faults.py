@@ -19,7 +19,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
@@ -29,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from flask_dbnotify.backends.postgresql.wal.leader import BATCH_ROWS
 
-from ._helpers import SQL, WAIT, Lines, app_factory, not_here
+from ._helpers import SQL, WAIT, Lines, app_factory, assert_once, not_here
 from ._postgres import LOGICAL_SETTINGS, ThrowawayServer, start_private_postgres
 
 Spawn = Callable[..., tuple[subprocess.Popen[bytes], Lines]]
@@ -202,19 +201,6 @@ class Writer:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), f"the writer still runs after {timeout}s"
-
-
-def assert_once(got: list[int], expected: Collection[int], who: str) -> None:
-    """``got`` holds each of ``expected`` once, nothing else, in commit order."""
-    repeated = sorted(pk for pk, n in Counter(got).items() if n > 1)
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    assert not (repeated or missing or extra), (
-        f"{who}: {len(got)} events for {len(expected)} rows; repeated: {repeated[:10]} "
-        f"({len(repeated)}), missing: {missing[:10]} ({len(missing)}), not expected: "
-        f"{extra[:10]} ({len(extra)})"
-    )
-    assert got == sorted(got), f"{who}: not in commit order"
 
 
 def run_sql(url: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:

@@ -129,6 +129,20 @@ def trigger_name(table: str, op: Operation, hashed: str, suffix: str = "") -> st
     return f"dbnotify_{slug}_{OP_CODE[op]}_{hashed}{suffix}"
 
 
+def check_table(name: str, watch: Watch, columns: Sequence[str], pk: Sequence[str]) -> None:
+    """Raise WatchError when ``watch`` names a column the table ``name``
+    lacks, or the table has no primary key."""
+    for col in (watch.columns or ()) + (watch.when_changed or ()):
+        if col not in columns:
+            raise WatchError(
+                f"table {name!r} has no column {col!r} (columns: {', '.join(columns)})"
+            )
+    if not pk:
+        raise WatchError(
+            f"table {name!r} has no primary key: events are identified by it, so add one"
+        )
+
+
 # -- status ------------------------------------------------------------------
 
 #: What a backend says of one watch: the triggers present and wanted (any

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 from ..._watch import Watch
 from ...errors import TABLE_MISSING_TODO, WatchError
+from ..common import check_table
 
 #: The comment every table of ours carries: we drop only what carries it.
 MARKER = "flask-dbnotify"
@@ -68,15 +69,7 @@ def resolve(cur: Any, database: str, watch: Watch) -> Table:
         (schema, watch.table),
     )
     pk = [row[0] for row in cur.fetchall()]
-    for col in (watch.columns or ()) + (watch.when_changed or ()):
-        if col not in names:
-            raise WatchError(
-                f"table {watch.table!r} has no column {col!r} (columns: {', '.join(names)})"
-            )
-    if not pk:
-        raise WatchError(
-            f"table {watch.table!r} has no primary key: events are identified by it, so add one"
-        )
+    check_table(watch.table, watch, names, pk)
     return Table(schema, watch.table, columns, pk, octets)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..._watch import Watch
 from ...errors import TABLE_MISSING_TODO, DBNotifyError, WatchError
+from ..common import check_table
 
 _KINDS = {
     "r": "a table",
@@ -223,17 +224,9 @@ def resolve(cur: Any, watch: Watch) -> Resolved:
         )
     cur.execute(_COLUMNS, (oid,))
     columns = tuple(name for (name,) in cur.fetchall())
-    for col in (watch.columns or ()) + (watch.when_changed or ()):
-        if col not in columns:
-            raise WatchError(
-                f"table {describe(watch)!r} has no column {col!r} (columns: {', '.join(columns)})"
-            )
     cur.execute(_PRIMARY_KEY, (oid,))
     pk = tuple(name for (name,) in cur.fetchall())
-    if not pk:
-        raise WatchError(
-            f"table {describe(watch)!r} has no primary key: events are identified by it, so add one"
-        )
+    check_table(describe(watch), watch, columns, pk)
     cur.execute(_TREE, {"oid": oid})
     tree, uncovered = [], []
     for child_oid, child_schema, child_name, child_kind in cur.fetchall():

@@ -7,6 +7,7 @@ import sqlite3
 
 from ..._watch import Watch
 from ...errors import TABLE_MISSING_TODO, WatchError
+from ..common import check_table
 
 #: In every trigger and table we create: we drop only what carries it.
 MARKER = "/* flask-dbnotify */"
@@ -43,15 +44,7 @@ def resolve(conn: sqlite3.Connection, path: str, watch: Watch) -> Table:
     columns = [(name, declared) for name, declared, _ in info]
     names = [name for name, _ in columns]
     pk = [name for name, _, position in sorted(info, key=lambda r: r[2]) if position]
-    for col in (watch.columns or ()) + (watch.when_changed or ()):
-        if col not in names:
-            raise WatchError(
-                f"table {watch.table!r} has no column {col!r} (columns: {', '.join(names)})"
-            )
-    if not pk:
-        raise WatchError(
-            f"table {watch.table!r} has no primary key: events are identified by it, so add one"
-        )
+    check_table(watch.table, watch, names, pk)
     return table, columns, pk, _rowid_alias(conn, table, columns, pk)
 
 
