@@ -73,6 +73,8 @@ class Hearing:
             stream.probe()
             check.probed = True
             return False
-        self.deaf = True
+        # Said before it shows in listener_state(): whoever sees the state
+        # finds the line in the log.
         self._deaf_log.warning("the listener's connection to %s %s", self.where, DEAF)
+        self.deaf = True
         return True
