@@ -32,8 +32,9 @@ MAX_KEEPALIVE_IDLE = 32767
 #: Retry delays double at each attempt; past this many the arithmetic
 #: overflows a float.
 MAX_ONCE_ATTEMPTS = 1000
-#: The ways changes are captured on PostgreSQL (``DBNOTIFY_CAPTURE``).
-CAPTURES = ("triggers", "wal")
+#: The ways changes are captured (``DBNOTIFY_CAPTURE``): "wal" on
+#: PostgreSQL, "binlog" on MariaDB.
+CAPTURES = ("triggers", "wal", "binlog")
 SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 
 

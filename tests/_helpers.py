@@ -796,7 +796,7 @@ class Backend:
         self.writer: SQL | SQLiteDB | MySQLDB
         if name == "sqlite":
             self.writer = SQLiteDB(str(path))
-        elif name == "mysql":
+        elif name in ("mysql", "binlog"):
             self.writer = MySQLDB(url)
         else:
             self.writer = SQL(url)
@@ -809,13 +809,18 @@ class Backend:
 
     @property
     def mysql(self) -> bool:
-        """MySQL or MariaDB."""
-        return self.name == "mysql"
+        """MySQL or MariaDB, with either capture."""
+        return self.name in ("mysql", "binlog")
+
+    @property
+    def binlog(self) -> bool:
+        """MariaDB with binary-log capture: no trigger of ours."""
+        return self.name == "binlog"
 
     @property
     def journaled(self) -> bool:
         """Every change is journaled (SQLite, MySQL): durable by nature."""
-        return self.name in ("sqlite", "mysql")
+        return self.name in ("sqlite", "mysql", "binlog")
 
     @property
     def wal(self) -> bool:

@@ -113,6 +113,8 @@ class ThrowawayMariaDB:
             f"--socket={os.path.join(self.dir, 'sock')}",
             "--innodb-flush-log-at-trx-commit=2",
             "--max-connections=300",
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_general_ci",
         ]
         if binlog:
             args += [
@@ -120,6 +122,7 @@ class ThrowawayMariaDB:
                 "--server-id=1",
                 "--binlog-format=ROW",
                 "--binlog-row-image=FULL",
+                "--binlog-row-metadata=FULL",
                 "--sync-binlog=0",
             ]
         self.args = args + list(extra)

@@ -31,8 +31,8 @@ from ._helpers import (
     not_here,
 )
 from ._mariadb import Found as FoundMariaDB
+from ._mariadb import ThrowawayMariaDB, find_or_start_mariadb
 from ._mariadb import connect as mysql_connect
-from ._mariadb import find_or_start_mariadb
 from ._postgres import (
     LOGICAL_SETTINGS,
     Found,
@@ -195,12 +195,45 @@ def mysql_url(mysql_server: str) -> Iterator[str]:
         admin.close()
 
 
+_binlog_databases: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def binlog_server() -> Iterator[ThrowawayMariaDB]:
+    """A private mariadbd with the row-based binary log (full images and
+    metadata), started once per run: the shared server's log is off, and
+    is never reconfigured."""
+    try:
+        server = ThrowawayMariaDB(binlog=True)
+    except RuntimeError as exc:
+        not_here(f"binary-log tests NOT RUN: no server with a binary log: {exc}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture()
+def binlog_url(binlog_server: ThrowawayMariaDB) -> Iterator[str]:
+    """A fresh database on the binary-log server (``dbnotify_binlog_<n>``),
+    dropped afterwards."""
+    name = f"dbnotify_binlog_{len(_binlog_databases) + 1}"
+    _binlog_databases.append(name)
+    admin = mysql_connect(binlog_server.url)
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield make_url(binlog_server.url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.close()
+
+
 # -- either database -----------------------------------------------------------------
 
 
 #: What the ``backend`` fixture runs a test on, unless the test (or its
 #: module) is marked ``@pytest.mark.backends(...)`` with fewer.
-BACKENDS = ("postgresql", "wal", "sqlite", "mysql")
+BACKENDS = ("postgresql", "wal", "sqlite", "mysql", "binlog")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -227,6 +260,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         url, path = request.getfixturevalue("pg_url"), None
     elif request.param == "mysql":
         url, path = request.getfixturevalue("mysql_url"), None
+    elif request.param == "binlog":
+        url, path = request.getfixturevalue("binlog_url"), None
+        config = {"DBNOTIFY_CAPTURE": "binlog"}
     elif request.param == "wal":
         url, path = request.getfixturevalue("logical_url"), None
         slot = "slot_" + str(make_url(url).database)

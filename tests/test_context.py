@@ -28,7 +28,7 @@ ORDERS = {
 
 
 def orders(backend: Backend) -> None:
-    backend.sql(ORDERS["postgresql" if backend.pg else backend.name])
+    backend.sql(ORDERS["postgresql" if backend.pg else "mysql" if backend.mysql else "sqlite"])
 
 
 class Messages:

@@ -34,6 +34,8 @@ def backend_for(settings: Any, root: str) -> Backend:
     url = parse_url(settings.database_uri)
     name = url.get_backend_name()
     if name == "postgresql":
+        if settings.capture == "binlog":
+            raise ValueError("DBNOTIFY_CAPTURE = 'binlog' needs MariaDB; PostgreSQL has 'wal'")
         if settings.capture == "wal":
             from .postgresql.wal import WalBackend
 
@@ -41,19 +43,25 @@ def backend_for(settings: Any, root: str) -> Backend:
         from .postgresql import PostgreSQLBackend
 
         return PostgreSQLBackend.from_url(url, settings.listen_uri, settings.schema)
+    if name in ("mysql", "mariadb"):
+        if settings.capture == "wal":
+            raise ValueError("DBNOTIFY_CAPTURE = 'wal' needs PostgreSQL; MariaDB has 'binlog'")
+        if settings.capture == "binlog":
+            from .mysql.binlog import MySQLBinlogBackend
+
+            return MySQLBinlogBackend.from_url(url, settings.connect_timeout)
+        from .mysql import MySQLBackend
+
+        return MySQLBackend.from_url(url, settings.connect_timeout)
     if settings.capture != "triggers":
         raise ValueError(
-            f"DBNOTIFY_CAPTURE = {settings.capture!r} needs PostgreSQL; "
-            "SQLite, MySQL and MariaDB journal every change with triggers"
+            f"DBNOTIFY_CAPTURE = {settings.capture!r} needs PostgreSQL or MariaDB; "
+            "SQLite journals every change with triggers"
         )
     if name == "sqlite":
         from .sqlite import SQLiteBackend
 
         return SQLiteBackend.from_url(url, root)
-    if name in ("mysql", "mariadb"):
-        from .mysql import MySQLBackend
-
-        return MySQLBackend.from_url(url, settings.connect_timeout)
     raise ValueError(
         f"unsupported database URL {url.render_as_string()!r}: Flask-DBNotify works "
         "with postgresql://, mysql+pymysql:// (MySQL, MariaDB) and sqlite:/// URLs"

@@ -23,7 +23,12 @@ from ..events import ChangeEvent, Operation, new_event
 
 log = logging.getLogger(__name__)
 
-_OPS = {"I": Operation.INSERT, "U": Operation.UPDATE, "D": Operation.DELETE}
+_OPS = {
+    "I": Operation.INSERT,
+    "U": Operation.UPDATE,
+    "D": Operation.DELETE,
+    "T": Operation.TRUNCATE,
+}
 #: What a journal row we cannot read raises: it is logged and skipped.
 _UNREADABLE = (
     _payload.PayloadError,
@@ -150,6 +155,19 @@ class Rows:
                 table, op, row[key], None, row, _EMPTY, journal_id, timestamp, False, None
             )
         context = None
+        if shape["op"] is Operation.TRUNCATE:
+            return new_event(
+                shape["t"],
+                Operation.TRUNCATE,
+                None,
+                None,
+                None,
+                _EMPTY,
+                journal_id,
+                timestamp,
+                False,
+                None,
+            )
         if type(values) is dict:
             if "cx" in values:
                 # A writer's context wraps the values (see SQLiteBackend.set_context).

@@ -13,7 +13,7 @@ import pymysql
 from ..._watch import Watch
 from ..base import Admin, Revision, Status
 from ..common import Inspection, add_once_health, compare_watches, once_health_queries
-from .catalog import our_tables, our_triggers, qualified, resolve
+from .catalog import TABLES, our_tables, our_triggers, qualified, resolve
 from .connection import NO_SUCH_TABLE, Database
 from .ddl import drop_trigger, install_plan, watch_triggers
 from .revision import WHERE, plan, why_foreign
@@ -102,15 +102,7 @@ class MySQLAdmin(Admin):
         return why_foreign(connection, tuple(self.db.run(WHERE)[0]))
 
     def kept_tables(self) -> tuple[str | None, frozenset[str]]:
-        return None, frozenset(
-            (
-                "dbnotify_journal",
-                "dbnotify_shapes",
-                "dbnotify_listeners",
-                "dbnotify_receivers",
-                "dbnotify_claims",
-            )
-        )
+        return None, frozenset(TABLES)
 
     def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         database = self.db.database
@@ -132,16 +124,18 @@ class MySQLAdmin(Admin):
                 if (schema, on) not in covered:
                     status.orphaned.append(f"trigger {schema}.{name} on {on}")
             if health:
-                _health(cur, database, status)
+                journal_health(cur, database, status, "triggers and a journal table, polled")
             return status
 
         result: Status = self._cursor(work)
         return result
 
 
-def _health(cur: Any, database: str, status: Status) -> None:
+def journal_health(cur: Any, database: str, status: Status, capture: str) -> None:
+    """The health lines of the journal, its listeners and once receivers,
+    after the capture's."""
     health = status.health
-    health["capture"] = "triggers and a journal table, polled"
+    health["capture"] = capture
     journal = qualified(database, "dbnotify_journal")
     try:
         cur.execute(f"SELECT count(*), min(created_at), max(id) FROM {journal}")

@@ -17,6 +17,8 @@ TABLES = (
     "dbnotify_listeners",
     "dbnotify_receivers",
     "dbnotify_claims",
+    "dbnotify_binlog",
+    "dbnotify_relay",
 )
 
 

@@ -45,13 +45,23 @@ TABLES = {
     "KEY dbnotify_journal_created (created_at)",
     # Also the trigger that writes the shape: what makes a trigger ours (no
     # one else may write this table).
+    # Binary-log capture: the shapes it writes have no trigger (''), and
+    # name their table.
     "dbnotify_shapes": f"name {_KEY} PRIMARY KEY, watch {_NAME} NOT NULL, "
     f"header LONGTEXT {_TEXT} NOT NULL, trigger_schema VARCHAR(64) {_TEXT} NOT NULL, "
-    f"trigger_name VARCHAR(64) {_TEXT} NOT NULL, KEY dbnotify_shapes_watch (watch)",
+    f"trigger_name VARCHAR(64) {_TEXT} NOT NULL, table_name VARCHAR(64) {_TEXT} NOT NULL, "
+    "KEY dbnotify_shapes_watch (watch)",
     "dbnotify_listeners": f"name {_NAME} PRIMARY KEY, position BIGINT UNSIGNED NOT NULL, "
     "seen_at DOUBLE NOT NULL",
     # Exactly-once receivers: how far each has claimed, and claims.
     "dbnotify_receivers": f"receiver {_NAME} PRIMARY KEY, id BIGINT UNSIGNED NOT NULL",
+    # Binary-log capture: what writers' transactions hand the relay
+    # (kind 'm': a message; 'c': the transaction's context from now on).
+    "dbnotify_relay": f"id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, "
+    f"kind CHAR(1) CHARACTER SET ascii NOT NULL, body LONGTEXT {_TEXT} NOT NULL",
+    # Binary-log capture: where the relay stands in the log.
+    "dbnotify_binlog": f"name {_KEY} PRIMARY KEY, file VARCHAR(255) {_TEXT} NOT NULL, "
+    "position BIGINT UNSIGNED NOT NULL, updated_at DOUBLE NOT NULL",
     "dbnotify_claims": f"receiver {_NAME} NOT NULL, event_id BIGINT UNSIGNED NOT NULL, "
     "state VARCHAR(8) NOT NULL DEFAULT 'running', attempts INT NOT NULL DEFAULT 1, "
     f"claimed_by {_NAME} NULL, claimed_at DOUBLE NOT NULL, next_attempt_at DOUBLE NULL, "
@@ -240,17 +250,26 @@ def install_plan(
         present = {name for schema, name, on in installed if (schema, on) == where}
         statements += [drop_trigger(table.schema, name) for name in sorted(present - set(wanted))]
         for name, (body, key, header) in wanted.items():
-            statements.append(
-                f"INSERT INTO {qualified(database, 'dbnotify_shapes')} "
-                "(name, watch, header, trigger_schema, trigger_name) "
-                f"VALUES ('{key}', {literal(watch.name)}, {literal(header)}, "
-                f"{literal(table.schema)}, {literal(name)}) ON DUPLICATE KEY UPDATE "
-                "watch = VALUES(watch), header = VALUES(header), "
-                "trigger_schema = VALUES(trigger_schema), trigger_name = VALUES(trigger_name)"
-            )
+            statements.append(shape_sql(database, key, watch, header, table, name))
             if name not in present:
                 statements.append(f"CREATE TRIGGER {qualified(table.schema, name)} {body}")
     return statements
+
+
+def shape_sql(
+    database: str, key: str, watch: Watch, header: str, table: Table, trigger: str
+) -> str:
+    """Record a shape: its key, watch, header, table, and the trigger that
+    writes it ('' for binary-log capture)."""
+    return (
+        f"INSERT INTO {qualified(database, 'dbnotify_shapes')} "
+        "(name, watch, header, trigger_schema, trigger_name, table_name) "
+        f"VALUES ('{key}', {literal(watch.name)}, {literal(header)}, "
+        f"{literal(table.schema)}, {literal(trigger)}, {literal(table.name)}) "
+        "ON DUPLICATE KEY UPDATE watch = VALUES(watch), header = VALUES(header), "
+        "trigger_schema = VALUES(trigger_schema), trigger_name = VALUES(trigger_name), "
+        "table_name = VALUES(table_name)"
+    )
 
 
 def drop_trigger(schema: str, name: str) -> str:

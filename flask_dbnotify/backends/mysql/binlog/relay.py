@@ -1,0 +1,261 @@
+"""Relaying the binary log into the journal, one committed transaction at
+a time: the rows of watched tables become journal rows exactly as our
+triggers would have written them (the same shapes, the same values), and
+the log position after the transaction is recorded with them, in one
+transaction, so that a leader that dies relays nothing twice.
+
+What to relay is in ``dbnotify_shapes``: the shapes an install made for
+binary-log capture (no trigger: ``trigger_name = ''``), each naming its
+table and operation; the relay reads them again whenever a transaction
+changed that table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from ..catalog import qualified
+from ..ddl import MAX_CONTEXT_BYTES, MAX_ROW_BYTES, NOW
+from . import events as ev
+from .events import Event, TableMap
+from .values import Decoder
+
+log = logging.getLogger(__name__)
+
+#: Rows and bytes of journal values in one INSERT (well under the
+#: server's max_allowed_packet).
+_ROWS_PER_INSERT = 1000
+_BYTES_PER_INSERT = 4 * 1024 * 1024
+#: A transaction with nothing to relay moves the recorded position at most
+#: this often (seconds): a restart reads at most that much again.
+_POSITION_EVERY = 1.0
+_OP = {ev.WRITE_ROWS: "i", ev.UPDATE_ROWS: "u", ev.DELETE_ROWS: "d"}
+
+
+class Shape:
+    """What the relay writes for one watched table and operation."""
+
+    def __init__(self, key: str, header: dict[str, Any]) -> None:
+        self.key = key
+        self.columns: list[str] = header["c"]
+        self.pk: list[str] = header["k"]
+        #: UPDATEs of rows whose these columns are unchanged are skipped.
+        self.watched: list[str] = header.get("w") or self.columns
+
+
+class Relay:
+    """Reads events; on each commit, writes the journal rows and the position."""
+
+    def __init__(self, db: Any, decoder: Decoder, conn: Any) -> None:
+        self.db = db
+        self.database = db.database
+        self.decoder = decoder
+        self.conn = conn
+        names = ("journal", "shapes", "binlog", "relay")
+        self.t = {name: qualified(self.database, f"dbnotify_{name}") for name in names}
+        self.maps: dict[int, TableMap] = {}
+        #: (shape key or None for a message, body) of the transaction.
+        self.pending: list[tuple[str | None, str]] = []
+        #: The transaction's context (JSON text), and the rows of
+        #: dbnotify_relay it wrote (deleted once relayed).
+        self.context = ""
+        self.handed: list[int] = []
+        self.reload = False
+        self.written_at = 0.0
+        self.shapes = self._shapes()
+        self.json_columns: dict[tuple[str, str], set[str]] = {}
+
+    def _shapes(self) -> dict[tuple[str, str, str], Shape]:
+        """(schema, table, op letter) -> shape, for binary-log capture."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"SELECT name, header, trigger_schema, table_name FROM {self.t['shapes']} "
+                "WHERE trigger_name = ''"
+            )
+            rows = cur.fetchall()
+        shapes = {}
+        for key, header, schema, table in rows:
+            shapes[(schema, table, key[0])] = Shape(key, json.loads(header))
+        self.json_columns = {}
+        return shapes
+
+    def _json_columns(self, schema: str, table: str) -> set[str]:
+        """The columns of a table that hold JSON (MariaDB logs them as text,
+        and checks them with ``json_valid``)."""
+        key = (schema, table)
+        if key not in self.json_columns:
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+                    "AND TABLE_NAME = %s AND (DATA_TYPE = 'json' OR COLUMN_NAME IN (SELECT "
+                    "  SUBSTRING_INDEX(SUBSTRING_INDEX(CHECK_CLAUSE, '`', 2), '`', -1) "
+                    "  FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = %s "
+                    "  AND TABLE_NAME = %s AND CHECK_CLAUSE LIKE 'json\\_valid(%%'))",
+                    (schema, table, schema, table),
+                )
+                self.json_columns[key] = {row[0] for row in cur.fetchall()}
+        return self.json_columns[key]
+
+    def handle(self, event: Event, dump: ev.Dump) -> None:
+        kind = event.type
+        if kind == ev.TABLE_MAP:
+            found = ev.table_map(event.body, dump.id_bytes)
+            self.maps[found.table_id] = found
+        elif kind in _OPS:
+            self._rows(event, dump)
+        elif kind == ev.XID:
+            self.commit(dump.file, event.next_position)
+        elif kind == ev.QUERY:
+            self._query(event, dump)
+        elif kind == ev.ROTATE and event.next_position:
+            self.commit(dump.file, int.from_bytes(event.body[:8], "little"))
+
+    def _rows(self, event: Event, dump: ev.Dump) -> None:
+        table_id, present, after, body, at = ev.rows(event.body, event.type, dump.id_bytes)
+        found = self.maps.get(table_id)
+        if found is None:
+            return
+        if found.schema == self.database and found.table in _OURS:
+            if found.table == "dbnotify_shapes":
+                self.reload = True
+            elif found.table == "dbnotify_relay" and event.type in ev.WRITE_ROWS:
+                self._handed(found, body, at, present)
+            return
+        op = _OPS[event.type]
+        shape = self.shapes.get((found.schema, found.table, op))
+        if shape is None:
+            return
+        json_columns = self._json_columns(found.schema, found.table)
+        names = [column.name for column in found.columns]
+        image = self.decoder.image
+        while at < len(body):
+            values, at = image(body, at, found.columns, present, json_columns)
+            row = dict(zip(names, values, strict=True))
+            if after is None:
+                self.pending.append((shape.key, self._context(_body(shape, row, None))))
+                continue
+            new_values, at = image(body, at, found.columns, after, json_columns)
+            new = dict(zip(names, new_values, strict=True))
+            if any(new.get(c) != row.get(c) for c in shape.watched):
+                self.pending.append((shape.key, self._context(_body(shape, new, row))))
+
+    def _handed(self, found: TableMap, body: bytes, at: int, present: list[int]) -> None:
+        """Rows a writer's transaction wrote to dbnotify_relay: messages,
+        and contexts for its changes from there on."""
+        while at < len(body):
+            values, at = self.decoder.image(body, at, found.columns, present, set())
+            row_id, kind, text = (json.loads(v or "null") for v in values[:3])
+            self.handed.append(row_id)
+            if kind == "c":
+                self.context = text
+            else:
+                self.pending.append((None, text))
+
+    def _context(self, body: str) -> str:
+        """``body`` with the transaction's context, as the triggers write it."""
+        if not self.context or len(self.context.encode()) > MAX_CONTEXT_BYTES:
+            return body
+        return f'{{"cx":{json.dumps(self.context, ensure_ascii=False)},"r":{body}}}'
+
+    def _query(self, event: Event, dump: ev.Dump) -> None:
+        # Post-header: thread id (4), time (4), database length (1), error
+        # code (2), status variables' length (2).
+        db_len = event.body[8]
+        status_len = int.from_bytes(event.body[11:13], "little")
+        at = 13 + status_len
+        schema = event.body[at : at + db_len].decode(errors="replace")
+        query = event.body[at + db_len + 1 :].decode(errors="replace").strip()
+        word = query[:8].upper()
+        if word.startswith("BEGIN"):
+            return
+        if word.startswith("TRUNCATE"):
+            self._truncate(schema, query)
+        # COMMIT, or a statement that is a transaction of its own (DDL).
+        self.commit(dump.file, event.next_position)
+
+    def _truncate(self, schema: str, query: str) -> None:
+        found = _TRUNCATE.match(query)
+        if found is None:
+            return
+        names = [_unquote(part) for part in _NAME.findall(found.group(1))]
+        where = (names[0], names[1]) if len(names) == 2 else (schema, names[0])
+        shape = self.shapes.get((*where, "t"))
+        if shape is not None:
+            self.pending.append((shape.key, "[]"))
+
+    def commit(self, file: str, position: int) -> None:
+        """The transaction ends: write what it holds, and where it ends."""
+        now = time.monotonic()
+        self.context = ""
+        if not self.pending and not self.handed and now - self.written_at < _POSITION_EVERY:
+            if self.reload:
+                self.shapes, self.reload = self._shapes(), False
+            return
+        self.conn.begin()
+        try:
+            with self.conn.cursor() as cur:
+                for chunk in _chunks(self.pending):
+                    cur.execute(
+                        f"INSERT INTO {self.t['journal']} (created_at, shape, body) VALUES "
+                        + ", ".join([f"({NOW}, %s, %s)"] * len(chunk)),
+                        [value for row in chunk for value in row],
+                    )
+                if self.handed:
+                    marks = ", ".join(["%s"] * len(self.handed))
+                    cur.execute(f"DELETE FROM {self.t['relay']} WHERE id IN ({marks})", self.handed)
+                cur.execute(
+                    f"UPDATE {self.t['binlog']} SET file = %s, position = %s, updated_at = %s "
+                    "WHERE name = 'position'",
+                    (file, position, time.time()),
+                )
+        except BaseException:
+            self.conn.rollback()
+            raise
+        self.conn.commit()
+        self.pending, self.handed, self.context = [], [], ""
+        self.written_at = now
+        if self.reload:
+            self.shapes, self.reload = self._shapes(), False
+
+
+_OPS = {kind: op for kinds, op in _OP.items() for kind in kinds}
+_OURS = ("dbnotify_shapes", "dbnotify_relay", "dbnotify_journal", "dbnotify_binlog")
+_PART = r"(?:`(?:[^`]|``)+`|[\w$]+)"
+_TRUNCATE = re.compile(rf"TRUNCATE\s+(?:TABLE\s+)?({_PART}(?:\s*\.\s*{_PART})?)", re.IGNORECASE)
+_NAME = re.compile(_PART)
+
+
+def _unquote(part: str) -> str:
+    return part[1:-1].replace("``", "`") if part.startswith("`") else part
+
+
+def _body(shape: Shape, row: dict[str, str | None], old: dict[str, str | None] | None) -> str:
+    """The journal body of a row (``old``: an UPDATE's row before), in the
+    shape's column order, cut to its keys when too large."""
+    values = ",".join(row.get(c) or "null" for c in shape.columns)
+    if old is None:
+        if len(values) > MAX_ROW_BYTES:
+            return '{"cut":[[' + ",".join(row.get(c) or "null" for c in shape.pk) + "]]}"
+        return f"[{values}]"
+    before = ",".join(old.get(c) or "null" for c in shape.columns)
+    if len(values) + len(before) > MAX_ROW_BYTES:
+        keys = ",".join(row.get(c) or "null" for c in shape.pk)
+        old_keys = ",".join(old.get(c) or "null" for c in shape.pk)
+        return f'{{"cut":[[[{keys}]],[[{old_keys}]]]}}'
+    return f"[[{values}],[{before}]]"
+
+
+def _chunks(rows: list[tuple[str | None, str]]) -> list[list[tuple[str | None, str]]]:
+    chunks: list[list[tuple[str | None, str]]] = []
+    size = 0
+    for row in rows:
+        if not chunks or len(chunks[-1]) >= _ROWS_PER_INSERT or size > _BYTES_PER_INSERT:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += len(row[1])
+    return chunks
