@@ -88,7 +88,7 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_ours(url: str, table: str, arrivals: Arrivals) -> Callable[[], None]:
+def start_ours(url: str, table: str, arrivals: Arrivals, **config: Any) -> Callable[[], None]:
     """Flask-DBNotify watching ``table``, an on() receiver noting each
     INSERT's key in ``arrivals``; returns what stops it."""
     from flask import Flask
@@ -96,7 +96,7 @@ def start_ours(url: str, table: str, arrivals: Arrivals) -> Callable[[], None]:
     from flask_dbnotify import DBNotify
 
     app = Flask("bench")
-    app.config.update(DBNOTIFY_DATABASE_URI=url, DBNOTIFY_AUTOSTART=False)
+    app.config.update(DBNOTIFY_DATABASE_URI=url, DBNOTIFY_AUTOSTART=False, **config)
     dbnotify = DBNotify(app)
 
     @dbnotify.on(table, "insert")

@@ -19,6 +19,8 @@ Listeners (writers in another process):
   millisecond: the simplest thing that works (it would lose rows that
   commit out of id order, which Flask-DBNotify does not).
 - flask-dbnotify: DBNotify with watch(), a receiver connected with on().
+- binlog capture: the same with ``DBNOTIFY_CAPTURE = "binlog"``, in a
+  database of its own, its writers writing the binary log.
 
 Figures, each the median (min–max) of ``--rounds`` rounds, the contenders
 in a new order each round, ratios taken within a round:
@@ -45,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -82,10 +84,11 @@ WRITERS = {
 WRITER = r"""
 import random, sys, time, pymysql
 port, mode, n, table = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-conn = pymysql.connect(host="127.0.0.1", port=port, user="root", database="bench",
+database, log_bin = sys.argv[5], int(sys.argv[6])
+conn = pymysql.connect(host="127.0.0.1", port=port, user="root", database=database,
                        autocommit=True)
 cur = conn.cursor()
-cur.execute("SET SESSION sql_log_bin = 0")
+cur.execute("SET SESSION sql_log_bin = %s", (log_bin,))
 clock = time.perf_counter
 if mode == "latency":
     for _ in range(n):
@@ -103,9 +106,30 @@ else:
 """
 
 
-def write(port: int, mode: str, n: int, table: str) -> list[list[str]]:
+class Contender(NamedTuple):
+    """A listener measured: its table, the database it is in, whether its
+    writers write the binary log, and what starts it."""
+
+    name: str
+    table: str
+    database: str
+    log_bin: int
+    start: Callable[[Arrivals], Callable[[], None]]
+
+
+def write(port: int, mode: str, n: int, who: Contender) -> list[list[str]]:
     out = subprocess.run(
-        [sys.executable, "-c", WRITER, str(port), mode, str(n), table],
+        [
+            sys.executable,
+            "-c",
+            WRITER,
+            str(port),
+            mode,
+            str(n),
+            who.table,
+            who.database,
+            str(who.log_bin),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -142,16 +166,16 @@ class BareLoop:
         self.conn.close()
 
 
-def latency(port: int, table: str, arrivals: Arrivals, n: int) -> list[float]:
+def latency(port: int, who: Contender, arrivals: Arrivals, n: int) -> list[float]:
     arrivals.reset()
-    sent = write(port, "latency", n, table)
+    sent = write(port, "latency", n, who)
     arrivals.wait_count(n)
     return [(arrivals.times[int(key)] - float(at)) * 1000 for key, at in sent]
 
 
-def bulk(port: int, table: str, arrivals: Arrivals, rows: int) -> float:
+def bulk(port: int, who: Contender, arrivals: Arrivals, rows: int) -> float:
     arrivals.reset()
-    ((start, _),) = write(port, "bulk", rows, table)
+    ((start, _),) = write(port, "bulk", rows, who)
     arrivals.wait_count(rows)
     return events_per_second(rows, float(start), arrivals.last)
 
@@ -231,7 +255,10 @@ def main() -> None:
 def run(server: ThrowawayMariaDB, args: Any) -> None:
     admin = connect(server.url)
     with admin.cursor() as cur:
+        cur.execute("SET SESSION sql_log_bin = 0")
         cur.execute("CREATE DATABASE bench")
+        cur.execute("CREATE DATABASE bench_binlog")
+        cur.execute(f"CREATE TABLE bench_binlog.ours ({COLUMNS})")
         cur.execute("SELECT VERSION()")
         (version,) = cur.fetchone()
     admin.close()
@@ -242,38 +269,46 @@ def run(server: ThrowawayMariaDB, args: Any) -> None:
         for statement in SCHEMA:
             cur.execute(statement)
     conn.close()
+    binlog_url = server.url + "bench_binlog"
 
-    contenders: list[tuple[str, str, Callable[..., Callable[[], None]]]] = [
-        ("bare polling loop", "bare", lambda arrivals: BareLoop(url, arrivals).close),
-        ("flask-dbnotify", "ours", lambda arrivals: start_ours(url, "ours", arrivals)),
+    contenders = [
+        Contender("bare polling loop", "bare", "bench", 0, lambda a: BareLoop(url, a).close),
+        Contender("flask-dbnotify", "ours", "bench", 0, lambda a: start_ours(url, "ours", a)),
+        Contender(
+            "binlog capture",
+            "ours",
+            "bench_binlog",
+            1,
+            lambda a: start_ours(binlog_url, "ours", a, DBNOTIFY_CAPTURE="binlog"),
+        ),
     ]
-    names = [name for name, _, _ in contenders]
+    names = [who.name for who in contenders]
     figures: dict[str, dict[str, list[float]]] = {n: {} for n in [*names, *WRITERS]}
 
     def note(name: str, key: str, value: float) -> None:
         figures[name].setdefault(key, []).append(value)
 
     for _ in range(args.rounds):
-        for name, _, start in contenders:
+        for who in contenders:
             baseline = idle_cpu(args.idle_seconds)
-            stop = start(Arrivals())
-            note(name, "idle", idle_cpu(args.idle_seconds) - baseline)
+            stop = who.start(Arrivals())
+            note(who.name, "idle", idle_cpu(args.idle_seconds) - baseline)
             stop()
 
     arrivals = {name: Arrivals() for name in names}
-    stops = [start(arrivals[name]) for name, _, start in contenders]
+    stops = [who.start(arrivals[who.name]) for who in contenders]
     shuffle = random.Random(17)
     try:
-        for name, table, _ in contenders:
-            latency(server.port, table, arrivals[name], 20)  # warm up
+        for who in contenders:
+            latency(server.port, who, arrivals[who.name], 20)  # warm up
         order = list(contenders)
         for _ in range(args.rounds):
             shuffle.shuffle(order)
-            for name, table, _ in order:
-                samples = latency(server.port, table, arrivals[name], args.latency_samples)
-                note(name, "p50", pct(samples, 0.5))
-                note(name, "p99", pct(samples, 0.99))
-                note(name, "rate", bulk(server.port, table, arrivals[name], args.rows))
+            for who in order:
+                samples = latency(server.port, who, arrivals[who.name], args.latency_samples)
+                note(who.name, "p50", pct(samples, 0.5))
+                note(who.name, "p99", pct(samples, 0.99))
+                note(who.name, "rate", bulk(server.port, who, arrivals[who.name], args.rows))
             for name in names:
                 note(name, "rate ratio", figures[name]["rate"][-1] / figures[names[0]]["rate"][-1])
     finally:
@@ -306,6 +341,7 @@ def report(
         "to the last event"
     )
     figures["bare polling loop"]["write"] = figures["bare outbox"]["write"]
+    figures["binlog capture"]["write"] = figures["binlog"]["write"]
     print_rates(figures, names, "bare loop")
     print()
     print("commit to receiver across processes, ms; idle CPU in % of one core")

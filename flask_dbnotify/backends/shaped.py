@@ -132,17 +132,7 @@ class Rows:
     def _event(
         self, journal_id: int, timestamp: datetime, shape: dict[str, Any], body: str
     ) -> ChangeEvent:
-        if _FAST:
-            values = _payload.loads(body)
-        else:
-            # The decoder's scanner alone reads what our triggers write (no
-            # whitespace around it to skip); anything else, as payloads are.
-            try:
-                values, end = _scan(body, 0)
-            except StopIteration:
-                end = -1
-            if end != len(body):
-                values = _payload.loads(body)
+        values = _parse(body)
         simple = shape["simple"]
         if simple is not None and type(values) is list and len(values) == simple[3]:
             table, op, columns, _, key = simple
@@ -197,6 +187,19 @@ class Rows:
         return new_event(
             shape["t"], op, pk, new, old, changed, journal_id, timestamp, False, context
         )
+
+
+def _parse(body: str) -> Any:
+    """A journal body's JSON."""
+    if _FAST:
+        return _payload.loads(body)
+    # The decoder's scanner alone reads what our triggers write (no
+    # whitespace around it to skip); anything else, as payloads are.
+    try:
+        values, end = _scan(body, 0)
+    except StopIteration:
+        end = -1
+    return values if end == len(body) else _payload.loads(body)
 
 
 def _row(columns: list[str], values: list[Any]) -> dict[str, Any]:

@@ -113,14 +113,8 @@ class Decoder:
             size = (column.meta + 7) // 8
             return str(int.from_bytes(data[at : at + size], "big")), at + size
         if kind in (ev.ENUM, ev.SET):
-            size = column.meta
-            number = int.from_bytes(data[at : at + size], "little")
-            names = column.values or []
-            if kind == ev.ENUM:
-                text = names[number - 1] if 0 < number <= len(names) else ""
-            else:
-                text = ",".join(name for i, name in enumerate(names) if number & (1 << i))
-            return json.dumps(text, ensure_ascii=False), at + size
+            number = int.from_bytes(data[at : at + column.meta], "little")
+            return json.dumps(_choice(kind, number, column), ensure_ascii=False), at + column.meta
         if kind in (ev.DATETIME2, ev.TIMESTAMP2, ev.TIME2):
             return _temporal(data, at, kind, column.meta or 0)
         raise ValueError(f"column {column.name!r}: binary log type {kind} is not supported")
@@ -132,6 +126,14 @@ class Decoder:
         if is_json:
             return decoded  # checked valid JSON by the column's constraint
         return json.dumps(decoded, ensure_ascii=False)
+
+
+def _choice(kind: int, number: int, column: Column) -> str:
+    """An ENUM's value (by its number, from 1) or a SET's (a bit each)."""
+    names = column.values or []
+    if kind == ev.ENUM:
+        return names[number - 1] if 0 < number <= len(names) else ""
+    return ",".join(name for i, name in enumerate(names) if number & (1 << i))
 
 
 def _int(raw: bytes, column: Column) -> str:
