@@ -18,6 +18,8 @@ import re
 import time
 from typing import Any
 
+from pymysql.converters import escape_string
+
 from ..catalog import qualified
 from ..ddl import MAX_CONTEXT_BYTES, MAX_ROW_BYTES, NOW
 from . import events as ev
@@ -58,6 +60,8 @@ class Relay:
         names = ("journal", "shapes", "binlog", "relay")
         self.t = {name: qualified(self.database, f"dbnotify_{name}") for name in names}
         self.maps: dict[int, TableMap] = {}
+        #: Per table id: the map the readers were made for, and the readers.
+        self.readers: dict[int, tuple[TableMap, list[Any]]] = {}
         #: (shape key or None for a message, body) of the transaction.
         self.pending: list[tuple[str | None, str]] = []
         #: The transaction's context (JSON text), and the rows of
@@ -82,6 +86,15 @@ class Relay:
             shapes[(schema, table, key[0])] = Shape(key, json.loads(header))
         self.json_columns = {}
         return shapes
+
+    def _readers(self, found: TableMap) -> list[Any]:
+        """The column readers of a table map, made once per map."""
+        readers = self.readers.get(found.table_id)
+        if readers is None or readers[0] is not found:
+            json_columns = self._json_columns(found.schema, found.table)
+            readers = (found, self.decoder.readers(found.columns, json_columns))
+            self.readers[found.table_id] = readers
+        return readers[1]
 
     def _json_columns(self, schema: str, table: str) -> set[str]:
         """The columns of a table that hold JSON (MariaDB logs them as text,
@@ -129,16 +142,25 @@ class Relay:
         shape = self.shapes.get((found.schema, found.table, op))
         if shape is None:
             return
-        json_columns = self._json_columns(found.schema, found.table)
+        readers = self._readers(found)
         names = [column.name for column in found.columns]
         image = self.decoder.image
+        pending, key = self.pending, shape.key
+        # The common case: a whole row of a table whose columns are as the
+        # shape has them, values joined as they are.
+        whole = after is None and names == shape.columns and len(present) == len(names)
         while at < len(body):
-            values, at = image(body, at, found.columns, present, json_columns)
+            values, at = image(body, at, readers, present)
+            if whole and not self.context:
+                text = ",".join(values)  # type: ignore[arg-type] # every column present
+                if len(text) <= MAX_ROW_BYTES:
+                    pending.append((key, f"[{text}]"))
+                    continue
             row = dict(zip(names, values, strict=True))
             if after is None:
-                self.pending.append((shape.key, self._context(_body(shape, row, None))))
+                pending.append((key, self._context(_body(shape, row, None))))
                 continue
-            new_values, at = image(body, at, found.columns, after, json_columns)
+            new_values, at = image(body, at, readers, after)
             new = dict(zip(names, new_values, strict=True))
             if any(new.get(c) != row.get(c) for c in shape.watched):
                 self.pending.append((shape.key, self._context(_body(shape, new, row))))
@@ -147,7 +169,7 @@ class Relay:
         """Rows a writer's transaction wrote to dbnotify_relay: messages,
         and contexts for its changes from there on."""
         while at < len(body):
-            values, at = self.decoder.image(body, at, found.columns, present, set())
+            values, at = self.decoder.image(body, at, self._readers(found), present)
             row_id, kind, text = (json.loads(v or "null") for v in values[:3])
             self.handed.append(row_id)
             if kind == "c":
@@ -199,10 +221,15 @@ class Relay:
         try:
             with self.conn.cursor() as cur:
                 for chunk in _chunks(self.pending):
+                    # The values written out (escaped as PyMySQL escapes
+                    # them), not formatted in: a third of the relay's time.
                     cur.execute(
                         f"INSERT INTO {self.t['journal']} (created_at, shape, body) VALUES "
-                        + ", ".join([f"({NOW}, %s, %s)"] * len(chunk)),
-                        [value for row in chunk for value in row],
+                        + ", ".join(
+                            f"({NOW}, {f'{_Q}{k}{_Q}' if k else 'NULL'}, "
+                            f"{_Q}{escape_string(text)}{_Q})"
+                            for k, text in chunk
+                        )
                     )
                 if self.handed:
                     marks = ", ".join(["%s"] * len(self.handed))
@@ -223,6 +250,7 @@ class Relay:
 
 
 _OPS = {kind: op for kinds, op in _OP.items() for kind in kinds}
+_Q = "'"
 _OURS = ("dbnotify_shapes", "dbnotify_relay", "dbnotify_journal", "dbnotify_binlog")
 _PART = r"(?:`(?:[^`]|``)+`|[\w$]+)"
 _TRUNCATE = re.compile(rf"TRUNCATE\s+(?:TABLE\s+)?({_PART}(?:\s*\.\s*{_PART})?)", re.IGNORECASE)

@@ -10,12 +10,15 @@ the next image begins.
 from __future__ import annotations
 
 import codecs
-import json
 import struct
 from collections.abc import Callable
+from json.encoder import encode_basestring
 
 from . import events as ev
 from .events import Column
+
+#: A JSON string of a str, as json.dumps(ensure_ascii=False) writes it (in C).
+_quote: Callable[[str], str] = encode_basestring
 
 #: Character set names as the server calls them, Python's codec for each
 #: where its name differs (MySQL's latin1 is Windows-1252).
@@ -59,6 +62,11 @@ def codec_for(charset: str) -> str:
         return "utf-8"
 
 
+#: Reads one column's value at a position: its JSON text, and where the
+#: next value begins.
+Reader = Callable[[bytes, int], tuple[str, int]]
+
+
 class Decoder:
     """Reads row images of tables, knowing each collation's character set
     (``charsets``: collation id -> codec) and which columns hold JSON
@@ -67,65 +75,86 @@ class Decoder:
     def __init__(self, charsets: dict[int, str]) -> None:
         self.charsets = charsets
 
+    def readers(self, columns: list[Column], json_columns: set[str]) -> list[Reader]:
+        """A reader for each column: made once per table, used for every row."""
+        return [self.reader(column, column.name in json_columns) for column in columns]
+
+    @staticmethod
     def image(
-        self,
-        data: bytes,
-        at: int,
-        columns: list[Column],
-        present: list[int],
-        json_columns: set[str],
+        data: bytes, at: int, readers: list[Reader], present: list[int]
     ) -> tuple[list[str | None], int]:
-        values: list[str | None] = [None] * len(columns)
-        nulls = data[at : at + (len(present) + 7) // 8]
-        at += len(nulls)
+        """One row image: the JSON text of each column's value (None for a
+        column absent from it), and where the next image begins."""
+        values: list[str | None] = [None] * len(readers)
+        size = (len(present) + 7) // 8
+        nulls = data[at : at + size]
+        at += size
         for n, index in enumerate(present):
-            if nulls[n // 8] & (1 << n % 8):
+            if nulls[n >> 3] & (1 << (n & 7)):
                 values[index] = "null"
-                continue
-            column = columns[index]
-            values[index], at = self.value(data, at, column, column.name in json_columns)
+            else:
+                values[index], at = readers[index](data, at)
         return values, at
 
-    def value(self, data: bytes, at: int, column: Column, is_json: bool) -> tuple[str, int]:
+    def reader(self, column: Column, is_json: bool) -> Reader:  # noqa: C901 - one case a type
         kind = column.type
         fixed = _FIXED.get(kind)
         if fixed is not None:
             size, read = fixed
-            return read(data[at : at + size], column), at + size
+            return lambda data, at: (read(data[at : at + size], column), at + size)
         if kind in (ev.VARCHAR, ev.VAR_STRING, ev.STRING):
             width = 1 if column.meta < 256 else 2
-            length = int.from_bytes(data[at : at + width], "little")
-            raw = data[at + width : at + width + length]
-            if kind == ev.STRING and column.collation == BINARY:
-                raw = raw.ljust(column.meta, b"\0")  # BINARY(n) reads back padded
-            return self.text(raw, column, is_json), at + width + length
+            text = self.text(column, is_json)
+            pad = column.meta if kind == ev.STRING and column.collation == BINARY else 0
+
+            def string(data: bytes, at: int) -> tuple[str, int]:
+                end = at + width + int.from_bytes(data[at : at + width], "little")
+                raw = data[at + width : end]
+                # BINARY(n) reads back padded.
+                return text(raw.ljust(pad, b"\0") if pad else raw), end
+
+            return string
         if kind in (ev.BLOB, ev.TINY_BLOB, ev.MEDIUM_BLOB, ev.LONG_BLOB, ev.GEOMETRY):
             width = column.meta
-            length = int.from_bytes(data[at : at + width], "little")
-            raw = data[at + width : at + width + length]
-            if kind == ev.GEOMETRY:
-                return f'"{raw.hex().upper()}"', at + width + length
-            return self.text(raw, column, is_json), at + width + length
+            text = _hex if kind == ev.GEOMETRY else self.text(column, is_json)
+
+            def blob(data: bytes, at: int) -> tuple[str, int]:
+                end = at + width + int.from_bytes(data[at : at + width], "little")
+                return text(data[at + width : end]), end
+
+            return blob
         if kind == ev.NEWDECIMAL:
             size = decimal_size(*column.meta)
-            return decimal(data[at : at + size], *column.meta), at + size
+            return lambda data, at: (decimal(data[at : at + size], *column.meta), at + size)
         if kind == ev.BIT:
             size = (column.meta + 7) // 8
-            return str(int.from_bytes(data[at : at + size], "big")), at + size
+            return lambda data, at: (str(int.from_bytes(data[at : at + size], "big")), at + size)
         if kind in (ev.ENUM, ev.SET):
-            number = int.from_bytes(data[at : at + column.meta], "little")
-            return json.dumps(_choice(kind, number, column), ensure_ascii=False), at + column.meta
+            size = column.meta
+
+            def choice(data: bytes, at: int) -> tuple[str, int]:
+                number = int.from_bytes(data[at : at + size], "little")
+                return _quote(_choice(kind, number, column)), at + size
+
+            return choice
         if kind in (ev.DATETIME2, ev.TIMESTAMP2, ev.TIME2):
-            return _temporal(data, at, kind, column.meta or 0)
+            fsp = column.meta or 0
+            return lambda data, at: _temporal(data, at, kind, fsp)
         raise ValueError(f"column {column.name!r}: binary log type {kind} is not supported")
 
-    def text(self, raw: bytes, column: Column, is_json: bool) -> str:
+    def text(self, column: Column, is_json: bool) -> Callable[[bytes], str]:
+        """How a column's bytes become JSON: hex for binary ones, the text
+        in its character set (embedded, for a JSON column)."""
         if column.collation == BINARY or column.collation is None and not is_json:
-            return f'"{raw.hex().upper()}"'
-        decoded = raw.decode(self.charsets.get(column.collation or 0, "utf-8"), "replace")
+            return _hex
+        codec = self.charsets.get(column.collation or 0, "utf-8")
         if is_json:
-            return decoded  # checked valid JSON by the column's constraint
-        return json.dumps(decoded, ensure_ascii=False)
+            return lambda raw: raw.decode(codec, "replace")  # checked valid by its constraint
+        return lambda raw: _quote(raw.decode(codec, "replace"))
+
+
+def _hex(raw: bytes) -> str:
+    return f'"{raw.hex().upper()}"'
 
 
 def _choice(kind: int, number: int, column: Column) -> str:
