@@ -835,12 +835,15 @@ class Gunicorn:
     """``gunicorn -w 2`` serving workers_app in its own process group; its
     stdout read line by line, its stderr in a file."""
 
-    def __init__(self, url: str, worker_class: str, preload: bool, stderr: Path) -> None:
+    def __init__(
+        self, url: str, worker_class: str, preload: bool, stderr: Path, capture: str = "triggers"
+    ) -> None:
         program = BIN / "gunicorn"
         if not program.exists():
             not_here("gunicorn tests NOT RUN: gunicorn is not installed")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PYTHON"))}
         env.update(DBNOTIFY_TEST_APP_DATABASE_URL=url, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env.update(DBNOTIFY_TEST_APP_CAPTURE=capture)
         self.port = free_port()
         argv = [str(program), "-w", "2", "-k", worker_class, "-b", f"127.0.0.1:{self.port}"]
         argv += ["--preload"] if preload else []
@@ -995,3 +998,46 @@ def test_gunicorn_workers_each_receive_each_row_once(
         f"\ngunicorn -k {worker_class} {'--preload' if preload else '(no --preload)'} on MySQL: "
         f"workers listening {t_listening:.3f}s after start; stopped {took:.3f}s after SIGTERM"
     )
+
+
+@pytest.mark.backends("binlog")
+def test_gunicorn_workers_share_one_leader_of_the_binary_log(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """gunicorn -w 2 --preload (gthread) with binary-log capture: exactly
+    one worker follows the log, the master never; each row reaches each
+    worker once, in order. When the leading worker is killed, the other
+    worker leads, and rows committed meanwhile reach it once each."""
+    backend.sql(ORDERS)
+    installer, installer_ext = backend.make_app()
+    installer_ext.watch("orders")
+    installer_ext.install_triggers(installer)
+    server = Gunicorn(backend.url, "gthread", True, tmp_path / "gunicorn.err", "binlog")
+    try:
+        server.wait(lambda: len(server.pids("listener connected")) >= 2, "2 listeners connected")
+        server.wait(lambda: bool(server.pids("leads the binary log")), "a worker to lead")
+        workers = set(server.pids("listener connected"))
+        (leader,) = server.pids("leads the binary log")
+        assert leader in workers and leader != server.master, server.lines
+        for pk in range(1, 21):
+            backend.sql("INSERT INTO orders VALUES (?, 'x', 1)", (pk,))
+        server.wait(
+            lambda: all(20 in server.received().get(pid, []) for pid in workers),
+            "row 20 in both workers",
+        )
+        assert server.received() == {pid: list(range(1, 21)) for pid in workers}
+        assert server.pids("leads the binary log") == [leader], "a second leader"
+
+        os.kill(leader, signal.SIGKILL)
+        (other,) = workers - {leader}
+        for pk in range(21, 41):
+            backend.sql("INSERT INTO orders VALUES (?, 'after the kill', 1)", (pk,))
+        server.wait(
+            lambda: server.pids("leads the binary log")[1:] != [],
+            "another process to lead after the leader was killed",
+        )
+        server.wait(lambda: 40 in server.received().get(other, []), "row 40 in the other worker")
+        assert server.received()[other] == list(range(1, 41)), server.received()[other]
+        assert leader not in server.pids("leads the binary log")[1:]
+    finally:
+        server.kill()

@@ -3,7 +3,7 @@
 The database URL comes from ``$DBNOTIFY_TEST_APP_DATABASE_URL``; autostart is
 on and ``orders`` is watched. ``$DBNOTIFY_TEST_APP_CAPTURE`` and
 ``$DBNOTIFY_TEST_APP_SLOT``, if set, are its ``DBNOTIFY_CAPTURE`` and
-``DBNOTIFY_SLOT`` (WAL capture). The module reports on stdout, one write(2)
+``DBNOTIFY_SLOT`` (WAL capture, or ``binlog``). The module reports on stdout, one write(2)
 per line so lines from several processes never interleave::
 
     workers_app: imported pid=PID                 when this module is imported
@@ -49,16 +49,19 @@ class _Leads(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "leads slot" in record.getMessage():
             _say("leads the WAL slot")
+        elif "following the binary log" in record.getMessage():
+            _say("leads the binary log")
 
 
-_leader_log = logging.getLogger("flask_dbnotify.backends.postgresql.wal.leader")
-_leader_log.setLevel(logging.INFO)
-_leader_log.addHandler(_Leads())
 # A handler of its own means Python's last resort no longer prints its
 # warnings: stderr still gets them.
 _warnings = logging.StreamHandler()
 _warnings.setLevel(logging.WARNING)
-_leader_log.addHandler(_warnings)
+for _name in ("postgresql.wal.leader", "mysql.binlog.leader"):
+    _leader_log = logging.getLogger(f"flask_dbnotify.backends.{_name}")
+    _leader_log.setLevel(logging.INFO)
+    _leader_log.addHandler(_Leads())
+    _leader_log.addHandler(_warnings)
 
 
 def _report_connected(sender: Any, **kwargs: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pymysql.converters import escape_string
 
+from ...._payload import VERSION
 from ..catalog import qualified
 from ..ddl import MAX_CONTEXT_BYTES, MAX_ROW_BYTES, NOW
 from . import events as ev
@@ -174,8 +175,12 @@ class Relay:
             self.handed.append(row_id)
             if kind == "c":
                 self.context = text
-            else:
+            elif isinstance(text, str) and text.startswith(_MESSAGE):
                 self.pending.append((None, text))
+            else:
+                # Only notify() writes messages here: anything else (a gap
+                # or marker of ours, say) is not relayed.
+                log.warning("skipped a row of dbnotify_relay that is no message: %.80r", text)
 
     def _context(self, body: str) -> str:
         """``body`` with the transaction's context, as the triggers write it."""
@@ -251,6 +256,8 @@ class Relay:
 
 _OPS = {kind: op for kinds, op in _OP.items() for kind in kinds}
 _Q = "'"
+#: How every message notify() sends begins (see _payload.message_prefix).
+_MESSAGE = f'{{"v":{VERSION},"m":'
 _OURS = ("dbnotify_shapes", "dbnotify_relay", "dbnotify_journal", "dbnotify_binlog")
 _PART = r"(?:`(?:[^`]|``)+`|[\w$]+)"
 _TRUNCATE = re.compile(rf"TRUNCATE\s+(?:TABLE\s+)?({_PART}(?:\s*\.\s*{_PART})?)", re.IGNORECASE)
