@@ -69,6 +69,8 @@ class Relay:
         #: dbnotify_relay it wrote (deleted once relayed).
         self.context = ""
         self.handed: list[int] = []
+        #: Inside a transaction, which only XID or COMMIT ends.
+        self.in_transaction = False
         self.reload = False
         self.written_at = 0.0
         self.shapes = self._shapes()
@@ -125,6 +127,11 @@ class Relay:
             self.commit(dump.file, event.next_position)
         elif kind == ev.QUERY:
             self._query(event, dump)
+        elif kind == ev.MARIADB_GTID:
+            # A group of events begins: a transaction, unless it is one
+            # statement standing alone (FL_STANDALONE, after the sequence
+            # number and domain id).
+            self.in_transaction = not event.body[12] & 1
         elif kind == ev.ROTATE and event.next_position:
             self.commit(dump.file, int.from_bytes(event.body[:8], "little"))
 
@@ -198,11 +205,14 @@ class Relay:
         query = event.body[at + db_len + 1 :].decode(errors="replace").strip()
         word = query[:8].upper()
         if word.startswith("BEGIN"):
+            self.in_transaction = True
             return
         if word.startswith("TRUNCATE"):
             self._truncate(schema, query)
-        # COMMIT, or a statement that is a transaction of its own (DDL).
-        self.commit(dump.file, event.next_position)
+        if word.startswith("COMMIT") or not self.in_transaction:
+            # The end of a transaction, or a statement that is one (DDL).
+            self.commit(dump.file, event.next_position)
+        # Else a statement inside a transaction (SAVEPOINT, say): it goes on.
 
     def _truncate(self, schema: str, query: str) -> None:
         found = _TRUNCATE.match(query)
@@ -217,7 +227,7 @@ class Relay:
     def commit(self, file: str, position: int) -> None:
         """The transaction ends: write what it holds, and where it ends."""
         now = time.monotonic()
-        self.context = ""
+        self.context, self.in_transaction = "", False
         if not self.pending and not self.handed and now - self.written_at < _POSITION_EVERY:
             if self.reload:
                 self.shapes, self.reload = self._shapes(), False

@@ -148,9 +148,20 @@ class Decoder:
         if column.collation == BINARY or column.collation is None and not is_json:
             return _hex
         codec = self.charsets.get(column.collation or 0, "utf-8")
+        if codec == "cp1252":
+            # MySQL's latin1 is Windows-1252 with its five undefined bytes
+            # read as the code points of the same number.
+            return lambda raw: _quote(raw.decode("latin-1").translate(_LATIN1))
         if is_json:
             return lambda raw: raw.decode(codec, "replace")  # checked valid by its constraint
         return lambda raw: _quote(raw.decode(codec, "replace"))
+
+
+_LATIN1 = {
+    byte: bytes([byte]).decode("cp1252")
+    for byte in range(0x80, 0xA0)
+    if byte not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)
+}
 
 
 def _hex(raw: bytes) -> str:
