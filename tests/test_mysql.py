@@ -340,6 +340,44 @@ def test_a_table_of_another_database(
 # -- what an UPDATE is ------------------------------------------------------------------
 
 
+@pytest.mark.backends("mysql", "binlog")
+def test_text_of_other_character_sets_is_written_and_arrives_as_a_select_reads_it(
+    backend: Backend, events: Recorder
+) -> None:
+    """Columns in latin1 (MySQL's Windows-1252, its undefined bytes read as
+    the same code points) and greek: a write of text beyond ASCII succeeds
+    (JSON_ARRAY passed the bytes on unconverted, and the journal refused
+    them: the user's write failed), and the event holds the text a SELECT
+    returns, on both captures."""
+    backend.sql(
+        "CREATE TABLE names (id INT PRIMARY KEY, western VARCHAR(20) CHARACTER SET latin1, "
+        "greek VARCHAR(20) CHARACTER SET greek, note TEXT CHARACTER SET latin1)"
+    )
+    app, ext = listening(backend.make_app, "names")
+    writer = backend.connect()
+    with writer.cursor() as cur:
+        cur.execute("SET NAMES binary")
+        cur.execute(
+            "INSERT INTO names VALUES (1, %s, %s, %s)",
+            (b"caf\xe9 \x80 \x81\x8d", b"\xe1\xe2", b"\xfc"),
+        )
+        cur.execute("UPDATE names SET western = %s WHERE id = 1", (b"na\xefve",))
+    writer.commit()
+    inserted, updated = events.wait_for(2)
+    events.assert_no_more(2, marker(ext, app))
+    selected = dict(
+        zip(("id", "western", "greek", "note"), backend.sql("SELECT * FROM names")[0], strict=True)
+    )
+    assert inserted.new == {
+        "id": 1,
+        "western": "caf\u00e9 \u20ac \x81\x8d",
+        "greek": "\u03b1\u03b2",
+        "note": "\u00fc",
+    }
+    assert updated.new == selected and selected["western"] == "na\u00efve", selected
+    assert updated.changed == {"western"}
+
+
 def test_case_only_and_trailing_space_updates_arrive_and_no_ops_do_not(
     backend: Backend, events: Recorder
 ) -> None:

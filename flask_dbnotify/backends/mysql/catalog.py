@@ -25,13 +25,15 @@ TABLES = (
 class Table(NamedTuple):
     """A watched table: its database and name, columns with their types
     (``DATA_TYPE``, lower case), primary key, and each column's largest
-    value in bytes where its type bounds it (``CHARACTER_OCTET_LENGTH``)."""
+    value in bytes where its type bounds it (``CHARACTER_OCTET_LENGTH``),
+    and the character set of each text column."""
 
     schema: str
     name: str
     columns: list[tuple[str, str]]
     pk: list[str]
     octets: dict[str, int | None]
+    charsets: dict[str, str | None]
 
 
 def quote_ident(name: str) -> str:
@@ -57,13 +59,15 @@ def resolve(cur: Any, database: str, watch: Watch) -> Table:
             f"table {watch.table!r} does not exist in database {schema!r}: " + TABLE_MISSING_TODO
         )
     cur.execute(
-        "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS "
+        "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_OCTET_LENGTH, CHARACTER_SET_NAME "
+        "FROM information_schema.COLUMNS "
         "WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
         (schema, watch.table),
     )
     found = cur.fetchall()
-    columns = [(name, kind.lower()) for name, kind, _ in found]
-    octets = {name: None if size is None else int(size) for name, _, size in found}
+    columns = [(name, kind.lower()) for name, kind, _, _ in found]
+    octets = {name: None if size is None else int(size) for name, _, size, _ in found}
+    charsets = {name: charset for name, _, _, charset in found}
     names = [name for name, _ in columns]
     cur.execute(
         "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s "
@@ -72,7 +76,7 @@ def resolve(cur: Any, database: str, watch: Watch) -> Table:
     )
     pk = [row[0] for row in cur.fetchall()]
     check_table(watch.table, watch, names, pk)
-    return Table(schema, watch.table, columns, pk, octets)
+    return Table(schema, watch.table, columns, pk, octets, charsets)
 
 
 def journal_insert(database: str) -> str:

@@ -87,14 +87,22 @@ def literal(text: str) -> str:
     return f"CONVERT(X'{text.encode().hex()}' USING utf8mb4)"
 
 
-def value(ref: str, kind: str) -> str:
+#: Character sets whose text JSON_ARRAY writes into utf8mb4 as it is.
+_UTF8 = {None, "utf8mb4", "utf8mb3", "utf8", "ascii", "binary"}
+
+
+def value(ref: str, kind: str, charset: str | None = None) -> str:
     """The JSON value of a column, as a SELECT through the app's driver
-    reads it: bytes in hex (as on SQLite), BIT as its number; the rest as
-    JSON_ARRAY writes it (JSON columns embedded as JSON)."""
+    reads it: bytes in hex (as on SQLite), BIT as its number, text of
+    another character set converted (JSON_ARRAY would pass latin1 bytes on
+    as they are, and the journal would refuse them: the write would fail);
+    the rest as JSON_ARRAY writes it (JSON columns embedded as JSON)."""
     if kind in _BINARY or kind in _GEOMETRY:
         return f"HEX({ref})"
     if kind == "bit":
         return f"{ref} + 0"
+    if charset not in _UTF8:
+        return f"CONVERT({ref} USING utf8mb4)"
     return ref
 
 
@@ -153,7 +161,9 @@ def trigger_sql(database: str, watch: Watch, table: Table, op: Operation, key: s
     def row(ref: str, columns: list[str]) -> str:
         return (
             "JSON_ARRAY("
-            + ", ".join(value(f"{ref}.{quote_ident(c)}", types[c]) for c in columns)
+            + ", ".join(
+                value(f"{ref}.{quote_ident(c)}", types[c], table.charsets[c]) for c in columns
+            )
             + ")"
         )
 
