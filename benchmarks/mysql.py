@@ -29,7 +29,8 @@ in a new order each round, ratios taken within a round:
   writing statement to the last event delivered;
 - latency: commit to receiver across processes (single-row transactions a
   few ms apart), p50 and p99;
-- idle CPU: what the listener alone burns, in percent of one core;
+- idle CPU: what the listener alone burns, in percent of one core, from
+  ``--settle`` seconds after its start;
 - writers: ``--clients`` processes each running single-row autocommit
   INSERTs for ``--seconds`` (TPS), and one ``--rows``-row INSERT, on a
   table with Flask-DBNotify's triggers, on one with the binary log on
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=100, help="per round")
     parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument("--settle", type=float, default=2.0, help="after start, before idle")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
@@ -292,6 +294,7 @@ def run(server: ThrowawayMariaDB, args: Any) -> None:
         for who in contenders:
             baseline = idle_cpu(args.idle_seconds)
             stop = who.start(Arrivals())
+            time.sleep(args.settle)  # starting is not idling (the leader's first steps)
             note(who.name, "idle", idle_cpu(args.idle_seconds) - baseline)
             stop()
 

@@ -921,29 +921,3 @@ def test_a_server_without_a_binary_log_gets_triggers_and_says_why(
 
 
 # -- a large transaction ---------------------------------------------------------------
-
-
-def test_twenty_thousand_rows_of_one_transaction_arrive_whole_and_in_order(
-    backend: Backend, events: Recorder
-) -> None:
-    """One INSERT ... SELECT of 20,000 rows in one transaction (many rows
-    events in the log) arrives as 20,000 events, in order, none missing or
-    repeated, journaled in the relay's one transaction."""
-    backend.sql(ORDERS)
-    app, ext = listening(backend.make_app, "orders")
-    count = 20_000
-    conn = backend.connect()
-    with conn.cursor() as cur:
-        cur.execute(f"SET SESSION max_recursive_iterations = {count * 5}")  # 1000 by default
-        cur.execute(
-            "INSERT INTO orders (id, item, qty) WITH RECURSIVE n (i) AS "
-            f"(SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) "
-            "SELECT i, CONCAT('item ', i), i * 2 FROM n"
-        )
-    conn.commit()
-    got = events.wait_for(count, "events of the 20,000-row transaction", timeout=60)
-    events.assert_no_more(count, marker(ext, app))
-    assert [e.pk for e in got] == list(range(1, count + 1))
-    assert all(e.op == Operation.INSERT for e in got)
-    assert all(a.id < b.id for a, b in zip(got, got[1:], strict=False))
-    assert got[-1].new == {"id": count, "item": f"item {count}", "qty": 2 * count}

@@ -230,7 +230,7 @@ def require(program: str) -> Path:
     return path
 
 
-def _no_control_socket() -> list[str]:
+def no_control_socket() -> list[str]:
     """gunicorn >= 24 opens a control socket in ~/.gunicorn by default,
     shared by every gunicorn of the user: turn it off where it exists."""
     config = importlib.import_module("gunicorn.config")
@@ -262,7 +262,7 @@ def gunicorn_servers(
         port = free_port()
         argv = [str(program), "-w", "2", "-k", worker_class, "-b", f"127.0.0.1:{port}"]
         argv += ["--preload"] if preload else []
-        argv += _no_control_socket() + ["--graceful-timeout", "5", f"{APP}:app"]
+        argv += no_control_socket() + ["--graceful-timeout", "5", f"{APP}:app"]
         server = Server(argv, env, port, tmp_path / f"gunicorn-{len(started)}.err")
         started.append(server)
         return server

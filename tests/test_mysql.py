@@ -530,6 +530,7 @@ def test_a_transaction_open_when_the_listener_starts_is_delivered_at_commit(
     events.assert_no_more(1, marker(ext, app))
 
 
+@pytest.mark.backends("mysql", "binlog")  # binlog: many rows events, one relay transaction
 def test_twenty_thousand_rows_of_one_transaction_arrive_whole_and_in_order(
     backend: Backend, events: Recorder
 ) -> None:

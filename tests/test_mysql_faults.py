@@ -19,14 +19,11 @@ against generous upper bounds.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 import json
 import os
-import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -53,7 +50,6 @@ from ._helpers import (
     app_factory,
     assert_once,
     free_port,
-    kill_group,
     local_ports,
     marker,
     not_here,
@@ -61,11 +57,11 @@ from ._helpers import (
 )
 from ._mariadb import ThrowawayMariaDB, connect
 from .apps import once_app
+from .test_gunicorn import APP, Server, app_env, no_control_socket, require
 
 pytestmark = pytest.mark.backends("mysql")  # this module is about the MySQL backend
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 ORDERS = "CREATE TABLE orders (id BIGINT PRIMARY KEY, item VARCHAR(40), qty INT)"
 RECORD = "tests.apps.once_app.record"
 LONG = 30.0  # 5,000 events through a once receiver, on a slow machine
@@ -812,9 +808,6 @@ def test_process_killed_inside_a_large_transaction_handles_nothing_twice(
 
 # -- gunicorn -------------------------------------------------------------------------
 
-APP = "tests.apps.workers_app"
-LINE = re.compile(r"workers_app: (?P<what>.+) pid=(?P<pid>\d+)")
-
 
 def session_holders(admin: Any, database: str, pids: list[int]) -> dict[int, list[int]]:
     """For each session on ``database`` that this process does not hold,
@@ -831,104 +824,19 @@ def session_holders(admin: Any, database: str, pids: list[int]) -> dict[int, lis
     return {port: [pid for pid in pids if port in held[pid]] for port in ports if port not in ours}
 
 
-class Gunicorn:
-    """``gunicorn -w 2`` serving workers_app in its own process group; its
-    stdout read line by line, its stderr in a file."""
+class Gunicorn(Server):
+    """``gunicorn -w 2`` serving workers_app on MySQL (see test_gunicorn.py)."""
 
     def __init__(
         self, url: str, worker_class: str, preload: bool, stderr: Path, capture: str = "triggers"
     ) -> None:
-        program = BIN / "gunicorn"
-        if not program.exists():
-            not_here("gunicorn tests NOT RUN: gunicorn is not installed")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PYTHON"))}
-        env.update(DBNOTIFY_TEST_APP_DATABASE_URL=url, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = app_env(url)
         env.update(DBNOTIFY_TEST_APP_CAPTURE=capture)
-        self.port = free_port()
-        argv = [str(program), "-w", "2", "-k", worker_class, "-b", f"127.0.0.1:{self.port}"]
-        argv += ["--preload"] if preload else []
-        config = importlib.import_module("gunicorn.config")
-        if "control_socket_disable" in {setting.name for setting in config.KNOWN_SETTINGS}:
-            argv.append("--no-control-socket")  # gunicorn >= 24: one socket per user otherwise
-        argv += ["--graceful-timeout", "5", f"{APP}:app"]
-        self.stderr_path = stderr
-        with open(stderr, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
-        self.master = self.proc.pid
-        self.out = Lines(self.proc.stdout, "gunicorn's stdout")
-        self.lines: list[tuple[str, int]] = []  #: (what, pid) of every line read so far
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def _take(self, line: str) -> None:
-        match = LINE.fullmatch(line)
-        assert match, f"unexpected line on stdout: {line!r}"
-        self.lines.append((match["what"], int(match["pid"])))
-
-    def wait(self, check: Callable[[], bool], what: str) -> None:
-        """Read stdout until ``check()`` holds (bounded)."""
-        deadline = time.monotonic() + WAIT
-        while not check():
-            try:
-                line = self.out.readline(what, max(deadline - time.monotonic(), 0.0))
-            except AssertionError as exc:
-                raise AssertionError(
-                    f"{exc}\ngunicorn's stderr:\n{self.stderr()[-3000:]}"
-                ) from None
-            self._take(line)
-
-    def pids(self, what: str) -> list[int]:
-        return [pid for w, pid in self.lines if w == what]
-
-    def received(self) -> dict[int, list[int]]:
-        """pid -> primary keys of the rows it received, in order."""
-        got: dict[int, list[int]] = {}
-        for what, pid in self.lines:
-            if what.startswith("received orders "):
-                got.setdefault(pid, []).append(int(what.rsplit(" ", 1)[1]))
-        return got
-
-    def get(self) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as conn:
-            conn.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            chunks = []
-            while chunk := conn.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks)
-
-    def terminate(self) -> float:
-        """SIGTERM to the master; wait (bounded) for it to exit; read its
-        stdout to the end; its stderr must hold no traceback nor warning of
-        ours. How long it took."""
-        t0 = time.monotonic()
-        os.kill(self.master, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"gunicorn still running {WAIT}s after SIGTERM; stderr:\n{self.stderr()[-3000:]}"
-            ) from None
-        took = time.monotonic() - t0
-        for line in self.out.rest():
-            self._take(line)
-        stderr = self.stderr()
-        for bad in ("Traceback", "Exception ignored", "still busy", "the listener"):
-            assert bad not in stderr, f"{bad!r} on gunicorn's stderr:\n{stderr[-3000:]}"
-        return took
-
-    def kill(self) -> None:
-        kill_group(self.proc, WAIT)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        port = free_port()
+        argv = [str(require("gunicorn")), "-w", "2", "-k", worker_class]
+        argv += ["-b", f"127.0.0.1:{port}", *(["--preload"] if preload else [])]
+        argv += [*no_control_socket(), "--graceful-timeout", "5", f"{APP}:app"]
+        super().__init__(argv, env, port, stderr)
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
@@ -950,7 +858,7 @@ def test_gunicorn_workers_each_receive_each_row_once(
     t0 = time.monotonic()
     server = Gunicorn(backend.url, worker_class, preload, tmp_path / "gunicorn.err")
     try:
-        server.wait(lambda: len(server.pids("listener connected")) >= 2, "2 listeners connected")
+        server.wait(lambda _: len(server.pids("listener connected")) >= 2, "2 listeners connected")
         t_listening = time.monotonic() - t0
         workers = set(server.pids("listener connected"))
         assert len(workers) == 2, f"a worker connected twice: {server.lines}"
@@ -971,7 +879,7 @@ def test_gunicorn_workers_each_receive_each_row_once(
         marker_pk = 2 * rows + 1  # once each worker has it, it has everything before
         backend.sql("INSERT INTO orders VALUES (?, 'marker', 1)", (marker_pk,))
         server.wait(
-            lambda: all(marker_pk in server.received().get(pid, []) for pid in workers),
+            lambda _: all(marker_pk in server.received().get(pid, []) for pid in workers),
             f"row {marker_pk} in both workers",
         )
         got = server.received()
@@ -982,10 +890,10 @@ def test_gunicorn_workers_each_receive_each_row_once(
         assert all(len(pids) == 1 for pids in holders.values()), holders
         held_by = {pids[0] for pids in holders.values()}
         assert held_by == workers, f"sessions (client port -> holder): {holders}"
-        response = server.get()
+        response = server.get("/")
         assert response.split(b"\r\n", 1)[0].endswith(b"200 OK"), response[:200]
 
-        took = server.terminate()
+        took = server.stop(signal.SIGTERM)
         assert server.received() == got, "a row arrived twice, or in the master"
         poll_until(
             lambda: not session_holders(admin, database, []),
@@ -1014,15 +922,15 @@ def test_gunicorn_workers_share_one_leader_of_the_binary_log(
     installer_ext.install_triggers(installer)
     server = Gunicorn(backend.url, "gthread", True, tmp_path / "gunicorn.err", "binlog")
     try:
-        server.wait(lambda: len(server.pids("listener connected")) >= 2, "2 listeners connected")
-        server.wait(lambda: bool(server.pids("leads the binary log")), "a worker to lead")
+        server.wait(lambda _: len(server.pids("listener connected")) >= 2, "2 listeners connected")
+        server.wait(lambda _: bool(server.pids("leads the binary log")), "a worker to lead")
         workers = set(server.pids("listener connected"))
         (leader,) = server.pids("leads the binary log")
         assert leader in workers and leader != server.master, server.lines
         for pk in range(1, 21):
             backend.sql("INSERT INTO orders VALUES (?, 'x', 1)", (pk,))
         server.wait(
-            lambda: all(20 in server.received().get(pid, []) for pid in workers),
+            lambda _: all(20 in server.received().get(pid, []) for pid in workers),
             "row 20 in both workers",
         )
         assert server.received() == {pid: list(range(1, 21)) for pid in workers}
@@ -1033,10 +941,10 @@ def test_gunicorn_workers_share_one_leader_of_the_binary_log(
         for pk in range(21, 41):
             backend.sql("INSERT INTO orders VALUES (?, 'after the kill', 1)", (pk,))
         server.wait(
-            lambda: server.pids("leads the binary log")[1:] != [],
+            lambda _: server.pids("leads the binary log")[1:] != [],
             "another process to lead after the leader was killed",
         )
-        server.wait(lambda: 40 in server.received().get(other, []), "row 40 in the other worker")
+        server.wait(lambda _: 40 in server.received().get(other, []), "row 40 in the other worker")
         assert server.received()[other] == list(range(1, 41)), server.received()[other]
         assert leader not in server.pids("leads the binary log")[1:]
     finally:
