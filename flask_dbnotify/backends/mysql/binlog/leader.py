@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import pymysql
@@ -171,15 +172,21 @@ class Leader:
                 f"{qualified(self.db.database, 'dbnotify_binlog')} WHERE name = 'position'"
             )
             file, position = cur.fetchone()
-        relay = Relay(self.db, Decoder(charsets), writer)
+        relay = Relay(self.db, Decoder(charsets), writer, (file, position))
         dump = Dump(connect_args(self.db.url, self.db.timeout), file, position, HEARTBEAT)
         self._conns.append(dump.conn)
         self.leading = True
         log.info("following the binary log from %s:%s", file, position)
+        checked = time.monotonic()
         try:
             for event in dump.events():
                 if stop.is_set():
                     return
+                if time.monotonic() - checked >= HEARTBEAT:
+                    # The lock lives as long as its session: if that ended,
+                    # another process may lead now, and this one must not.
+                    lock.ping(reconnect=False)
+                    checked = time.monotonic()
                 relay.handle(event, dump)
         except pymysql.MySQLError as exc:
             if not exc.args or exc.args[0] != LOG_GONE:

@@ -39,6 +39,10 @@ _POSITION_EVERY = 1.0
 _OP = {ev.WRITE_ROWS: "i", ev.UPDATE_ROWS: "u", ev.DELETE_ROWS: "d"}
 
 
+class LostLead(Exception):
+    """Another process relays: this one stops."""
+
+
 class Shape:
     """What the relay writes for one watched table and operation."""
 
@@ -53,8 +57,10 @@ class Shape:
 class Relay:
     """Reads events; on each commit, writes the journal rows and the position."""
 
-    def __init__(self, db: Any, decoder: Decoder, conn: Any) -> None:
+    def __init__(self, db: Any, decoder: Decoder, conn: Any, at: tuple[str, int]) -> None:
         self.db = db
+        #: The position recorded last (by this relay, or where it began).
+        self.at = at
         self.database = db.database
         self.decoder = decoder
         self.conn = conn
@@ -249,14 +255,20 @@ class Relay:
                 if self.handed:
                     marks = ", ".join(["%s"] * len(self.handed))
                     cur.execute(f"DELETE FROM {self.t['relay']} WHERE id IN ({marks})", self.handed)
+                # Only from where this relay recorded last: if another
+                # process leads now (this one's lock went with its
+                # session), nothing is written twice.
                 cur.execute(
                     f"UPDATE {self.t['binlog']} SET file = %s, position = %s, updated_at = %s "
-                    "WHERE name = 'position'",
-                    (file, position, time.time()),
+                    "WHERE name = 'position' AND file = %s AND position = %s",
+                    (file, position, time.time(), *self.at),
                 )
+                if cur.rowcount != 1:
+                    raise LostLead(f"the recorded position moved from {self.at[0]}:{self.at[1]}")
         except BaseException:
             self.conn.rollback()
             raise
+        self.at = (file, position)
         self.conn.commit()
         self.pending, self.handed, self.context = [], [], ""
         self.written_at = now
