@@ -8,6 +8,7 @@ Python, nothing to build), as psycopg2 is on PostgreSQL."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +80,18 @@ def refused(exc: BaseException) -> DBNotifyError:
     if _code(exc) == NO_SUCH_TABLE and "dbnotify_" in str(exc):
         return DBNotifyError(f"{reason(exc)}: run `flask dbnotify install-triggers`")
     return DBNotifyError(f"the database refused: {reason(exc)}")
+
+
+def drop_inherited(conn: Any) -> None:
+    """In a forked child: close this process's copy of a connection's
+    socket, without a word to the server (no shutdown, no quit): the
+    parent's session goes on, and ends when the parent's copy closes,
+    instead of lingering as long as this process lives."""
+    sock = getattr(conn, "_sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            os.close(sock.detach())
+    conn._sock = None
 
 
 class Database:
@@ -174,5 +187,7 @@ class Database:
 
     def forget(self) -> None:
         """In a forked child: drop the parent's connections untouched."""
+        for _, conn in self._idle:
+            drop_inherited(conn)
         self._idle = []
         self._lock = threading.Lock()

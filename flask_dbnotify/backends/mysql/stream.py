@@ -16,7 +16,7 @@ import pymysql
 
 from ..base import Stream
 from .catalog import qualified
-from .connection import NO_SUCH_TABLE, connect_args, refused
+from .connection import NO_SUCH_TABLE, connect_args, drop_inherited, refused
 
 if TYPE_CHECKING:
     from .feed import MySQLFeed
@@ -30,7 +30,6 @@ _SLOWING = 8
 #: Seconds a read of the journal may take before the server is taken for
 #: gone: far more than a batch needs, far less than TCP's own timeouts.
 _ANSWER_WITHIN = 15
-_abandoned: list[Any] = []
 
 
 class MySQLStream(Stream):
@@ -116,4 +115,4 @@ class MySQLStream(Stream):
 
     def discard(self) -> None:
         # The parent's session, in a forked child: never touched again.
-        _abandoned.append(self.conn)
+        drop_inherited(self.conn)

@@ -27,7 +27,10 @@ WRITE_ROWS = (23, 30)
 UPDATE_ROWS = (24, 31)
 DELETE_ROWS = (25, 32)
 HEARTBEAT = 27
+XA_PREPARE = 38
 MARIADB_GTID = 162
+#: MariaDB's compressed events (``log_bin_compress``), which we do not read.
+COMPRESSED = frozenset(range(165, 172))
 
 #: Column types (``enum_field_types``) whose layout differs.
 TINY, SHORT, LONG, FLOAT, DOUBLE, NULL, TIMESTAMP, LONGLONG, INT24 = 1, 2, 3, 4, 5, 6, 7, 8, 9
@@ -89,8 +92,8 @@ class Column(NamedTuple):
     unsigned: bool
     #: Collation id of a character column (63: binary), else None.
     collation: int | None
-    #: The names of an ENUM's or SET's values.
-    values: list[str] | None
+    #: The names of an ENUM's or SET's values, in its character set.
+    values: tuple[bytes, ...] | None
 
 
 class TableMap(NamedTuple):
@@ -141,10 +144,14 @@ class Dump:
             if self.checksum:
                 body = body[:-4]
             if kind == ROTATE:
-                self.file = body[8:].decode()
+                self.file = body[8:].decode(errors="replace")
             yield Event(kind, timestamp, next_position, body)
 
     def _format(self, body: bytes) -> None:
+        # Each log file says how its events end: the algorithm byte before
+        # the format event's own checksum (the server's setting can change
+        # between files, and while it runs).
+        self.checksum = body[-5] == 1
         post_headers = body[57:]
         # The table id is 6 bytes but where TABLE_MAP's post-header says 6.
         self.id_bytes = 4 if post_headers[TABLE_MAP - 1] == 6 else 6
@@ -174,9 +181,9 @@ def table_map(body: bytes, id_bytes: int) -> TableMap:
     (``binlog_row_metadata = FULL``)."""
     table_id = int.from_bytes(body[:id_bytes], "little")
     at = id_bytes + 2
-    schema = body[at + 1 : at + 1 + body[at]].decode()
+    schema = body[at + 1 : at + 1 + body[at]].decode(errors="replace")
     at += 1 + body[at] + 1
-    table = body[at + 1 : at + 1 + body[at]].decode()
+    table = body[at + 1 : at + 1 + body[at]].decode(errors="replace")
     at += 1 + body[at] + 1
     count, at = lenenc(body, at)
     types = list(body[at : at + count])
@@ -191,16 +198,19 @@ def table_map(body: bytes, id_bytes: int) -> TableMap:
     unsigned = set(_bits(extra.get(1, b""), numeric))
     character = [i for i, t in enumerate(real) if t in CHARACTER]
     collations = _collations(extra, character)
+    # ENUM and SET columns' character sets: types 10 and 11, as 2 and 3.
+    choices = [i for i, t in enumerate(real) if t in (ENUM, SET)]
+    collations.update(_collations({k - 8: v for k, v in extra.items() if k in (10, 11)}, choices))
     enums = iter(extra.get(6, []))
     sets = iter(extra.get(5, []))
     columns = []
     for i, kind in enumerate(types):
         meta = metas[i]
-        values: list[str] | None = None
+        values: tuple[bytes, ...] | None = None
         if real[i] == ENUM:
-            values = next(enums, [])
+            values = tuple(next(enums, []))
         elif real[i] == SET:
-            values = next(sets, [])
+            values = tuple(next(sets, []))
         if kind == STRING:
             kind, meta = meta
         columns.append(Column(names[i], kind, meta, i in unsigned, collations.get(i), values))
@@ -248,12 +258,12 @@ def _optional(data: bytes) -> dict[int, Any]:
             lists, pos = [], 0
             while pos < len(value):
                 n, pos = lenenc(value, pos)
-                strings = []
+                names = []
                 for _ in range(n):
                     length, pos = lenenc(value, pos)
-                    strings.append(value[pos : pos + length].decode())
+                    names.append(value[pos : pos + length])  # in the column's character set
                     pos += length
-                lists.append(strings)
+                lists.append(names)
             found[kind] = lists
         else:
             found[kind] = value
@@ -264,7 +274,7 @@ def _strings(value: bytes) -> list[str]:
     strings, pos = [], 0
     while pos < len(value):
         length, pos = lenenc(value, pos)
-        strings.append(value[pos : pos + length].decode())
+        strings.append(value[pos : pos + length].decode(errors="replace"))
         pos += length
     return strings
 

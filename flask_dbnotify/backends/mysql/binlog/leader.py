@@ -22,7 +22,7 @@ import pymysql
 
 from ...._log import RateLimited
 from ..catalog import qualified
-from ..connection import Database, connect_args, reason
+from ..connection import Database, connect_args, drop_inherited, reason
 from ..ddl import NOW
 from .events import Dump
 from .relay import Relay
@@ -47,12 +47,14 @@ def lock_name(database: str) -> str:
 
 def unusable(cur: Any) -> str | None:
     """Why the server's binary log cannot be followed, or None."""
-    cur.execute(
-        "SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata"
-    )
-    version, log_bin, fmt, image, metadata = cur.fetchone()
-    if "mariadb" not in str(version).lower():
+    cur.execute("SELECT @@version")
+    if "mariadb" not in str(cur.fetchone()[0]).lower():
         return "binary-log capture is made for MariaDB (10.5 and later); MySQL uses triggers"
+    cur.execute(
+        "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, "
+        "@@log_bin_compress"
+    )
+    log_bin, fmt, image, metadata, compress = cur.fetchone()
     wrong = [
         f"{name} is {value} (needs {needed})"
         for name, value, needed in (
@@ -60,6 +62,7 @@ def unusable(cur: Any) -> str | None:
             ("binlog_format", fmt, "ROW"),
             ("binlog_row_image", image, "FULL"),
             ("binlog_row_metadata", metadata, "FULL"),
+            ("log_bin_compress", "ON" if compress else "OFF", "OFF"),
         )
         if str(value).upper() != needed
     ]
@@ -84,8 +87,10 @@ def start_position(db: Database) -> None:
             cur.execute(
                 f"INSERT INTO {table} (name, file, position, updated_at) "
                 "VALUES ('position', %s, %s, 0) ON DUPLICATE KEY UPDATE "
-                "file = IF(file = '', VALUES(file), file), "
-                "position = IF(file = VALUES(file), VALUES(position), position)",
+                # Only where none is recorded (position first: the
+                # assignments see the row as the earlier ones left it).
+                "position = IF(file = '', VALUES(position), position), "
+                "file = IF(file = '', VALUES(file), file)",
                 (status[0], status[1]),
             )
 
@@ -122,8 +127,11 @@ class Leader:
             self._thread = None
 
     def discard(self) -> None:
-        """In a forked child: the parent's thread is not here; forget its
-        connections without touching them."""
+        """In a forked child: the parent's thread is not here. Its sockets'
+        copies are closed, never shut down: the parent's sessions go on,
+        and end (the lock with them) when the parent dies."""
+        for conn in self._conns:
+            drop_inherited(conn)
         self._conns = []
         self._thread = None
         self.leading = False
@@ -191,11 +199,12 @@ class Leader:
         except pymysql.MySQLError as exc:
             if not exc.args or exc.args[0] != LOG_GONE:
                 raise
-            self._lost(writer, f"{file}:{position}", reason(exc))
+            self._lost(writer, relay.at, reason(exc))
 
-    def _lost(self, writer: Any, where: str, why: str) -> None:
+    def _lost(self, writer: Any, at: tuple[str, int], why: str) -> None:
         """The log from where the relay stands is gone (purged): go on from
         its end, and tell every listener that changes were missed."""
+        where = f"{at[0]}:{at[1]}"
         log.error("the binary log from %s is gone (%s): changes were missed", where, why)
         text = json.dumps({"v": 1, "gap": f"the binary log from {where} was purged: {why}"})
         table = qualified(self.db.database, "dbnotify_binlog")
@@ -206,6 +215,10 @@ class Leader:
                 f"(created_at, body) VALUES ({NOW}, %s)",
                 (text,),
             )
-            cur.execute(f"UPDATE {table} SET file = '' WHERE name = 'position'")
+            cur.execute(
+                f"UPDATE {table} SET file = '' WHERE name = 'position' AND file = %s "
+                "AND position = %s",
+                at,
+            )
         writer.commit()
         start_position(self.db)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 import time
 from typing import Any
 
@@ -67,8 +68,8 @@ class Relay:
         names = ("journal", "shapes", "binlog", "relay")
         self.t = {name: qualified(self.database, f"dbnotify_{name}") for name in names}
         self.maps: dict[int, TableMap] = {}
-        #: Per table id: the map the readers were made for, and the readers.
-        self.readers: dict[int, tuple[TableMap, list[Any]]] = {}
+        #: Column readers per table and columns.
+        self.readers: dict[tuple[Any, ...], list[Any]] = {}
         #: (shape key or None for a message, body) of the transaction.
         self.pending: list[tuple[str | None, str]] = []
         #: The transaction's context (JSON text), and the rows of
@@ -97,13 +98,15 @@ class Relay:
         return shapes
 
     def _readers(self, found: TableMap) -> list[Any]:
-        """The column readers of a table map, made once per map."""
-        readers = self.readers.get(found.table_id)
-        if readers is None or readers[0] is not found:
+        """The column readers of a table as a map describes it, made once."""
+        key = (found.schema, found.table, tuple(found.columns))
+        readers = self.readers.get(key)
+        if readers is None:
+            if len(self.readers) > 1000:
+                self.readers.clear()
             json_columns = self._json_columns(found.schema, found.table)
-            readers = (found, self.decoder.readers(found.columns, json_columns))
-            self.readers[found.table_id] = readers
-        return readers[1]
+            readers = self.readers[key] = self.decoder.readers(found.columns, json_columns)
+        return readers
 
     def _json_columns(self, schema: str, table: str) -> set[str]:
         """The columns of a table that hold JSON (MariaDB logs them as text,
@@ -128,12 +131,25 @@ class Relay:
             found = ev.table_map(event.body, dump.id_bytes)
             self.maps[found.table_id] = found
         elif kind in _OPS:
-            self._rows(event, dump)
+            try:
+                self._rows(event, dump)
+            except _UNREADABLE as exc:
+                # Nothing else to do with it: skipping it for good, and
+                # saying so, keeps every later change coming.
+                self._missed(f"a rows event at {dump.file}:{event.next_position}: {exc!r}")
         elif kind == ev.XID:
             self.commit(dump.file, event.next_position)
         elif kind == ev.QUERY:
             self._query(event, dump)
+        elif kind == ev.XA_PREPARE:
+            # Its changes are relayed at neither XA COMMIT nor XA ROLLBACK.
+            self.pending, self.handed, self.context = [], [], ""
+            self._missed("an XA transaction (not relayed)")
+            self.commit(dump.file, event.next_position)
+        elif kind in ev.COMPRESSED:
+            self._missed(f"a compressed event (log_bin_compress) at {dump.file}")
         elif kind == ev.MARIADB_GTID:
+            self.pending, self.handed, self.context = [], [], ""
             # A group of events begins: a transaction, unless it is one
             # statement standing alone (FL_STANDALONE, after the sequence
             # number and domain id).
@@ -146,26 +162,50 @@ class Relay:
         found = self.maps.get(table_id)
         if found is None:
             return
+        shape = self._watched(found, event.type, body, at, present)
+        if shape is not None:
+            self._relay_rows(shape, found, body, at, present, after)
+
+    def _watched(
+        self, found: TableMap, kind: int, body: bytes, at: int, present: list[int]
+    ) -> Shape | None:
+        """The shape the rows of ``found`` are relayed in, if watched; our
+        own tables' rows are what writers hand over, or new shapes."""
         if found.schema == self.database and found.table in _OURS:
             if found.table == "dbnotify_shapes":
                 self.reload = True
-            elif found.table == "dbnotify_relay" and event.type in ev.WRITE_ROWS:
+            elif found.table == "dbnotify_relay" and kind in ev.WRITE_ROWS:
                 self._handed(found, body, at, present)
-            return
-        op = _OPS[event.type]
-        shape = self.shapes.get((found.schema, found.table, op))
-        if shape is None:
-            return
+            return None
+        shape = self.shapes.get((found.schema, found.table, _OPS[kind]))
+        if shape is not None and (
+            len(present) != len(found.columns) or found.columns[0].name.startswith("@")
+        ):
+            raise ValueError(
+                "the log holds part of the row or no column names: binlog_row_image and "
+                "binlog_row_metadata must be FULL"
+            )
+        return shape
+
+    def _relay_rows(
+        self,
+        shape: Shape,
+        found: TableMap,
+        body: bytes,
+        at: int,
+        present: list[int],
+        after: list[int] | None,
+    ) -> None:
         readers = self._readers(found)
         names = [column.name for column in found.columns]
         image = self.decoder.image
         pending, key = self.pending, shape.key
         # The common case: a whole row of a table whose columns are as the
         # shape has them, values joined as they are.
-        whole = after is None and names == shape.columns and len(present) == len(names)
+        whole = after is None and names == shape.columns and not self.context
         while at < len(body):
             values, at = image(body, at, readers, present)
-            if whole and not self.context:
+            if whole:
                 text = ",".join(values)  # type: ignore[arg-type] # every column present
                 if len(text) <= MAX_ROW_BYTES:
                     pending.append((key, f"[{text}]"))
@@ -177,7 +217,12 @@ class Relay:
             new_values, at = image(body, at, readers, after)
             new = dict(zip(names, new_values, strict=True))
             if any(new.get(c) != row.get(c) for c in shape.watched):
-                self.pending.append((shape.key, self._context(_body(shape, new, row))))
+                pending.append((key, self._context(_body(shape, new, row))))
+
+    def _missed(self, what: str) -> None:
+        """Changes the relay cannot pass on: every listener is told (a gap)."""
+        log.error("binary-log capture skipped %s: changes were missed", what)
+        self.pending.append((None, json.dumps({"v": VERSION, "gap": f"skipped {what}"})))
 
     def _handed(self, found: TableMap, body: bytes, at: int, present: list[int]) -> None:
         """Rows a writer's transaction wrote to dbnotify_relay: messages,
@@ -188,7 +233,7 @@ class Relay:
             self.handed.append(row_id)
             if kind == "c":
                 self.context = text
-            elif isinstance(text, str) and text.startswith(_MESSAGE):
+            elif _is_message(text):
                 self.pending.append((None, text))
             else:
                 # Only notify() writes messages here: anything else (a gap
@@ -208,7 +253,7 @@ class Relay:
         status_len = int.from_bytes(event.body[11:13], "little")
         at = 13 + status_len
         schema = event.body[at : at + db_len].decode(errors="replace")
-        query = event.body[at + db_len + 1 :].decode(errors="replace").strip()
+        query = _COMMENTS.sub("", event.body[at + db_len + 1 :].decode(errors="replace"))
         word = query[:8].upper()
         if word.startswith("BEGIN"):
             self.in_transaction = True
@@ -272,6 +317,7 @@ class Relay:
         self.conn.commit()
         self.pending, self.handed, self.context = [], [], ""
         self.written_at = now
+        self.maps.clear()  # each transaction maps the tables it changes again
         if self.reload:
             self.shapes, self.reload = self._shapes(), False
 
@@ -284,6 +330,21 @@ _OURS = ("dbnotify_shapes", "dbnotify_relay", "dbnotify_journal", "dbnotify_binl
 _PART = r"(?:`(?:[^`]|``)+`|[\w$]+)"
 _TRUNCATE = re.compile(rf"TRUNCATE\s+(?:TABLE\s+)?({_PART}(?:\s*\.\s*{_PART})?)", re.IGNORECASE)
 _NAME = re.compile(_PART)
+#: Comments and spaces before a statement's first word.
+_COMMENTS = re.compile(r"\A(?:\s+|/\*.*?\*/|(?:--|#)[^\n]*(?:\n|\Z))*", re.DOTALL)
+#: What decoding a rows event may raise on what it cannot read.
+_UNREADABLE = (ValueError, UnicodeDecodeError, IndexError, KeyError, struct.error)
+
+
+def _is_message(text: Any) -> bool:
+    """Whether ``text`` is a message as notify() writes it."""
+    if not isinstance(text, str) or not text.startswith(_MESSAGE):
+        return False
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return False
+    return type(found) is dict and isinstance(found.get("m"), str) and "gap" not in found
 
 
 def _unquote(part: str) -> str:

@@ -132,9 +132,12 @@ class Decoder:
         if kind in (ev.ENUM, ev.SET):
             size = column.meta
 
+            codec = self.charsets.get(column.collation or 0, "utf-8")
+            names = [name.decode(codec, "replace") for name in column.values or []]
+
             def choice(data: bytes, at: int) -> tuple[str, int]:
                 number = int.from_bytes(data[at : at + size], "little")
-                return _quote(_choice(kind, number, column)), at + size
+                return _quote(_choice(kind, number, names)), at + size
 
             return choice
         if kind in (ev.DATETIME2, ev.TIMESTAMP2, ev.TIME2):
@@ -168,9 +171,8 @@ def _hex(raw: bytes) -> str:
     return f'"{raw.hex().upper()}"'
 
 
-def _choice(kind: int, number: int, column: Column) -> str:
+def _choice(kind: int, number: int, names: list[str]) -> str:
     """An ENUM's value (by its number, from 1) or a SET's (a bit each)."""
-    names = column.values or []
     if kind == ev.ENUM:
         return names[number - 1] if 0 < number <= len(names) else ""
     return ",".join(name for i, name in enumerate(names) if number & (1 << i))
