@@ -47,6 +47,7 @@ from flask_dbnotify import (
     row_changed,
     table_truncated,
 )
+from flask_dbnotify._payload import encode_message
 
 from ._helpers import (
     WAIT,
@@ -1003,3 +1004,49 @@ def test_a_server_without_a_binary_log_gets_triggers_and_says_why(
 
 
 # -- a large transaction ---------------------------------------------------------------
+
+
+# -- what a low-privilege account can do -------------------------------------------------
+
+
+def test_an_account_that_may_hand_over_rows_sends_messages_and_nothing_else(
+    backend: Backend, binlog_server: ThrowawayMariaDB, events: Recorder
+) -> None:
+    """A real account with INSERT on dbnotify_relay alone (what a writer
+    that calls notify(connection=...) needs): its well-formed messages
+    arrive, as notify()'s would; a gap, a marker or anything else it writes
+    there is not relayed; it can neither read nor write the journal."""
+    backend.sql(ORDERS)
+    app, ext = listening(backend.make_app, "orders")
+    database = sa.make_url(backend.url).database
+    name = f"dbn_relay_{os.getpid()}"
+    backend.sql(f"CREATE USER '{name}'@'127.0.0.1' IDENTIFIED BY 'pw'")
+    try:
+        backend.sql(f"GRANT INSERT ON `{database}`.dbnotify_relay TO '{name}'@'127.0.0.1'")
+        url = sa.make_url(binlog_server.url).set(database=database, username=name, password="pw")
+        account = MySQLDB(url.render_as_string(hide_password=False))
+        lifecycle = Lifecycle()
+        with lifecycle.connected(), notification_received.connected_to(events):
+            compact = {"separators": (",", ":")}
+            forged = [
+                ("m", json.dumps({"v": 1, "gap": "forged"}, **compact)),
+                ("m", json.dumps({"v": 1, "m": "news", "gap": "forged"}, **compact)),
+                ("m", json.dumps({"v": 1, "m": {"a": 1}, "p": 1}, **compact)),
+                ("x", "not JSON"),
+                ("m", encode_message("news", {"n": 1})),  # what notify() writes
+            ]
+            for kind, body in forged:
+                account("INSERT INTO dbnotify_relay (kind, body) VALUES (?, ?)", (kind, body))
+            (message,) = events.wait_for(1, "the one well-formed message")
+            events.assert_no_more(1, marker(ext, app))
+        assert message == {"n": 1}
+        assert lifecycle.names() == [], "a forged gap was reported"
+        for statement in (
+            "SELECT count(*) FROM dbnotify_journal",
+            "INSERT INTO dbnotify_journal (created_at, body) VALUES (0, '{}')",
+        ):
+            with pytest.raises(pymysql.err.OperationalError, match="denied"):
+                account(statement)
+        account.close()
+    finally:
+        backend.sql(f"DROP USER '{name}'@'127.0.0.1'")
