@@ -809,3 +809,40 @@ def test_truncate_sends_nothing_and_later_writes_still_arrive(
     assert [(e.op, e.pk) for e in got] == [(Operation.INSERT, 1), (Operation.INSERT, 2)]
     assert truncated.items == []
     assert ext.status(app).watches == {"orders": "installed"}
+
+
+WITHOUT_PYMYSQL = """
+import sys
+
+
+class NoPyMySQL:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pymysql":
+            raise ImportError("no pymysql here")
+
+
+sys.meta_path.insert(0, NoPyMySQL())
+from flask import Flask
+
+from flask_dbnotify import DBNotify
+
+app = Flask("app")
+app.config["DBNOTIFY_DATABASE_URI"] = "mysql+mysqldb://app@db.example/shop"
+app.config["DBNOTIFY_AUTOSTART"] = False
+try:
+    DBNotify(app)
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_without_pymysql_a_mysql_url_says_which_extra_to_install() -> None:
+    """PyMySQL is the `mysql` extra, not a dependency: an app on a MySQL URL
+    where it is not installed gets a ValueError naming the extra (not an
+    ImportError from deep inside)."""
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PYMYSQL], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == (
+        "MySQL and MariaDB need PyMySQL: pip install 'Flask-DBNotify[mysql]'"
+    ), done.stdout + done.stderr

@@ -28,6 +28,16 @@ __all__ = [
 ]
 
 
+def _need_pymysql() -> None:
+    """MySQL's listener runs on PyMySQL: say how to get it."""
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "MySQL and MariaDB need PyMySQL: pip install 'Flask-DBNotify[mysql]'"
+        ) from None
+
+
 def backend_for(settings: Any, root: str) -> Backend:
     """Return the backend for the app's settings (its database URL first);
     ``root`` anchors relative SQLite paths (the app's instance folder)."""
@@ -44,6 +54,7 @@ def backend_for(settings: Any, root: str) -> Backend:
 
         return PostgreSQLBackend.from_url(url, settings.listen_uri, settings.schema)
     if name in ("mysql", "mariadb"):
+        _need_pymysql()
         if settings.capture == "wal":
             raise ValueError("DBNOTIFY_CAPTURE = 'wal' needs PostgreSQL; MariaDB has 'binlog'")
         if settings.capture == "binlog":

@@ -79,12 +79,6 @@ class MySQLBackend(Backend):
             raise ValueError(
                 f"the database name {url.database!r} holds a %: Flask-DBNotify cannot use it"
             )
-        try:
-            import pymysql  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                "MySQL and MariaDB need PyMySQL: pip install 'Flask-DBNotify[mysql]'"
-            ) from None
         return cls(url, timeout)
 
     # -- messages and the journal --------------------------------------------
