@@ -24,12 +24,19 @@ def set_context(conn: sa.Connection, text: str) -> None:
     for event in ("commit", "rollback"):
         if not sa.event.contains(conn, event, clear):
             sa.event.listen(conn, event, clear)
+    in_transaction(conn)
+    conn.exec_driver_sql(_SET, {"context": text or None})
+
+
+def in_transaction(conn: sa.Connection) -> None:
+    """Begin ``conn``'s transaction if none is under way (as a statement
+    would); ValueError for a connection in autocommit, whose statements
+    would each commit without the context."""
     if not conn.in_transaction():
-        conn.begin()  # as a statement would
+        conn.begin()
     dbapi: Any = conn.connection.dbapi_connection
     if getattr(dbapi, "get_autocommit", lambda: False)():
         raise autocommit_error()
-    conn.exec_driver_sql(_SET, {"context": text or None})
 
 
 def clear(conn: sa.Connection) -> None:

@@ -21,7 +21,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ...._context import autocommit_error
 from ...._watch import Watch
 from ....errors import DBNotifyError
 from ....events import Operation
@@ -31,6 +30,7 @@ from ...shaped import header as shape_header
 from .. import MySQLBackend
 from ..admin import MySQLAdmin, journal_health
 from ..catalog import Table, our_tables, our_triggers, qualified, resolve
+from ..context import in_transaction
 from ..ddl import DDL_VERSION, drop_trigger, literal, shape_sql, shared_sql
 from ..feed import MySQLFeed
 from .leader import Leader, lock_name, start_position, unusable
@@ -124,10 +124,10 @@ class BinlogAdmin(MySQLAdmin):
     def status(self, watches: Sequence[Watch], health: bool = True) -> Status:
         database = self.db.database
 
-        def work(cur: Any) -> Status | None:
+        def work(cur: Any) -> Status | str:
             why = unusable(cur)
             if why is not None:
-                return None
+                return why
             status = Status()
             installed = our_triggers(cur, database)
             active = []
@@ -155,11 +155,11 @@ class BinlogAdmin(MySQLAdmin):
                 _binlog_health(cur, database, status)
             return status
 
-        found: Status | None = self._cursor(work)
-        if found is not None:
+        found: Status | str = self._cursor(work)
+        if isinstance(found, Status):
             return found
+        why = found
         status = super().status(watches, health)
-        why = self._cursor(unusable)
         status.health["capture"] = f"triggers: the binary log cannot be followed ({why})"
         status.warnings.append(
             f"DBNOTIFY_CAPTURE is 'binlog', but the binary log cannot be followed ({why}): "
@@ -229,11 +229,7 @@ class MySQLBinlogBackend(MySQLBackend):
         execute_on(connection, self._hand, {"kind": "m", "body": payload})
 
     def set_context(self, conn: Any, text: str) -> None:
-        if not conn.in_transaction():
-            conn.begin()  # as a statement would
-        dbapi: Any = conn.connection.dbapi_connection
-        if getattr(dbapi, "get_autocommit", lambda: False)():
-            raise autocommit_error()
+        in_transaction(conn)
         conn.exec_driver_sql(self._hand, {"kind": "c", "body": text})
 
     def feed(self) -> Feed:

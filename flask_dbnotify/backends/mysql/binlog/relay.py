@@ -72,7 +72,8 @@ class Relay:
         self.readers: dict[tuple[Any, ...], list[Any]] = {}
         #: (shape key or None for a message, body) of the transaction.
         self.pending: list[tuple[str | None, str]] = []
-        #: The transaction's context (JSON text), and the rows of
+        #: What the transaction's bodies begin with, for its context ('' for
+        #: none; see _context_prefix), and the rows of
         #: dbnotify_relay it wrote (deleted once relayed).
         self.context = ""
         self.handed: list[int] = []
@@ -232,7 +233,7 @@ class Relay:
             row_id, kind, text = (json.loads(v or "null") for v in values[:3])
             self.handed.append(row_id)
             if kind == "c":
-                self.context = text
+                self.context = _context_prefix(text)
             elif _is_message(text):
                 self.pending.append((None, text))
             else:
@@ -242,9 +243,7 @@ class Relay:
 
     def _context(self, body: str) -> str:
         """``body`` with the transaction's context, as the triggers write it."""
-        if not self.context or len(self.context.encode()) > MAX_CONTEXT_BYTES:
-            return body
-        return f'{{"cx":{json.dumps(self.context, ensure_ascii=False)},"r":{body}}}'
+        return f"{self.context}{body}}}" if self.context else body
 
     def _query(self, event: Event, dump: ev.Dump) -> None:
         # Post-header: thread id (4), time (4), database length (1), error
@@ -334,6 +333,15 @@ _NAME = re.compile(_PART)
 _COMMENTS = re.compile(r"\A(?:\s+|/\*.*?\*/|(?:--|#)[^\n]*(?:\n|\Z))*", re.DOTALL)
 #: What decoding a rows event may raise on what it cannot read.
 _UNREADABLE = (ValueError, UnicodeDecodeError, IndexError, KeyError, struct.error)
+
+
+def _context_prefix(text: Any) -> str:
+    """What the bodies of a transaction's rows begin with once it handed over
+    the context ``text`` ('' for none: empty, or longer than the triggers
+    take): made once, not for every row."""
+    if not isinstance(text, str) or not text or len(text.encode()) > MAX_CONTEXT_BYTES:
+        return ""
+    return f'{{"cx":{json.dumps(text, ensure_ascii=False)},"r":'
 
 
 def _is_message(text: Any) -> bool:
